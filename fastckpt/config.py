@@ -1,0 +1,121 @@
+"""The one configuration surface. No other module reads ``os.environ``.
+
+Every knob has an environment variable ``FASTCKPT_<NAME>``, a typed default whose unit is in its
+name, and a documented trade-off. ``get_config()`` reads the environment each time it is called
+(cheap), so a process can change a knob between loads; ``get_config(**overrides)`` applies
+explicit values on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+_MiB = 1 << 20
+_GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tunable settings, with their defaults.
+
+    Attributes:
+        io_engine: ``auto`` | ``uring`` | ``pread``. ``auto`` prefers io_uring and falls back to
+            the pread thread pool when io_uring is unavailable (the reason is queryable through
+            ``fastckpt.engine_info()``). Forcing one is for diagnosis and benchmarks.
+        queue_depth: reads in flight per engine. Deeper queues keep NVMe arrays busy; beyond
+            what the device can serve they only add memory and latency.
+        io_threads: worker threads of the pread pool (0 = one per core, at most 16). More threads
+            help page-cache copies (memory bound) up to the core count.
+        chunk_bytes: size of one read request. Large chunks amortise per-request cost; too large
+            and the pipeline fills slowly (the first copy to the GPU waits for the first chunk).
+        ring_bytes: total pinned host memory of the staging ring used for GPU loads. Created once
+            per process and reused. Bigger rings absorb storage jitter; pinning costs ~1 s/GB once.
+        ring_slot_bytes: size of one ring slot (one host-to-device copy).
+        copy_streams: CUDA streams used for host-to-device copies.
+        checksum_chunk_bytes: bytes covered by one checksum when writing a checkpoint. Smaller
+            chunks locate corruption more precisely and verify with finer parallelism; the index
+            grows by 8 bytes per chunk.
+        partition_bytes: size cap of one partition file when converting.
+        alignment_bytes: alignment of every tensor's offset inside a partition (>= 256).
+        write_buffer_bytes: bytes buffered by the converter before each write.
+        mmap_min_resident: fraction of a file that must be in the page cache for the CPU loader
+            to consider a memory mapping instead of reads.
+        progress: show progress bars (``auto`` = only when stderr is a terminal).
+    """
+
+    io_engine: str = "auto"
+    queue_depth: int = 32
+    io_threads: int = 0
+    chunk_bytes: int = 4 * _MiB
+    ring_bytes: int = 512 * _MiB
+    ring_slot_bytes: int = 32 * _MiB
+    copy_streams: int = 4
+    checksum_chunk_bytes: int = 16 * _MiB
+    partition_bytes: int = 4 * _GiB
+    alignment_bytes: int = 256
+    write_buffer_bytes: int = 64 * _MiB
+    mmap_min_resident: float = 0.98
+    progress: str = "auto"
+    extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def resolved_io_threads(self) -> int:
+        if self.io_threads > 0:
+            return self.io_threads
+        return max(1, min(os.cpu_count() or 1, 16))
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "io_engine": ("auto", "uring", "pread"),
+    "progress": ("auto", "always", "never"),
+}
+
+
+def _parse(name: str, raw: str, kind: Any) -> Any:
+    env = f"FASTCKPT_{name.upper()}"
+    try:
+        if kind is int or kind == "int":
+            value: Any = int(raw, 0)
+            if value < 0:
+                raise ValueError("negative")
+        elif kind is float or kind == "float":
+            value = float(raw)
+        else:
+            value = raw.strip().lower()
+    except ValueError:
+        raise ValueError(f"{env}={raw!r} is not a valid {kind}") from None
+    choices = _CHOICES.get(name)
+    if choices is not None and value not in choices:
+        raise ValueError(f"{env}={raw!r}: expected one of {', '.join(choices)}")
+    return value
+
+
+def get_config(**overrides: Any) -> Config:
+    """The current configuration: defaults, then ``FASTCKPT_*`` variables, then ``overrides``."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        if f.name == "extra":
+            continue
+        raw = os.environ.get(f"FASTCKPT_{f.name.upper()}")
+        if raw is not None and raw != "":
+            values[f.name] = _parse(f.name, raw, f.type)
+    for key, value in overrides.items():
+        if key not in {f.name for f in dataclasses.fields(Config)}:
+            raise TypeError(f"unknown fastckpt setting {key!r}")
+        if value is not None:
+            values[key] = value
+    cfg = Config(**values)
+    if cfg.alignment_bytes < 256 or cfg.alignment_bytes & (cfg.alignment_bytes - 1):
+        raise ValueError(f"alignment_bytes={cfg.alignment_bytes}: must be a power of two >= 256")
+    if cfg.checksum_chunk_bytes < 4096 or cfg.checksum_chunk_bytes % 4096:
+        raise ValueError(
+            f"checksum_chunk_bytes={cfg.checksum_chunk_bytes}: must be a positive multiple of 4096"
+        )
+    return cfg
+
+
+def env_flag(name: str) -> str | None:
+    """Raw value of ``FASTCKPT_<NAME>`` for rarely used switches (tests, benchmarks)."""
+    return os.environ.get(f"FASTCKPT_{name.upper()}")

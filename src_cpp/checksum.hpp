@@ -1,0 +1,14 @@
+// CRC32C (Castagnoli). Hardware SSE4.2 path when the CPU has it, table-driven otherwise.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace fastckpt {
+
+// Extends `crc` (0 for a fresh checksum) over `len` bytes at `data`.
+uint32_t crc32c(uint32_t crc, const void* data, size_t len) noexcept;
+
+// True when the hardware instruction path is in use.
+bool crc32c_hardware() noexcept;
+
+}  // namespace fastckpt
