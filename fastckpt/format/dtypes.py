@@ -27,8 +27,8 @@ _ALL: tuple[DType, ...] = (
     DType("bfloat16", 2, "BF16"),
     DType("float8_e4m3fn", 1, "F8_E4M3"),
     DType("float8_e5m2", 1, "F8_E5M2"),
-    DType("float8_e4m3fnuz", 1, None),
-    DType("float8_e5m2fnuz", 1, None),
+    DType("float8_e4m3fnuz", 1, "F8_E4M3FNUZ"),
+    DType("float8_e5m2fnuz", 1, "F8_E5M2FNUZ"),
     DType("float8_e8m0fnu", 1, "F8_E8M0"),
     DType("int8", 1, "I8"),
     DType("int16", 2, "I16"),
@@ -64,8 +64,9 @@ def from_safetensors(code: str, *, path: str | None = None, tensor: str | None =
     try:
         return _BY_SAFETENSORS[code]
     except (KeyError, TypeError):
+        supported = ", ".join(sorted(_BY_SAFETENSORS))
         raise DtypeError(
-            f"unsupported safetensors dtype {code!r}; supported: {', '.join(sorted(_BY_SAFETENSORS))}",
+            f"unsupported safetensors dtype {code!r}; supported: {supported}",
             path=path,
             tensor=tensor,
         ) from None

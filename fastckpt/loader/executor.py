@@ -1,0 +1,358 @@
+"""Execute a ``LoadPlan``: allocate one buffer per (partition, device), move the bytes, make views.
+
+CPU buffers are read straight into their final memory (O_DIRECT when the file is not cached), or,
+when a partition is already in the page cache, mapped privately and populated by the kernel (no
+copy at all). GPU buffers are filled through the process-wide pinned staging ring: chunk reads
+into ring slots, asynchronous host-to-device copies on several CUDA streams, and each slot reused
+once the CUDA event of its copy has completed.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fastckpt import io_engine
+from fastckpt.config import Config
+from fastckpt.format import dtypes
+from fastckpt.format.index import Index
+from fastckpt.loader.checks import ChunkVerifier
+from fastckpt.loader.plan import BufferPlan, LoadPlan, ReadOp, ViewPlan
+from fastckpt.loader.staging import get_ring
+
+_engines: dict[str, io_engine.Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def get_engine(kind: str, cfg: Config) -> io_engine.Engine:
+    """A process-wide engine per kind (engines serve concurrent batches)."""
+    with _engines_lock:
+        eng = _engines.get(kind)
+        if eng is None:
+            eng = io_engine.Engine(
+                kind,
+                queue_depth=cfg.queue_depth,
+                threads=cfg.resolved_io_threads(),
+                chunk_bytes=cfg.chunk_bytes,
+            )
+            _engines[kind] = eng
+        return eng
+
+
+@dataclass
+class Timings:
+    alloc_s: float = 0.0
+    read_wait_s: float = 0.0
+    copy_wait_s: float = 0.0
+    verify_s: float = 0.0
+    paths: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, name: str, seconds: float) -> None:
+        with self.lock:
+            setattr(self, name, getattr(self, name) + seconds)
+
+
+class _Files:
+    """Partition files opened on demand, O_DIRECT or buffered, closed together."""
+
+    def __init__(self, index: Index) -> None:
+        self._index = index
+        self._open: dict[tuple[int, bool], io_engine.File] = {}
+        self._lock = threading.Lock()
+
+    def get(self, partition: int, direct: bool) -> io_engine.File:
+        key = (partition, direct)
+        with self._lock:
+            f = self._open.get(key)
+            if f is None:
+                part = self._index.partitions[partition]
+                f = io_engine.File(part.path, direct=direct)
+                if f.size < part.nbytes:
+                    f.close()
+                    from fastckpt.errors import TruncatedError
+
+                    raise TruncatedError(
+                        f"partition is {f.size} bytes, the index needs {part.nbytes}; "
+                        "it changed after the index was read",
+                        path=part.path,
+                    )
+                self._open[key] = f
+            return f
+
+    def close(self) -> None:
+        with self._lock:
+            for f in self._open.values():
+                f.close()
+            self._open.clear()
+
+
+def _is_cached(path: str, threshold: float) -> bool:
+    try:
+        return io_engine.residency(path) >= threshold
+    except OSError:
+        return False
+
+
+class Executor:
+    def __init__(
+        self,
+        index: Index,
+        plan: LoadPlan,
+        *,
+        engine_kind: str,
+        verify: bool,
+        cfg: Config,
+    ) -> None:
+        self.index = index
+        self.plan = plan
+        self.cfg = cfg
+        self.engine = get_engine(engine_kind, cfg)
+        self.files = _Files(index)
+        self.timings = Timings()
+        self.verifier = (
+            ChunkVerifier(plan.checks, [p.path for p in index.partitions])
+            if verify and plan.checks
+            else None
+        )
+        # buffer index -> (uint8 tensor on its device, base: file offset the views are relative
+        # to, or None when views use the plan's rel_offset)
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.mapped: dict[int, int] = {}
+        self._cached: dict[int, bool] = {}
+
+    # ----------------------------------------------------------------- helpers
+    def cached(self, partition: int) -> bool:
+        hit = self._cached.get(partition)
+        if hit is None:
+            threshold = min(self.cfg.mmap_min_resident, 0.5)
+            hit = _is_cached(self.index.partitions[partition].path, threshold)
+            self._cached[partition] = hit
+        return hit
+
+    def _crc_feed(self, buffer: int, dest_offset: int, data: Any) -> None:
+        if self.verifier is None:
+            return
+        t0 = time.perf_counter()
+
+        def crc_of(rel: int, n: int) -> int:
+            return io_engine.crc32c(data[rel : rel + n])
+
+        self.verifier.feed(buffer, dest_offset, len(data), crc_of)
+        self.timings.add("verify_s", time.perf_counter() - t0)
+
+    # ----------------------------------------------------------------- CPU
+    def _map_buffer(self, b: BufferPlan) -> torch.Tensor:
+        """Map the partition range of ``b`` privately; tensors become views of page cache pages
+        (copy-on-write). Returns a uint8 tensor whose element 0 is file byte ``start``."""
+        start = b.segments[0][0]
+        end = b.segments[-1][1]
+        part = self.index.partitions[b.partition]
+        fd = os.open(part.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+            mm = mmap.mmap(
+                fd,
+                end - start,
+                flags=flags,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                offset=start,
+            )
+        finally:
+            os.close(fd)
+        self.mapped[b.index] = start
+        return torch.frombuffer(mm, dtype=torch.uint8)
+
+    def _load_cpu(self, bufs: Sequence[BufferPlan]) -> None:
+        reads: list[tuple[Any, ...]] = []
+        arrays: dict[int, Any] = {}
+        t0 = time.perf_counter()
+        for b in bufs:
+            if b.nbytes == 0:
+                self.buffers[b.index] = torch.empty(0, dtype=torch.uint8)
+                continue
+            if self.cached(b.partition) and self.verifier is None:
+                self.buffers[b.index] = self._map_buffer(b)
+                self.timings.paths.add("cpu-mmap")
+                continue
+            mem = io_engine.AlignedBuffer(b.nbytes)
+            self.buffers[b.index] = torch.frombuffer(mem, dtype=torch.uint8)
+            arrays[b.index] = memoryview(mem)
+            self.timings.paths.add("cpu-read")
+        self.timings.add("alloc_s", time.perf_counter() - t0)
+        ops = [r for r in self.plan.reads if r.buffer in arrays]
+        for tag, r in enumerate(ops):
+            f = self.files.get(r.partition, direct=not self.cached(r.partition))
+            reads.append((f, r.file_offset, r.nbytes, arrays[r.buffer], r.dest_offset, tag))
+        if not reads:
+            return
+        t0 = time.perf_counter()
+        batch = self.engine.submit(reads)
+        with batch:
+            if self.verifier is None:
+                batch.wait_all()
+            else:
+                while True:
+                    w0 = time.perf_counter()
+                    done = batch.wait(1)
+                    self.timings.add("read_wait_s", time.perf_counter() - w0)
+                    if not done:
+                        break
+                    for tag in done:
+                        r = ops[tag]
+                        view = arrays[r.buffer][r.dest_offset : r.dest_offset + r.nbytes]
+                        self._crc_feed(r.buffer, r.dest_offset, view)
+                return
+        self.timings.add("read_wait_s", time.perf_counter() - t0)
+
+    # ----------------------------------------------------------------- GPU
+    def _load_gpu(self, device: str, bufs: Sequence[BufferPlan]) -> None:
+        dev = torch.device(device)
+        t0 = time.perf_counter()
+        for b in bufs:
+            self.buffers[b.index] = torch.empty(b.nbytes, dtype=torch.uint8, device=dev)
+        self.timings.add("alloc_s", time.perf_counter() - t0)
+        mine = {b.index for b in bufs}
+        ops = [r for r in self.plan.reads if r.buffer in mine]
+        if not ops:
+            return
+        slot_bytes = max(self.cfg.ring_slot_bytes, max(r.nbytes for r in ops))
+        ring = get_ring(slot_bytes, self.cfg.ring_bytes)
+        with torch.cuda.device(dev):
+            streams = [torch.cuda.Stream(device=dev) for _ in range(max(1, self.cfg.copy_streams))]
+            try:
+                self._pipeline(ops, ring, streams)
+            finally:
+                # also on failure: no copy may still target a buffer that is about to be freed
+                for s in streams:
+                    s.synchronize()
+        self.timings.paths.add(
+            "gpu-staged-cached"
+            if all(self.cached(b.partition) for b in bufs)
+            else "gpu-staged-direct"
+        )
+
+    def _pipeline(self, ops: Sequence[ReadOp], ring: Any, streams: Sequence[Any]) -> None:
+        """Reads into ring slots -> H2D copies; at most ``ring.slots`` reads in flight."""
+        pending: deque[tuple[Any, ReadOp, Any]] = deque()  # (batch, op, slot) in submit order
+        next_op = 0
+        copies = 0
+        try:
+            while next_op < len(ops) or pending:
+                # keep the ring busy: submit reads for every free slot
+                while next_op < len(ops):
+                    slot = ring.try_acquire() if pending else None
+                    if slot is None and pending:
+                        break
+                    if slot is None:
+                        w0 = time.perf_counter()
+                        slot = ring.acquire()
+                        self.timings.add("copy_wait_s", time.perf_counter() - w0)
+                    op = ops[next_op]
+                    next_op += 1
+                    f = self.files.get(op.partition, direct=not self.cached(op.partition))
+                    batch = self.engine.submit([(f, op.file_offset, op.nbytes, slot.array, 0, 0)])
+                    pending.append((batch, op, slot))
+                batch, op, slot = pending.popleft()
+                w0 = time.perf_counter()
+                batch.wait_all()
+                self.timings.add("read_wait_s", time.perf_counter() - w0)
+                if self.verifier is not None:
+                    self._crc_feed(op.buffer, op.dest_offset, slot.array[: op.nbytes])
+                stream = streams[copies % len(streams)]
+                copies += 1
+                dst = self.buffers[op.buffer]
+                with torch.cuda.stream(stream):
+                    dst[op.dest_offset : op.dest_offset + op.nbytes].copy_(
+                        slot.tensor[: op.nbytes], non_blocking=True
+                    )
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                slot.event = event
+                ring.release(slot)
+        except BaseException:
+            for batch, _, slot in pending:
+                batch.cancel()
+                ring.release(slot)
+            raise
+
+    # ----------------------------------------------------------------- run
+    def run(self) -> dict[str, torch.Tensor]:
+        by_device: dict[str, list[BufferPlan]] = {}
+        for b in self.plan.buffers:
+            by_device.setdefault(b.device, []).append(b)
+        try:
+            jobs: list[tuple[Any, tuple[Any, ...]]] = []
+            for device, bufs in by_device.items():
+                if device == "cpu":
+                    jobs.append((self._load_cpu, (bufs,)))
+                else:
+                    jobs.append((self._load_gpu, (device, bufs)))
+            if len(jobs) == 1:
+                fn, args = jobs[0]
+                fn(*args)
+            else:
+                _run_parallel(jobs)
+            if self.verifier is not None:
+                self.verifier.finish()
+            return self._views()
+        except BaseException:
+            self.buffers.clear()
+            raise
+        finally:
+            self.files.close()
+
+    def _views(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for v in self.plan.views:
+            out[v.name] = self._view(v)
+        for alias, target in self.plan.aliases.items():
+            out[alias] = out[target]
+        return out
+
+    def _view(self, v: ViewPlan) -> torch.Tensor:
+        buf = self.buffers[v.buffer]
+        dt = dtypes.torch_dtype(v.dtype, tensor=v.name)
+        if v.nbytes == 0:
+            return torch.empty(v.shape, dtype=dt, device=buf.device)
+        if v.buffer in self.mapped:
+            entry = self.index.tensors[v.name]
+            rel = entry.offset - self.mapped[v.buffer]
+        else:
+            rel = v.rel_offset
+        raw = buf[rel : rel + v.nbytes]
+        itemsize = dtypes.get(v.dtype).itemsize
+        if rel % itemsize:
+            # Not aligned for its dtype: cannot be a view; give it memory of its own.
+            own = torch.empty(v.shape, dtype=dt, device=buf.device)
+            own.reshape(-1).view(torch.uint8).copy_(raw)
+            return own
+        return raw.view(dt).view(v.shape)
+
+
+def _run_parallel(jobs: Sequence[tuple[Any, tuple[Any, ...]]]) -> None:
+    errors: list[BaseException] = []
+
+    def runner(fn: Any, args: tuple[Any, ...]) -> None:
+        try:
+            fn(*args)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=runner, args=(fn, args), name="fastckpt-load") for fn, args in jobs
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]

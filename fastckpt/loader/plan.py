@@ -1,0 +1,336 @@
+"""Plan a load: index + target -> buffers to allocate, reads to issue, tensor views to make.
+
+Pure Python: no torch, no C++ core, so ``fastckpt.sched`` can estimate a load from the very plan
+that the executor will run. A plan is a tuple of frozen dataclasses; executing it is
+``fastckpt.loader.executor``'s job.
+
+Layout rule: device layout = file layout. Each (partition, device) pair becomes one buffer on
+that device. The buffer holds the byte ranges ("segments") of the partition that the device's
+tensors occupy, each placed at a destination offset with the same remainder modulo 4096 as its
+file offset, so that O_DIRECT can read straight into it and tensors become views at fixed offsets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from fastckpt.errors import DeviceError
+from fastckpt.format import dtypes
+from fastckpt.format.index import Index, TensorEntry
+
+PAGE = 4096
+# Two tensors of one device whose byte ranges are at most this far apart share a segment (the gap
+# is read too): one larger read beats two smaller ones.
+MERGE_GAP_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ReadOp:
+    """Read ``nbytes`` at ``file_offset`` of partition ``partition`` into buffer ``buffer`` at
+    ``dest_offset``."""
+
+    buffer: int
+    partition: int
+    file_offset: int
+    nbytes: int
+    dest_offset: int
+
+
+@dataclass(frozen=True)
+class BufferPlan:
+    """One allocation on ``device`` holding bytes of one partition."""
+
+    index: int
+    device: str
+    partition: int
+    nbytes: int
+    # (file_start, file_end, dest_offset) of every segment, in file order
+    segments: tuple[tuple[int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """A tensor made as a view of ``buffer`` at ``rel_offset`` (relative to the buffer start).
+
+    ``aligned`` is False when ``rel_offset`` is not a multiple of the dtype's size: such a
+    tensor cannot be a view and is copied into memory of its own after the reads.
+    """
+
+    name: str
+    buffer: int
+    rel_offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+    aligned: bool
+
+
+@dataclass(frozen=True)
+class ChunkCheck:
+    """Checksum chunk ``chunk`` of partition ``partition`` lies in buffer ``buffer`` at
+    ``dest_offset``; it covers file bytes ``[file_offset, file_offset + nbytes)``."""
+
+    buffer: int
+    partition: int
+    chunk: int
+    file_offset: int
+    nbytes: int
+    dest_offset: int
+    expected: int
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    buffers: tuple[BufferPlan, ...]
+    reads: tuple[ReadOp, ...]
+    views: tuple[ViewPlan, ...]
+    aliases: Mapping[str, str]
+    checks: tuple[ChunkCheck, ...]
+    devices: tuple[str, ...]
+
+    @property
+    def read_nbytes(self) -> int:
+        return sum(r.nbytes for r in self.reads)
+
+    @property
+    def tensor_nbytes(self) -> int:
+        return sum(v.nbytes for v in self.views)
+
+    def reads_for_device(self, device: str) -> tuple[ReadOp, ...]:
+        mine = {b.index for b in self.buffers if b.device == device}
+        return tuple(r for r in self.reads if r.buffer in mine)
+
+
+def _align_down(x: int, a: int) -> int:
+    return x - x % a
+
+
+def _align_up(x: int, a: int) -> int:
+    return -(-x // a) * a
+
+
+def _normalize_device_name(device: str) -> str:
+    text = device.strip().lower()
+    if text == "cuda":
+        return "cuda:0"
+    return text
+
+
+def resolve_device(device: object) -> str:
+    """Canonical device string ("cpu", "cuda:N") for a user's device argument (no torch needed)."""
+    if isinstance(device, bool):
+        raise DeviceError(f"device {device!r} is not a device")
+    if isinstance(device, int):
+        if device < 0:
+            raise DeviceError(f"device index {device} is negative")
+        return f"cuda:{device}"
+    text = str(device)
+    name = _normalize_device_name(text)
+    if name == "cpu":
+        return name
+    if name.startswith("cuda:"):
+        idx = name[5:]
+        if idx.isdigit():
+            return f"cuda:{int(idx)}"
+    raise DeviceError(
+        f"unsupported device {text!r}: fastckpt loads to 'cpu', 'cuda' or 'cuda:N' "
+        "(or a device map of those)"
+    )
+
+
+def device_for(name: str, device_map: Mapping[str, str]) -> str | None:
+    """Device of tensor ``name`` under a prefix map: the longest key that equals the name or is a
+    dotted prefix of it wins; ``""`` is the default."""
+    probe = name
+    while True:
+        if probe in device_map:
+            return device_map[probe]
+        cut = probe.rfind(".")
+        if cut < 0:
+            break
+        probe = probe[:cut]
+    return device_map.get("")
+
+
+def _resolve_targets(index: Index, target: object, names: Iterable[str]) -> dict[str, str]:
+    """Map each stored tensor name to its canonical device string."""
+    if isinstance(target, Mapping):
+        dmap = {str(k): resolve_device(v) for k, v in target.items()}
+        out: dict[str, str] = {}
+        missing: list[str] = []
+        for name in names:
+            dev = device_for(name, dmap)
+            if dev is None:
+                # A tied tensor may be named only through its alias in the map.
+                for alias, canon in index.aliases.items():
+                    if canon == name:
+                        dev = device_for(alias, dmap)
+                        if dev is not None:
+                            break
+            if dev is None:
+                missing.append(name)
+            else:
+                out[name] = dev
+        if missing:
+            shown = ", ".join(repr(m) for m in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise DeviceError(
+                f"device map places no device for tensor(s) {shown}{more}; add a matching "
+                "prefix or a default entry '' to the map"
+            )
+        return out
+    dev = resolve_device(target)
+    return dict.fromkeys(names, dev)
+
+
+def _segments(
+    entries: list[TensorEntry], file_nbytes: int, chunk_bytes: int | None
+) -> list[tuple[int, int]]:
+    """Merge the byte ranges of ``entries`` (sorted by offset) into [start, end) segments.
+
+    Segments start and end on page boundaries (capped at the file size), or on checksum chunk
+    boundaries when ``chunk_bytes`` is given, so every chunk the segment touches is read whole.
+    """
+    grain = chunk_bytes or PAGE
+    segs: list[tuple[int, int]] = []
+    for e in entries:
+        if e.nbytes == 0:
+            continue
+        start = _align_down(e.offset, grain)
+        end = min(_align_up(e.end, grain), file_nbytes)
+        if segs and start <= segs[-1][1] + MERGE_GAP_BYTES:
+            prev_start, prev_end = segs[-1]
+            segs[-1] = (prev_start, max(prev_end, end))
+        else:
+            segs.append((start, end))
+    return segs
+
+
+def plan_load(
+    index: Index,
+    target: object = "cpu",
+    *,
+    names: Iterable[str] | None = None,
+    chunk_bytes: int = 32 << 20,
+    verify: bool = False,
+) -> LoadPlan:
+    """Plan loading ``names`` (default: every tensor) of ``index`` onto ``target``.
+
+    ``target`` is a device ("cpu", "cuda:N", an int) or a device map ``{name prefix: device}``.
+    Reads are split into pieces of at most ``chunk_bytes`` (kept on checksum chunk boundaries
+    when ``verify`` is set, so each piece can be checked on its own).
+    """
+    if chunk_bytes <= 0 or chunk_bytes % PAGE:
+        raise ValueError(f"chunk_bytes={chunk_bytes}: must be a positive multiple of {PAGE}")
+    if names is None:
+        stored = list(index.tensors)
+        wanted_aliases = dict(index.aliases)
+    else:
+        stored_set: dict[str, None] = {}
+        wanted_aliases = {}
+        for n in names:
+            if n in index.aliases:
+                wanted_aliases[n] = index.aliases[n]
+                stored_set[index.aliases[n]] = None
+            elif n in index.tensors:
+                stored_set[n] = None
+            else:
+                raise KeyError(f"tensor {n!r} is not in the checkpoint at {index.root}")
+        stored = list(stored_set)
+    devices_of = _resolve_targets(index, target, stored)
+
+    check_chunk = index.checksum_chunk_bytes if verify else None
+    if verify and check_chunk:
+        # Split reads on checksum chunk boundaries: whole chunks per piece, or whole pieces
+        # per chunk when a chunk is larger than a piece.
+        if check_chunk <= chunk_bytes:
+            chunk_bytes = _align_down(chunk_bytes, check_chunk)
+        else:
+            chunk_bytes = check_chunk if check_chunk % chunk_bytes else chunk_bytes
+
+    # Group stored tensors by (partition, device) in load order.
+    groups: dict[tuple[int, str], list[TensorEntry]] = {}
+    for name in stored:
+        e = index.tensors[name]
+        groups.setdefault((e.partition, devices_of[name]), []).append(e)
+
+    buffers: list[BufferPlan] = []
+    reads: list[ReadOp] = []
+    views: list[ViewPlan] = []
+    checks: list[ChunkCheck] = []
+    order = sorted(groups, key=lambda k: (k[0], k[1]))
+    for part_i, dev in order:
+        entries = sorted(groups[(part_i, dev)], key=lambda e: e.offset)
+        part = index.partitions[part_i]
+        segs = _segments(entries, part.nbytes, check_chunk)
+        buf_i = len(buffers)
+        placed: list[tuple[int, int, int]] = []
+        cursor = 0
+        for start, end in segs:
+            dest = _align_up(cursor, PAGE) + start % PAGE
+            placed.append((start, end, dest))
+            cursor = dest + (end - start)
+            piece_start = start
+            while piece_start < end:
+                piece_end = min(end, _align_down(piece_start, chunk_bytes) + chunk_bytes)
+                reads.append(
+                    ReadOp(
+                        buffer=buf_i,
+                        partition=part_i,
+                        file_offset=piece_start,
+                        nbytes=piece_end - piece_start,
+                        dest_offset=dest + (piece_start - start),
+                    )
+                )
+                piece_start = piece_end
+            if check_chunk and part.checksums is not None:
+                first = start // check_chunk
+                last = -(-end // check_chunk)
+                for k in range(first, last):
+                    c_start = k * check_chunk
+                    c_end = min(c_start + check_chunk, part.nbytes)
+                    checks.append(
+                        ChunkCheck(
+                            buffer=buf_i,
+                            partition=part_i,
+                            chunk=k,
+                            file_offset=c_start,
+                            nbytes=c_end - c_start,
+                            dest_offset=dest + (c_start - start),
+                            expected=part.checksums[k],
+                        )
+                    )
+        nbytes = _align_up(cursor, PAGE) if cursor else 0
+        buffers.append(
+            BufferPlan(
+                index=buf_i, device=dev, partition=part_i, nbytes=nbytes, segments=tuple(placed)
+            )
+        )
+        for e in entries:
+            itemsize = dtypes.get(e.dtype).itemsize
+            if e.nbytes == 0:
+                rel = 0
+            else:
+                rel = next(d + (e.offset - s) for s, t, d in placed if s <= e.offset and e.end <= t)
+            views.append(
+                ViewPlan(
+                    name=e.name,
+                    buffer=buf_i,
+                    rel_offset=rel,
+                    nbytes=e.nbytes,
+                    dtype=e.dtype,
+                    shape=e.shape,
+                    aligned=rel % itemsize == 0,
+                )
+            )
+
+    devices = tuple(sorted({b.device for b in buffers} | set(devices_of.values())))
+    return LoadPlan(
+        buffers=tuple(buffers),
+        reads=tuple(reads),
+        views=tuple(views),
+        aliases=wanted_aliases,
+        checks=tuple(checks),
+        devices=devices,
+    )

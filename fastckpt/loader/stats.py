@@ -1,0 +1,69 @@
+"""Per-load statistics: what was moved, how, and where the time went."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LoadStats:
+    """What one ``fastckpt.load`` did.
+
+    Times are wall-clock seconds. Stages overlap in the pipeline, so they need not add up to
+    ``seconds``: ``read_wait_s`` is time the loader waited for reads, ``copy_wait_s`` time it
+    waited for host-to-device copies to free a staging slot, ``verify_s`` time spent computing
+    checksums (0 unless ``verify=True``).
+    """
+
+    path: str
+    kind: str
+    devices: tuple[str, ...]
+    nbytes: int
+    read_nbytes: int
+    tensors: int
+    buffers: int
+    seconds: float
+    plan_s: float
+    alloc_s: float
+    read_wait_s: float
+    copy_wait_s: float
+    verify_s: float
+    finalize_s: float
+    engine: str
+    path_taken: str
+    verified_chunks: int = 0
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def gbps(self) -> float:
+        """Tensor bytes delivered per second (GB = 1e9 bytes)."""
+        return self.nbytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["gbps"] = self.gbps
+        return out
+
+    def __str__(self) -> str:
+        return (
+            f"loaded {self.tensors} tensors, {self.nbytes / 1e9:.3f} GB to "
+            f"{', '.join(self.devices)} in {self.seconds:.3f} s ({self.gbps:.2f} GB/s) "
+            f"via {self.path_taken} [{self.engine}]"
+        )
+
+
+_last = threading.local()
+_last_global: list[LoadStats | None] = [None]
+
+
+def record(stats: LoadStats) -> None:
+    _last.value = stats
+    _last_global[0] = stats
+
+
+def last_stats() -> LoadStats | None:
+    """Statistics of the most recent load finished in this thread (else in the process)."""
+    value = getattr(_last, "value", None)
+    return value if value is not None else _last_global[0]
