@@ -35,6 +35,9 @@ class Config:
             per process and reused. Bigger rings absorb storage jitter; pinning costs ~1 s/GB once.
         ring_slot_bytes: size of one ring slot (one host-to-device copy).
         copy_streams: CUDA streams used for host-to-device copies.
+        pin_method: how ring slots are pinned: ``alloc`` (cudaHostAlloc through torch),
+            ``register`` (page-aligned anonymous memory + cudaHostRegister), or ``auto``
+            (register, falling back to alloc). Pinning speed differs by kernel and driver.
         checksum_chunk_bytes: bytes covered by one checksum when writing a checkpoint. Smaller
             chunks locate corruption more precisely and verify with finer parallelism; the index
             grows by 8 bytes per chunk.
@@ -42,7 +45,11 @@ class Config:
         alignment_bytes: alignment of every tensor's offset inside a partition (>= 256).
         write_buffer_bytes: bytes buffered by the converter before each write.
         mmap_min_resident: fraction of a file that must be in the page cache for the CPU loader
-            to consider a memory mapping instead of reads.
+            to map it instead of reading it.
+        cpu_map_cached: let CPU loads of page-cached partitions map the file privately (no copy;
+            tensors are copy-on-write views of the page cache). The fastest warm path; like any
+            mapping (safetensors' too), truncating the file while the tensors live makes access
+            fault (SIGBUS). Set false to always copy into private memory.
         progress: show progress bars (``auto`` = only when stderr is a terminal).
     """
 
@@ -53,11 +60,13 @@ class Config:
     ring_bytes: int = 512 * _MiB
     ring_slot_bytes: int = 32 * _MiB
     copy_streams: int = 4
+    pin_method: str = "auto"
     checksum_chunk_bytes: int = 16 * _MiB
     partition_bytes: int = 4 * _GiB
     alignment_bytes: int = 256
     write_buffer_bytes: int = 64 * _MiB
     mmap_min_resident: float = 0.98
+    cpu_map_cached: bool = True
     progress: str = "auto"
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -70,6 +79,7 @@ class Config:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "io_engine": ("auto", "uring", "pread"),
     "progress": ("auto", "always", "never"),
+    "pin_method": ("auto", "alloc", "register"),
 }
 
 
@@ -82,6 +92,11 @@ def _parse(name: str, raw: str, kind: Any) -> Any:
                 raise ValueError("negative")
         elif kind is float or kind == "float":
             value = float(raw)
+        elif kind is bool or kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError("not a boolean")
+            value = lowered in ("1", "true", "yes", "on")
         else:
             value = raw.strip().lower()
     except ValueError:

@@ -28,6 +28,10 @@ from fastckpt.loader.checks import ChunkVerifier
 from fastckpt.loader.plan import BufferPlan, LoadPlan, ReadOp, ViewPlan
 from fastckpt.loader.staging import get_ring
 
+# Fraction of a partition in the page cache above which reads go through the page cache.
+BUFFERED_MIN_RESIDENT = 0.5
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+
+
 _engines: dict[str, io_engine.Engine] = {}
 _engines_lock = threading.Lock()
 
@@ -127,15 +131,17 @@ class Executor:
         # to, or None when views use the plan's rel_offset)
         self.buffers: dict[int, torch.Tensor] = {}
         self.mapped: dict[int, int] = {}
-        self._cached: dict[int, bool] = {}
+        self._cached: dict[tuple[int, float], bool] = {}
 
     # ----------------------------------------------------------------- helpers
-    def cached(self, partition: int) -> bool:
-        hit = self._cached.get(partition)
+    def cached(self, partition: int, threshold: float = BUFFERED_MIN_RESIDENT) -> bool:
+        """Is at least ``threshold`` of the partition in the page cache? Then buffered reads
+        (or a mapping) beat O_DIRECT, which would go to the device for every byte."""
+        key = (partition, threshold)
+        hit = self._cached.get(key)
         if hit is None:
-            threshold = min(self.cfg.mmap_min_resident, 0.5)
             hit = _is_cached(self.index.partitions[partition].path, threshold)
-            self._cached[partition] = hit
+            self._cached[key] = hit
         return hit
 
     def _crc_feed(self, buffer: int, dest_offset: int, data: Any) -> None:
@@ -152,22 +158,31 @@ class Executor:
     # ----------------------------------------------------------------- CPU
     def _map_buffer(self, b: BufferPlan) -> torch.Tensor:
         """Map the partition range of ``b`` privately; tensors become views of page cache pages
-        (copy-on-write). Returns a uint8 tensor whose element 0 is file byte ``start``."""
+        (copy-on-write: writing to a tensor copies that page, never the file). Returns a uint8
+        tensor whose element 0 is file byte ``start``.
+
+        Page tables are filled with MADV_POPULATE_READ (Linux 5.14+), else read ahead with
+        MADV_WILLNEED. MAP_POPULATE is not used: on a writable private mapping it write-faults,
+        i.e. copies, every page.
+        """
         start = b.segments[0][0]
         end = b.segments[-1][1]
         part = self.index.partitions[b.partition]
         fd = os.open(part.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
-            flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
             mm = mmap.mmap(
                 fd,
                 end - start,
-                flags=flags,
+                flags=mmap.MAP_PRIVATE,
                 prot=mmap.PROT_READ | mmap.PROT_WRITE,
                 offset=start,
             )
         finally:
             os.close(fd)
+        try:
+            mm.madvise(_MADV_POPULATE_READ)
+        except OSError:
+            mm.madvise(mmap.MADV_WILLNEED)
         self.mapped[b.index] = start
         return torch.frombuffer(mm, dtype=torch.uint8)
 
@@ -179,7 +194,11 @@ class Executor:
             if b.nbytes == 0:
                 self.buffers[b.index] = torch.empty(0, dtype=torch.uint8)
                 continue
-            if self.cached(b.partition) and self.verifier is None:
+            if (
+                self.cfg.cpu_map_cached
+                and self.verifier is None
+                and self.cached(b.partition, self.cfg.mmap_min_resident)
+            ):
                 self.buffers[b.index] = self._map_buffer(b)
                 self.timings.paths.add("cpu-mmap")
                 continue
@@ -225,7 +244,7 @@ class Executor:
         if not ops:
             return
         slot_bytes = max(self.cfg.ring_slot_bytes, max(r.nbytes for r in ops))
-        ring = get_ring(slot_bytes, self.cfg.ring_bytes)
+        ring = get_ring(slot_bytes, self.cfg.ring_bytes, self.cfg.pin_method)
         with torch.cuda.device(dev):
             streams = [torch.cuda.Stream(device=dev) for _ in range(max(1, self.cfg.copy_streams))]
             try:
@@ -241,44 +260,55 @@ class Executor:
         )
 
     def _pipeline(self, ops: Sequence[ReadOp], ring: Any, streams: Sequence[Any]) -> None:
-        """Reads into ring slots -> H2D copies; at most ``ring.slots`` reads in flight."""
+        """Reads into ring slots -> H2D copies; at most ``ring.slots`` reads in flight.
+
+        Every slot taken from the ring goes back to it, on success and on failure; a slot whose
+        copy may still be running carries that copy's event, which the ring waits on before
+        handing the slot out again.
+        """
         pending: deque[tuple[Any, ReadOp, Any]] = deque()  # (batch, op, slot) in submit order
         next_op = 0
         copies = 0
+        held: Any = None  # a slot taken from the ring and not yet in ``pending``
         try:
             while next_op < len(ops) or pending:
                 # keep the ring busy: submit reads for every free slot
                 while next_op < len(ops):
-                    slot = ring.try_acquire() if pending else None
-                    if slot is None and pending:
-                        break
-                    if slot is None:
+                    if pending:
+                        held = ring.try_acquire()
+                        if held is None:
+                            break
+                    else:
                         w0 = time.perf_counter()
-                        slot = ring.acquire()
+                        held = ring.acquire()
                         self.timings.add("copy_wait_s", time.perf_counter() - w0)
                     op = ops[next_op]
-                    next_op += 1
                     f = self.files.get(op.partition, direct=not self.cached(op.partition))
-                    batch = self.engine.submit([(f, op.file_offset, op.nbytes, slot.array, 0, 0)])
-                    pending.append((batch, op, slot))
-                batch, op, slot = pending.popleft()
+                    batch = self.engine.submit([(f, op.file_offset, op.nbytes, held.array, 0, 0)])
+                    pending.append((batch, op, held))
+                    held = None
+                    next_op += 1
+                batch, op, held = pending.popleft()
                 w0 = time.perf_counter()
                 batch.wait_all()
                 self.timings.add("read_wait_s", time.perf_counter() - w0)
                 if self.verifier is not None:
-                    self._crc_feed(op.buffer, op.dest_offset, slot.array[: op.nbytes])
+                    self._crc_feed(op.buffer, op.dest_offset, memoryview(held.array)[: op.nbytes])
                 stream = streams[copies % len(streams)]
                 copies += 1
                 dst = self.buffers[op.buffer]
                 with torch.cuda.stream(stream):
                     dst[op.dest_offset : op.dest_offset + op.nbytes].copy_(
-                        slot.tensor[: op.nbytes], non_blocking=True
+                        held.tensor[: op.nbytes], non_blocking=True
                     )
                     event = torch.cuda.Event()
                     event.record(stream)
-                slot.event = event
-                ring.release(slot)
+                held.event = event
+                ring.release(held)
+                held = None
         except BaseException:
+            if held is not None:
+                ring.release(held)
             for batch, _, slot in pending:
                 batch.cancel()
                 ring.release(slot)

@@ -1,0 +1,136 @@
+"""The GPU pipeline's bookkeeping (ring slots, in-flight reads, copy events, verification), run on
+CPU with stand-ins for CUDA streams and events, so it is exercised where there is no GPU. The real
+thing runs in the ``gpu`` tests."""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import fastckpt
+from fastckpt.config import get_config
+from fastckpt.loader import executor as executor_mod
+from fastckpt.loader.plan import plan_load
+
+
+class FakeEvent:
+    recorded = 0
+
+    def record(self, stream: Any = None) -> None:
+        FakeEvent.recorded += 1
+
+    def synchronize(self) -> None:
+        pass
+
+
+class FakeSlot:
+    def __init__(self, index: int, nbytes: int) -> None:
+        self.index = index
+        self.nbytes = nbytes
+        self.tensor = torch.zeros(nbytes, dtype=torch.uint8)
+        self.array = self.tensor.numpy()
+        self.event: Any = None
+
+
+class FakeRing:
+    def __init__(self, slot_bytes: int, slots: int) -> None:
+        self.slot_bytes = slot_bytes
+        self.slots = slots
+        self._free: queue.Queue[FakeSlot] = queue.Queue()
+        for i in range(slots):
+            self._free.put(FakeSlot(i, slot_bytes))
+        self.max_out = 0
+        self.out = 0
+
+    def acquire(self) -> FakeSlot:
+        slot = self._free.get()
+        self.out += 1
+        self.max_out = max(self.max_out, self.out)
+        return slot
+
+    def try_acquire(self) -> FakeSlot | None:
+        try:
+            slot = self._free.get_nowait()
+        except queue.Empty:
+            return None
+        self.out += 1
+        self.max_out = max(self.max_out, self.out)
+        return slot
+
+    def release(self, slot: FakeSlot) -> None:
+        self.out -= 1
+        self._free.put(slot)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+
+def _run_pipeline(path: Path, slots: int, slot_bytes: int, verify: bool) -> dict[str, Any]:
+    index = fastckpt.read_index(path)
+    plan = plan_load(index, "cpu", chunk_bytes=slot_bytes, verify=verify)
+    ex = executor_mod.Executor(index, plan, engine_kind="auto", verify=verify, cfg=get_config())
+    for b in plan.buffers:
+        ex.buffers[b.index] = torch.full((b.nbytes,), 0xEE, dtype=torch.uint8)
+    ring = FakeRing(slot_bytes, slots)
+    try:
+        ex._pipeline(list(plan.reads), ring, [object(), object()])
+    finally:
+        ex.files.close()
+    assert ring.out == 0, "every slot must be returned"
+    assert ring.max_out <= slots
+    if ex.verifier is not None:
+        ex.verifier.finish()
+    return ex._views()
+
+
+@pytest.mark.parametrize("slots", [1, 2, 5])
+@pytest.mark.parametrize("verify", [False, True])
+def test_pipeline_delivers_every_byte(
+    tmp_path: Path, fake_cuda: None, slots: int, verify: bool
+) -> None:
+    g = torch.Generator().manual_seed(1)
+    sd = {f"w{i}": torch.randn(257 + 1000 * i, generator=g) for i in range(12)}
+    sd["tied"] = sd["w3"]
+    path = tmp_path / "ck"
+    fastckpt.save(sd, path, partition_bytes=64 << 10, metadata=None)
+    out = _run_pipeline(path, slots, 8192, verify)
+    assert set(out) == set(sd)
+    for k, v in sd.items():
+        assert torch.equal(out[k], v), k
+    assert out["tied"] is out["w3"]
+
+
+def test_pipeline_failure_returns_slots(
+    tmp_path: Path, fake_cuda: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sd = {f"w{i}": torch.randn(5000) for i in range(8)}
+    path = tmp_path / "ck"
+    fastckpt.save(sd, path)
+    index = fastckpt.read_index(path)
+    plan = plan_load(index, "cpu", chunk_bytes=4096)
+    ex = executor_mod.Executor(index, plan, engine_kind="auto", verify=False, cfg=get_config())
+    for b in plan.buffers:
+        ex.buffers[b.index] = torch.zeros(b.nbytes, dtype=torch.uint8)
+    ring = FakeRing(4096, 3)
+    calls = {"n": 0}
+    real_submit = ex.engine.submit
+
+    def failing_submit(reads: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(5, "injected", "x")
+        return real_submit(reads)
+
+    monkeypatch.setattr(ex.engine, "submit", failing_submit)
+    with pytest.raises(OSError, match="injected"):
+        ex._pipeline(list(plan.reads), ring, [object()])
+    ex.files.close()
+    assert ring.out == 0
