@@ -238,7 +238,11 @@ def test_python_crc32c_matches_core(data: bytes, seed: int) -> None:
 
 def test_reader_works_without_core(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the C++ extension the header CRC falls back to the Python table."""
+    import fastckpt
+
     monkeypatch.setitem(sys.modules, "fastckpt._core", None)  # import now fails
+    # once imported, the submodule is also an attribute of the package: hide that too
+    monkeypatch.delattr(fastckpt, "_core", raising=False)
     monkeypatch.setattr(spec, "_crc_impl", None)
     index = read_index(GOLDEN / "v1.0-basic")
     assert spec._crc_impl is spec.crc32c_py

@@ -1,0 +1,367 @@
+"""Command line: ``fastckpt <command> ...`` and ``fastckpt-convert SRC DST``.
+
+Subcommands are plain data: a ``Command`` (name, help, a function that adds its arguments to an
+``argparse`` parser, a function that runs it and returns the exit status) in the module-level
+``COMMANDS`` list. ``register()`` adds one, so other modules can plug in (``bench``, ``demo``).
+
+Every command is a thin shell over the public API. Expected failures (a malformed checkpoint, a
+destination that exists, an I/O error, a bad argument) print ``fastckpt: error: <message>`` to
+stderr and exit with status 1, never a traceback; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from fastckpt.errors import FastckptError
+
+PROG = "fastckpt"
+
+
+class UsageError(Exception):
+    """A command-line argument is invalid (reported like any other error, exit status 1)."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand of ``fastckpt``."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: list[Command] = []
+
+
+def register(
+    name: str,
+    help: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+) -> Command:
+    """Add (or replace) the subcommand ``name``; commands are listed in registration order."""
+    cmd = Command(name, help, add_arguments, run)
+    for i, existing in enumerate(COMMANDS):
+        if existing.name == name:
+            COMMANDS[i] = cmd
+            return cmd
+    COMMANDS.append(cmd)
+    return cmd
+
+
+# --- argument parsing helpers -------------------------------------------------------------------
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kib": 1 << 10,
+    "kb": 10**3,
+    "m": 1 << 20,
+    "mib": 1 << 20,
+    "mb": 10**6,
+    "g": 1 << 30,
+    "gib": 1 << 30,
+    "gb": 10**9,
+    "t": 1 << 40,
+    "tib": 1 << 40,
+    "tb": 10**12,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """Parse ``4GiB``, ``512MB``, ``1.5G``, ``4096`` into bytes (K/M/G/T alone are binary)."""
+    match = _SIZE_RE.match(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}: use a number with an optional unit, e.g. 4GiB, 512MB, 1G"
+        )
+    value = Fraction(match.group(1)) * _UNITS[unit]
+    if value < 1 or value.denominator != 1:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be a whole number >= 1 B")
+    return int(value)
+
+
+def parse_device_map(text: str) -> dict[str, Any]:
+    """A device map given as inline JSON or as the path of a JSON file."""
+    if os.path.isfile(text):
+        try:
+            with open(text, encoding="utf-8") as f:
+                value = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UsageError(f"--device-map: cannot read JSON from file {text!r}: {exc}") from None
+    else:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(
+                f"--device-map: {text!r} is neither a JSON object nor an existing file ({exc})"
+            ) from None
+    if not isinstance(value, dict):
+        raise UsageError(
+            "--device-map must be a JSON object mapping tensor-name prefixes to devices, e.g. "
+            '\'{"model.layers.0": "cuda:0", "": "cuda:1"}\''
+        )
+    return value
+
+
+def parse_metadata(pairs: Sequence[str] | None) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--metadata {pair!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # pragma: no cover
+
+
+# --- convert ------------------------------------------------------------------------------------
+
+
+def _add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="source checkpoint: file or directory")
+    p.add_argument("dst", help="fastckpt checkpoint directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    p.add_argument(
+        "--partition-size",
+        type=parse_size,
+        metavar="SIZE",
+        default=None,
+        help="size cap of one partition file, e.g. 4GiB (default: config partition_bytes)",
+    )
+    p.add_argument(
+        "--device-map",
+        metavar="JSON|FILE",
+        default=None,
+        help="tensor-name prefix -> device, as inline JSON or a JSON file ('' is the default)",
+    )
+    p.add_argument(
+        "--metadata",
+        metavar="KEY=VALUE",
+        action="extend",
+        nargs="+",
+        default=None,
+        help="metadata stored in the index (repeatable)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from fastckpt.format.convert import convert
+
+    device_map = parse_device_map(args.device_map) if args.device_map is not None else None
+    metadata = parse_metadata(args.metadata)
+    start = time.perf_counter()
+    index = convert(
+        args.src,
+        args.dst,
+        overwrite=args.overwrite,
+        partition_bytes=args.partition_size,
+        device_map=device_map,
+        metadata=metadata,
+        progress=False if args.no_progress else None,
+    )
+    elapsed = time.perf_counter() - start
+    nbytes = index.nbytes
+    rate = f", {nbytes / elapsed / 1e9:.2f} GB/s" if elapsed > 0 else ""
+    print(
+        f"converted {args.src} -> {index.root}: {len(index.tensors)} tensors"
+        f"{f' (+{len(index.aliases)} aliases)' if index.aliases else ''}, "
+        f"{_human_bytes(nbytes)} in {len(index.partitions)} partition(s), "
+        f"{len(index.files)} carried file(s); {elapsed:.2f} s{rate}"
+    )
+    return 0
+
+
+# --- info / verify ------------------------------------------------------------------------------
+
+
+def _add_info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="checkpoint directory (or .safetensors file / shards)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from fastckpt.format.info import info
+
+    summary = info(args.path)
+    if args.json:
+        print(json.dumps(_jsonable(summary), indent=2, sort_keys=False))
+    else:
+        print(str(summary))
+    return 0
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON data from a summary object (dataclasses, named tuples, mappings, tuples)."""
+    import dataclasses
+    from collections.abc import Mapping
+
+    method = getattr(value, "to_dict", None)
+    if callable(method):
+        return _jsonable(method())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):
+        return {k: _jsonable(v) for k, v in value._asdict().items()}
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def _add_verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="fastckpt checkpoint directory")
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from fastckpt.format.verify import verify
+
+    print(verify(args.path))
+    return 0
+
+
+register(
+    "convert", "convert a checkpoint to the fastckpt format", _add_convert_arguments, _run_convert
+)
+register("info", "summarize a checkpoint", _add_info_arguments, _run_info)
+register("verify", "check every checksum of a checkpoint", _add_verify_arguments, _run_verify)
+
+
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastckpt import demo
+
+    demo.add_arguments(parser)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from fastckpt import demo
+
+    return demo.run(args)
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastckpt.bench import cli as bench_cli
+
+    bench_cli.add_arguments(parser)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from fastckpt.bench import cli as bench_cli
+
+    return bench_cli.run(args)
+
+
+register(
+    "demo",
+    "generate a small checkpoint, convert it, load it, check it bit for bit",
+    _add_demo_arguments,
+    _run_demo,
+)
+register(
+    "bench",
+    "measure fastckpt beside safetensors, torch.load and installed peers",
+    _add_bench_arguments,
+    _run_bench,
+)
+
+
+# --- entry points -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fastckpt import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Load-optimized model checkpoints: convert, inspect, verify.",
+    )
+    parser.add_argument("--version", action="version", version=f"fastckpt {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for cmd in COMMANDS:
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def _error_message(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc) or type(exc).__name__
+
+
+def _execute(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: str) -> int:
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (already printed)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    try:
+        status: int = args._run(args)
+        return status
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (FastckptError, OSError, ValueError, UsageError) as exc:
+        print(f"{prog}: error: {_error_message(exc)}", file=sys.stderr)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``fastckpt COMMAND ...``; returns the exit status."""
+    return _execute(build_parser(), argv, PROG)
+
+
+def convert_main(argv: Sequence[str] | None = None) -> int:
+    """``fastckpt-convert SRC DST [options]`` (the same options as ``fastckpt convert``)."""
+    parser = argparse.ArgumentParser(
+        prog="fastckpt-convert", description="Convert a checkpoint to the fastckpt format."
+    )
+    _add_convert_arguments(parser)
+    parser.set_defaults(_run=_run_convert)
+    return _execute(parser, argv, PROG)
+
+
+__all__ = [
+    "COMMANDS",
+    "Command",
+    "UsageError",
+    "build_parser",
+    "convert_main",
+    "main",
+    "parse_device_map",
+    "parse_metadata",
+    "parse_size",
+    "register",
+]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

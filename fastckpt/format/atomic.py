@@ -1,0 +1,202 @@
+"""Atomic publication of a checkpoint directory (FORMAT.md section 1). Imports no torch.
+
+A writer fills a temporary sibling directory ``.<name>.tmp-<random>`` next to the destination,
+flushes every file, writes the index last, and only then renames the directory into place and
+flushes the parent. A crash or an exception at any point leaves either the old destination or
+nothing there; the temporary directory is removed on every failure this process survives (a
+``SIGKILL`` can leave a hidden ``.tmp-`` sibling behind, which never loads as a checkpoint at the
+destination's path).
+
+Replacing an existing destination (``overwrite=True``) swaps the two directories with one
+``renameat2(RENAME_EXCHANGE)`` where the kernel and file system support it, so the old checkpoint
+stays in place and valid until the new one is. Elsewhere it falls back to moving the old one aside
+first (briefly, nothing sits at the destination; the old copy stays valid beside it until the new
+one is in place). Only a fastckpt checkpoint or an empty directory is ever replaced: anything else
+at the destination is refused, so a mistyped path cannot delete unrelated data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import secrets
+import shutil
+import sys
+from types import TracebackType
+
+from fastckpt.errors import DestinationExistsError
+from fastckpt.format.spec import INDEX_FILE
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def fsync_path(path: str, *, directory: bool = False) -> None:
+    """Flush a file's (or a directory's entries') data to stable storage."""
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+    if directory:
+        flags |= getattr(os, "O_DIRECTORY", 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exists_message(dst: str) -> str:
+    return "destination already exists; pass overwrite=True (CLI: --overwrite) to replace it"
+
+
+def _refuse_message(dst: str, what: str) -> str:
+    return (
+        f"destination exists and is {what}; fastckpt only replaces a fastckpt checkpoint or an "
+        "empty directory (remove it yourself or choose another destination)"
+    )
+
+
+def check_destination(dst: str, *, overwrite: bool) -> None:
+    """Raise ``DestinationExistsError`` unless ``dst`` may be created or replaced.
+
+    Cheap; called before any work so that a long conversion does not fail at its very end.
+    """
+    if not os.path.lexists(dst):
+        return
+    if not overwrite:
+        raise DestinationExistsError(errno.EEXIST, _exists_message(dst), dst)
+    if os.path.islink(dst):
+        raise DestinationExistsError(errno.EEXIST, _refuse_message(dst, "a symbolic link"), dst)
+    if not os.path.isdir(dst):
+        raise DestinationExistsError(errno.EEXIST, _refuse_message(dst, "not a directory"), dst)
+    if os.path.lexists(os.path.join(dst, INDEX_FILE)):
+        return
+    try:
+        empty = not os.listdir(dst)
+    except OSError as exc:
+        raise DestinationExistsError(
+            errno.EEXIST, _refuse_message(dst, f"unreadable ({exc.strerror})"), dst
+        ) from None
+    if not empty:
+        raise DestinationExistsError(
+            errno.EEXIST,
+            _refuse_message(dst, "a non-empty directory without a fastckpt index"),
+            dst,
+        )
+
+
+def _rename_exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths; False where the platform or file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), b)
+
+
+def _remove_tree(path: str) -> None:
+    """Remove a directory; its index goes first so a half-removed tree never looks valid."""
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(path, INDEX_FILE))
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class Staging:
+    """A temporary sibling directory that becomes ``dst`` on ``publish()``.
+
+    Use as a context manager: leaving the block without ``publish()`` (an exception,
+    ``KeyboardInterrupt``) removes the temporary directory and everything in it.
+    """
+
+    def __init__(self, dst: str, *, overwrite: bool) -> None:
+        dst = os.path.abspath(os.fspath(dst))
+        name = os.path.basename(dst)
+        if not name:
+            raise ValueError(f"destination {dst!r} has no directory name")
+        self.dst = dst
+        self.overwrite = overwrite
+        self.parent = os.path.dirname(dst)
+        self.path = ""
+        self.published = False
+        self._name = name
+
+    def __enter__(self) -> Staging:
+        check_destination(self.dst, overwrite=self.overwrite)
+        os.makedirs(self.parent, exist_ok=True)
+        for _ in range(16):
+            candidate = os.path.join(self.parent, f".{self._name}.tmp-{secrets.token_hex(6)}")
+            try:
+                os.mkdir(candidate, 0o755)
+            except FileExistsError:
+                continue
+            self.path = candidate
+            return self
+        raise FileExistsError(errno.EEXIST, "could not create a temporary directory", self.parent)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self.published:
+            self.discard()
+
+    def discard(self) -> None:
+        """Remove the temporary directory (idempotent)."""
+        if self.path and os.path.lexists(self.path):
+            _remove_tree(self.path)
+
+    def publish(self) -> None:
+        """Flush the temporary directory and rename it to ``dst`` (replacing per ``overwrite``).
+
+        The caller has written and flushed every file, the index last.
+        """
+        if self.published:
+            raise RuntimeError("already published")
+        fsync_path(self.path, directory=True)
+        check_destination(self.dst, overwrite=self.overwrite)
+        if not os.path.lexists(self.dst):
+            try:
+                # os.rename would silently replace an empty directory created meanwhile; that
+                # is allowed only with overwrite, which check_destination enforced above.
+                os.rename(self.path, self.dst)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) and not self.overwrite:
+                    raise DestinationExistsError(
+                        errno.EEXIST, _exists_message(self.dst), self.dst
+                    ) from None
+                raise
+            self.published = True
+            fsync_path(self.parent, directory=True)
+            return
+        # Replace: the old checkpoint stays valid until the new one is in place.
+        if _rename_exchange(self.path, self.dst):
+            self.published = True
+            fsync_path(self.parent, directory=True)
+            _remove_tree(self.path)  # now holds the old checkpoint
+            return
+        aside = os.path.join(self.parent, f".{self._name}.old-{secrets.token_hex(6)}")
+        os.rename(self.dst, aside)
+        try:
+            os.rename(self.path, self.dst)
+        except BaseException:
+            os.rename(aside, self.dst)
+            raise
+        self.published = True
+        fsync_path(self.parent, directory=True)
+        _remove_tree(aside)
+
+
+__all__ = ["Staging", "check_destination", "fsync_path"]

@@ -1,0 +1,260 @@
+"""The command line: ``fastckpt convert|info|verify``, ``fastckpt-convert``, tools/convert.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fastckpt import cli
+from fastckpt.format.reader import read_index
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def src(tmp_path) -> Path:
+    g = torch.Generator().manual_seed(0)
+    sd = {
+        "model.embed.weight": torch.randn(64, 16, generator=g),
+        "model.layers.0.w": torch.randn(16, 16, generator=g),
+        "model.layers.1.w": torch.randn(16, 16, generator=g),
+        "lm_head.weight": torch.randn(64, 16, generator=g),
+    }
+    path = tmp_path / "m.safetensors"
+    save_file(sd, path, metadata={"format": "pt"})
+    return path
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_convert_info_verify(tmp_path, src, capsys) -> None:
+    dst = tmp_path / "ck"
+    code, out, err = run(["convert", str(src), str(dst), "--no-progress"], capsys)
+    assert code == 0, err
+    assert "4 tensors" in out and str(dst) in out
+    assert read_index(dst).metadata["format"] == "pt"
+
+    code, out, _ = run(["info", str(dst)], capsys)
+    assert code == 0
+    assert "fastckpt 1.0" in out and "tensors     4" in out
+
+    code, out, _ = run(["info", str(dst), "--json"], capsys)
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["tensors"] == 4 and doc["kind"] == "fastckpt" and doc["version"] == [1, 0]
+    assert doc["metadata"] == {"format": "pt"}
+
+    code, out, err = run(["verify", str(dst)], capsys)
+    assert code == 0 and err == ""
+    assert "OK" in out and len(out.strip().splitlines()) == 1
+
+
+def test_convert_options(tmp_path, src, capsys) -> None:
+    dmap_file = tmp_path / "dmap.json"
+    dmap_file.write_text(json.dumps({"model.layers.1": "cuda:1", "": "cuda:0"}))
+    for dmap, dst in [
+        (str(dmap_file), tmp_path / "a"),
+        ('{"model.layers.1": "cuda:1", "": 0}', tmp_path / "b"),
+    ]:
+        code, _, err = run(
+            [
+                "convert",
+                str(src),
+                str(dst),
+                "--partition-size",
+                "4KiB",
+                "--device-map",
+                dmap,
+                "--metadata",
+                "a=1",
+                "b=x=y",
+                "--metadata",
+                "c=",
+            ],
+            capsys,
+        )
+        assert code == 0, err
+        index = read_index(dst)
+        assert {"a": "1", "b": "x=y", "c": ""}.items() <= dict(index.metadata).items()
+        devices = {p.device for p in index.partitions}
+        assert devices == {"cuda:0", "cuda:1"}
+        assert len(index.partitions) > 2
+
+
+def test_existing_destination(tmp_path, src, capsys) -> None:
+    dst = tmp_path / "ck"
+    assert cli.main(["convert", str(src), str(dst)]) == 0
+    capsys.readouterr()
+    code, out, err = run(["convert", str(src), str(dst)], capsys)
+    assert code == 1 and out == ""
+    assert err.startswith("fastckpt: error: ") and "--overwrite" in err
+    assert "Traceback" not in err
+    code, _, err = run(["convert", str(src), str(dst), "--overwrite"], capsys)
+    assert code == 0, err
+
+
+def test_verify_reports_corruption(tmp_path, src, capsys) -> None:
+    dst = tmp_path / "ck"
+    assert cli.main(["convert", str(src), str(dst)]) == 0
+    capsys.readouterr()
+    part = dst / "part-00000.fckpt"
+    data = bytearray(part.read_bytes())
+    data[300] ^= 0xFF
+    part.write_bytes(bytes(data))
+    code, out, err = run(["verify", str(dst)], capsys)
+    assert code == 1 and out == ""
+    assert err.startswith("fastckpt: error: ") and "part-00000.fckpt" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["verify", "{tmp}/nothing"], "nothing: no such checkpoint"),
+        (["info", "{tmp}/bad"], "not a fastckpt index"),
+        (["verify", "{tmp}/bad"], "not a fastckpt index"),
+        (["convert", "{tmp}/nothing", "{tmp}/out"], "nothing: conversion source not found"),
+        (["convert", "{tmp}/evil.pt", "{tmp}/out"], "objects other than tensors"),
+        (["convert", "{src}", "{tmp}/out", "--device-map", "[1, 2]"], "JSON object"),
+        (["convert", "{src}", "{tmp}/out", "--device-map", "{nope"], "neither a JSON object"),
+        (["convert", "{src}", "{tmp}/out", "--device-map", '{"a": ""}'], "empty device"),
+        (["convert", "{src}", "{tmp}/out", "--metadata", "novalue"], "KEY=VALUE"),
+    ],
+)
+def test_errors_are_one_line(tmp_path, src, capsys, argv, match) -> None:
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "fastckpt.index").write_bytes(b"FCKPTIDY" + bytes(40))
+    torch.save({"x": argparse.Namespace()}, tmp_path / "evil.pt")
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{src}", str(src)) for a in argv]
+    code, out, err = run(argv, capsys)
+    assert code == 1 and out == ""
+    assert err.startswith("fastckpt: error: ") and match in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["bogus"], ["convert", "only-src"], ["convert", "a", "b", "--partition-size", "4XB"]],
+)
+def test_usage_errors(capsys, argv) -> None:
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert "usage:" in err
+
+
+def test_help_and_version(capsys) -> None:
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0 and out.startswith("fastckpt ")
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    for name in ("convert", "info", "verify"):
+        assert name in out
+
+
+def test_ctrl_c(tmp_path, src, capsys, monkeypatch) -> None:
+    import fastckpt.format.convert as conv
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(conv, "convert", interrupted)
+    code, _, err = run(["convert", str(src), str(tmp_path / "ck")], capsys)
+    assert code == 130 and "interrupted" in err
+
+
+def test_register_a_command(capsys, monkeypatch) -> None:
+    monkeypatch.setattr(cli, "COMMANDS", list(cli.COMMANDS))
+    seen = []
+
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--n", type=int, default=1)
+
+    def go(args: argparse.Namespace) -> int:
+        seen.append(args.n)
+        return 7
+
+    cli.register("hello", "say hello", add, go)
+    assert [c.name for c in cli.COMMANDS][-1] == "hello"
+    assert cli.main(["hello", "--n", "3"]) == 7
+    assert seen == [3]
+    cli.register("hello", "replaced", add, lambda args: 0)  # same name replaces
+    assert [c.name for c in cli.COMMANDS].count("hello") == 1
+    assert cli.main(["hello"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("4096", 4096),
+        ("4KiB", 4096),
+        ("4k", 4096),
+        ("4KB", 4000),
+        ("1.5GiB", 3 << 29),
+        ("2G", 2 << 30),
+        ("512MB", 512 * 10**6),
+        (" 1 MiB ", 1 << 20),
+        ("1T", 1 << 40),
+        ("1.1KB", 1100),
+        ("0.1KB", 100),
+    ],
+)
+def test_parse_size(text, value) -> None:
+    assert cli.parse_size(text) == value
+
+
+@pytest.mark.parametrize(
+    "text", ["", "GiB", "-1", "0", "1.5", "4XB", "1e9", "0.0001KB", "1.0000001KiB"]
+)
+def test_parse_size_refuses(text) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        cli.parse_size(text)
+
+
+def test_convert_main(tmp_path, src, capsys) -> None:
+    assert cli.convert_main([str(src), str(tmp_path / "ck"), "--partition-size", "4K"]) == 0
+    assert len(read_index(tmp_path / "ck").partitions) > 1
+    capsys.readouterr()
+    code = cli.convert_main([str(src), str(tmp_path / "ck")])
+    assert code == 1
+    assert capsys.readouterr().err.startswith("fastckpt: error: ")
+
+
+def _console_script(name: str) -> str | None:
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
+def test_console_script_and_tool_subprocess(tmp_path, src) -> None:
+    script = _console_script("fastckpt-convert")
+    runs = [[sys.executable, str(ROOT / "tools" / "convert.py")]]
+    if script is not None:
+        runs.append([script])
+    for i, prefix in enumerate(runs):
+        dst = tmp_path / f"ck{i}"
+        out = subprocess.run(
+            [*prefix, str(src), str(dst)], capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr
+        assert "converted" in out.stdout
+        assert out.stderr == ""  # no progress bar when stderr is not a terminal
+        read_index(dst)
+        again = subprocess.run(
+            [*prefix, str(src), str(dst)], capture_output=True, text=True, timeout=120
+        )
+        assert again.returncode == 1
+        assert again.stderr.startswith("fastckpt: error: ") and "Traceback" not in again.stderr
+    assert script is not None or os.environ.get("CI") is None
