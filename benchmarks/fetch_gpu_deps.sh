@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Fill .gpu/ (git-ignored) HERE with what benchmarks/gpu_check.sh needs on the GPU box, which has
+# no network, no liburing and no fio. Carry it with run(..., carry=[".gpu"]).
+#
+#   .gpu/debs/  liburing2 + liburing-dev (the io_uring engine), pkgconf + libpkgconf3 (in case the
+#               box has no pkg-config): Debian 12 packages, unpacked there with dpkg -x.
+#   .gpu/bin/fio  fio built here from Debian's own source package (apt-get source fio), static,
+#               without the ceph/gluster/rdma/pmem/nbd engines: about 3 MB, runs on any x86-64
+#               Linux. Debian's fio binary instead needs 56 more library packages (librados,
+#               librbd, glusterfs, libicu72, ...; ~38 MB): --fio=debs fetches those instead (it
+#               runs from a dpkg -x prefix with LD_LIBRARY_PATH, checked in a chroot holding only
+#               libc6), --fio=none fetches no fio (the harness then measures the O_DIRECT ceiling
+#               with fastckpt's own engine).
+#   .gpu/whl/   cp312 manylinux x86_64 wheels of the peers: runai-model-streamer, fastsafetensors,
+#               instanttensor (versions of shared/BENCHMARKS.md). Their dependencies (torch, numpy,
+#               humanize, typer) are already on the box.
+#
+# Usage: bash benchmarks/fetch_gpu_deps.sh [--fio=static|debs|none]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+FIO_MODE=static
+for arg in "$@"; do
+  case "$arg" in
+    --fio=static|--fio=debs|--fio=none) FIO_MODE=${arg#--fio=} ;;
+    *) echo "usage: $0 [--fio=static|debs|none]" >&2; exit 2 ;;
+  esac
+done
+PEERS=(runai-model-streamer==0.16.1 fastsafetensors==0.5.0 instanttensor==0.2.2)
+
+rm -rf .gpu/debs .gpu/bin .gpu/whl
+mkdir -p .gpu/debs .gpu/bin .gpu/whl
+
+echo "== .deb files"
+(cd .gpu/debs && apt-get download -q liburing2 liburing-dev pkgconf-bin libpkgconf3 >/dev/null)
+
+if [ "$FIO_MODE" = debs ]; then
+  # fio's libraries, as linked by Debian 12's binary (libc6 stays the box's own).
+  FIO_DEPS=(fio libacl1 libaio1 libargon2-1 libblkid1 libboost-iostreams1.74.0
+    libboost-thread1.74.0 libbz2-1.0 libcom-err2 libcryptsetup12 libdaxctl1 libdevmapper1.02.1
+    libffi8 libfmt9 libgcc-s1 libgfapi0 libgfrpc0 libgfxdr0 libglusterfs0 libgmp10 libgnutls30
+    libgssapi-krb5-2 libhogweed6 libibverbs1 libicu72 libidn2-0 libjson-c5 libk5crypto3
+    libkeyutils1 libkmod2 libkrb5-3 libkrb5support0 liblzma5 libnbd0 libndctl6 libnettle8
+    libnl-3-200 libnl-route-3-200 libnuma1 libp11-kit0 libpcre2-8-0 libpmem1 libpmemblk1 librados2
+    librbd1 librdmacm1 libselinux1 libssl3 libstdc++6 libtasn1-6 libtirpc3 libudev1 libunistring2
+    libuuid1 libxml2 libzstd1 zlib1g)
+  (cd .gpu/debs && apt-get download -q "${FIO_DEPS[@]}" >/dev/null)
+elif [ "$FIO_MODE" = static ]; then
+  echo "== fio (static, from Debian's source package)"
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  . /etc/os-release
+  mkdir -p "$tmp/lists/partial" "$tmp/cache/archives/partial" "$tmp/parts"
+  cat >"$tmp/parts/src.sources" <<EOF
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: ${VERSION_CODENAME:-bookworm}
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+  # A private apt state: the machine's own sources and lists stay untouched.
+  APT=(-o "Dir::Etc::SourceList=/dev/null" -o "Dir::Etc::SourceParts=$tmp/parts"
+    -o "Dir::State::Lists=$tmp/lists" -o "Dir::Cache=$tmp/cache")
+  apt-get "${APT[@]}" -qq update
+  (cd "$tmp" && apt-get "${APT[@]}" -qq source --download-only fio >/dev/null 2>&1)
+  mkdir "$tmp/src"
+  tar xzf "$tmp"/fio_*.orig.tar.gz -C "$tmp/src" --strip-components=1
+  (
+    cd "$tmp/src"
+    ./configure --build-static --disable-native --disable-numa --disable-rdma --disable-rados \
+      --disable-rbd --disable-http --disable-gfapi --disable-libnfs --disable-pmem \
+      --disable-xnvme --disable-libzbc --disable-tcmalloc --disable-dfs >"$tmp/configure.log"
+    make -j"$(nproc)" fio >"$tmp/make.log" 2>&1
+  ) || { tail -20 "$tmp/make.log" "$tmp/configure.log" >&2; exit 1; }
+  strip -o .gpu/bin/fio "$tmp/src/fio"
+  .gpu/bin/fio --version
+  .gpu/bin/fio --enghelp | grep -q io_uring && echo "fio has io_uring"
+fi
+
+echo "== peer wheels (cp312, manylinux x86_64)"
+PLATFORMS=()
+for n in 17 24 27 28 31 34 35; do PLATFORMS+=(--platform "manylinux_2_${n}_x86_64"); done
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+  --implementation cp "${PLATFORMS[@]}" --platform manylinux2014_x86_64 \
+  --platform manylinux1_x86_64 -d .gpu/whl "${PEERS[@]}" 2>&1 | grep -v '^WARNING' || true
+
+echo "== .gpu"
+find .gpu -type f -printf '%8k KiB  %p\n' | sort -k3
+du -sh .gpu

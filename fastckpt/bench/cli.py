@@ -1,0 +1,195 @@
+"""``fastckpt bench``: measure every loader on one checkpoint, the same way, beside the ceilings.
+
+``add_arguments(parser)`` and ``run(args)`` plug into the ``fastckpt`` command;
+``main(argv)`` (and ``benchmarks/bench_load.py``) run it on its own. Exit status: 0 when every
+fastckpt measurement succeeded and every bitwise check passed, 1 otherwise (a peer that fails is
+reported, not fatal), 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import sys
+import tempfile
+from types import FrameType
+
+from fastckpt.bench import loaders as _loaders
+from fastckpt.bench import scenarios as _scenarios
+from fastckpt.bench.common import format_bytes, log, parse_size
+from fastckpt.bench.runner import BenchError, Options, Runner
+
+DEFAULT_WORKDIR = os.path.join(tempfile.gettempdir(), "fastckpt-bench")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_argument_group("checkpoint")
+    src.add_argument(
+        "--size",
+        default="2GB",
+        help="generate a LLaMA-like bf16 checkpoint of about this size (default 2GB)",
+    )
+    src.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="use this checkpoint instead (stock safetensors file/folder, or a folder a previous "
+        "--keep run generated)",
+    )
+    src.add_argument(
+        "--workdir",
+        default=DEFAULT_WORKDIR,
+        help=f"where checkpoints are generated (on the disk under test; default {DEFAULT_WORKDIR})",
+    )
+    src.add_argument("--seed", type=int, default=0, help="seed of the generated data")
+    src.add_argument(
+        "--shard-size", default="auto", help="safetensors shard cap (default: 2 shards, <= 4GiB)"
+    )
+    src.add_argument(
+        "--keep", action="store_true", help="keep the generated checkpoint (reused next time)"
+    )
+    run = parser.add_argument_group("measurement")
+    run.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
+    run.add_argument(
+        "--scenarios",
+        default=",".join(_scenarios.NAMES),
+        help=f"comma-separated, of {', '.join(_scenarios.NAMES)} (default all)",
+    )
+    run.add_argument(
+        "--loaders",
+        default="all",
+        help=f"comma-separated, of {', '.join(_loaders.LOADERS)}; default all that are installed",
+    )
+    run.add_argument(
+        "--repeats", type=int, default=3, help="interleaved rounds (default 3; medians reported)"
+    )
+    run.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=0.0,
+        help="skip later rounds that would not finish within this many seconds (0 = no limit)",
+    )
+    run.add_argument(
+        "--verify",
+        choices=("first", "all", "none"),
+        default="first",
+        help="bitwise check in the first round of each loader and scenario (default), in "
+        "every round, or never",
+    )
+    run.add_argument("--skip-ceilings", action="store_true", help="do not measure the ceilings")
+    run.add_argument(
+        "--worker-timeout-s", type=float, default=900.0, help="limit for one measurement"
+    )
+    run.add_argument("--tmpfs-dir", default="/dev/shm", help="memory filesystem for 'tmpfs'")
+    run.add_argument(
+        "--python", default=sys.executable, help="interpreter for the worker processes"
+    )
+    parser.add_argument(
+        "--out", default="bench_out", help="folder for results.json/.md/.png (default bench_out)"
+    )
+
+
+def _options(args: argparse.Namespace) -> Options:
+    device = str(args.device).strip().lower()
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"--device {args.device!r}: expected cpu or cuda:N")
+    if device == "cuda":
+        device = "cuda:0"
+    if args.repeats < 1:
+        raise ValueError(f"--repeats {args.repeats}: must be at least 1")
+    if args.time_budget_s < 0:
+        raise ValueError(f"--time-budget-s {args.time_budget_s}: must be >= 0")
+    if args.worker_timeout_s <= 0:
+        raise ValueError(f"--worker-timeout-s {args.worker_timeout_s}: must be > 0")
+    size = parse_size(args.size)
+    if not args.checkpoint and size < 1_000_000:
+        raise ValueError(f"--size {args.size}: use at least 1MB")
+    shard = None if args.shard_size == "auto" else parse_size(args.shard_size)
+    if shard is not None and shard < 4096:
+        raise ValueError(f"--shard-size {args.shard_size}: use at least 4KiB")
+    if args.checkpoint and not os.path.exists(args.checkpoint):
+        raise ValueError(f"--checkpoint {args.checkpoint}: no such file or folder")
+    names = _loaders.resolve_names(args.loaders)
+    explicit = str(args.loaders).strip().lower() not in ("", "all")
+    return Options(
+        workdir=os.path.abspath(args.workdir),
+        out_dir=os.path.abspath(args.out),
+        device=device,
+        size_bytes=size,
+        checkpoint=os.path.abspath(args.checkpoint) if args.checkpoint else None,
+        scenarios=_scenarios.parse_scenarios(args.scenarios),
+        loaders=names,
+        loaders_explicit=explicit,
+        repeats=args.repeats,
+        skip_ceilings=args.skip_ceilings,
+        keep=args.keep,
+        seed=args.seed,
+        shard_bytes=shard,
+        time_budget_s=args.time_budget_s,
+        verify=args.verify,
+        worker_timeout_s=args.worker_timeout_s,
+        python=args.python,
+        tmpfs_dir=args.tmpfs_dir,
+    )
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the runner's cleanup (tmpfs copy, files)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by parsed ``args``; the exit status."""
+    from fastckpt.bench import report
+
+    try:
+        opts = _options(args)
+    except ValueError as exc:
+        print(f"fastckpt bench: error: {exc}", file=sys.stderr)
+        return 2
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        what = opts.checkpoint or f"a generated {format_bytes(opts.size_bytes)} checkpoint"
+        log(f"fastckpt bench: {what} -> {opts.device}; scenarios {', '.join(opts.scenarios)}")
+        result = Runner(opts).run()
+    except BenchError as exc:
+        print(f"fastckpt bench: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    rows, paths = report.write_all(result.to_json(), opts.out_dir)
+    print(report.table_markdown(rows))
+    for note in result.notes:
+        print(f"note: {note}")
+    log(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+    failed = False
+    for r in rows:
+        if r.bitwise != "FAIL" and r.ok_runs == r.runs:
+            continue
+        ours = r.loader in report.FASTCKPT_LOADERS
+        failed = failed or ours
+        print(
+            f"fastckpt bench: {'FAILED' if ours else 'warning'} {r.loader}/{r.scenario}: "
+            f"{r.error or 'bitwise mismatch'}",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fastckpt bench",
+        description="Load a checkpoint with fastckpt and its peers in cold/warm/tmpfs scenarios, "
+        "beside the hardware ceilings; check every result bitwise; write JSON, markdown, PNG.",
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
