@@ -32,22 +32,21 @@ from fastckpt.loader.staging import get_ring
 BUFFERED_MIN_RESIDENT = 0.5
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+
 
-_engines: dict[str, io_engine.Engine] = {}
+_engines: dict[tuple[str, int, int, int], io_engine.Engine] = {}
 _engines_lock = threading.Lock()
 
 
 def get_engine(kind: str, cfg: Config) -> io_engine.Engine:
-    """A process-wide engine per kind (engines serve concurrent batches)."""
+    """A process-wide engine per kind and settings (engines serve concurrent batches)."""
+    threads = cfg.resolved_io_threads()
+    key = (kind, cfg.queue_depth, threads, cfg.chunk_bytes)
     with _engines_lock:
-        eng = _engines.get(kind)
+        eng = _engines.get(key)
         if eng is None:
             eng = io_engine.Engine(
-                kind,
-                queue_depth=cfg.queue_depth,
-                threads=cfg.resolved_io_threads(),
-                chunk_bytes=cfg.chunk_bytes,
+                kind, queue_depth=cfg.queue_depth, threads=threads, chunk_bytes=cfg.chunk_bytes
             )
-            _engines[kind] = eng
+            _engines[key] = eng
         return eng
 
 

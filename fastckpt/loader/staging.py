@@ -13,6 +13,7 @@ gives them) and registers it with cudaHostRegister. ``auto`` tries ``register`` 
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from typing import Any
@@ -56,10 +57,9 @@ class Slot:
 
     def __del__(self) -> None:
         if self._registered is not None:
-            try:
+            # at interpreter shutdown CUDA may be gone; the process is going away anyway
+            with contextlib.suppress(Exception):
                 torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
-            except Exception:  # interpreter shutdown: the process is going away anyway
-                pass
 
 
 class StagingRing:
