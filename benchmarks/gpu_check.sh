@@ -220,6 +220,7 @@ if [ $LEFT -lt 60 ]; then LEFT=60; fi
 ts "benchmark: $SIZE on $DEVICE in $WORKDIR ($(stat -f -c %T "$WORKDIR")), ${LEFT}s budget (log: bench.log)"
 "$PY" -m fastckpt.bench.cli --size "$SIZE" --device "$DEVICE" --workdir "$WORKDIR" \
   --out "$OUT" --repeats "$REPEATS" --time-budget-s "$LEFT" --worker-timeout-s 240 \
+  --loaders "${FASTCKPT_GPU_CHECK_LOADERS:-all}" \
   2>&1 | tee "$OUT/bench.log" | grep -E --line-buffered '^\[bench|^note:|FAILED|warning|error'
 rc=${PIPESTATUS[0]}
 case $rc in 0) BENCH_STATUS=ok ;; *) BENCH_STATUS="exit $rc" ;; esac

@@ -119,13 +119,14 @@ def load(
     executor = Executor(index, plan, engine_kind=cfg.io_engine, verify=verify, cfg=cfg)
     tensors = executor.run()
     t_exec = time.perf_counter()
+    timings = executor.timings
+    timings.add("finalize_s", executor.views_s)
 
     expected = len(plan.views) + len(plan.aliases)
     if len(tensors) != expected:
         raise RuntimeError(
             f"internal error: delivered {len(tensors)} tensors, the plan has {expected}"
         )
-    timings = executor.timings
     result = LoadStats(
         path=index.root,
         kind=index.kind,
@@ -140,7 +141,8 @@ def load(
         read_wait_s=timings.read_wait_s,
         copy_wait_s=timings.copy_wait_s,
         verify_s=timings.verify_s,
-        finalize_s=0.0,
+        ring_s=timings.ring_s,
+        finalize_s=timings.finalize_s,
         engine=executor.engine.name,
         path_taken="+".join(sorted(timings.paths)) or "none",
         verified_chunks=executor.verifier.checked if executor.verifier else 0,

@@ -55,6 +55,8 @@ class Timings:
     alloc_s: float = 0.0
     read_wait_s: float = 0.0
     copy_wait_s: float = 0.0
+    ring_s: float = 0.0
+    finalize_s: float = 0.0
     verify_s: float = 0.0
     paths: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -130,6 +132,7 @@ class Executor:
         # to, or None when views use the plan's rel_offset)
         self.buffers: dict[int, torch.Tensor] = {}
         self.mapped: dict[int, int] = {}
+        self.views_s = 0.0
         self._cached: dict[tuple[int, float], bool] = {}
 
     # ----------------------------------------------------------------- helpers
@@ -243,15 +246,19 @@ class Executor:
         if not ops:
             return
         slot_bytes = max(self.cfg.ring_slot_bytes, max(r.nbytes for r in ops))
+        t0 = time.perf_counter()
         ring = get_ring(slot_bytes, self.cfg.ring_bytes, self.cfg.pin_method)
+        self.timings.add("ring_s", time.perf_counter() - t0)
         with torch.cuda.device(dev):
             streams = [torch.cuda.Stream(device=dev) for _ in range(max(1, self.cfg.copy_streams))]
             try:
                 self._pipeline(ops, ring, streams)
             finally:
                 # also on failure: no copy may still target a buffer that is about to be freed
+                t0 = time.perf_counter()
                 for s in streams:
                     s.synchronize()
+                self.timings.add("finalize_s", time.perf_counter() - t0)
         self.timings.paths.add(
             "gpu-staged-cached"
             if all(self.cached(b.partition) for b in bufs)
@@ -273,14 +280,11 @@ class Executor:
             while next_op < len(ops) or pending:
                 # keep the ring busy: submit reads for every free slot
                 while next_op < len(ops):
-                    if pending:
-                        held = ring.try_acquire()
-                        if held is None:
-                            break
-                    else:
-                        w0 = time.perf_counter()
-                        held = ring.acquire()
-                        self.timings.add("copy_wait_s", time.perf_counter() - w0)
+                    w0 = time.perf_counter()
+                    held = ring.try_acquire() if pending else ring.acquire()
+                    self.timings.add("copy_wait_s", time.perf_counter() - w0)
+                    if held is None:
+                        break
                     op = ops[next_op]
                     f = self.files.get(op.partition, direct=not self.cached(op.partition))
                     batch = self.engine.submit([(f, op.file_offset, op.nbytes, held.array, 0, 0)])
@@ -332,7 +336,10 @@ class Executor:
                 _run_parallel(jobs)
             if self.verifier is not None:
                 self.verifier.finish()
-            return self._views()
+            t0 = time.perf_counter()
+            views = self._views()
+            self.views_s = time.perf_counter() - t0
+            return views
         except BaseException:
             self.buffers.clear()
             raise

@@ -14,7 +14,9 @@ class LoadStats:
     Times are wall-clock seconds. Stages overlap in the pipeline, so they need not add up to
     ``seconds``: ``read_wait_s`` is time the loader waited for reads, ``copy_wait_s`` time it
     waited for host-to-device copies to free a staging slot, ``verify_s`` time spent computing
-    checksums (0 unless ``verify=True``).
+    checksums (0 unless ``verify=True``), ``ring_s`` time to get the pinned staging ring (only a
+    process's first GPU load pins it), ``finalize_s`` time waiting for the last copies and making
+    the tensor views.
     """
 
     path: str
@@ -30,6 +32,7 @@ class LoadStats:
     read_wait_s: float
     copy_wait_s: float
     verify_s: float
+    ring_s: float
     finalize_s: float
     engine: str
     path_taken: str
