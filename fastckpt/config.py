@@ -128,6 +128,12 @@ def get_config(**overrides: Any) -> Config:
         raise ValueError(
             f"checksum_chunk_bytes={cfg.checksum_chunk_bytes}: must be a positive multiple of 4096"
         )
+    if cfg.chunk_bytes < 4096 or cfg.chunk_bytes % 4096 or cfg.chunk_bytes > 1 << 30:
+        raise ValueError(
+            f"chunk_bytes={cfg.chunk_bytes}: must be a multiple of 4096 between 4 KiB and 1 GiB"
+        )
+    if cfg.ring_slot_bytes < 4096 or cfg.ring_slot_bytes % 4096:
+        raise ValueError(f"ring_slot_bytes={cfg.ring_slot_bytes}: must be a multiple of 4096")
     return cfg
 
 

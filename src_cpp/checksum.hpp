@@ -8,6 +8,9 @@ namespace fastckpt {
 // Extends `crc` (0 for a fresh checksum) over `len` bytes at `data`.
 uint32_t crc32c(uint32_t crc, const void* data, size_t len) noexcept;
 
+// The portable table-driven path (what CPUs without SSE4.2 use); for tests.
+uint32_t crc32c_software(uint32_t crc, const void* data, size_t len) noexcept;
+
 // True when the hardware instruction path is in use.
 bool crc32c_hardware() noexcept;
 
