@@ -37,7 +37,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "read_index": ("fastckpt.format.reader", "read_index"),
     "info": ("fastckpt.format.info", "info"),
     "verify": ("fastckpt.format.verify", "verify"),
-    "load": ("fastckpt.loader", "load"),
+    "load": ("fastckpt.loader.api", "load"),
     "LoadStats": ("fastckpt.loader.stats", "LoadStats"),
     "last_stats": ("fastckpt.loader.stats", "last_stats"),
     "engine_info": ("fastckpt.io_engine", "engine_info"),
@@ -54,7 +54,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fastckpt.integrations.peft import load_lora
     from fastckpt.integrations.transformers import load_model
     from fastckpt.io_engine import engine_info
-    from fastckpt.loader import load
+    from fastckpt.loader.api import load
     from fastckpt.loader.stats import LoadStats, last_stats
 
 

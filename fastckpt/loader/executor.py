@@ -30,7 +30,6 @@ from fastckpt.loader.staging import get_ring
 
 # Fraction of a partition in the page cache above which reads go through the page cache.
 BUFFERED_MIN_RESIDENT = 0.5
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+
 
 _engines: dict[tuple[str, int, int, int], io_engine.Engine] = {}
 _engines_lock = threading.Lock()
@@ -120,7 +119,8 @@ class Executor:
         self.index = index
         self.plan = plan
         self.cfg = cfg
-        self.engine = get_engine(engine_kind, cfg)
+        self._engine_kind = engine_kind
+        self._engine: io_engine.Engine | None = None
         self.files = _Files(index)
         self.timings = Timings()
         self.verifier = (
@@ -136,6 +136,19 @@ class Executor:
         self._cached: dict[tuple[int, float], bool] = {}
 
     # ----------------------------------------------------------------- helpers
+    @property
+    def engine(self) -> io_engine.Engine:
+        """The I/O engine, started on first use (a load served by mappings needs none)."""
+        if self._engine is None:
+            self._engine = get_engine(self._engine_kind, self.cfg)
+        return self._engine
+
+    @property
+    def engine_name(self) -> str:
+        if self._engine is not None:
+            return self._engine.name
+        return "none"
+
     def cached(self, partition: int, threshold: float = BUFFERED_MIN_RESIDENT) -> bool:
         """Is at least ``threshold`` of the partition in the page cache? Then buffered reads
         (or a mapping) beat O_DIRECT, which would go to the device for every byte."""
@@ -163,9 +176,10 @@ class Executor:
         (copy-on-write: writing to a tensor copies that page, never the file). Returns a uint8
         tensor whose element 0 is file byte ``start``.
 
-        Page tables are filled with MADV_POPULATE_READ (Linux 5.14+), else read ahead with
-        MADV_WILLNEED. MAP_POPULATE is not used: on a writable private mapping it write-faults,
-        i.e. copies, every page.
+        The mapping is not pre-faulted: page tables fill on first touch, many pages per fault
+        (the kernel's fault-around), which measured faster than MADV_POPULATE_READ here (2 GB,
+        2-core VM: 0.033 s vs 0.236 s median to mapped-and-touched). MAP_POPULATE is worse
+        still: on a writable private mapping it write-faults, i.e. copies, every page.
         """
         start = b.segments[0][0]
         end = b.segments[-1][1]
@@ -181,10 +195,6 @@ class Executor:
             )
         finally:
             os.close(fd)
-        try:
-            mm.madvise(_MADV_POPULATE_READ)
-        except OSError:
-            mm.madvise(mmap.MADV_WILLNEED)
         self.mapped[b.index] = start
         return torch.frombuffer(mm, dtype=torch.uint8)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import VOCAB, Tiny
+from tiny_models import VOCAB, Tiny
 
 import fastckpt
 from fastckpt.errors import DeviceError

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from conftest import ARCHS, VOCAB, Tiny
+from tiny_models import ARCHS, VOCAB, Tiny
 from transformers import AutoModel, AutoModelForCausalLM, PreTrainedModel
 
 import fastckpt
