@@ -65,7 +65,7 @@ class Config:
     partition_bytes: int = 4 * _GiB
     alignment_bytes: int = 256
     write_buffer_bytes: int = 64 * _MiB
-    mmap_min_resident: float = 0.98
+    mmap_min_resident: float = 0.95
     cpu_map_cached: bool = True
     progress: str = "auto"
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)

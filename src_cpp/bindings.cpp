@@ -430,13 +430,14 @@ PYBIND11_MODULE(_core, m) {
 
   m.def(
       "residency",
-      [](const py::object& path, const std::string& method) {
+      [](const py::object& path, const std::string& method, uint32_t sample_windows) {
         const PathArg p = path_arg(path);
         const auto meth = residency_method(method);
         py::gil_scoped_release nogil;
-        return with_display_path(p, [&] { return fastckpt::residency(p.native, meth); });
+        return with_display_path(
+            p, [&] { return fastckpt::residency(p.native, meth, sample_windows); });
       },
-      "path"_a, "method"_a = "auto");
+      "path"_a, "method"_a = "auto", "sample_windows"_a = 0);
   m.def("cachestat_available", [] { return fastckpt::cachestat_available(); });
   m.def(
       "drop_page_cache",

@@ -52,9 +52,10 @@ class Fd {
   throw IoError(err, what + ": " + errno_text(err), path);
 }
 
-// Pages of [0, size) in the cache, or -1 with errno when cachestat is unavailable.
-int64_t cachestat_pages(int fd) {
-  CachestatRange range{0, 0};  // len 0: to the end of the file
+// Pages of [off, off + len) in the cache (len 0: to the end of the file), or -1 with errno
+// when cachestat is unavailable.
+int64_t cachestat_pages(int fd, uint64_t off = 0, uint64_t len = 0) {
+  CachestatRange range{off, len};
   Cachestat cs{};
   if (::syscall(kCachestat, fd, &range, &cs, 0) != 0) return -1;
   return static_cast<int64_t>(cs.nr_cache);
@@ -80,6 +81,42 @@ uint64_t mincore_pages(int fd, uint64_t size, const std::string& path) {
   return resident;
 }
 
+// Resident pages among `windows` evenly spaced windows of `window` bytes; sets *queried to the
+// number of pages asked about. Uses cachestat, else one mapping of the file and mincore.
+uint64_t sampled_pages(int fd, uint64_t size, uint32_t windows, uint64_t window, uint64_t page,
+                       bool use_cachestat, uint64_t* queried, const std::string& path) {
+  const uint64_t stride = size / windows;
+  uint64_t resident = 0;
+  *queried = 0;
+  void* m = nullptr;
+  std::vector<unsigned char> vec(window / page);
+  if (!use_cachestat) {
+    m = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
+    if (m == MAP_FAILED) fail(errno, "cannot map to query the page cache", path);
+  }
+  for (uint32_t i = 0; i < windows; ++i) {
+    const uint64_t off = (i * stride) / page * page;
+    const uint64_t len = std::min(window, size - off);
+    const uint64_t pages = (len + page - 1) / page;
+    *queried += pages;
+    if (use_cachestat) {
+      const int64_t r = cachestat_pages(fd, off, len);
+      if (r < 0) fail(errno, "cachestat(2) failed", path);
+      resident += static_cast<uint64_t>(r);
+    } else {
+      const int rc = ::mincore(static_cast<char*>(m) + off, len, vec.data());
+      if (rc != 0) {
+        const int err = errno;
+        ::munmap(m, size);
+        fail(err, "mincore failed", path);
+      }
+      for (uint64_t k = 0; k < pages; ++k) resident += vec[k] & 1u;
+    }
+  }
+  if (m != nullptr) ::munmap(m, size);
+  return resident;
+}
+
 }  // namespace
 
 bool cachestat_available() {
@@ -93,7 +130,7 @@ bool cachestat_available() {
   return ok;
 }
 
-double residency(const std::string& path, ResidencyMethod method) {
+double residency(const std::string& path, ResidencyMethod method, uint32_t sample_windows) {
   Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (fd.get() < 0) fail(errno, "cannot open", path);
   struct stat st {};
@@ -104,6 +141,16 @@ double residency(const std::string& path, ResidencyMethod method) {
   if (size == 0) return 1.0;
   const auto page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
   const uint64_t total = (size + page - 1) / page;
+  constexpr uint64_t kWindow = 64 * 1024;
+  if (sample_windows > 0 && size > uint64_t{sample_windows} * kWindow * 4) {
+    const bool use_cachestat =
+        method == ResidencyMethod::kCachestat ||
+        (method == ResidencyMethod::kAuto && cachestat_available());
+    uint64_t queried = 0;
+    const uint64_t hit =
+        sampled_pages(fd.get(), size, sample_windows, kWindow, page, use_cachestat, &queried, path);
+    return queried ? std::min(1.0, static_cast<double>(hit) / static_cast<double>(queried)) : 1.0;
+  }
   int64_t resident = -1;
   if (method != ResidencyMethod::kMincore) {
     resident = cachestat_pages(fd.get());

@@ -67,3 +67,25 @@ def test_errors(tmp_path: Path) -> None:
         residency(tmp_path)
     with pytest.raises(ValueError, match="method"):
         _core.residency(tmp_path, "guess")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sampled_estimate_tracks_the_exact_count(tmp_path: Path, method: str) -> None:
+    path = write_file(tmp_path / "big.bin", random_bytes(64 << 20, seed=9))
+    drop_page_cache(path)
+    if _core.residency(path, method) > 0.01:
+        pytest.skip("this filesystem keeps pages after DONTNEED")
+    assert _core.residency(path, method, 32) == 0.0
+    # read the first half: the estimate must say about half, like the exact count
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        os.pread(fd, 32 << 20, 0)
+    finally:
+        os.close(fd)
+    exact = _core.residency(path, method)
+    sampled = _core.residency(path, method, 32)
+    assert 0.3 < exact < 0.7
+    assert abs(sampled - exact) < 0.1
+    path.read_bytes()
+    assert _core.residency(path, method, 32) == pytest.approx(1.0)
