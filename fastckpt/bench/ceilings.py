@@ -17,13 +17,18 @@ import mmap
 import os
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fastckpt.bench.common import MiB, drop_from_page_cache, log
+from fastckpt.bench.common import (
+    MiB,
+    chunk_tasks,
+    drop_from_page_cache,
+    log,
+    parallel_pread,
+)
 
 DIRECT_ALIGN = 4096
 
@@ -151,51 +156,22 @@ def python_direct_read(
     files: Sequence[str], *, threads: int = 8, chunk_bytes: int = 4 * MiB
 ) -> tuple[int, float, str]:
     """Sequential O_DIRECT read by a pool of threads, each with one aligned buffer."""
-    tasks: list[tuple[str, int, int]] = []
-    for path in files:
-        size = os.path.getsize(path)
-        for off in range(0, size, chunk_bytes):
-            n = min(chunk_bytes, size - off)
-            tasks.append((path, off, -(-n // DIRECT_ALIGN) * DIRECT_ALIGN))
-    lock = threading.Lock()
-    nxt = [0]
-    done = [0] * threads
-    errors: list[BaseException] = []
-
-    def work(k: int) -> None:
-        buf = mmap.mmap(-1, chunk_bytes)  # page aligned, as O_DIRECT requires
-        view = memoryview(buf)
-        fds: dict[str, int] = {}
-        try:
-            while not errors:
-                with lock:
-                    i = nxt[0]
-                    nxt[0] += 1
-                if i >= len(tasks):
-                    return
-                path, off, n = tasks[i]
-                fd = fds.get(path)
-                if fd is None:
-                    fd = fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-                done[k] += os.preadv(fd, [view[:n]], off)
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-            view.release()
-            buf.close()
-
-    pool = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
-    t0 = time.perf_counter()
-    for th in pool:
-        th.start()
-    for th in pool:
-        th.join()
-    seconds = time.perf_counter() - t0
-    if errors:
-        raise errors[0]
-    return sum(done), seconds, f"python O_DIRECT preadv {threads} threads x 4 MiB"
+    tasks = [
+        (path, off, -(-n // DIRECT_ALIGN) * DIRECT_ALIGN)
+        for path, off, n in chunk_tasks(files, chunk_bytes)
+    ]
+    bufs = [mmap.mmap(-1, chunk_bytes) for _ in range(threads)]  # page aligned, as O_DIRECT needs
+    views = [memoryview(b) for b in bufs]
+    try:
+        nbytes, seconds = parallel_pread(
+            tasks, threads, lambda k, i, n: views[k][:n], flags=getattr(os, "O_DIRECT", 0)
+        )
+    finally:
+        for v in views:
+            v.release()
+        for b in bufs:
+            b.close()
+    return nbytes, seconds, f"python O_DIRECT preadv {threads} threads x {chunk_bytes >> 20} MiB"
 
 
 def buffered_read(files: Sequence[str], *, chunk_bytes: int = 16 * MiB) -> tuple[int, float, str]:

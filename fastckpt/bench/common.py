@@ -1,25 +1,21 @@
 """Small shared pieces of the harness: sizes, logging, page-cache control, filesystems.
 
-Nothing here imports torch. Page-cache residency is read with ``mincore(2)`` through ctypes so
-the harness can prove that a cold measurement really started cold.
+Nothing here imports torch. Page-cache residency (through ``fastckpt.io_engine``) lets the
+harness prove that a cold measurement really started cold.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 import os
 import re
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 GB = 1_000_000_000
 MiB = 1 << 20
-PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([0-9]+))?\s*([A-Za-z]*)\s*$")
 _UNITS: dict[str, int] = {
@@ -82,76 +78,22 @@ def log(message: str) -> None:
 
 
 def drop_from_page_cache(paths: Iterable[str]) -> None:
-    """Evict every page of ``paths`` from the page cache (no root needed).
+    """Evict every page of ``paths`` from the page cache (no root needed; dirty pages are written
+    first). On tmpfs this is a no-op: the file *is* its page cache."""
+    from fastckpt.io_engine import drop_page_cache
 
-    Dirty pages are written first (``fsync``), since ``POSIX_FADV_DONTNEED`` skips them. On
-    tmpfs this is a no-op: the file *is* its page cache.
-    """
     for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            # some filesystems refuse fsync on a read-only descriptor; the drop still works
-            with contextlib.suppress(OSError):
-                os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-class _Libc:
-    _lock = threading.Lock()
-    _lib: ctypes.CDLL | None = None
-
-    @classmethod
-    def get(cls) -> ctypes.CDLL:
-        with cls._lock:
-            if cls._lib is None:
-                lib = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-                lib.mmap.restype = ctypes.c_void_p
-                lib.mmap.argtypes = [
-                    ctypes.c_void_p,
-                    ctypes.c_size_t,
-                    ctypes.c_int,
-                    ctypes.c_int,
-                    ctypes.c_int,
-                    ctypes.c_long,
-                ]
-                lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-                lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-                cls._lib = lib
-            return cls._lib
-
-
-_MAP_FAILED = ctypes.c_void_p(-1).value
-_LOW_BIT = bytes((b & 1) for b in range(256))
+        drop_page_cache(path)
 
 
 def resident_bytes(path: str) -> tuple[int, int]:
-    """``(bytes in the page cache, file size)`` for one file, read with ``mincore(2)``."""
+    """``(bytes in the page cache, file size)`` for one file (an exact count)."""
+    from fastckpt.io_engine import residency
+
     size = os.path.getsize(path)
     if size == 0:
         return 0, 0
-    libc = _Libc.get()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        import mmap as _mmap
-
-        addr = libc.mmap(None, size, _mmap.PROT_READ, _mmap.MAP_SHARED, fd, 0)
-        if addr is None or addr == _MAP_FAILED:
-            err = ctypes.get_errno()
-            raise OSError(err, f"mmap for mincore failed: {os.strerror(err)}", path)
-        try:
-            npages = (size + PAGE_BYTES - 1) // PAGE_BYTES
-            vec = ctypes.create_string_buffer(npages)
-            if libc.mincore(addr, size, vec) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"mincore failed: {os.strerror(err)}", path)
-            pages = vec.raw[:npages].translate(_LOW_BIT).count(1)
-        finally:
-            libc.munmap(addr, size)
-    finally:
-        os.close(fd)
-    return min(pages * PAGE_BYTES, size), size
+    return min(size, round(residency(path) * size)), size
 
 
 def resident_fraction(paths: Sequence[str]) -> float:
@@ -164,50 +106,76 @@ def resident_fraction(paths: Sequence[str]) -> float:
     return held / total if total else 1.0
 
 
-def read_through(paths: Sequence[str], *, chunk_bytes: int = 16 * MiB, threads: int = 4) -> int:
-    """Read every byte of ``paths`` once (buffered) so that they sit in the page cache."""
+def chunk_tasks(paths: Sequence[str], chunk_bytes: int) -> list[tuple[str, int, int]]:
+    """``(path, offset, nbytes)`` for every ``chunk_bytes`` piece of ``paths``, in order."""
     tasks: list[tuple[str, int, int]] = []
     for path in paths:
         size = os.path.getsize(path)
         tasks.extend(
             (path, off, min(chunk_bytes, size - off)) for off in range(0, size, chunk_bytes)
         )
+    return tasks
+
+
+def parallel_pread(
+    tasks: Sequence[tuple[str, int, int]],
+    threads: int,
+    dest: Callable[[int, int, int], memoryview],
+    *,
+    flags: int = 0,
+) -> tuple[int, float]:
+    """Read ``tasks`` with ``threads`` threads taking the next task in turn.
+
+    ``dest(thread, task_index, nbytes)`` gives the memory a read lands in; ``flags`` are added to
+    ``O_RDONLY`` (e.g. ``O_DIRECT``). Returns (bytes read, wall seconds of the reads); the first
+    error in any thread is raised.
+    """
+    threads = max(1, threads)
     lock = threading.Lock()
-    state = {"next": 0, "bytes": 0}
+    nxt = [0]
+    done = [0] * threads
     errors: list[BaseException] = []
 
-    def work() -> None:
-        buf = bytearray(chunk_bytes)
-        view = memoryview(buf)
+    def work(k: int) -> None:
         fds: dict[str, int] = {}
         try:
-            while True:
+            while not errors:
                 with lock:
-                    i = state["next"]
-                    state["next"] = i + 1
-                if i >= len(tasks) or errors:
+                    i = nxt[0]
+                    nxt[0] += 1
+                if i >= len(tasks):
                     return
                 path, off, n = tasks[i]
                 fd = fds.get(path)
                 if fd is None:
-                    fd = fds[path] = os.open(path, os.O_RDONLY)
-                got = os.preadv(fd, [view[:n]], off)
-                with lock:
-                    state["bytes"] += got
+                    fd = fds[path] = os.open(path, os.O_RDONLY | flags)
+                done[k] += os.preadv(fd, [dest(k, i, n)], off)
         except BaseException as exc:  # reported by the caller
             errors.append(exc)
         finally:
             for fd in fds.values():
                 os.close(fd)
 
-    workers = [threading.Thread(target=work, daemon=True) for _ in range(max(1, threads))]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
+    pool = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(threads)]
+    t0 = time.perf_counter()
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    seconds = time.perf_counter() - t0
     if errors:
         raise errors[0]
-    return state["bytes"]
+    return sum(done), seconds
+
+
+def read_through(paths: Sequence[str], *, chunk_bytes: int = 16 * MiB, threads: int = 4) -> int:
+    """Read every byte of ``paths`` once (buffered) so that they sit in the page cache."""
+    threads = max(1, threads)
+    views = [memoryview(bytearray(chunk_bytes)) for _ in range(threads)]
+    nbytes, _ = parallel_pread(
+        chunk_tasks(paths, chunk_bytes), threads, lambda k, i, n: views[k][:n]
+    )
+    return nbytes
 
 
 # ---------------------------------------------------------------------------------------------

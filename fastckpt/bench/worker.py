@@ -28,14 +28,13 @@ import json
 import os
 import platform
 import sys
-import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastckpt.bench import loaders
-from fastckpt.bench.common import MiB
+from fastckpt.bench.common import MiB, chunk_tasks, parallel_pread
 
 
 def _status_bytes(key: str) -> int | None:
@@ -219,49 +218,13 @@ def _copy_threads(
     files: list[str], dest: memoryview, threads: int, chunk_bytes: int
 ) -> tuple[int, float]:
     """Read ``files`` (buffered) into ``dest`` cyclically with ``threads`` threads."""
-    tasks: list[tuple[str, int, int]] = []
-    for path in files:
-        size = os.path.getsize(path)
-        tasks.extend(
-            (path, off, min(chunk_bytes, size - off)) for off in range(0, size, chunk_bytes)
-        )
     slots = max(1, len(dest) // chunk_bytes)
-    lock = threading.Lock()
-    counter = [0]
-    errors: list[BaseException] = []
-    done = [0] * threads
 
-    def work(k: int) -> None:
-        fds: dict[str, int] = {}
-        try:
-            while not errors:
-                with lock:
-                    i = counter[0]
-                    counter[0] += 1
-                if i >= len(tasks):
-                    return
-                path, off, n = tasks[i]
-                fd = fds.get(path)
-                if fd is None:
-                    fd = fds[path] = os.open(path, os.O_RDONLY)
-                slot = (i % slots) * chunk_bytes
-                done[k] += os.preadv(fd, [dest[slot : slot + n]], off)
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            for fd in fds.values():
-                os.close(fd)
+    def where(k: int, i: int, n: int) -> memoryview:
+        slot = (i % slots) * chunk_bytes
+        return dest[slot : slot + n]
 
-    pool = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
-    t0 = time.perf_counter()
-    for th in pool:
-        th.start()
-    for th in pool:
-        th.join()
-    elapsed = time.perf_counter() - t0
-    if errors:
-        raise errors[0]
-    return sum(done), elapsed
+    return parallel_pread(chunk_tasks(files, chunk_bytes), threads, where)
 
 
 def _ceilings(args: argparse.Namespace) -> dict[str, Any]:
