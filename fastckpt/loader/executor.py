@@ -22,6 +22,7 @@ import torch
 
 from fastckpt import io_engine
 from fastckpt.config import Config
+from fastckpt.errors import TruncatedError
 from fastckpt.format import dtypes
 from fastckpt.format.index import Index
 from fastckpt.loader.checks import ChunkVerifier
@@ -84,8 +85,6 @@ class _Files:
                 f = io_engine.File(part.path, direct=direct)
                 if f.size < part.nbytes:
                     f.close()
-                    from fastckpt.errors import TruncatedError
-
                     raise TruncatedError(
                         f"partition is {f.size} bytes, the index needs {part.nbytes}; "
                         "it changed after the index was read",
