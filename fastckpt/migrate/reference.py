@@ -1,0 +1,664 @@
+"""Reference engine adapter: both migration sides over a transformers causal LM and its KV cache.
+
+This is the test vehicle and the worked example for engine authors. An engine holds one model;
+``start()`` begins a generation that is also a ``MigrationSource``, ``target()`` makes a
+``MigrationTarget`` that continues one. Decoding is one sequence at a time (batch size 1) with
+the model's own cache (``past_key_values``); the target rebuilds its cache by prefilling the
+state's tokens in chunks, one chunk per round.
+
+What an engine author must copy from it:
+
+- Step boundaries: every decode step (sample, emit, feed the token) runs under the request's
+  lock, so ``snapshot``/``freeze`` always see a consistent state.
+- Sampling by position: the token at absolute position p is drawn from a generator seeded with
+  ``step_seed(seed, p)`` (on the CPU), by inverse CDF over the probabilities in token-id order,
+  so source and target make the same draw from (almost) the same logits. With
+  ``rng="generator"`` the request owns one generator whose state travels in the token state.
+- Delivery: ``delivered`` counts the generated tokens the client got; the target emits
+  ``generated[delivered:]`` first, then its own tokens, so each token reaches the client once.
+
+The model may be given as a model object, a zero-argument callable that returns it, or a future
+(anything with ``.result()``, e.g. what a prefetching fastckpt Loader returns, or a
+``concurrent.futures.Future``). Callables and futures are resolved on a background thread from
+the moment the engine is made, so a target can accept a migration and overlap loading its
+weights with the source's catch-up rounds: the first prefill waits for the model, not the whole
+migration. Pass ``fingerprint=`` (e.g. ``checkpoint_fingerprint(path)``) to check token states
+before the model has arrived.
+
+torch and transformers are imported here only, and only when this module is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from fastckpt.migrate.errors import LeaseExpiredError, SourceStateError, TargetStateError
+from fastckpt.migrate.remote import DEFAULT_LEASE_S, TargetHost
+from fastckpt.migrate.state import (
+    RNG_GENERATOR,
+    SamplingParams,
+    StopCriteria,
+    TokenState,
+    step_seed,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+Emit = Callable[[int, int], None]  # (index among generated tokens, token id)
+
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash")
+
+
+def model_fingerprint(model: Any) -> str:
+    """A digest of a model's identity: class, config, and each tensor's name, shape, dtype and
+    first and last values. Cheap (reads a few bytes per tensor), yet differs for different
+    weights, architectures or dtypes."""
+    import torch
+
+    h = hashlib.sha256()
+    h.update(type(model).__name__.encode())
+    cfg = model.config.to_dict() if hasattr(model, "config") else {}
+    for k in _VOLATILE_CONFIG_KEYS:
+        cfg.pop(k, None)
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        flat = t.detach().reshape(-1)
+        if flat.numel():
+            ends = torch.cat([flat[:32], flat[-32:]]).to("cpu").contiguous()
+            h.update(ends.view(torch.uint8).numpy().tobytes())
+    return "model-sha256:" + h.hexdigest()[:32]
+
+
+def checkpoint_fingerprint(path: str | os.PathLike[str]) -> str:
+    """A fingerprint of a checkpoint directory known before its weights are loaded: the digest
+    of its index (fastckpt) or of its config and safetensors headers (stock folders)."""
+    root = os.fspath(path)
+    h = hashlib.sha256()
+    names = sorted(os.listdir(root))
+    index = os.path.join(root, "fastckpt.index")
+    if os.path.exists(index):
+        with open(index, "rb") as f:
+            h.update(f.read())
+    else:
+        for n in names:
+            if n == "config.json" or n.endswith(".safetensors"):
+                with open(os.path.join(root, n), "rb") as f:
+                    head = f.read(8)
+                    h.update(n.encode() + head)
+                    if n.endswith(".safetensors") and len(head) == 8:
+                        h.update(f.read(min(int.from_bytes(head, "little"), 100 << 20)))
+                    elif n == "config.json":
+                        h.update(f.read())
+    return "ckpt-sha256:" + h.hexdigest()[:32]
+
+
+class _ModelHandle:
+    """A model now, or later: resolves a callable or future on a background thread."""
+
+    def __init__(self, model: Any) -> None:
+        self._model: Any = None
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+        if hasattr(model, "result") and callable(model.result):
+            self._start(model.result)
+        elif callable(model) and not hasattr(model, "forward"):
+            self._start(model)
+        else:
+            self._model = model
+            self._ready.set()
+
+    def _start(self, produce: Callable[[], Any]) -> None:
+        def run() -> None:
+            try:
+                self._model = produce()
+            except BaseException as e:  # surfaced to whoever waits for the model
+                self._error = e
+            finally:
+                self._ready.set()
+
+        threading.Thread(target=run, name="migrate-model-load", daemon=True).start()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def get(self) -> Any:
+        self._ready.wait()
+        if self._error is not None:
+            raise RuntimeError(f"the model could not be loaded: {self._error}") from self._error
+        return self._model
+
+
+def choose_token(
+    logits: torch.Tensor,
+    sampling: SamplingParams,
+    position: int,
+    generator: torch.Generator | None = None,
+) -> int:
+    """The token for absolute ``position`` given the last position's ``logits`` (1-D).
+
+    Greedy is ``argmax`` (lowest id on exact ties). Otherwise temperature, top-k, top-p, then one
+    uniform draw mapped through the cumulative probabilities in token-id order. The draw comes
+    from ``generator`` when given (``rng="generator"``), else from a CPU generator seeded with
+    ``step_seed(sampling.seed, position)``.
+    """
+    import torch
+
+    if sampling.greedy:
+        return int(torch.argmax(logits).item())
+    x = logits.detach().to("cpu", torch.float64) / sampling.temperature
+    if sampling.top_k and sampling.top_k < x.numel():
+        kth = torch.topk(x, sampling.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True, stable=True)
+        before = torch.cumsum(sorted_p, 0) - sorted_p  # mass of strictly more likely tokens
+        drop = order[before >= sampling.top_p]
+        probs[drop] = 0.0
+    if generator is None:
+        generator = torch.Generator().manual_seed(step_seed(sampling.seed, position))
+    u = torch.rand((), generator=generator, dtype=torch.float64)
+    cdf = torch.cumsum(probs, 0)
+    idx = int(torch.searchsorted(cdf, u * cdf[-1], right=True).item())
+    idx = min(idx, probs.numel() - 1)
+    while probs[idx] == 0.0 and idx > 0:  # never pick a token that was filtered out
+        idx -= 1
+    return idx
+
+
+def _generator_state(g: torch.Generator | None) -> bytes | None:
+    return None if g is None else bytes(g.get_state().numpy().tobytes())
+
+
+class _Sequence:
+    """One request's tokens, KV cache and last logits on an engine (caller holds the lock)."""
+
+    def __init__(self, engine: ReferenceEngine) -> None:
+        self.engine = engine
+        self.tokens: list[int] = []
+        self.cache: Any = None
+        self.logits: Any = None
+        self.margins: list[float] = []  # per sampled step: top-1 minus top-2 logit
+
+    def feed(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        import torch
+
+        model = self.engine.model
+        with torch.inference_mode():
+            inp = torch.tensor([list(ids)], dtype=torch.long, device=self.engine.device)
+            out = model(input_ids=inp, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.cache = out.past_key_values
+        self.logits = out.logits[0, -1]
+        self.tokens.extend(ids)
+
+    def sample(self, sampling: SamplingParams, generator: torch.Generator | None) -> int:
+        import torch
+
+        if self.engine.record_margins:
+            top2 = torch.topk(self.logits.float(), 2).values
+            self.margins.append(float(top2[0] - top2[1]))
+        return choose_token(self.logits, sampling, len(self.tokens), generator)
+
+    def free(self) -> None:
+        self.cache = None
+        self.logits = None
+
+
+def _stop_reason(
+    engine: ReferenceEngine, stop: StopCriteria, generated: Sequence[int]
+) -> str | None:
+    if generated and generated[-1] in stop.stop_token_ids:
+        return "stop_token"
+    if stop.stop_strings:
+        assert engine.detokenize is not None
+        text = engine.detokenize(list(generated))
+        if any(s in text for s in stop.stop_strings):
+            return "stop_string"
+    if len(generated) >= stop.max_new_tokens:
+        return "length"
+    return None
+
+
+class _Generation:
+    """Decoding state shared by source and target: generated ids, delivery, stop, the RNG."""
+
+    def __init__(self, engine: ReferenceEngine, request_id: str, emit: Emit | None) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self.emit = emit
+        self.lock = threading.Condition(threading.RLock())
+        self.seq = _Sequence(engine)
+        self.prompt: tuple[int, ...] = ()
+        self.generated: list[int] = []
+        self.delivered = 0
+        self.emitted: list[tuple[int, int]] = []
+        self.sampling = SamplingParams()
+        self.stop = StopCriteria(max_new_tokens=1)
+        self.generator: torch.Generator | None = None
+        self.finish_reason: str | None = None
+        self.thread: threading.Thread | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def _deliver(self) -> None:
+        while self.delivered < len(self.generated):
+            i = self.delivered
+            self.delivered += 1
+            self.emitted.append((i, self.generated[i]))
+            if self.emit is not None:
+                self.emit(i, self.generated[i])
+
+    def _step(self) -> int:
+        """Sample one token, deliver it, feed it (unless the generation just ended)."""
+        tok = self.seq.sample(self.sampling, self.generator)
+        self.generated.append(tok)
+        self._deliver()
+        self.finish_reason = _stop_reason(self.engine, self.stop, self.generated)
+        if self.finished:
+            self.seq.free()
+        else:
+            self.seq.feed([tok])
+        return tok
+
+    def state(self) -> TokenState:
+        s = self.sampling
+        if s.rng == RNG_GENERATOR:
+            s = dataclasses.replace(s, generator_state=_generator_state(self.generator))
+        return TokenState(
+            request_id=self.request_id,
+            model_fingerprint=self.engine.fingerprint,
+            prompt_ids=self.prompt,
+            generated_ids=tuple(self.generated),
+            sampling=s,
+            stop=self.stop,
+            delivered=self.delivered,
+            finished=self.finished,
+            finish_reason=self.finish_reason,
+        )
+
+    def result(self, timeout_s: float | None = None) -> dict[str, Any]:
+        t = self.thread
+        if t is not None:
+            t.join(timeout_s)
+        with self.lock:
+            return {
+                "tokens": [list(p) for p in self.emitted],
+                "finished": self.finished,
+                "finish_reason": self.finish_reason,
+            }
+
+    @property
+    def margins(self) -> list[float]:
+        return list(self.seq.margins)
+
+
+def _new_generator(sampling: SamplingParams) -> torch.Generator | None:
+    import torch
+
+    if sampling.rng != RNG_GENERATOR:
+        return None
+    g = torch.Generator()
+    if sampling.generator_state is not None:
+        g.set_state(torch.frombuffer(bytearray(sampling.generator_state), dtype=torch.uint8))
+    else:
+        g.manual_seed(sampling.seed)
+    return g
+
+
+class ReferenceSource(_Generation):
+    """A generation on the source engine (``MigrationSource``). Made by ``ReferenceEngine.start``.
+
+    Decode with ``step()`` / ``run()`` (the caller's thread) or ``start_background()`` (a thread
+    that decodes until the generation ends, pausing while frozen, stopping at release).
+    """
+
+    def __init__(
+        self,
+        engine: ReferenceEngine,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        sampling: SamplingParams,
+        stop: StopCriteria,
+        emit: Emit | None,
+    ) -> None:
+        super().__init__(engine, request_id, emit)
+        self.prompt = tuple(prompt_ids)
+        self.sampling = sampling
+        self.stop = stop
+        self.frozen = False
+        self.released = False
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self.generator = _new_generator(sampling)
+        self.state()  # validates the request before any work
+        engine.check_stop(stop)
+
+    def _check_can_decode(self) -> None:
+        if self.released:
+            raise SourceStateError(f"request {self.request_id!r} was released (migrated away)")
+        if self.frozen:
+            raise SourceStateError(f"request {self.request_id!r} is frozen for migration")
+
+    def step(self) -> int | None:
+        """Decode one token; None when the generation has already ended."""
+        with self.lock:
+            self._check_can_decode()
+            if self.finished:
+                return None
+            if self.seq.logits is None:
+                self.seq.feed(self.prompt)
+            return self._step()
+
+    def run(self, max_steps: int | None = None) -> int:
+        """Decode up to ``max_steps`` tokens (all when None); returns how many were decoded."""
+        n = 0
+        while (max_steps is None or n < max_steps) and self.step() is not None:
+            n += 1
+        return n
+
+    @contextlib.contextmanager
+    def _boundary(self) -> Iterator[None]:
+        """Hold the request at a step boundary (the decode thread yields to waiting callers)."""
+        with self._pending_lock:
+            self._pending += 1
+        try:
+            with self.lock:
+                yield
+                self.lock.notify_all()
+        finally:
+            with self._pending_lock:
+                self._pending -= 1
+
+    def start_background(self) -> ReferenceSource:
+        def loop() -> None:
+            while True:
+                with self.lock:
+                    while (self.frozen or self._pending) and not self.released:
+                        self.lock.wait(0.01)
+                    if self.released or self.finished:
+                        return
+                    self.step()
+                    self.lock.notify_all()
+
+        self.thread = threading.Thread(target=loop, name=f"decode-{self.request_id}", daemon=True)
+        self.thread.start()
+        return self
+
+    # --- MigrationSource -------------------------------------------------------------------
+
+    def snapshot(self) -> TokenState:
+        with self._boundary():
+            if self.released:
+                raise SourceStateError(f"request {self.request_id!r} was released")
+            return self.state()
+
+    def freeze(self) -> TokenState:
+        with self._boundary():
+            if self.released:
+                raise SourceStateError(f"request {self.request_id!r} was released")
+            self.frozen = True
+            return self.state()
+
+    def unfreeze(self) -> None:
+        with self._boundary():
+            if self.released:
+                raise SourceStateError(f"request {self.request_id!r} was released")
+            self.frozen = False
+            self.lock.notify_all()
+
+    def release(self) -> None:
+        with self._boundary():
+            self.released = True
+            self.seq.free()
+            self.lock.notify_all()
+
+
+class ReferenceTarget(_Generation):
+    """The receiving side of one migration (``MigrationTarget``). Made by
+    ``ReferenceEngine.target``; also a ``HostedTarget`` so a ``TargetHost`` can serve it."""
+
+    def __init__(
+        self, engine: ReferenceEngine, request_id: str, emit: Emit | None, background: bool
+    ) -> None:
+        super().__init__(engine, request_id, emit)
+        self._status = "empty"
+        self._committed_state: TokenState | None = None
+        self._background = background
+
+    @property
+    def committed(self) -> bool:
+        with self.lock:
+            return self._committed_state is not None
+
+    @property
+    def covered(self) -> int:
+        with self.lock:
+            return len(self.seq.tokens)
+
+    def status(self) -> str:
+        with self.lock:
+            if self._status == "committed" and self.finished:
+                return "finished"
+            return self._status
+
+    def _check_open(self) -> None:
+        if self._status == "expired":
+            raise LeaseExpiredError(f"request {self.request_id!r}: the lease expired")
+        if self._status == "aborted":
+            raise TargetStateError(f"request {self.request_id!r} was aborted on this target")
+
+    def prefill(self, state: TokenState) -> int:
+        with self.lock:
+            self._check_open()
+            if self._status == "committed":
+                raise TargetStateError(f"request {self.request_id!r} is already committed")
+            if state.request_id != self.request_id:
+                raise TargetStateError(
+                    f"target for {self.request_id!r} got the state of {state.request_id!r}"
+                )
+            state.check_model(self.engine.fingerprint)
+            if state.finished:
+                raise TargetStateError(f"request {self.request_id!r} has already finished")
+            have = self.seq.tokens
+            if len(state.tokens) < len(have) or tuple(have) != state.tokens[: len(have)]:
+                raise TargetStateError(
+                    f"request {self.request_id!r}: the new state does not extend the "
+                    f"{len(have)} tokens already prefilled"
+                )
+            self.engine.check_stop(state.stop)
+            self.prompt = state.prompt_ids
+            self._status = "prefilling"
+            self.seq.feed(state.tokens[len(have) :])
+            return len(self.seq.tokens)
+
+    def commit(self, state: TokenState) -> None:
+        with self.lock:
+            done = self._committed_state
+            if done is not None:
+                if done == state:
+                    return  # idempotent: the same commit again
+                raise TargetStateError(
+                    f"request {self.request_id!r} was committed with another state"
+                )
+            self.prefill(state)
+            self.generated = list(state.generated_ids)
+            self.delivered = state.delivered
+            self.sampling = state.sampling
+            self.stop = state.stop
+            self.generator = _new_generator(state.sampling)
+            self._committed_state = state
+            self._status = "committed"
+        if self._background:
+            self.thread = threading.Thread(
+                target=self.run, name=f"continue-{self.request_id}", daemon=True
+            )
+            self.thread.start()
+
+    def run(self) -> None:
+        """Continue the committed generation to its end (emit the undelivered tokens first)."""
+        with self.lock:
+            if self._committed_state is None:
+                raise TargetStateError(f"request {self.request_id!r} is not committed")
+            self._deliver()
+        while True:
+            with self.lock:
+                if self.finished or self._status != "committed":
+                    return
+                self._step()
+
+    def abort(self) -> bool:
+        with self.lock:
+            if self._committed_state is not None:
+                return False
+            if self._status not in ("aborted", "expired"):
+                self._status = "aborted"
+            self.seq.free()
+            self.seq.tokens = []
+            return True
+
+    def expire(self) -> None:
+        with self.lock:
+            if self._committed_state is None:
+                self._status = "expired"
+                self.seq.free()
+                self.seq.tokens = []
+
+
+class ReferenceEngine:
+    """One transformers causal LM serving generations that can migrate in and out.
+
+    Args:
+        model: the model, a zero-argument callable returning it, or a future (``.result()``);
+            see the module docstring.
+        fingerprint: identity used to accept token states (default: ``model_fingerprint`` of
+            the model, computed once it is loaded).
+        device: where inputs go (default: the device of the model's first parameter).
+        record_margins: record the top-1 minus top-2 logit of every sampled step (diagnostics;
+            the bfloat16 tie test uses it).
+        detokenize: ids -> text, needed for stop strings.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        fingerprint: str | None = None,
+        device: Any = None,
+        record_margins: bool = False,
+        detokenize: Callable[[list[int]], str] | None = None,
+    ) -> None:
+        self._handle = _ModelHandle(model)
+        self._fingerprint = fingerprint
+        self._device = device
+        self.record_margins = record_margins
+        self.detokenize = detokenize
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        background: bool = False,
+        fingerprint: str | None = None,
+        **load_kwargs: Any,
+    ) -> ReferenceEngine:
+        """An engine over ``fastckpt.load_model(path, **load_kwargs)``.
+
+        With ``background=True`` the model loads on a thread while the engine already accepts
+        migrations (the fingerprint is then the checkpoint's, known before the weights)."""
+        import fastckpt
+
+        def load() -> Any:
+            return fastckpt.load_model(path, **load_kwargs)
+
+        if background:
+            fp = fingerprint or checkpoint_fingerprint(path)
+            return cls(load, fingerprint=fp)
+        return cls(load(), fingerprint=fingerprint)
+
+    @property
+    def model(self) -> Any:
+        return self._handle.get()
+
+    @property
+    def model_ready(self) -> bool:
+        return self._handle.ready
+
+    @property
+    def device(self) -> Any:
+        if self._device is None:
+            self._device = next(self.model.parameters()).device
+        return self._device
+
+    @property
+    def fingerprint(self) -> str:
+        with self._lock:
+            if self._fingerprint is None:
+                self._fingerprint = model_fingerprint(self.model)
+            return self._fingerprint
+
+    def check_stop(self, stop: StopCriteria) -> None:
+        if stop.stop_strings and self.detokenize is None:
+            raise ValueError("stop strings need a detokenizer: pass detokenize= to the engine")
+
+    def start(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        *,
+        sampling: SamplingParams | None = None,
+        stop: StopCriteria,
+        emit: Emit | None = None,
+    ) -> ReferenceSource:
+        """Begin a generation (nothing is decoded until ``step``/``run``/``start_background``)."""
+        return ReferenceSource(
+            self, request_id, prompt_ids, sampling or SamplingParams(), stop, emit
+        )
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        sampling: SamplingParams | None = None,
+        stop: StopCriteria,
+    ) -> list[int]:
+        """Generate without migrating: the reference output."""
+        src = self.start("local", prompt_ids, sampling=sampling, stop=stop)
+        src.run()
+        return list(src.generated)
+
+    def target(
+        self, request_id: str, *, emit: Emit | None = None, background: bool = True
+    ) -> ReferenceTarget:
+        """A target for request ``request_id``; after commit it decodes on a thread
+        (``background``) or when ``run()`` is called."""
+        return ReferenceTarget(self, request_id, emit, background)
+
+    def host(self, *, lease_s: float = DEFAULT_LEASE_S) -> TargetHost:
+        """A ``TargetHost`` serving this engine's targets (start its reaper for leases)."""
+        return TargetHost(lambda rid: self.target(rid), lease_s=lease_s)
+
+
+__all__ = [
+    "ReferenceEngine",
+    "ReferenceSource",
+    "ReferenceTarget",
+    "checkpoint_fingerprint",
+    "choose_token",
+    "model_fingerprint",
+]
