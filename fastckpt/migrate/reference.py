@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import threading
@@ -78,11 +79,13 @@ def model_fingerprint(model: Any) -> str:
     return "model-sha256:" + h.hexdigest()[:32]
 
 
-def checkpoint_fingerprint(path: str | os.PathLike[str]) -> str:
+def checkpoint_fingerprint(path: str | os.PathLike[str], dtype: Any = None) -> str:
     """A fingerprint of a checkpoint directory known before its weights are loaded: the digest
-    of its index (fastckpt) or of its config and safetensors headers (stock folders)."""
+    of its index (fastckpt) or of its config and safetensors headers (stock folders), and of
+    the dtype it is loaded in (``None``: as stored)."""
     root = os.fspath(path)
     h = hashlib.sha256()
+    h.update(f"dtype={dtype}|".encode())
     names = sorted(os.listdir(root))
     index = os.path.join(root, "fastckpt.index")
     if os.path.exists(index):
@@ -196,10 +199,11 @@ class _Sequence:
         import torch
 
         model = self.engine.model
+        cache_kw, extra = self.engine.forward_keywords
         with torch.inference_mode():
             inp = torch.tensor([list(ids)], dtype=torch.long, device=self.engine.device)
-            out = model(input_ids=inp, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        self.cache = out.past_key_values
+            out = model(input_ids=inp, use_cache=True, **{cache_kw: self.cache}, **extra)
+        self.cache = getattr(out, cache_kw)
         self.logits = out.logits[0, -1]
         self.tokens.extend(ids)
 
@@ -567,6 +571,7 @@ class ReferenceEngine:
         self.record_margins = record_margins
         self.detokenize = detokenize
         self._lock = threading.Lock()
+        self._forward_kw: tuple[str, dict[str, Any]] | None = None
 
     @classmethod
     def from_checkpoint(
@@ -579,17 +584,17 @@ class ReferenceEngine:
     ) -> ReferenceEngine:
         """An engine over ``fastckpt.load_model(path, **load_kwargs)``.
 
-        With ``background=True`` the model loads on a thread while the engine already accepts
-        migrations (the fingerprint is then the checkpoint's, known before the weights)."""
+        The fingerprint defaults to ``checkpoint_fingerprint(path, dtype)``, known before the
+        weights, so both sides of a migration loaded from the same checkpoint agree. With
+        ``background=True`` the model loads on a thread while the engine already accepts
+        migrations (the first prefill waits for it)."""
         import fastckpt
 
         def load() -> Any:
             return fastckpt.load_model(path, **load_kwargs)
 
-        if background:
-            fp = fingerprint or checkpoint_fingerprint(path)
-            return cls(load, fingerprint=fp)
-        return cls(load(), fingerprint=fingerprint)
+        fp = fingerprint or checkpoint_fingerprint(path, load_kwargs.get("dtype"))
+        return cls(load if background else load(), fingerprint=fp)
 
     @property
     def model(self) -> Any:
@@ -604,6 +609,17 @@ class ReferenceEngine:
         if self._device is None:
             self._device = next(self.model.parameters()).device
         return self._device
+
+    @property
+    def forward_keywords(self) -> tuple[str, dict[str, Any]]:
+        """The model's name for its KV cache argument (``cache`` in transformers 5.x,
+        ``past_key_values`` before) and extra forward arguments (only the last logits)."""
+        if self._forward_kw is None:
+            params = inspect.signature(self.model.forward).parameters
+            cache_kw = "cache" if "cache" in params else "past_key_values"
+            extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+            self._forward_kw = (cache_kw, extra)
+        return self._forward_kw
 
     @property
     def fingerprint(self) -> str:

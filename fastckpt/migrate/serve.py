@@ -1,0 +1,47 @@
+"""Serve migration targets of a reference engine over TCP: ``python -m fastckpt.migrate.serve``.
+
+Loads a checkpoint with ``fastckpt.load_model``, prints one line ``listening <host> <port>`` on
+stdout once it accepts connections, and serves ``TargetHost`` messages (see
+``fastckpt.migrate.remote``) until its standard input closes or it is terminated. With
+``--background-load`` it accepts connections before the weights have arrived.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastckpt.migrate.serve", description=__doc__)
+    p.add_argument("--model", required=True, help="checkpoint directory (fastckpt or stock)")
+    p.add_argument("--dtype", default=None, help="load dtype, e.g. bfloat16 (default: as stored)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    p.add_argument("--lease-s", type=float, default=30.0, help="free silent migrations after this")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--background-load", action="store_true", help="accept before weights load")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from fastckpt.migrate.reference import ReferenceEngine
+    from fastckpt.migrate.transport import SocketServer
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    kwargs = {} if args.dtype is None else {"dtype": args.dtype}
+    engine = ReferenceEngine.from_checkpoint(args.model, background=args.background_load, **kwargs)
+    host = engine.host(lease_s=args.lease_s).start_reaper()
+    server = SocketServer(host.handle, args.host, args.port).start()
+    print(f"listening {server.host} {server.port}", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.stdin.read()  # until the parent closes our stdin (or exits)
+    server.shutdown()
+    host.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
