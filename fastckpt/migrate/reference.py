@@ -191,7 +191,8 @@ class _Sequence:
         self.tokens: list[int] = []
         self.cache: Any = None
         self.logits: Any = None
-        self.margins: list[float] = []  # per sampled step: top-1 minus top-2 logit
+        # per sampled step: (top-1 minus top-2 logit, top-1 logit, top-1 id, top-2 id)
+        self.margins: list[tuple[float, float, int, int]] = []
 
     def feed(self, ids: Sequence[int]) -> None:
         if not ids:
@@ -211,8 +212,9 @@ class _Sequence:
         import torch
 
         if self.engine.record_margins:
-            top2 = torch.topk(self.logits.float(), 2).values
-            self.margins.append(float(top2[0] - top2[1]))
+            top2 = torch.topk(self.logits.float(), 2)
+            v, i = top2.values.tolist(), top2.indices.tolist()
+            self.margins.append((v[0] - v[1], v[0], int(i[0]), int(i[1])))
         return choose_token(self.logits, sampling, len(self.tokens), generator)
 
     def free(self) -> None:
@@ -306,7 +308,7 @@ class _Generation:
             }
 
     @property
-    def margins(self) -> list[float]:
+    def margins(self) -> list[tuple[float, float, int, int]]:
         return list(self.seq.margins)
 
 
@@ -373,6 +375,14 @@ class ReferenceSource(_Generation):
         while (max_steps is None or n < max_steps) and self.step() is not None:
             n += 1
         return n
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Wait for the background decode thread to stop; True when it has."""
+        t = self.thread
+        if t is not None:
+            t.join(timeout_s)
+            return not t.is_alive()
+        return True
 
     @contextlib.contextmanager
     def _boundary(self) -> Iterator[None]:
@@ -580,6 +590,8 @@ class ReferenceEngine:
         *,
         background: bool = False,
         fingerprint: str | None = None,
+        record_margins: bool = False,
+        detokenize: Callable[[list[int]], str] | None = None,
         **load_kwargs: Any,
     ) -> ReferenceEngine:
         """An engine over ``fastckpt.load_model(path, **load_kwargs)``.
@@ -594,7 +606,12 @@ class ReferenceEngine:
             return fastckpt.load_model(path, **load_kwargs)
 
         fp = fingerprint or checkpoint_fingerprint(path, load_kwargs.get("dtype"))
-        return cls(load if background else load(), fingerprint=fp)
+        return cls(
+            load if background else load(),
+            fingerprint=fp,
+            record_margins=record_margins,
+            detokenize=detokenize,
+        )
 
     @property
     def model(self) -> Any:
