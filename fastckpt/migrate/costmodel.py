@@ -191,6 +191,7 @@ class MigrationPrediction:
     final_tokens: int
     downtime_s: float
     total_s: float
+    finishes_on_source: bool = False  # the generation ends before the switch
 
 
 def predict_migration(
@@ -206,7 +207,8 @@ def predict_migration(
     whose source decodes ``decode_tokens_per_s`` meanwhile (the driver's loop, in time).
 
     ``remaining_tokens`` (tokens the generation still has to make) caps the tokens the source
-    adds; messaging and commit overheads are not modelled.
+    adds; when they run out during the rounds the prediction says ``finishes_on_source``.
+    Messaging and commit overheads are not modelled.
     """
     if context_tokens < 1:
         raise ValueError(f"context_tokens must be >= 1, got {context_tokens}")
@@ -228,6 +230,8 @@ def predict_migration(
         made = min(left, math.floor(dt * decode_tokens_per_s))
         left -= made
         context += int(made)
+        if left <= 0:
+            return MigrationPrediction(len(per_round), tuple(per_round), 0, 0.0, elapsed, True)
     final = context - covered
     downtime = model.predict_chunk_s(covered, final)
     return MigrationPrediction(

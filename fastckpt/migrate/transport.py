@@ -144,12 +144,16 @@ class SocketServer:
         self.host = host
         self.port: int = self._listener.getsockname()[1]
         self._stopped = threading.Event()
+        self._accept_thread: threading.Thread | None = None
         self._threads: list[threading.Thread] = []
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
 
     def start(self) -> SocketServer:
-        threading.Thread(target=self.serve_forever, name="migrate-server", daemon=True).start()
+        self._accept_thread = threading.Thread(
+            target=self.serve_forever, name="migrate-server", daemon=True
+        )
+        self._accept_thread.start()
         return self
 
     def serve_forever(self) -> None:
@@ -186,7 +190,15 @@ class SocketServer:
             conn.close()
 
     def shutdown(self) -> None:
+        """Stop accepting (the port is closed when this returns) and drop open connections."""
         self._stopped.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept()
+        if (
+            self._accept_thread is not None
+            and self._accept_thread is not threading.current_thread()
+        ):
+            self._accept_thread.join()
         with contextlib.suppress(OSError):
             self._listener.close()
         with self._lock:

@@ -36,11 +36,11 @@ from fastckpt.migrate import (
     migrate,
 )
 
-N = 24
+N = 16
 STOP = StopCriteria(max_new_tokens=N)
 THRESHOLD = 3
 # tokens the source decodes after each catch-up round, for 0, 1 and several rounds
-PACES = {0: [], 1: [2], 3: [5, 5, 2]}
+PACES = {0: [], 1: [2], 3: [4, 4, 1]}
 GREEDY = SamplingParams()
 SAMPLED = SamplingParams(temperature=1.0, seed=1234)
 SAMPLED_GEN = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=99, rng="generator")
@@ -175,7 +175,7 @@ def _status(server: Any, rid: str) -> dict[str, Any]:
         return RemoteTarget(t, rid).status()
 
 
-@pytest.mark.parametrize("at", [1, 2, 3])
+@pytest.mark.parametrize("at", [1, 3])
 def test_target_fails_mid_round(source_engine: Any, target_server: Any, at: int) -> None:
     expected = reference(source_engine, SAMPLED)
     faulty: list[FaultyTarget] = []
