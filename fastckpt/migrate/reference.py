@@ -534,6 +534,13 @@ class ReferenceTarget(_Generation):
                     return
                 self._step()
 
+    def cancel(self) -> None:
+        """Stop a committed generation early (the client went away); frees the cache."""
+        with self.lock:
+            if self._committed_state is not None and not self.finished:
+                self.finish_reason = "cancelled"
+                self.seq.free()
+
     def abort(self) -> bool:
         with self.lock:
             if self._committed_state is not None:

@@ -11,6 +11,7 @@ Messages (header ``op``; a token state travels as the payload)::
     prefill  {request_id} + state   -> {covered}
     commit   {request_id} + state   -> {}
     abort    {request_id}           -> {aborted}
+    cancel   {request_id}           -> {}                  (stop a committed generation)
     status   {request_id}           -> {status, covered}   (unknown/prefilling/committed/
                                                             finished/aborted/expired)
     result   {request_id, timeout_s}-> {tokens: [[index, id], ...], finished, finish_reason}
@@ -187,6 +188,13 @@ class TargetHost:
             if known is None:
                 return {"status": "unknown", "covered": 0}
             return {"status": known.status(), "covered": known.covered}
+        if op == "cancel":
+            found = self._get(rid, create=False)
+            cancel = getattr(found, "cancel", None)
+            if cancel is None:
+                raise TargetStateError(f"no target for request {rid!r} that can be cancelled")
+            cancel()
+            return {}
         if op == "result":
             found = self._get(rid, create=False)
             if found is None:
@@ -252,6 +260,10 @@ class RemoteTarget:
     def status(self) -> dict[str, Any]:
         r = self._call("status")
         return {"status": r["status"], "covered": r["covered"]}
+
+    def cancel(self) -> None:
+        """Stop the committed generation on the target (the client went away)."""
+        self._call("cancel")
 
     def result(self, timeout_s: float | None = None) -> dict[str, Any]:
         r = self._call("result", timeout_s=timeout_s)

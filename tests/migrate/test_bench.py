@@ -1,0 +1,64 @@
+"""The measurement script runs (tiny sizes, recompute part only: the migration part uses the
+same server and driver as the two-process tests)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from fastckpt.migrate import RecomputeCostModel
+from fastckpt.migrate.bench import main, markdown
+
+
+def test_bench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r.json"
+    argv = ["--hidden", "32", "--layers", "1", "--vocab", "64", "--repeats", "1"]
+    argv += ["--prefill-tokens", "8,16,32,64,96,128,160", "--extrapolate-from", "96"]
+    argv += ["--skip-migrations", "--out", str(out)]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    model = RecomputeCostModel.from_dict(result["recompute"]["model"])
+    assert model.min_tokens == 8 and model.max_tokens == 160
+    assert set(result["recompute"]["extrapolation"]) == {"128", "160"}
+    assert "held-out error" in capsys.readouterr().out
+
+
+def test_markdown_of_migration_rows() -> None:
+    run = {
+        "outcome": "committed",
+        "rounds": 2,
+        "tokens_per_round": [512, 40],
+        "final_tokens": 3,
+        "downtime_s": 0.012,
+        "total_s": 0.9,
+        "decode_s_per_token": 0.01,
+    }
+    result = {
+        "machine": {
+            "processor": "cpu",
+            "cpus": 2,
+            "torch": "x",
+            "torch_threads": 1,
+            "loadavg": [1.0, 1.0, 1.0],
+        },
+        "machine_end_loadavg": [2.0, 2.0, 2.0],
+        "model_desc": "tiny",
+        "repeats": 1,
+        "recompute": {
+            "model": {"c0_s": 0.001, "c1_s_per_token": 1e-6, "c2_s_per_token2": 1e-9},
+            "held_out_model": {
+                "held_out": {"points": 2, "mean_abs_rel_err": 0.1, "max_abs_rel_err": 0.2}
+            },
+            "points": [[8, 0.001]],
+            "extrapolation": {},
+            "extrapolation_from_tokens": 1024,
+        },
+        "migrations": [{"context_tokens": 512, "runs": [run]}],
+    }
+    text = markdown(result)
+    assert "| 512 | committed | 10.0 | 2 | 512+40 (+3) | 12.0 (12.0-12.0) | 900 (900-900) |" in text
