@@ -63,27 +63,32 @@ def _median_range(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
 
 
-def measure_prefill(engine: Any, counts: tuple[int, ...], repeats: int) -> list[tuple[int, float]]:
-    """Median seconds to prefill n random tokens onto an empty cache, for each n."""
+def measure_prefill(
+    engine: Any, counts: tuple[int, ...], repeats: int
+) -> tuple[list[tuple[int, float]], dict[int, list[float]]]:
+    """Seconds to prefill n random tokens onto an empty cache, for each n.
+
+    The counts are visited round-robin, alternating direction, ``repeats`` times, so a change
+    of machine load spreads over all counts. Returns the fastest time per count (the compute is
+    deterministic, so the minimum is the cost least inflated by other processes on a shared
+    machine) and every sample.
+    """
     import random
 
     from fastckpt.migrate.reference import _Sequence
 
     rng = random.Random(0)
     vocab = engine.model.config.vocab_size
-    seq = _Sequence(engine)
-    seq.feed([1, 2, 3])  # warm-up
-    points = []
-    for n in counts:
-        times = []
-        for _ in range(repeats):
+    _Sequence(engine).feed([1, 2, 3])  # warm-up
+    samples: dict[int, list[float]] = {n: [] for n in counts}
+    for r in range(repeats):
+        for n in counts if r % 2 == 0 else counts[::-1]:
             seq = _Sequence(engine)
             ids = [rng.randrange(vocab) for _ in range(n)]
             t0 = time.perf_counter()
             seq.feed(ids)
-            times.append(time.perf_counter() - t0)
-        points.append((n, statistics.median(times)))
-    return points
+            samples[n].append(time.perf_counter() - t0)
+    return [(n, min(samples[n])) for n in counts], samples
 
 
 def fit_report(
@@ -217,7 +222,9 @@ def markdown(result: dict[str, Any]) -> str:
     ho = rc["held_out_model"]["held_out"]
     lines += [
         "",
-        "Recompute (prefill) time, fitted t(n) = c0 + c1 n + c2 n^2:",
+        "Recompute (prefill) time (fastest of "
+        f"{len(next(iter(rc['samples'].values())))} interleaved samples per count), fitted "
+        "t(n) = c0 + c1 n + c2 n^2:",
         "",
         f"- c0 = {mod['c0_s'] * 1e3:.3f} ms, c1 = {mod['c1_s_per_token'] * 1e6:.3f} us/token, "
         f"c2 = {mod['c2_s_per_token2'] * 1e9:.4f} ns/token^2 (fit on all {len(rc['points'])} "
@@ -268,7 +275,8 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastckpt.migrate.bench", description=__doc__)
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="migrations per context length")
+    p.add_argument("--prefill-repeats", type=int, default=7, help="samples per token count")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=1024)
@@ -298,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
             "float32, CPU"
         )
         meta = {"engine": "fastckpt.migrate.reference", "device": "cpu", "dtype": "float32"}
-        points = measure_prefill(engine, counts, args.repeats)
+        points, samples = measure_prefill(engine, counts, args.prefill_repeats)
         result["recompute"] = fit_report(points, meta, args.extrapolate_from)
+        result["recompute"]["samples"] = {str(n): xs for n, xs in samples.items()}
         result["migrations"] = (
             []
             if args.skip_migrations

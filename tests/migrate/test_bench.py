@@ -17,7 +17,7 @@ from fastckpt.migrate.bench import main, markdown
 
 def test_bench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "r.json"
-    argv = ["--hidden", "32", "--layers", "1", "--vocab", "64", "--repeats", "1"]
+    argv = ["--hidden", "32", "--layers", "1", "--vocab", "64", "--prefill-repeats", "1"]
     argv += ["--prefill-tokens", "8,16,32,64,96,128,160", "--extrapolate-from", "96"]
     argv += ["--skip-migrations", "--out", str(out)]
     assert main(argv) == 0
@@ -57,6 +57,7 @@ def test_markdown_of_migration_rows() -> None:
             "points": [[8, 0.001]],
             "extrapolation": {},
             "extrapolation_from_tokens": 1024,
+            "samples": {"8": [0.001]},
         },
         "migrations": [{"context_tokens": 512, "runs": [run]}],
     }

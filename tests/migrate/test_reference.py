@@ -205,3 +205,19 @@ def test_choose_token_rules() -> None:
     top5 = set(torch.topk(logits, 5).indices.tolist())
     k5 = SamplingParams(temperature=2.0, top_k=5, seed=1)
     assert {choose_token(logits, k5, pos) for pos in range(200)} <= top5
+
+
+def test_checkpoint_fingerprint(llama_f32: Path, tmp_path: Path) -> None:
+    import shutil
+
+    fp = checkpoint_fingerprint(llama_f32)
+    assert fp == checkpoint_fingerprint(llama_f32)
+    assert fp != checkpoint_fingerprint(llama_f32, dtype="bfloat16")
+    stock = tmp_path / "stock"
+    shutil.copytree(llama_f32.parent / "llama-f32-src", stock)
+    before = checkpoint_fingerprint(stock)
+    weights = next(stock.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one weight byte in the last window
+    weights.write_bytes(bytes(data))
+    assert checkpoint_fingerprint(stock) != before
