@@ -17,6 +17,7 @@ medians with min-max over ``--repeats``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -64,19 +65,25 @@ def _median_range(xs: list[float]) -> dict[str, float]:
 
 
 def measure_prefill(
-    engine: Any, counts: tuple[int, ...], repeats: int
+    engine: Any, counts: tuple[int, ...], repeats: int, clock: str = "wall"
 ) -> tuple[list[tuple[int, float]], dict[int, list[float]]]:
     """Seconds to prefill n random tokens onto an empty cache, for each n.
 
     The counts are visited round-robin, alternating direction, ``repeats`` times, so a change
     of machine load spreads over all counts. Returns the fastest time per count (the compute is
     deterministic, so the minimum is the cost least inflated by other processes on a shared
-    machine) and every sample.
+    machine) and every sample. ``clock="thread"`` measures the calling thread's CPU time instead
+    of wall time: on a CPU run with one torch thread the prefill computes on this thread, and on
+    an overloaded machine its CPU time is what the prefill would take with a core to itself
+    (wall time there is mostly waiting for a core). Never use it for GPU runs.
     """
     import random
 
     from fastckpt.migrate.reference import _Sequence
 
+    if clock not in ("wall", "thread"):
+        raise ValueError(f"clock must be 'wall' or 'thread', got {clock!r}")
+    now = time.perf_counter if clock == "wall" else time.thread_time
     rng = random.Random(0)
     vocab = engine.model.config.vocab_size
     _Sequence(engine).feed([1, 2, 3])  # warm-up
@@ -85,9 +92,9 @@ def measure_prefill(
         for n in counts if r % 2 == 0 else counts[::-1]:
             seq = _Sequence(engine)
             ids = [rng.randrange(vocab) for _ in range(n)]
-            t0 = time.perf_counter()
+            t0 = now()
             seq.feed(ids)
-            samples[n].append(time.perf_counter() - t0)
+            samples[n].append(now() - t0)
     return [(n, min(samples[n])) for n in counts], samples
 
 
@@ -111,7 +118,9 @@ def fit_report(
         }
         for n, t in far
     }
-    full = fit(points, **meta).with_held_out(held)  # the model to ship: all points
+    # the model to ship is fitted on all points; its error estimate is the held-out one above
+    # (its own error on points it was fitted on would flatter it)
+    full = dataclasses.replace(fit(points, **meta), held_out=model.held_out)
     return {
         "points": [[n, t] for n, t in points],
         "held_out_model": model.to_dict(),
@@ -222,7 +231,7 @@ def markdown(result: dict[str, Any]) -> str:
     ho = rc["held_out_model"]["held_out"]
     lines += [
         "",
-        "Recompute (prefill) time (fastest of "
+        f"Recompute (prefill) time, {result.get('prefill_clock', 'wall')} clock (fastest of "
         f"{len(next(iter(rc['samples'].values())))} interleaved samples per count), fitted "
         "t(n) = c0 + c1 n + c2 n^2:",
         "",
@@ -283,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads on each side")
     p.add_argument("--prefill-tokens", default=",".join(map(str, PREFILL_TOKENS)))
     p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
+    p.add_argument(
+        "--clock",
+        choices=("wall", "thread"),
+        default="wall",
+        help="prefill timing: wall time, or this thread's CPU time (CPU, one thread, busy host)",
+    )
     p.add_argument("--extrapolate-from", type=int, default=EXTRAPOLATE_FROM)
     p.add_argument("--skip-migrations", action="store_true")
     args = p.parse_args(argv)
@@ -306,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             "float32, CPU"
         )
         meta = {"engine": "fastckpt.migrate.reference", "device": "cpu", "dtype": "float32"}
-        points, samples = measure_prefill(engine, counts, args.prefill_repeats)
+        points, samples = measure_prefill(engine, counts, args.prefill_repeats, args.clock)
+        result["prefill_clock"] = args.clock
         result["recompute"] = fit_report(points, meta, args.extrapolate_from)
         result["recompute"]["samples"] = {str(n): xs for n, xs in samples.items()}
         result["migrations"] = (
