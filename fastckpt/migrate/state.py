@@ -17,7 +17,7 @@ Byte layout (all integers little-endian)::
     8       2     major version (a reader refuses a major it does not know)
     10      2     minor version (additive changes; readers ignore unknown fields)
     12      4     body length in bytes (at most MAX_BODY_BYTES)
-    16      4     CRC-32 (zlib) of the body
+    16      4     CRC-32 (zlib) of bytes 0-15 followed by the body
     20      ...   body: UTF-8 JSON object (field names below)
 
 The body holds ``request_id``, ``model_fingerprint``, ``prompt_ids``, ``generated_ids``,
@@ -51,6 +51,7 @@ MAGIC = b"FCKTOKS\0"
 VERSION_MAJOR = 1
 VERSION_MINOR = 0
 HEADER = struct.Struct("<8sHHII")
+_CRC_AT = 16  # the checksum covers the 16 header bytes before it and the body
 MAX_BODY_BYTES = 64 << 20
 MAX_TOKEN_ID = (1 << 31) - 1
 
@@ -251,8 +252,8 @@ class TokenState:
         raw = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
         if len(raw) > MAX_BODY_BYTES:
             raise TokenStateError(f"token state body of {len(raw)} bytes exceeds {MAX_BODY_BYTES}")
-        header = HEADER.pack(MAGIC, VERSION_MAJOR, VERSION_MINOR, len(raw), zlib.crc32(raw))
-        return header + raw
+        fixed = HEADER.pack(MAGIC, VERSION_MAJOR, VERSION_MINOR, len(raw), 0)[:_CRC_AT]
+        return fixed + struct.pack("<I", zlib.crc32(raw, zlib.crc32(fixed))) + raw
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> TokenState:
@@ -274,10 +275,11 @@ class TokenState:
                 "the header"
             )
         body = data[HEADER.size :]
-        actual = zlib.crc32(body)
+        actual = zlib.crc32(body, zlib.crc32(data[:_CRC_AT]))
         if actual != crc:
             raise TokenStateChecksumError(
-                f"token state checksum mismatch: header says {crc:#010x}, body has {actual:#010x}"
+                f"token state checksum mismatch: header says {crc:#010x}, "
+                f"content has {actual:#010x}"
             )
         try:
             obj = json.loads(body.decode("utf-8"))

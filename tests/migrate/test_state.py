@@ -110,14 +110,18 @@ def test_unknown_major_version_is_refused() -> None:
         TokenState.from_bytes(bytes(raw))
 
 
+def _with_body(body: bytes, minor: int = 0) -> bytes:
+    fixed = HEADER.pack(MAGIC, 1, minor, len(body), 0)[:16]
+    return fixed + struct.pack("<I", zlib.crc32(fixed + body)) + body
+
+
 def test_newer_minor_version_is_read() -> None:
+    body = _state().to_bytes()[HEADER.size :]
+    assert TokenState.from_bytes(_with_body(body, minor=7)) == _state()
     raw = bytearray(_state().to_bytes())
-    struct.pack_into("<H", raw, len(MAGIC) + 2, 7)
-    assert TokenState.from_bytes(bytes(raw)) == _state()
-
-
-def _with_body(body: bytes) -> bytes:
-    return HEADER.pack(MAGIC, 1, 0, len(body), zlib.crc32(body)) + body
+    struct.pack_into("<H", raw, len(MAGIC) + 2, 7)  # the header is checksummed too
+    with pytest.raises(TokenStateChecksumError):
+        TokenState.from_bytes(bytes(raw))
 
 
 @pytest.mark.parametrize(

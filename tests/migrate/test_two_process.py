@@ -185,7 +185,7 @@ def test_target_fails_mid_round(source_engine: Any, target_server: Any, at: int)
         return faulty[0]
 
     report, client, src, remote = run_migration(
-        source_engine, target_server, SAMPLED, 4, 3, wrap_target=wrap
+        source_engine, target_server, SAMPLED, begin_at("start", 3), 3, wrap_target=wrap
     )
     assert report.outcome is Outcome.TARGET_FAILED
     assert "mid-round" in (report.error or "")
@@ -238,11 +238,11 @@ def test_duplicate_commit(source_engine: Any, target_server: Any) -> None:
         source_engine,
         target_server,
         SAMPLED,
-        10,
+        begin_at("middle", 3),
         3,
         wrap_target=lambda t: FaultyTarget(t, commit="twice"),
     )
-    assert report.outcome is Outcome.COMMITTED
+    assert report.outcome is Outcome.COMMITTED and report.rounds == 3
     assert client.output() == expected
 
 
