@@ -155,6 +155,7 @@ def measure_migrations(
             sys.executable,
             "-m",
             "fastckpt.migrate.serve",
+            "--exit-on-stdin-eof",
             "--model",
             str(model_dir),
             "--threads",

@@ -2,15 +2,17 @@
 
 Loads a checkpoint with ``fastckpt.load_model``, prints one line ``listening <host> <port>`` on
 stdout once it accepts connections, and serves ``TargetHost`` messages (see
-``fastckpt.migrate.remote``) until its standard input closes or it is terminated. With
+``fastckpt.migrate.remote``) until SIGTERM or SIGINT, or, with ``--exit-on-stdin-eof``, until its
+standard input closes (a parent process that wants the server to die with it). With
 ``--background-load`` it accepts connections before the weights have arrived.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import signal
 import sys
+import threading
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lease-s", type=float, default=30.0, help="free silent migrations after this")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--background-load", action="store_true", help="accept before weights load")
+    p.add_argument(
+        "--exit-on-stdin-eof", action="store_true", help="stop when standard input closes"
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -36,8 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     host = engine.host(lease_s=args.lease_s).start_reaper()
     server = SocketServer(host.handle, args.host, args.port).start()
     print(f"listening {server.host} {server.port}", flush=True)
-    with contextlib.suppress(KeyboardInterrupt):
-        sys.stdin.read()  # until the parent closes our stdin (or exits)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.exit_on_stdin_eof:
+
+        def watch_stdin() -> None:
+            sys.stdin.read()
+            stop.set()
+
+        threading.Thread(target=watch_stdin, daemon=True).start()
+    while not stop.wait(0.5):
+        pass
     server.shutdown()
     host.close()
     return 0

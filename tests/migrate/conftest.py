@@ -32,8 +32,12 @@ def source_engine(llama_f32: Path) -> Any:
 def target_server(llama_f32: Path) -> Iterator[Any]:
     from migrate_helpers import start_server
 
-    server = start_server(llama_f32, lease_s=LEASE_S)
+    # --background-load: the server accepts before its weights arrive (the first prefill waits)
+    server = start_server(
+        llama_f32, lease_s=LEASE_S, extra=("--background-load", "--exit-on-stdin-eof")
+    )
     try:
         yield server
     finally:
         server.stop()
+    assert server.proc.returncode == 0, "the target server did not stop cleanly on SIGTERM"

@@ -57,16 +57,20 @@ class Server:
     port: int
 
     def stop(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
+        """SIGTERM (the server's normal stop), then close its stdin; kill if it hangs."""
+        self.proc.terminate()
         try:
-            self.proc.wait(timeout=20)
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
 
 
-def start_server(model_dir: Path, *, lease_s: float, extra: tuple[str, ...] = ()) -> Server:
+def start_server(
+    model_dir: Path, *, lease_s: float, extra: tuple[str, ...] = ("--exit-on-stdin-eof",)
+) -> Server:
     proc = subprocess.Popen(
         [
             sys.executable,
