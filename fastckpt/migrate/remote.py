@@ -16,6 +16,8 @@ Messages (header ``op``; a token state travels as the payload)::
                                                             finished/aborted/expired)
     result   {request_id, timeout_s}-> {tokens: [[index, id], ...], finished, finish_reason}
     stats    {}                     -> {reserved, committed, expired}
+
+Finished targets are dropped a lease after they finish (their status stays ``finished``).
     ping     {}                     -> {}
 
 Every reply has ``ok``; a failure reply carries ``error`` (the exception class name) and
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -57,6 +60,8 @@ class HostedTarget(MigrationTarget, Protocol):
 class TargetHost:
     """Serves the targets of one engine; ``handle`` is a transport handler."""
 
+    MAX_RECORDS = 100_000
+
     def __init__(
         self,
         make_target: Callable[[str], HostedTarget],
@@ -72,7 +77,10 @@ class TargetHost:
         self._lock = threading.Lock()
         self._targets: dict[str, HostedTarget] = {}
         self._seen: dict[str, float] = {}
-        self._expired: set[str] = set()
+        # ids of expired and of dropped finished requests, oldest first, at most MAX_RECORDS
+        self._expired: OrderedDict[str, None] = OrderedDict()
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._done_since: dict[str, float] = {}  # when the reaper first saw a target finished
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
 
@@ -93,18 +101,32 @@ class TargetHost:
         self._stop.set()
 
     def expire_due(self) -> list[str]:
-        """Expire every uncommitted target silent for longer than the lease; returns their ids."""
+        """Expire every uncommitted target silent for longer than the lease; returns their ids.
+
+        A target whose generation finished is dropped once it has been finished, and silent, for
+        a lease (its status stays ``finished``; its tokens can no longer be fetched)."""
         now = self._clock()
         with self._lock:
-            due = [
-                rid
-                for rid, t in self._targets.items()
-                if not t.committed and now - self._seen[rid] > self.lease_s
-            ]
+            silent = [rid for rid in self._targets if now - self._seen[rid] > self.lease_s]
+            due = [rid for rid in silent if not self._targets[rid].committed]
+            done = []
+            for rid, t in self._targets.items():
+                if t.committed and t.status() == "finished":
+                    since = self._done_since.setdefault(rid, now)
+                    if now - since > self.lease_s and rid in silent:
+                        done.append(rid)
             victims = [(rid, self._targets.pop(rid)) for rid in due]
             for rid in due:
                 self._seen.pop(rid, None)
-                self._expired.add(rid)
+                self._expired[rid] = None
+            for rid in done:
+                self._targets.pop(rid)
+                self._seen.pop(rid, None)
+                self._done_since.pop(rid, None)
+                self._finished[rid] = None
+            for record in (self._expired, self._finished):
+                while len(record) > self.MAX_RECORDS:
+                    record.popitem(last=False)
         for _, t in victims:
             t.expire()
         return due
@@ -184,6 +206,8 @@ class TargetHost:
             with self._lock:
                 if rid in self._expired:
                     return {"status": "expired", "covered": 0}
+                if rid in self._finished:
+                    return {"status": "finished", "covered": 0}
                 known = self._targets.get(rid)
             if known is None:
                 return {"status": "unknown", "covered": 0}
@@ -198,6 +222,10 @@ class TargetHost:
         if op == "result":
             found = self._get(rid, create=False)
             if found is None:
+                if rid in self._finished:
+                    raise TargetStateError(
+                        f"request {rid!r} finished and its tokens were dropped after the lease"
+                    )
                 raise TargetStateError(f"no target for request {rid!r}")
             timeout = header.get("timeout_s")
             return found.result(None if timeout is None else float(timeout))

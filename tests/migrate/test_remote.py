@@ -136,6 +136,28 @@ def test_lease_expires_silent_uncommitted_targets(host_and_clock: Any) -> None:
     assert a.abort() is True  # nothing held any more: abort is a no-op
 
 
+def test_finished_targets_are_dropped_a_lease_after_they_finish(host_and_clock: Any) -> None:
+    host, clock, made = host_and_clock
+    t = RemoteTarget(Direct(host.handle), "f")
+    t.commit(_state("f"))
+    clock.now = 100.0  # long after the commit: still running, so kept
+    host.expire_due()
+    assert t.status()["status"] == "committed"
+    made["f"]._status = "finished"
+    clock.now = 200.0
+    host.expire_due()  # first seen finished now
+    assert t.result()["finished"]
+    clock.now = 204.0
+    host.expire_due()
+    assert host.stats()["committed"] == 1
+    clock.now = 210.0
+    host.expire_due()
+    assert host.stats()["committed"] == 0
+    assert t.status() == {"status": "finished", "covered": 0}
+    with pytest.raises(TargetStateError, match="dropped after the lease"):
+        t.result()
+
+
 def test_dispatch_and_error_mapping(host_and_clock: Any) -> None:
     host, _, made = host_and_clock
     t = RemoteTarget(Direct(host.handle), "r")
