@@ -16,9 +16,9 @@ Messages (header ``op``; a token state travels as the payload)::
                                                             finished/aborted/expired)
     result   {request_id, timeout_s}-> {tokens: [[index, id], ...], finished, finish_reason}
     stats    {}                     -> {reserved, committed, expired}
+    ping     {}                     -> {}
 
 Finished targets are dropped a lease after they finish (their status stays ``finished``).
-    ping     {}                     -> {}
 
 Every reply has ``ok``; a failure reply carries ``error`` (the exception class name) and
 ``message``, which ``RemoteTarget`` raises again as the same fastckpt class where it knows it.
