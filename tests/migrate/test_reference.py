@@ -221,3 +221,31 @@ def test_checkpoint_fingerprint(llama_f32: Path, tmp_path: Path) -> None:
     data[-1] ^= 0xFF  # one weight byte in the last window
     weights.write_bytes(bytes(data))
     assert checkpoint_fingerprint(stock) != before
+
+
+def test_stop_tokens_and_strings_survive_a_migration(source_engine: ReferenceEngine) -> None:
+    free = source_engine.generate(PROMPT, stop=StopCriteria(max_new_tokens=16))
+    marker = free[9]
+    first = free.index(marker)
+    text_engine = ReferenceEngine(
+        source_engine.model, detokenize=lambda ids: "".join(f"<{i}>" for i in ids)
+    )
+    for stop in (
+        StopCriteria(max_new_tokens=16, stop_token_ids=(marker,)),
+        StopCriteria(max_new_tokens=16, stop_strings=(f"<{marker}>",)),
+    ):
+        expected = text_engine.generate(PROMPT, stop=stop)
+        assert expected == free[: first + 1]
+        client = Client()
+        src = text_engine.start(f"stop-{stop.stop_strings}", PROMPT, stop=stop, emit=client.emit)
+        src.run(min(2, first))
+        tgt = text_engine.target(src.request_id)
+        assert migrate(src, tgt, max_rounds=1).outcome is Outcome.COMMITTED
+        res = tgt.result(60)
+        client.add(res["tokens"])
+        assert client.output() == expected
+        assert res["finish_reason"] == ("stop_token" if stop.stop_token_ids else "stop_string")
+    with pytest.raises(ValueError, match="detokenize"):
+        source_engine.start(
+            "nostr", PROMPT, stop=StopCriteria(max_new_tokens=4, stop_strings=("x",))
+        )
