@@ -43,18 +43,15 @@ _LAZY: dict[str, tuple[str, str]] = {
     "SocketTransport": ("fastckpt.migrate.transport", "SocketTransport"),
     "Transport": ("fastckpt.migrate.transport", "Transport"),
     "ReferenceEngine": ("fastckpt.migrate.reference", "ReferenceEngine"),
-    "checkpoint_fingerprint": ("fastckpt.migrate.reference", "checkpoint_fingerprint"),
-    "model_fingerprint": ("fastckpt.migrate.reference", "model_fingerprint"),
+    "checkpoint_fingerprint": ("fastckpt.migrate.fingerprint", "checkpoint_fingerprint"),
+    "model_fingerprint": ("fastckpt.migrate.fingerprint", "model_fingerprint"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastckpt.migrate.costmodel import RecomputeCostModel, predict_migration
     from fastckpt.migrate.costmodel import fit as fit_recompute
-    from fastckpt.migrate.reference import (
-        ReferenceEngine,
-        checkpoint_fingerprint,
-        model_fingerprint,
-    )
+    from fastckpt.migrate.fingerprint import checkpoint_fingerprint, model_fingerprint
+    from fastckpt.migrate.reference import ReferenceEngine
     from fastckpt.migrate.remote import RemoteTarget, TargetHost
     from fastckpt.migrate.transport import SocketServer, SocketTransport, Transport
 

@@ -25,94 +25,36 @@ weights with the source's catch-up rounds: the first prefill waits for the model
 migration. Pass ``fingerprint=`` (e.g. ``checkpoint_fingerprint(path)``) to check token states
 before the model has arrived.
 
-torch and transformers are imported here only, and only when this module is used.
+torch is imported when this module is used (here and, through it, in ``sampling`` and
+``fingerprint``); transformers only through ``fastckpt.load_model``. The rest of
+``fastckpt.migrate`` imports neither.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import inspect
-import json
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastckpt.migrate.errors import LeaseExpiredError, SourceStateError, TargetStateError
+from fastckpt.migrate.fingerprint import checkpoint_fingerprint, model_fingerprint
 from fastckpt.migrate.remote import DEFAULT_LEASE_S, TargetHost
+from fastckpt.migrate.sampling import choose_token, generator_state, new_generator
 from fastckpt.migrate.state import (
     RNG_GENERATOR,
     SamplingParams,
     StopCriteria,
     TokenState,
-    step_seed,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 Emit = Callable[[int, int], None]  # (index among generated tokens, token id)
-
-_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash")
-
-
-def model_fingerprint(model: Any) -> str:
-    """A digest of a model's identity: class, config, and each tensor's name, shape, dtype and
-    first and last values. Cheap (reads a few bytes per tensor), yet differs for different
-    weights, architectures or dtypes."""
-    import torch
-
-    h = hashlib.sha256()
-    h.update(type(model).__name__.encode())
-    cfg = model.config.to_dict() if hasattr(model, "config") else {}
-    for k in _VOLATILE_CONFIG_KEYS:
-        cfg.pop(k, None)
-    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
-        flat = t.detach().reshape(-1)
-        if flat.numel():
-            ends = torch.cat([flat[:32], flat[-32:]]).to("cpu").contiguous()
-            h.update(ends.view(torch.uint8).numpy().tobytes())
-    return "model-sha256:" + h.hexdigest()[:32]
-
-
-def checkpoint_fingerprint(path: str | os.PathLike[str], dtype: Any = None) -> str:
-    """A fingerprint of a checkpoint directory known before its weights are loaded.
-
-    For a fastckpt checkpoint, the digest of its index (which holds a CRC32C of every chunk of
-    data, so it covers every weight). For a stock folder, the digest of ``config.json``, each
-    safetensors header and 16 evenly spaced 4 KiB windows of each file's data. The load
-    ``dtype`` is part of it (``None``: as stored).
-    """
-    root = os.fspath(path)
-    h = hashlib.sha256()
-    h.update(f"dtype={dtype}|".encode())
-    index = os.path.join(root, "fastckpt.index")
-    if os.path.exists(index):
-        with open(index, "rb") as f:
-            h.update(f.read())
-        return "ckpt-sha256:" + h.hexdigest()[:32]
-    for name in sorted(os.listdir(root)):
-        full = os.path.join(root, name)
-        if name == "config.json":
-            with open(full, "rb") as f:
-                h.update(name.encode() + f.read())
-        elif name.endswith(".safetensors"):
-            size = os.path.getsize(full)
-            h.update(f"{name}|{size}|".encode())
-            with open(full, "rb") as f:
-                head = f.read(8)
-                header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
-                h.update(f.read(min(header_len, 100 << 20)))
-                start = 8 + header_len
-                span = max(0, size - start - 4096)
-                for k in range(16):
-                    f.seek(start + span * k // 15)
-                    h.update(f.read(4096))
-    return "ckpt-sha256:" + h.hexdigest()[:32]
 
 
 class _ModelHandle:
@@ -150,48 +92,6 @@ class _ModelHandle:
         if self._error is not None:
             raise RuntimeError(f"the model could not be loaded: {self._error}") from self._error
         return self._model
-
-
-def choose_token(
-    logits: torch.Tensor,
-    sampling: SamplingParams,
-    position: int,
-    generator: torch.Generator | None = None,
-) -> int:
-    """The token for absolute ``position`` given the last position's ``logits`` (1-D).
-
-    Greedy is ``argmax`` (lowest id on exact ties). Otherwise temperature, top-k, top-p, then one
-    uniform draw mapped through the cumulative probabilities in token-id order. The draw comes
-    from ``generator`` when given (``rng="generator"``), else from a CPU generator seeded with
-    ``step_seed(sampling.seed, position)``.
-    """
-    import torch
-
-    if sampling.greedy:
-        return int(torch.argmax(logits).item())
-    x = logits.detach().to("cpu", torch.float64) / sampling.temperature
-    if sampling.top_k and sampling.top_k < x.numel():
-        kth = torch.topk(x, sampling.top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    probs = torch.softmax(x, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True, stable=True)
-        before = torch.cumsum(sorted_p, 0) - sorted_p  # mass of strictly more likely tokens
-        drop = order[before >= sampling.top_p]
-        probs[drop] = 0.0
-    if generator is None:
-        generator = torch.Generator().manual_seed(step_seed(sampling.seed, position))
-    u = torch.rand((), generator=generator, dtype=torch.float64)
-    cdf = torch.cumsum(probs, 0)
-    idx = int(torch.searchsorted(cdf, u * cdf[-1], right=True).item())
-    idx = min(idx, probs.numel() - 1)
-    while probs[idx] == 0.0 and idx > 0:  # never pick a token that was filtered out
-        idx -= 1
-    return idx
-
-
-def _generator_state(g: torch.Generator | None) -> bytes | None:
-    return None if g is None else bytes(g.get_state().numpy().tobytes())
 
 
 class _Sequence:
@@ -294,7 +194,7 @@ class _Generation:
     def state(self) -> TokenState:
         s = self.sampling
         if s.rng == RNG_GENERATOR:
-            s = dataclasses.replace(s, generator_state=_generator_state(self.generator))
+            s = dataclasses.replace(s, generator_state=generator_state(self.generator))
         return TokenState(
             request_id=self.request_id,
             model_fingerprint=self.engine.fingerprint,
@@ -323,19 +223,6 @@ class _Generation:
         return list(self.seq.margins)
 
 
-def _new_generator(sampling: SamplingParams) -> torch.Generator | None:
-    import torch
-
-    if sampling.rng != RNG_GENERATOR:
-        return None
-    g = torch.Generator()
-    if sampling.generator_state is not None:
-        g.set_state(torch.frombuffer(bytearray(sampling.generator_state), dtype=torch.uint8))
-    else:
-        g.manual_seed(sampling.seed)
-    return g
-
-
 class ReferenceSource(_Generation):
     """A generation on the source engine (``MigrationSource``). Made by ``ReferenceEngine.start``.
 
@@ -360,7 +247,7 @@ class ReferenceSource(_Generation):
         self.released = False
         self._pending = 0
         self._pending_lock = threading.Lock()
-        self.generator = _new_generator(sampling)
+        self.generator = new_generator(sampling)
         self.state()  # validates the request before any work
         engine.check_stop(stop)
 
@@ -524,7 +411,7 @@ class ReferenceTarget(_Generation):
             self.delivered = state.delivered
             self.sampling = state.sampling
             self.stop = state.stop
-            self.generator = _new_generator(state.sampling)
+            self.generator = new_generator(state.sampling)
             self._committed_state = state
             self._status = "committed"
         if self._background:

@@ -9,8 +9,9 @@ import sys
 CODE = """
 import sys
 import fastckpt.migrate as m
-from fastckpt.migrate import costmodel, driver, protocol, remote, serve, state, transport
-m.RemoteTarget, m.SocketTransport, m.RecomputeCostModel
+from fastckpt.migrate import costmodel, driver, fingerprint, protocol, remote, sampling, serve
+from fastckpt.migrate import state, transport
+m.RemoteTarget, m.SocketTransport, m.RecomputeCostModel, m.checkpoint_fingerprint
 bad = [n for n in ("torch", "transformers", "fastckpt.sched", "fastckpt._core") if n in sys.modules]
 assert not bad, bad
 """

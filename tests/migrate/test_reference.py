@@ -29,7 +29,7 @@ from fastckpt.migrate import (
     migrate,
     model_fingerprint,
 )
-from fastckpt.migrate.reference import choose_token
+from fastckpt.migrate.sampling import choose_token
 
 TIE_ULPS = 2
 
