@@ -31,7 +31,8 @@ from fastckpt.errors import DeviceError, FormatError
 from fastckpt.format.index import Index
 from fastckpt.format.reader import read_index
 from fastckpt.loader import policy, profile
-from fastckpt.loader.executor import Executor, Sources, fill_blocks, open_partition
+from fastckpt.loader.executor import Executor, Sources, fill_blocks
+from fastckpt.loader.executor import open_partition as _open_partition
 from fastckpt.loader.plan import LoadPlan, plan_load
 from fastckpt.loader.staging import StagingRing
 from fastckpt.loader.stats import LoadStats, record
@@ -156,6 +157,8 @@ class Loader:
             and the SSD tier's directory; defaults from the configuration (``FASTCKPT_*``).
         residency: a function path -> fraction of the file in the page cache (default: sampled
             ``mincore``/``cachestat``); a seam for tests and estimates.
+        open_partition: how partition files are opened (default
+            ``fastckpt.loader.executor.open_partition``); a seam for tests.
         **settings: any other configuration field (``read_mode``, ``ring_bytes``...), fixed for
             this Loader. Settings not given are read from the environment at each load.
     """
@@ -169,6 +172,7 @@ class Loader:
         ssd_tier_bytes: int | None = None,
         ssd_tier_dir: str | None = None,
         residency: Callable[[str], float] | None = None,
+        open_partition: Callable[..., Any] | None = None,
         **settings: Any,
     ) -> None:
         self._overrides: dict[str, Any] = dict(settings)
@@ -183,6 +187,7 @@ class Loader:
                 self._overrides[name] = value
         cfg = self.config()  # validates the settings now
         self._residency = residency or _sampled_residency
+        self._open_partition = open_partition or _open_partition
         self._lock = threading.Lock()
         self._engines: dict[tuple[str, int, int, int], io_engine.Engine] = {}
         self._ring: StagingRing | None = None
@@ -382,7 +387,7 @@ class Loader:
             sources = Sources(
                 engine=lambda: self.engine(cfg),
                 ring=lambda slot: self.ring(slot, cfg),
-                open_partition=open_partition,
+                open_partition=self._open_partition,
                 dram=dram_item.blocks if dram_item is not None else {},
                 gpu=revived,
             )
@@ -503,7 +508,12 @@ class Loader:
                     for i in sizes
                 }
                 fill_blocks(
-                    index, item.blocks, modes, self.engine(cfg), chunk_bytes=cfg.chunk_bytes
+                    index,
+                    item.blocks,
+                    modes,
+                    self.engine(cfg),
+                    chunk_bytes=cfg.chunk_bytes,
+                    opener=self._open_partition,
                 )
             except BaseException:
                 self.dram_tier.discard(item)
