@@ -301,7 +301,7 @@ class Loader:
         index = path if isinstance(path, Index) else read_index(path)
         ssd_key: str | None = None
         if self.ssd_tier is not None and not isinstance(path, Index):
-            index, ssd_key = self._through_ssd(index)
+            index, ssd_key = self._through_ssd(index, os.fspath(path))
         try:
             return self._load_index(index, device, cfg, verify, names, stats, t_start)
         finally:
@@ -537,7 +537,7 @@ class Loader:
             return got, False
         return None, False
 
-    def _through_ssd(self, index: Index) -> tuple[Index, str | None]:
+    def _through_ssd(self, index: Index, source: str) -> tuple[Index, str | None]:
         """The SSD tier's converted copy of a slower source (converted on first use)."""
         assert self.ssd_tier is not None
         try:
@@ -548,7 +548,7 @@ class Loader:
             return index, None
         tier = self.ssd_tier
         files = [p.path for p in index.partitions]
-        key = source_identity(files, index.root)
+        key = source_identity(files, source)
         converted = tier.get(key)
         if converted is None:
 
@@ -557,8 +557,8 @@ class Loader:
 
                 staged = tier.stage(key)
                 try:
-                    _convert(index.root, staged, progress=False)
-                    tier.record_source(staged, index.root)
+                    _convert(source, staged, progress=False)
+                    tier.record_source(staged, os.path.realpath(source))
                 except BaseException:
                     import shutil
 
@@ -598,12 +598,12 @@ class Loader:
         if tier == "ssd":
             if self.ssd_tier is None:
                 return False
-            _, key = self._through_ssd(index)
+            _, key = self._through_ssd(index, path)
             if key is not None:
                 self.ssd_tier.unpin(key)
             return key is not None
         if self.ssd_tier is not None:
-            index, key = self._through_ssd(index)
+            index, key = self._through_ssd(index, path)
             if key is not None:
                 self.ssd_tier.unpin(key)
         if tier == "gpu":
@@ -637,7 +637,9 @@ class Loader:
         if self.ssd_tier is not None:
             try:
                 index = read_index(path)
-                skey: str | None = source_identity([p.path for p in index.partitions], index.root)
+                skey: str | None = source_identity(
+                    [p.path for p in index.partitions], os.fspath(path)
+                )
             except (OSError, FormatError):
                 skey = None
             if skey is not None and self.ssd_tier.evict(skey):

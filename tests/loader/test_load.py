@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import fastckpt
-from fastckpt.format import dtypes
 from fastckpt import io_engine
+from fastckpt.format import dtypes
 
 DTYPES = [name for name in dtypes.DTYPES if isinstance(getattr(torch, name, None), torch.dtype)]
 ST_DTYPES = [n for n in DTYPES if dtypes.DTYPES[n].safetensors]

@@ -17,6 +17,7 @@ from fastckpt.config import get_config
 from fastckpt.loader.executor import Executor, Sources
 from fastckpt.loader.plan import LoadPlan, plan_load
 from fastckpt.loader.policy import Settings, decide
+from fastckpt.tiers import GpuTier
 
 
 class FakeEvent:
@@ -145,3 +146,47 @@ def test_pipeline_failure_returns_slots(
         ex.pipeline(list(plan.reads), ring, [object()])
     ex.files.close()
     assert ring.out == 0
+
+
+def test_gpu_tier_with_the_fake_cuda_pipeline(tmp_path: Path, fake_cuda: None) -> None:
+    """Buffers filled by the (fake-CUDA) staging pipeline go to the GPU tier; a caller who
+    modifies a tensor in place gets it dropped, a caller who does not gets the same buffers back,
+    and every load returns the checkpoint's bytes."""
+    g = torch.Generator().manual_seed(2)
+    sd = {f"w{i}": torch.randn(700 + 300 * i, generator=g) for i in range(6)}
+    path = tmp_path / "ck"
+    fastckpt.save(sd, path, partition_bytes=16 << 10, metadata=None)
+    index = fastckpt.read_index(path)
+    plan = plan_load(index, "cpu", chunk_bytes=8192)
+    tier = GpuTier(1 << 20)
+
+    def load() -> dict[str, Any]:
+        item = tier.revive("ck")
+        if item is not None:  # a GPU-tier hit: views of the kept buffers, nothing read
+            ex = _executor(index, plan, "direct", False)
+            ex.buffers.update(item.buffers)
+            tier.unpin("ck")
+            return ex.views()
+        ex = _executor(index, plan, "direct", False)
+        ring = FakeRing(8192, 3)
+        try:
+            ex.pipeline(list(plan.reads), ring, [object()])
+        finally:
+            ex.files.close()
+        views = ex.views()
+        tier.offer("ck", dict(ex.buffers))
+        return views
+
+    out = load()
+    assert all(torch.equal(out[k], v) for k, v in sd.items())
+    out["w2"].mul_(-1)  # modified in place while lent out
+    del out
+    again = load()  # dropped, read again
+    assert tier.stats().dropped_modified == 1
+    assert all(torch.equal(again[k], v) for k, v in sd.items())
+    ptr = again["w1"].data_ptr()
+    del again
+    third = load()  # revived: same memory, same bytes
+    assert third["w1"].data_ptr() == ptr
+    assert all(torch.equal(third[k], v) for k, v in sd.items())
+    assert tier.stats().hits == 1
