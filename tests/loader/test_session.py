@@ -283,3 +283,33 @@ def test_gpu_load_from_dram_tier(ck: tuple[Path, Any]) -> None:
         assert same(loader.load(path, "cuda:0"), sd)
         loaded, stats = loader.load(path, "cuda:0", stats=True)
         assert same(loaded, sd) and stats.path_taken == "dram-tier"
+
+
+# ------------------------------------------------------------------ read-mode profile
+
+
+def test_cold_load_uses_a_measured_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastckpt import io_engine
+    from fastckpt.loader import profile
+
+    profile.forget()
+    sd = {"w": torch.randn(3 << 20)}  # 12 MiB: large enough to probe
+    path = tmp_path / "ck"
+    fastckpt.save(sd, path, metadata=None)
+    for p in fastckpt.read_index(path).partitions:
+        io_engine.drop_page_cache(p.path)
+    loaded, stats = fastckpt.Loader().load(path, stats=True)
+    assert same(loaded, sd)
+    prof = stats.read_profile
+    assert prof is not None and prof["source"] == "probe"
+    assert prof["probe_bytes"] >= profile.PROBE_MIN_BYTES and prof["buffered_gbps"] > 0
+    assert stats.path_taken in (prof["best"], "page-cache-read", "page-cache-map")
+    stored = list((Path(os.environ["XDG_CACHE_HOME"]) / "fastckpt" / "profile").glob("read-*.json"))
+    assert len(stored) == 1
+    # the configuration overrides the profile
+    monkeypatch.setenv("FASTCKPT_READ_MODE", "buffered")
+    for p in fastckpt.read_index(path).partitions:
+        io_engine.drop_page_cache(p.path)
+    loaded, stats = fastckpt.Loader().load(path, stats=True)
+    assert same(loaded, sd) and stats.path_taken == "buffered" and stats.read_profile is None
+    profile.forget()
