@@ -81,6 +81,8 @@ class Sources:
     open_partition: Callable[..., Any] = open_partition
     dram: Mapping[int, Any] = field(default_factory=dict)
     gpu: Mapping[int, Any] = field(default_factory=dict)
+    # frees memory a cache keeps on a device (the GPU tier's idle buffers); returns bytes freed
+    reclaim: Callable[[str], int] | None = None
 
 
 @dataclass
@@ -277,6 +279,14 @@ class Executor:
 
     # ----------------------------------------------------------------- GPU
     def _alloc_device(self, nbytes: int, dev: torch.device) -> torch.Tensor:
+        """A device buffer; on an allocation failure, once, what the GPU tier keeps idle on that
+        device is freed and the allocation retried."""
+        try:
+            return torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        except torch.cuda.OutOfMemoryError:
+            if self.sources.reclaim is None or not self.sources.reclaim(str(dev)):
+                raise
+        torch.cuda.empty_cache()
         return torch.empty(nbytes, dtype=torch.uint8, device=dev)
 
     def _load_gpu(self, device: str, bufs: Sequence[BufferPlan]) -> None:

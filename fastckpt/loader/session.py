@@ -390,6 +390,7 @@ class Loader:
                 open_partition=self._open_partition,
                 dram=dram_item.blocks if dram_item is not None else {},
                 gpu=revived,
+                reclaim=self.gpu_tier.free_idle,
             )
             executor = Executor(index, plan, decisions, sources, cfg=cfg, verify=verify)
             tensors = executor.run()
