@@ -629,11 +629,13 @@ class Loader:
     def evict(self, path: str | os.PathLike[str]) -> int:
         """Remove the checkpoint at ``path`` (every version of it) from the GPU and DRAM tiers and
         its converted copy from the SSD tier, except what is in use; returns items removed."""
-        root = os.path.realpath(os.fspath(path))
+        roots = {os.path.realpath(os.fspath(path))}
+        with contextlib.suppress(OSError, FormatError):
+            roots.add(os.path.realpath(read_index(path).root))
         removed = 0
         for tier in (self.gpu_tier, self.dram_tier):
             for key in _tuple_keys(tier.keys()):
-                if key[0] == root and tier.evict(key):
+                if key[0] in roots and tier.evict(key):
                     removed += 1
         if self.ssd_tier is not None:
             try:

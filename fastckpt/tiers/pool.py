@@ -55,6 +55,10 @@ class HostBlock:
         except BaseException:
             os.close(self.fd)
             raise
+        # Where the kernel allows huge pages for shmem on request (shmem_enabled=advise), a
+        # private mapping of the block faults in 2 MiB at a time instead of 4 KiB pages.
+        with contextlib.suppress(OSError, AttributeError):
+            self.buffer.madvise(mmap.MADV_HUGEPAGE)
         self._address = 0
 
     @property
