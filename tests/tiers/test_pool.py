@@ -86,3 +86,14 @@ def test_ring_grows_slot_by_slot_from_the_pool() -> None:
     ring.close()
     assert pool.retained_bytes == 4 * PIECE  # pinned slots go back to the pool for reuse
     assert pool.alloc(PIECE).pinned_bytes == PIECE
+
+
+def test_tiers_import_neither_torch_nor_core() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fastckpt.tiers, fastckpt.tiers.cli; "
+        "sys.exit(1 if {'torch', 'fastckpt._core'} & set(sys.modules) else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
