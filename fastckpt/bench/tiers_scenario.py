@@ -69,11 +69,20 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 
 def _machine() -> dict[str, Any]:
+    shmem_thp = ""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/shmem_enabled", encoding="ascii") as f:
+            shmem_thp = f.read().strip()
+    except OSError:
+        pass
     return {
         "host": platform.node(),
         "cpus": os.cpu_count(),
+        "kernel": platform.release(),
         "load_avg": os.getloadavg(),
         "python": sys.version.split()[0],
+        # the DRAM tier's memfd pages are 4 KiB unless shmem huge pages are allowed
+        "shmem_thp": shmem_thp,
     }
 
 
