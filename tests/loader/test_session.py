@@ -313,3 +313,23 @@ def test_cold_load_uses_a_measured_profile(tmp_path: Path, monkeypatch: pytest.M
     loaded, stats = fastckpt.Loader().load(path, stats=True)
     assert same(loaded, sd) and stats.path_taken == "buffered" and stats.read_profile is None
     profile.forget()
+
+
+def test_budgets_and_switches_from_the_environment(
+    ck: tuple[Path, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, sd = ck
+    monkeypatch.setenv("FASTCKPT_DRAM_TIER_BYTES", str(1 << 20))
+    assert same(fastckpt.Loader().load(path), sd)
+    monkeypatch.setenv("FASTCKPT_GPU_TIER_BYTES", "0x1000")
+    with fastckpt.Loader() as loader:
+        assert loader.dram_tier.capacity_bytes == 1 << 20
+        assert loader.gpu_tier.capacity_bytes == 4096
+        assert loader.ssd_tier is None
+        loader.load(path)
+        assert loader.load(path, stats=True)[1].path_taken == "dram-tier"
+    with fastckpt.Loader(dram_tier_bytes=0) as explicit:  # arguments win over the environment
+        assert explicit.dram_tier.capacity_bytes == 0
+    monkeypatch.setenv("FASTCKPT_READ_MODE", "sideways")
+    with pytest.raises(ValueError, match="FASTCKPT_READ_MODE"):
+        fastckpt.Loader()
