@@ -63,9 +63,6 @@ def open_partition(index: Index, partition: int, *, direct: bool | None) -> Any:
     return f
 
 
-Opener = Callable[[Index, int], Any]
-
-
 @dataclass
 class Sources:
     """Where bytes can come from, handed to the executor.
