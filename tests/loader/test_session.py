@@ -333,3 +333,15 @@ def test_budgets_and_switches_from_the_environment(
     monkeypatch.setenv("FASTCKPT_READ_MODE", "sideways")
     with pytest.raises(ValueError, match="FASTCKPT_READ_MODE"):
         fastckpt.Loader()
+
+
+def test_failed_fill_leaves_nothing_behind(ck: tuple[Path, Any]) -> None:
+    path, _ = ck
+    index = fastckpt.read_index(path)
+    os.truncate(index.partitions[-1].path, 4096)  # changed after the index was read
+    with fastckpt.Loader(dram_tier_bytes=1 << 20) as loader:
+        with pytest.raises((fastckpt.FormatError, OSError)):
+            loader.load(index)
+        info = loader.cache_info()
+        assert info["dram"]["items"] == 0 and info["dram"]["used_bytes"] == 0
+        assert info["pool"]["retained_bytes"] == 0
