@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
 import os
 import threading
 import time
@@ -36,6 +35,7 @@ from fastckpt.loader.executor import open_partition as _open_partition
 from fastckpt.loader.plan import LoadPlan, plan_load
 from fastckpt.loader.staging import StagingRing
 from fastckpt.loader.stats import LoadStats, record
+from fastckpt.loader.tiering import SingleFlight, checkpoint_identity, plan_signature
 from fastckpt.tiers.dram import DramItem, DramTier
 from fastckpt.tiers.gpu import GpuTier
 from fastckpt.tiers.pool import HostPool
@@ -51,16 +51,6 @@ def _sampled_residency(path: str) -> float:
         return io_engine.residency(path, sample_windows=RESIDENCY_SAMPLES)
     except OSError:
         return 0.0
-
-
-def checkpoint_identity(index: Index) -> tuple[str, str]:
-    """(root, fingerprint): the fingerprint changes when any partition file is replaced or
-    rewritten (inode, size, modification time)."""
-    h = hashlib.sha256()
-    for part in index.partitions:
-        st = os.stat(part.path)
-        h.update(f"{part.file}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    return os.path.realpath(index.root), h.hexdigest()[:24]
 
 
 def _check_devices(devices: Iterable[str]) -> None:
@@ -79,40 +69,6 @@ def _check_devices(devices: Iterable[str]) -> None:
         idx = int(d.split(":", 1)[1])
         if idx >= count:
             raise DeviceError(f"cannot load to {d}: this process sees {count} CUDA device(s)")
-
-
-class _Flights:
-    """Single flight: concurrent calls with one key share one execution of the work."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._running: dict[Hashable, Future[Any]] = {}
-        self.leaders = 0
-        self.followers = 0
-
-    def run(self, key: Hashable, work: Callable[[], Any]) -> tuple[Any, bool]:
-        """(result, led): ``led`` is True for the call that did the work."""
-        with self._lock:
-            fut = self._running.get(key)
-            leader = fut is None
-            if fut is None:
-                fut = Future()
-                self._running[key] = fut
-                self.leaders += 1
-            else:
-                self.followers += 1
-        if not leader:
-            return fut.result(), False
-        try:
-            result = work()
-        except BaseException as exc:
-            fut.set_exception(exc)
-            raise
-        finally:
-            with self._lock:
-                self._running.pop(key, None)
-        fut.set_result(result)
-        return result, True
 
 
 _current: contextvars.ContextVar[Loader | None] = contextvars.ContextVar(
@@ -198,7 +154,7 @@ class Loader:
         self.ssd_tier: SsdTier | None = (
             SsdTier(cfg.ssd_tier_bytes, _ssd_dir(cfg)) if cfg.ssd_tier_bytes > 0 else None
         )
-        self._flights = _Flights()
+        self._flights = SingleFlight()
         self._background: ThreadPoolExecutor | None = None
         self._closed = False
 
@@ -351,7 +307,7 @@ class Loader:
             for dev in plan.devices:
                 if dev == "cpu" or self.gpu_tier.capacity_bytes == 0:
                     continue
-                gpu_keys[dev] = key = (*ident, dev, _plan_signature(plan, dev))
+                gpu_keys[dev] = key = (*ident, dev, plan_signature(plan, dev))
                 item = self.gpu_tier.revive(key)
                 if item is not None:
                     held.append((self.gpu_tier, key))
@@ -690,13 +646,6 @@ class _Unkept(DramItem):
 
 def _bufs(plan: LoadPlan, device: str) -> list[Any]:
     return [b for b in plan.buffers if b.device == device]
-
-
-def _plan_signature(plan: LoadPlan, device: str) -> str:
-    h = hashlib.sha256()
-    for b in _bufs(plan, device):
-        h.update(repr((b.index, b.partition, b.nbytes, b.segments)).encode())
-    return h.hexdigest()[:16]
 
 
 def _tuple_keys(keys: Iterable[Hashable]) -> list[tuple[Any, ...]]:

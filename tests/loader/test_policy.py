@@ -139,9 +139,9 @@ def test_summary() -> None:
     assert summary(()) == "none"
 
 
-def test_policy_imports_neither_torch_nor_core() -> None:
+def test_policy_and_tiering_import_neither_torch_nor_core() -> None:
     code = (
-        "import sys, fastckpt.loader.policy; "
+        "import sys, fastckpt.loader.policy, fastckpt.loader.tiering; "
         "bad = [m for m in ('torch', 'fastckpt._core') if m in sys.modules]; "
         "sys.exit(1 if bad else 0)"
     )
