@@ -38,6 +38,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "info": ("fastckpt.format.info", "info"),
     "verify": ("fastckpt.format.verify", "verify"),
     "load": ("fastckpt.loader.api", "load"),
+    "Loader": ("fastckpt.loader.session", "Loader"),
     "LoadStats": ("fastckpt.loader.stats", "LoadStats"),
     "last_stats": ("fastckpt.loader.stats", "last_stats"),
     "engine_info": ("fastckpt.io_engine", "engine_info"),
@@ -55,6 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fastckpt.integrations.transformers import load_model
     from fastckpt.io_engine import engine_info
     from fastckpt.loader.api import load
+    from fastckpt.loader.session import Loader
     from fastckpt.loader.stats import LoadStats, last_stats
 
 
@@ -83,6 +85,7 @@ __all__ = [
     "FormatError",
     "LimitError",
     "LoadStats",
+    "Loader",
     "MissingPartitionError",
     "OutOfBoundsError",
     "OverlapError",

@@ -292,6 +292,26 @@ register(
 )
 
 
+# fastckpt cache (the SSD tier and the read-mode profile): implemented in fastckpt.tiers.cli
+def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastckpt.tiers.cli import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    from fastckpt.tiers.cli import run
+
+    return run(args)
+
+
+register(
+    "cache",
+    "list, size or clear the SSD tier; show or measure the read-mode profile",
+    _add_cache_arguments,
+    _run_cache,
+)
+
 # --- entry points -------------------------------------------------------------------------------
 
 

@@ -31,13 +31,15 @@ class Config:
             help page-cache copies (memory bound) up to the core count.
         chunk_bytes: size of one read request. Large chunks amortise per-request cost; too large
             and the pipeline fills slowly (the first copy to the GPU waits for the first chunk).
-        ring_bytes: total pinned host memory of the staging ring used for GPU loads. Created once
-            per process and reused. Bigger rings absorb storage jitter; pinning costs ~1 s/GB once.
+        ring_bytes: most pinned host memory the staging ring of GPU loads may grow to. Slots are
+            pinned one by one when a load first needs them, then reused by the Loader's later
+            loads. Bigger rings absorb storage jitter; pinning costs 0.4-1 s/GB once.
         ring_slot_bytes: size of one ring slot (one host-to-device copy).
         copy_streams: CUDA streams used for host-to-device copies.
-        pin_method: how ring slots are pinned: ``alloc`` (cudaHostAlloc through torch),
-            ``register`` (page-aligned anonymous memory + cudaHostRegister), or ``auto``
-            (register, falling back to alloc). Pinning speed differs by kernel and driver.
+        pin_method: how ring slots are pinned: ``pool`` (blocks of the Loader's host pool, memfd
+            + cudaHostRegister, shared with the DRAM tier), ``alloc`` (cudaHostAlloc through
+            torch), ``register`` (page-aligned anonymous memory + cudaHostRegister), or ``auto``
+            (pool). Pinning speed differs by kernel and driver.
         checksum_chunk_bytes: bytes covered by one checksum when writing a checkpoint. Smaller
             chunks locate corruption more precisely and verify with finer parallelism; the index
             grows by 8 bytes per chunk.
@@ -51,6 +53,26 @@ class Config:
             mapping (safetensors' too), truncating the file while the tensors live makes access
             fault (SIGBUS). Set false to always copy into private memory.
         progress: show progress bars (``auto`` = only when stderr is a terminal).
+        read_mode: how bytes that are not in the page cache are read: ``auto`` (what the
+            machine profile measured as fastest on that filesystem), ``direct`` (O_DIRECT),
+            ``buffered`` (through the page cache, with readahead) or ``mixed`` (buffered
+            readahead over the first part of each partition, O_DIRECT over the rest).
+        profile_dir: where the machine profile (read-mode probe results, one file per device
+            and filesystem) is kept; empty = ``$XDG_CACHE_HOME/fastckpt`` or
+            ``~/.cache/fastckpt``.
+        probe: run the one-time read-mode probe when a filesystem has no profile yet (a few
+            hundred milliseconds, once). When false, ``auto`` falls back to ``direct``.
+        gpu_tier_bytes: device memory the GPU tier may keep after a caller dropped every tensor
+            of a loaded checkpoint (0 = off). Kept buffers are freed on a budget overflow or
+            when an allocation fails. Off by default: kept memory shows up as used.
+        dram_tier_bytes: host memory for the DRAM tier (0 = off): whole checkpoints in memfds,
+            pinned when a GPU is present. A hit maps them copy-on-write (CPU) or copies them
+            (GPU) without touching storage.
+        ssd_tier_bytes: disk budget of the SSD tier (0 = off): converted copies of slower
+            sources (stock safetensors, network filesystems) in ``ssd_tier_dir``.
+        ssd_tier_dir: directory of the SSD tier; empty = ``<cache dir>/fastckpt/ssd``.
+        pool_piece_bytes: the Loader's pinned host pool pins memory in pieces of this size,
+            lazily, the first time a piece is used for a GPU copy; pinned pieces are reused.
     """
 
     io_engine: str = "auto"
@@ -68,6 +90,14 @@ class Config:
     mmap_min_resident: float = 0.95
     cpu_map_cached: bool = True
     progress: str = "auto"
+    read_mode: str = "auto"
+    profile_dir: str = ""
+    probe: bool = True
+    gpu_tier_bytes: int = 0
+    dram_tier_bytes: int = 0
+    ssd_tier_bytes: int = 0
+    ssd_tier_dir: str = ""
+    pool_piece_bytes: int = 64 * _MiB
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def resolved_io_threads(self) -> int:
@@ -79,8 +109,11 @@ class Config:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "io_engine": ("auto", "uring", "pread"),
     "progress": ("auto", "always", "never"),
-    "pin_method": ("auto", "alloc", "register"),
+    "pin_method": ("auto", "pool", "alloc", "register"),
+    "read_mode": ("auto", "direct", "buffered", "mixed"),
 }
+
+_PATHS = ("profile_dir", "ssd_tier_dir")
 
 
 def _parse(name: str, raw: str, kind: Any) -> Any:
@@ -97,6 +130,8 @@ def _parse(name: str, raw: str, kind: Any) -> Any:
             if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                 raise ValueError("not a boolean")
             value = lowered in ("1", "true", "yes", "on")
+        elif name in _PATHS:
+            value = raw
         else:
             value = raw.strip().lower()
     except ValueError:
@@ -134,7 +169,24 @@ def get_config(**overrides: Any) -> Config:
         )
     if cfg.ring_slot_bytes < 4096 or cfg.ring_slot_bytes % 4096:
         raise ValueError(f"ring_slot_bytes={cfg.ring_slot_bytes}: must be a multiple of 4096")
+    if cfg.pool_piece_bytes < 4096 or cfg.pool_piece_bytes % 4096:
+        raise ValueError(f"pool_piece_bytes={cfg.pool_piece_bytes}: must be a multiple of 4096")
     return cfg
+
+
+def cache_dir(cfg: Config | None = None) -> str:
+    """The user's fastckpt cache directory: ``$XDG_CACHE_HOME/fastckpt`` or
+    ``~/.cache/fastckpt``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fastckpt")
+
+
+def profile_dir(cfg: Config) -> str:
+    return cfg.profile_dir or os.path.join(cache_dir(cfg), "profile")
+
+
+def ssd_tier_dir(cfg: Config) -> str:
+    return cfg.ssd_tier_dir or os.path.join(cache_dir(cfg), "ssd")
 
 
 def env_flag(name: str) -> str | None:

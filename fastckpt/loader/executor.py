@@ -1,10 +1,14 @@
-"""Execute a ``LoadPlan``: allocate one buffer per (partition, device), move the bytes, make views.
+"""Carry out the policy's decisions for a ``LoadPlan``: allocate buffers, move bytes, make views.
 
-CPU buffers are read straight into their final memory (O_DIRECT when the file is not cached), or,
-when a partition is already in the page cache, mapped privately and populated by the kernel (no
-copy at all). GPU buffers are filled through the process-wide pinned staging ring: chunk reads
-into ring slots, asynchronous host-to-device copies on several CUDA streams, and each slot reused
-once the CUDA event of its copy has completed.
+The executor decides nothing: for each buffer the policy (``fastckpt.loader.policy``) says where
+its bytes come from, and the byte sources are handed in (``Sources``): partition files through
+``open_partition`` and the engine, DRAM-tier blocks, GPU-tier buffers.
+
+CPU buffers are mapped privately (copy-on-write views of the page cache or of a DRAM-tier block,
+no copy) or read straight into their final memory. GPU buffers are revived from the GPU tier,
+copied from a DRAM-tier block (pinned piece by piece as the copies reach it), or filled through the
+Loader's pinned staging ring: chunk reads into ring slots, asynchronous host-to-device copies on
+several CUDA streams, each slot reused once the CUDA event of its copy has completed.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,29 +31,55 @@ from fastckpt.format import dtypes
 from fastckpt.format.index import Index
 from fastckpt.loader.checks import ChunkVerifier
 from fastckpt.loader.plan import BufferPlan, LoadPlan, ReadOp, ViewPlan
-from fastckpt.loader.staging import get_ring
+from fastckpt.loader.policy import Decision, mixed_split
 
-# Fraction of a partition in the page cache above which reads go through the page cache.
-BUFFERED_MIN_RESIDENT = 0.5
-# Windows sampled to estimate residency: an exact count costs ~4 ms per GiB, a sample ~0.1 ms.
-RESIDENCY_SAMPLES = 256
-
-_engines: dict[tuple[str, int, int, int], io_engine.Engine] = {}
-_engines_lock = threading.Lock()
+PAGE = 4096
 
 
-def get_engine(kind: str, cfg: Config) -> io_engine.Engine:
-    """A process-wide engine per kind and settings (engines serve concurrent batches)."""
-    threads = cfg.resolved_io_threads()
-    key = (kind, cfg.queue_depth, threads, cfg.chunk_bytes)
-    with _engines_lock:
-        eng = _engines.get(key)
-        if eng is None:
-            eng = io_engine.Engine(
-                kind, queue_depth=cfg.queue_depth, threads=threads, chunk_bytes=cfg.chunk_bytes
+def open_partition(index: Index, partition: int, *, direct: bool | None) -> Any:
+    """The one place the loader opens a partition file: an engine ``File`` (O_DIRECT when
+    ``direct``, else buffered), or, with ``direct=None``, a raw read-only descriptor for mapping.
+    Raises TruncatedError when the file is shorter than the index says."""
+    part = index.partitions[partition]
+    if direct is None:
+        fd = os.open(part.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        size = os.fstat(fd).st_size
+        if size < part.nbytes:
+            os.close(fd)
+            raise TruncatedError(
+                f"partition is {size} bytes, the index needs {part.nbytes}; "
+                "it changed after the index was read",
+                path=part.path,
             )
-            _engines[key] = eng
-        return eng
+        return fd
+    f = io_engine.File(part.path, direct=direct)
+    if f.size < part.nbytes:
+        f.close()
+        raise TruncatedError(
+            f"partition is {f.size} bytes, the index needs {part.nbytes}; "
+            "it changed after the index was read",
+            path=part.path,
+        )
+    return f
+
+
+@dataclass
+class Sources:
+    """Where bytes can come from, handed to the executor.
+
+    ``open_partition(index, partition, direct=...)`` opens files; ``dram`` maps a partition index
+    to a host block holding the whole partition (file offset = block offset); ``gpu`` maps a
+    buffer index to a device tensor revived from the GPU tier; ``engine`` returns the I/O engine
+    (started on first use); ``ring`` returns a staging ring for a slot size.
+    """
+
+    engine: Callable[[], io_engine.Engine]
+    ring: Callable[[int], Any] | None = None
+    open_partition: Callable[..., Any] = open_partition
+    dram: Mapping[int, Any] = field(default_factory=dict)
+    gpu: Mapping[int, Any] = field(default_factory=dict)
+    # frees memory a cache keeps on a device (the GPU tier's idle buffers); returns bytes freed
+    reclaim: Callable[[str], int] | None = None
 
 
 @dataclass
@@ -60,7 +90,6 @@ class Timings:
     ring_s: float = 0.0
     finalize_s: float = 0.0
     verify_s: float = 0.0
-    paths: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, name: str, seconds: float) -> None:
@@ -71,8 +100,9 @@ class Timings:
 class _Files:
     """Partition files opened on demand, O_DIRECT or buffered, closed together."""
 
-    def __init__(self, index: Index) -> None:
+    def __init__(self, index: Index, opener: Callable[..., Any]) -> None:
         self._index = index
+        self._opener = opener
         self._open: dict[tuple[int, bool], io_engine.File] = {}
         self._lock = threading.Lock()
 
@@ -81,15 +111,7 @@ class _Files:
         with self._lock:
             f = self._open.get(key)
             if f is None:
-                part = self._index.partitions[partition]
-                f = io_engine.File(part.path, direct=direct)
-                if f.size < part.nbytes:
-                    f.close()
-                    raise TruncatedError(
-                        f"partition is {f.size} bytes, the index needs {part.nbytes}; "
-                        "it changed after the index was read",
-                        path=part.path,
-                    )
+                f = self._opener(self._index, partition, direct=direct)
                 self._open[key] = f
             return f
 
@@ -100,65 +122,69 @@ class _Files:
             self._open.clear()
 
 
-def _is_cached(path: str, threshold: float) -> bool:
-    try:
-        return io_engine.residency(path, sample_windows=RESIDENCY_SAMPLES) >= threshold
-    except OSError:
-        return False
+def direct_for(decision: str, partition_range: tuple[int, int], file_offset: int) -> bool:
+    """Whether a read at ``file_offset`` uses O_DIRECT under a buffer's decision."""
+    if decision == "direct":
+        return True
+    if decision == "mixed":
+        return file_offset >= mixed_split(*partition_range)
+    return False
 
 
 class Executor:
+    """Runs one load: ``run()`` returns ``{name: tensor}``; ``buffers`` then holds each buffer's
+    tensor (the GPU tier keeps device buffers from here)."""
+
     def __init__(
         self,
         index: Index,
         plan: LoadPlan,
+        decisions: Sequence[Decision],
+        sources: Sources,
         *,
-        engine_kind: str,
-        verify: bool,
         cfg: Config,
+        verify: bool = False,
     ) -> None:
+        if len(decisions) != len(plan.buffers):
+            raise ValueError(f"{len(decisions)} decisions for {len(plan.buffers)} buffers")
         self.index = index
         self.plan = plan
+        self.decisions = {d.buffer: d for d in decisions}
+        self.sources = sources
         self.cfg = cfg
-        self._engine_kind = engine_kind
         self._engine: io_engine.Engine | None = None
-        self.files = _Files(index)
+        self.files = _Files(index, sources.open_partition)
         self.timings = Timings()
         self.verifier = (
             ChunkVerifier(plan.checks, [p.path for p in index.partitions])
             if verify and plan.checks
             else None
         )
-        # buffer index -> (uint8 tensor on its device, base: file offset the views are relative
-        # to, or None when views use the plan's rel_offset)
         self.buffers: dict[int, torch.Tensor] = {}
+        # buffer index -> file offset of its element 0 (mapped buffers; views use file offsets)
         self.mapped: dict[int, int] = {}
         self.views_s = 0.0
-        self._cached: dict[tuple[int, float], bool] = {}
+        self._ranges = {
+            b.index: (b.segments[0][0], b.segments[-1][1]) if b.segments else (0, 0)
+            for b in plan.buffers
+        }
 
     # ----------------------------------------------------------------- helpers
     @property
     def engine(self) -> io_engine.Engine:
         """The I/O engine, started on first use (a load served by mappings needs none)."""
         if self._engine is None:
-            self._engine = get_engine(self._engine_kind, self.cfg)
+            self._engine = self.sources.engine()
         return self._engine
 
     @property
     def engine_name(self) -> str:
-        if self._engine is not None:
-            return self._engine.name
-        return "none"
+        return self._engine.name if self._engine is not None else "none"
 
-    def cached(self, partition: int, threshold: float = BUFFERED_MIN_RESIDENT) -> bool:
-        """Is at least ``threshold`` of the partition in the page cache? Then buffered reads
-        (or a mapping) beat O_DIRECT, which would go to the device for every byte."""
-        key = (partition, threshold)
-        hit = self._cached.get(key)
-        if hit is None:
-            hit = _is_cached(self.index.partitions[partition].path, threshold)
-            self._cached[key] = hit
-        return hit
+    def _file_for(self, op: ReadOp) -> io_engine.File:
+        source = self.decisions[op.buffer].source
+        direct = direct_for(source, self._ranges[op.buffer], op.file_offset)
+        return self.files.get(op.partition, direct=direct)
 
     def _crc_feed(self, buffer: int, dest_offset: int, data: Any) -> None:
         if self.verifier is None:
@@ -172,20 +198,18 @@ class Executor:
         self.timings.add("verify_s", time.perf_counter() - t0)
 
     # ----------------------------------------------------------------- CPU
-    def _map_buffer(self, b: BufferPlan) -> torch.Tensor:
+    def _map_file(self, b: BufferPlan) -> torch.Tensor:
         """Map the partition range of ``b`` privately; tensors become views of page cache pages
-        (copy-on-write: writing to a tensor copies that page, never the file). Returns a uint8
-        tensor whose element 0 is file byte ``start``.
+        (copy-on-write: writing to a tensor copies that page, never the file).
 
         The mapping is not pre-faulted: page tables fill on first touch, many pages per fault
         (the kernel's fault-around), which measured faster than MADV_POPULATE_READ here (2 GB,
         2-core VM: 0.033 s vs 0.236 s median to mapped-and-touched). MAP_POPULATE is worse
         still: on a writable private mapping it write-faults, i.e. copies, every page.
         """
-        start = b.segments[0][0]
+        start = b.segments[0][0] - b.segments[0][0] % PAGE
         end = b.segments[-1][1]
-        part = self.index.partitions[b.partition]
-        fd = os.open(part.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = self.sources.open_partition(self.index, b.partition, direct=None)
         try:
             mm = mmap.mmap(
                 fd,
@@ -199,33 +223,38 @@ class Executor:
         self.mapped[b.index] = start
         return torch.frombuffer(mm, dtype=torch.uint8)
 
+    def _map_dram(self, b: BufferPlan) -> torch.Tensor:
+        """A copy-on-write mapping of the DRAM-tier block holding ``b``'s partition."""
+        block = self.sources.dram[b.partition]
+        start = b.segments[0][0] - b.segments[0][0] % PAGE
+        end = b.segments[-1][1]
+        mm = block.map_private(start, end - start)
+        self.mapped[b.index] = start
+        return torch.frombuffer(mm, dtype=torch.uint8)
+
     def _load_cpu(self, bufs: Sequence[BufferPlan]) -> None:
-        reads: list[tuple[Any, ...]] = []
         arrays: dict[int, Any] = {}
         t0 = time.perf_counter()
         for b in bufs:
-            if b.nbytes == 0:
+            source = self.decisions[b.index].source
+            if source == "empty":
                 self.buffers[b.index] = torch.empty(0, dtype=torch.uint8)
-                continue
-            if (
-                self.cfg.cpu_map_cached
-                and self.verifier is None
-                and self.cached(b.partition, self.cfg.mmap_min_resident)
-            ):
-                self.buffers[b.index] = self._map_buffer(b)
-                self.timings.paths.add("cpu-mmap")
-                continue
-            mem = io_engine.AlignedBuffer(b.nbytes)
-            self.buffers[b.index] = torch.frombuffer(mem, dtype=torch.uint8)
-            arrays[b.index] = memoryview(mem)
-            self.timings.paths.add("cpu-read")
+            elif source == "page-cache-map":
+                self.buffers[b.index] = self._map_file(b)
+            elif source in ("dram-tier", "dram-fill"):
+                self.buffers[b.index] = self._map_dram(b)
+            else:
+                mem = io_engine.AlignedBuffer(b.nbytes)
+                self.buffers[b.index] = torch.frombuffer(mem, dtype=torch.uint8)
+                arrays[b.index] = memoryview(mem)
         self.timings.add("alloc_s", time.perf_counter() - t0)
         ops = [r for r in self.plan.reads if r.buffer in arrays]
-        for tag, r in enumerate(ops):
-            f = self.files.get(r.partition, direct=not self.cached(r.partition))
-            reads.append((f, r.file_offset, r.nbytes, arrays[r.buffer], r.dest_offset, tag))
-        if not reads:
+        if not ops:
             return
+        reads = [
+            (self._file_for(r), r.file_offset, r.nbytes, arrays[r.buffer], r.dest_offset, tag)
+            for tag, r in enumerate(ops)
+        ]
         t0 = time.perf_counter()
         batch = self.engine.submit(reads)
         with batch:
@@ -246,37 +275,77 @@ class Executor:
         self.timings.add("read_wait_s", time.perf_counter() - t0)
 
     # ----------------------------------------------------------------- GPU
+    def _alloc_device(self, nbytes: int, dev: torch.device) -> torch.Tensor:
+        """A device buffer; on an allocation failure, once, what the GPU tier keeps idle on that
+        device is freed and the allocation retried."""
+        try:
+            return torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        except torch.cuda.OutOfMemoryError:
+            if self.sources.reclaim is None or not self.sources.reclaim(str(dev)):
+                raise
+        torch.cuda.empty_cache()
+        return torch.empty(nbytes, dtype=torch.uint8, device=dev)
+
     def _load_gpu(self, device: str, bufs: Sequence[BufferPlan]) -> None:
         dev = torch.device(device)
         t0 = time.perf_counter()
         for b in bufs:
-            self.buffers[b.index] = torch.empty(b.nbytes, dtype=torch.uint8, device=dev)
+            if self.decisions[b.index].source == "gpu-tier":
+                self.buffers[b.index] = self.sources.gpu[b.index]
+            else:
+                self.buffers[b.index] = self._alloc_device(b.nbytes, dev)
         self.timings.add("alloc_s", time.perf_counter() - t0)
-        mine = {b.index for b in bufs}
-        ops = [r for r in self.plan.reads if r.buffer in mine]
-        if not ops:
+        staged = {
+            b.index
+            for b in bufs
+            if self.decisions[b.index].source not in ("empty", "gpu-tier", "dram-tier", "dram-fill")
+        }
+        from_dram = [
+            b for b in bufs if self.decisions[b.index].source in ("dram-tier", "dram-fill")
+        ]
+        ops = [r for r in self.plan.reads if r.buffer in staged]
+        if not ops and not from_dram:
             return
-        slot_bytes = max(self.cfg.ring_slot_bytes, max(r.nbytes for r in ops))
-        t0 = time.perf_counter()
-        ring = get_ring(slot_bytes, self.cfg.ring_bytes, self.cfg.pin_method)
-        self.timings.add("ring_s", time.perf_counter() - t0)
         with torch.cuda.device(dev):
             streams = [torch.cuda.Stream(device=dev) for _ in range(max(1, self.cfg.copy_streams))]
             try:
-                self._pipeline(ops, ring, streams)
+                if from_dram:
+                    self.copy_from_host(from_dram, streams)
+                if ops:
+                    assert self.sources.ring is not None, "GPU reads need a staging ring"
+                    slot_bytes = max(self.cfg.ring_slot_bytes, max(r.nbytes for r in ops))
+                    t0 = time.perf_counter()
+                    ring = self.sources.ring(slot_bytes)
+                    self.timings.add("ring_s", time.perf_counter() - t0)
+                    self.pipeline(ops, ring, streams)
             finally:
                 # also on failure: no copy may still target a buffer that is about to be freed
                 t0 = time.perf_counter()
                 for s in streams:
                     s.synchronize()
                 self.timings.add("finalize_s", time.perf_counter() - t0)
-        self.timings.paths.add(
-            "gpu-staged-cached"
-            if all(self.cached(b.partition) for b in bufs)
-            else "gpu-staged-direct"
-        )
 
-    def _pipeline(self, ops: Sequence[ReadOp], ring: Any, streams: Sequence[Any]) -> None:
+    def copy_from_host(self, bufs: Sequence[BufferPlan], streams: Sequence[Any]) -> None:
+        """Copy each buffer's segments from its partition's DRAM-tier block (whole partition,
+        file offset = block offset), one asynchronous copy per chunk, pinning the block piece by
+        piece just before the copies reach it."""
+        chunk = self.cfg.ring_slot_bytes
+        n = 0
+        for b in bufs:
+            block = self.sources.dram[b.partition]
+            assert block.buffer is not None
+            host = torch.frombuffer(block.buffer, dtype=torch.uint8)
+            dst = self.buffers[b.index]
+            for start, end, dest in b.segments:
+                for lo in range(start, end, chunk):
+                    hi = min(end, lo + chunk)
+                    block.pin_range(lo, hi)
+                    with torch.cuda.stream(streams[n % len(streams)]):
+                        d = dest + (lo - start)
+                        dst[d : d + (hi - lo)].copy_(host[lo:hi], non_blocking=True)
+                    n += 1
+
+    def pipeline(self, ops: Sequence[ReadOp], ring: Any, streams: Sequence[Any]) -> None:
         """Reads into ring slots -> H2D copies; at most ``ring.slots`` reads in flight.
 
         Every slot taken from the ring goes back to it, on success and on failure; a slot whose
@@ -297,7 +366,7 @@ class Executor:
                     if held is None:
                         break
                     op = ops[next_op]
-                    f = self.files.get(op.partition, direct=not self.cached(op.partition))
+                    f = self._file_for(op)
                     batch = self.engine.submit([(f, op.file_offset, op.nbytes, held.array, 0, 0)])
                     pending.append((batch, op, held))
                     held = None
@@ -348,7 +417,7 @@ class Executor:
             if self.verifier is not None:
                 self.verifier.finish()
             t0 = time.perf_counter()
-            views = self._views()
+            views = self.views()
             self.views_s = time.perf_counter() - t0
             return views
         except BaseException:
@@ -357,7 +426,8 @@ class Executor:
         finally:
             self.files.close()
 
-    def _views(self) -> dict[str, torch.Tensor]:
+    def views(self) -> dict[str, torch.Tensor]:
+        """``{name: tensor}`` made from the filled buffers (aliases: their target's tensor)."""
         out: dict[str, torch.Tensor] = {}
         for v in self.plan.views:
             out[v.name] = self._view(v)
@@ -383,6 +453,37 @@ class Executor:
             own.reshape(-1).view(torch.uint8).copy_(raw)
             return own
         return raw.view(dt).view(v.shape)
+
+
+def fill_blocks(
+    index: Index,
+    blocks: Mapping[int, Any],
+    modes: Mapping[int, str],
+    engine: io_engine.Engine,
+    *,
+    chunk_bytes: int,
+    opener: Callable[..., Any] = open_partition,
+) -> None:
+    """Read whole partitions into host blocks (file offset = block offset), each in its read
+    mode (``direct``, ``buffered``, ``mixed``, or ``page-cache-read``)."""
+    files: dict[tuple[int, bool], Any] = {}
+    reads: list[io_engine.ReadOp] = []
+    try:
+        for part, block in blocks.items():
+            n = index.partitions[part].nbytes
+            for lo in range(0, n, chunk_bytes):
+                ln = min(chunk_bytes, n - lo)
+                direct = direct_for(modes[part], (0, n), lo)
+                f = files.get((part, direct))
+                if f is None:
+                    f = opener(index, part, direct=direct)
+                    files[(part, direct)] = f
+                reads.append((f, lo, ln, block.buffer, lo, len(reads)))
+        if reads:
+            engine.read(reads)
+    finally:
+        for f in files.values():
+            f.close()
 
 
 def _run_parallel(jobs: Sequence[tuple[Any, tuple[Any, ...]]]) -> None:

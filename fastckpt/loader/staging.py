@@ -1,14 +1,16 @@
-"""The pinned staging ring for GPU loads: made once per process, reused by every load.
+"""The pinned staging ring for GPU loads: owned by a ``Loader``, reused by every load.
 
-Pinning host memory costs time (measured on an H200 box: 2 GiB cudaHostAlloc 2.1 s), so a load
-never pins per call. The ring starts with one slot pinned and pins the rest on a background
-thread while the first load already runs, so a fresh process pays for one slot before its first
-read instead of for the whole ring.
+Pinning host memory costs time (measured on an H200 box: 2 GiB cudaHostAlloc 2.1 s; 0.4 s/GB
+elsewhere), so a load never pins per call, and a ring does not pin up front: a slot is made (and
+pinned) the first time the pipeline needs one more slot than exist, up to the ring's size. A
+load that keeps reads and copies overlapped with three slots pins three slots, not the whole ring,
+and a long-lived Loader pays once.
 
-Two ways to pin a slot (config ``pin_method``): ``alloc`` asks torch's pinned allocator
-(cudaHostAlloc); ``register`` maps page-aligned anonymous memory (huge pages where the kernel
-gives them) and registers it with cudaHostRegister. ``auto`` tries ``register`` and falls back to
-``alloc``. Which is cheaper depends on the kernel and driver; the benchmark measures both.
+Ways to pin a slot (config ``pin_method``): ``pool`` takes a block from the Loader's host pool (a
+memfd, registered with cudaHostRegister; the same pool as the DRAM tier, so freed pinned memory
+is reused across both); ``alloc`` asks torch's pinned allocator (cudaHostAlloc); ``register``
+maps page-aligned anonymous memory and registers it. ``auto`` uses the pool when the ring has
+one, else tries ``register`` and falls back to ``alloc``.
 """
 
 from __future__ import annotations
@@ -35,14 +37,27 @@ class Slot:
     """One pinned host buffer: ``tensor`` (torch, uint8, pinned) and ``array`` (a writable
     buffer for the engine), plus the CUDA event of the last copy out of it."""
 
-    __slots__ = ("_registered", "array", "event", "index", "nbytes", "tensor")
+    __slots__ = ("_registered", "array", "block", "event", "index", "nbytes", "tensor")
 
-    def __init__(self, index: int, nbytes: int, method: str) -> None:
+    def __init__(self, index: int, nbytes: int, method: str, pool: Any = None) -> None:
         self.index = index
         self.nbytes = nbytes
         self.event: Any = None
         self._registered: Any = None
-        if method == "register":
+        self.block: Any = None
+        self.tensor: Any = None
+        self.array: Any = None
+        if method == "pool":
+            block = pool.alloc(nbytes)
+            try:
+                block.pin_range(0, nbytes)
+            except BaseException:
+                pool.free(block)
+                raise
+            self.block = block
+            self.tensor = torch.frombuffer(block.buffer, dtype=torch.uint8)[:nbytes]
+            self.array = memoryview(block.buffer)[:nbytes]
+        elif method == "register":
             mem = io_engine.AlignedBuffer(nbytes)
             tensor = torch.frombuffer(mem, dtype=torch.uint8)
             err = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0)
@@ -50,7 +65,7 @@ class Slot:
                 raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed: {err}")
             self._registered = mem
             self.tensor = tensor
-            self.array: Any = mem
+            self.array = mem
         else:
             self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
             self.array = self.tensor.numpy()
@@ -64,65 +79,70 @@ class Slot:
 
 class StagingRing:
     """A pool of pinned slots. ``acquire()`` hands out a free slot (waiting for its last copy to
-    finish), ``release()`` returns one. Thread-safe; several device pipelines may share it."""
+    finish), making a new one while fewer than ``target_slots`` exist; ``release()`` returns one.
+    Thread-safe; several device pipelines may share it."""
 
-    def __init__(self, slot_bytes: int, slots: int, method: str = "auto") -> None:
+    def __init__(self, slot_bytes: int, slots: int, method: str = "auto", pool: Any = None) -> None:
         if slot_bytes <= 0 or slots <= 0:
             raise ValueError("staging ring needs at least one slot of positive size")
         self.slot_bytes = slot_bytes
         self.target_slots = slots
+        self.pool = pool
         self._free: queue.Queue[Slot] = queue.Queue()
         self._made = 0
         self._lock = threading.Lock()
         self.error: BaseException | None = None
         self.method = method
         if method == "auto":
+            self.method = "pool" if pool is not None else "auto"
+
+    def _new_slot(self) -> Slot:
+        if self.method == "auto":
             try:
-                first = self._new_slot("register")
+                slot = Slot(self._made, self.slot_bytes, "register")
                 self.method = "register"
             except Exception:
                 self.method = "alloc"
-                first = self._new_slot("alloc")
+                slot = Slot(self._made, self.slot_bytes, "alloc")
         else:
-            first = self._new_slot(method)
-        self._free.put(first)
-        self._filler: threading.Thread | None = None
-        if slots > 1:
-            self._filler = threading.Thread(target=self._fill, name="fastckpt-pin", daemon=True)
-            self._filler.start()
-
-    def _new_slot(self, method: str) -> Slot:
-        with self._lock:
-            index = self._made
-        slot = Slot(index, self.slot_bytes, method)
-        with self._lock:
-            self._made += 1
+            slot = Slot(self._made, self.slot_bytes, self.method, self.pool)
         return slot
 
-    def _fill(self) -> None:
-        try:
-            while self._made < self.target_slots:
-                self._free.put(self._new_slot(self.method))
-        except BaseException as exc:  # out of pinnable memory: run with the slots we have
-            self.error = exc
-
-    def wait_filled(self) -> None:
-        """Block until the background thread has pinned every slot (benchmarks, tests)."""
-        if self._filler is not None:
-            self._filler.join()
+    def _grow(self) -> Slot | None:
+        """A new slot when the ring may grow (None when it is full or pinning failed: then the
+        pipeline runs with the slots it has)."""
+        with self._lock:
+            if self._made >= self.target_slots or (self.error is not None and self._made):
+                return None
+            try:
+                slot = self._new_slot()
+            except BaseException as exc:
+                self.error = exc
+                if self._made == 0:
+                    raise
+                return None
+            self._made += 1
+            return slot
 
     @property
     def slots(self) -> int:
         return self._made
 
     def acquire(self) -> Slot:
+        try:
+            return self._ready(self._free.get_nowait())
+        except queue.Empty:
+            pass
+        slot = self._grow()
+        if slot is not None:
+            return slot
         return self._ready(self._free.get())
 
     def try_acquire(self) -> Slot | None:
         try:
             slot = self._free.get_nowait()
         except queue.Empty:
-            return None
+            return self._grow()
         return self._ready(slot)
 
     @staticmethod
@@ -135,20 +155,22 @@ class StagingRing:
     def release(self, slot: Slot) -> None:
         self._free.put(slot)
 
-
-_ring: StagingRing | None = None
-_ring_lock = threading.Lock()
-
-
-def get_ring(slot_bytes: int, ring_bytes: int, method: str = "auto") -> StagingRing:
-    """The process-wide ring, created on first use (re-created only if a larger slot is needed)."""
-    global _ring
-    with _ring_lock:
-        if _ring is None or _ring.slot_bytes < slot_bytes:
-            slots = max(2, ring_bytes // slot_bytes)
-            _ring = StagingRing(slot_bytes, slots, method)
-        return _ring
+    def close(self) -> None:
+        """Give pool-backed slots back to the pool (pinned memory stays pinned for reuse)."""
+        while True:
+            try:
+                slot = self._free.get_nowait()
+            except queue.Empty:
+                break
+            if slot.block is not None and self.pool is not None:
+                slot.tensor = None
+                slot.array = None
+                self.pool.free(slot.block)
 
 
 def current_ring() -> StagingRing | None:
-    return _ring
+    """The default Loader's ring, if it made one (benchmarks report its pin method and size)."""
+    from fastckpt.loader.session import peek_default
+
+    loader = peek_default()
+    return None if loader is None else loader.current_ring

@@ -16,7 +16,8 @@ class LoadStats:
     waited for host-to-device copies to free a staging slot, ``verify_s`` time spent computing
     checksums (0 unless ``verify=True``), ``ring_s`` time to get the pinned staging ring (only a
     process's first GPU load pins it), ``finalize_s`` time waiting for the last copies and making
-    the tensor views.
+    the tensor views. ``path_taken`` names the policy's byte sources (``+``-joined); the
+    per-buffer decisions are in ``decisions``.
     """
 
     path: str
@@ -37,6 +38,15 @@ class LoadStats:
     engine: str
     path_taken: str
     verified_chunks: int = 0
+    # (buffer, device, source, tier) per buffer: the policy's decision and where the bytes lived
+    decisions: tuple[tuple[int, str, str, str], ...] = ()
+    # bytes of buffers served per tier ("gpu", "dram", "page-cache", "disk", "none")
+    tier_nbytes: dict[str, int] = field(default_factory=dict)
+    # single flight of a DRAM-tier fill: "leader" (read the bytes), "follower" (waited for a
+    # concurrent load's read), "" (no fill)
+    flight: str = ""
+    # the read-mode profile the policy used for cold bytes (what the probe measured), if any
+    read_profile: dict[str, Any] | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import fastckpt
+from fastckpt import io_engine
 from fastckpt.format import dtypes
-from fastckpt.loader import executor as executor_mod
 
 DTYPES = [name for name in dtypes.DTYPES if isinstance(getattr(torch, name, None), torch.dtype)]
 ST_DTYPES = [n for n in DTYPES if dtypes.DTYPES[n].safetensors]
@@ -83,7 +83,7 @@ def test_safetensors_file_bitwise(st_file: tuple[Path, dict[str, torch.Tensor]])
     assert stats.nbytes == sum(t.numel() * t.element_size() for t in loaded.values())
     assert stats.seconds > 0
     # a page-cached file is mapped (no engine needed); otherwise the engine reads it
-    assert stats.engine == ("none" if stats.path_taken == "cpu-mmap" else stats.engine)
+    assert stats.engine == ("none" if stats.path_taken == "page-cache-map" else stats.engine)
     assert stats.engine in ("io_uring", "pread", "none")
     assert fastckpt.last_stats() == stats
 
@@ -170,19 +170,30 @@ def test_views_share_one_storage_per_partition(ckpt: tuple[Path, dict[str, torch
     assert all(len(ptrs) == 1 for ptrs in by_part.values())
 
 
-@pytest.mark.parametrize("cached", [True, False], ids=["page-cache-map", "read"])
+@pytest.mark.parametrize(
+    ("resident", "mode", "expected"),
+    [
+        (1.0, "direct", "page-cache-map"),
+        (0.7, "direct", "page-cache-read"),
+        (0.0, "direct", "direct"),
+        (0.0, "buffered", "buffered"),
+        (0.0, "mixed", "mixed"),
+    ],
+)
 @pytest.mark.parametrize("engine", ["auto", "pread", "uring"])
 def test_paths_and_engines_agree(
     ckpt: tuple[Path, dict[str, torch.Tensor]],
-    monkeypatch: pytest.MonkeyPatch,
-    cached: bool,
+    resident: float,
+    mode: str,
+    expected: str,
     engine: str,
 ) -> None:
     path, sd = ckpt
-    monkeypatch.setattr(executor_mod, "_is_cached", lambda p, t: cached)
-    loaded, stats = fastckpt.load(path, engine=engine, stats=True)
+    loader = fastckpt.Loader(engine=engine, read_mode=mode, residency=lambda p: resident)
+    loaded, stats = loader.load(path, stats=True)
     assert_same(loaded, sd)
-    assert stats.path_taken == ("cpu-mmap" if cached else "cpu-read")
+    assert stats.path_taken == expected
+    assert {d[2] for d in stats.decisions if d[2] != "empty"} == {expected}
 
 
 def test_dropping_tensors_never_corrupts_others(
@@ -205,16 +216,15 @@ def test_buffers_freed_when_all_tensors_dropped(
 ) -> None:
     path, _ = ckpt
     refs: list[weakref.ref[Any]] = []
-    real = executor_mod.io_engine.AlignedBuffer
+    real = io_engine.AlignedBuffer
 
     def tracked(nbytes: int, **kw: Any) -> Any:
         buf = real(nbytes, **kw)
         refs.append(weakref.ref(buf))
         return buf
 
-    monkeypatch.setattr(executor_mod, "_is_cached", lambda p, t: False)
-    monkeypatch.setattr(executor_mod.io_engine, "AlignedBuffer", tracked)
-    loaded = fastckpt.load(path)
+    monkeypatch.setattr(io_engine, "AlignedBuffer", tracked)
+    loaded = fastckpt.Loader(residency=lambda p: 0.0).load(path)
     assert refs and all(r() is not None for r in refs)
     one = loaded["big"]
     del loaded
@@ -294,7 +304,7 @@ def test_partition_truncated_after_indexing_fails_cleanly(
     index = fastckpt.read_index(path)
     victim = Path(index.partitions[-1].path)
     refs: list[weakref.ref[Any]] = []
-    real = executor_mod.io_engine.AlignedBuffer
+    real = io_engine.AlignedBuffer
 
     def tracked(nbytes: int, **kw: Any) -> Any:
         buf = real(nbytes, **kw)
@@ -302,21 +312,10 @@ def test_partition_truncated_after_indexing_fails_cleanly(
         return buf
 
     # Truncate between read_index and the reads: the loader must notice, not return garbage.
-    from fastckpt.format import reader
-    from fastckpt.loader import api
-
-    real_read_index = reader.read_index
-
-    def read_then_truncate(p: Any) -> Any:
-        idx = real_read_index(p)
-        os.truncate(victim, 4096)
-        return idx
-
-    monkeypatch.setattr(api, "read_index", read_then_truncate)
-    monkeypatch.setattr(executor_mod, "_is_cached", lambda p, t: False)
-    monkeypatch.setattr(executor_mod.io_engine, "AlignedBuffer", tracked)
+    os.truncate(victim, 4096)
+    monkeypatch.setattr(io_engine, "AlignedBuffer", tracked)
     with pytest.raises((fastckpt.FormatError, OSError)):
-        fastckpt.load(path)
+        fastckpt.Loader(residency=lambda p: 0.0).load(index)
     gc.collect()
     assert all(r() is None for r in refs)
 
@@ -373,7 +372,7 @@ def test_gpu_fastckpt_bitwise(ckpt: tuple[Path, Any], verify: bool) -> None:
     assert all(t.device.type == "cuda" for t in loaded.values())
     assert_same(loaded, sd)
     assert loaded["tied.a"] is loaded["big"]
-    assert stats.path_taken.startswith("gpu-staged")
+    assert stats.path_taken in ("direct", "buffered", "mixed", "page-cache-read")
 
 
 @pytest.mark.gpu

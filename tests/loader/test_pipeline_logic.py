@@ -14,8 +14,10 @@ import torch
 
 import fastckpt
 from fastckpt.config import get_config
-from fastckpt.loader import executor as executor_mod
-from fastckpt.loader.plan import plan_load
+from fastckpt.loader.executor import Executor, Sources
+from fastckpt.loader.plan import LoadPlan, plan_load
+from fastckpt.loader.policy import Settings, decide
+from fastckpt.tiers import GpuTier
 
 
 class FakeEvent:
@@ -73,35 +75,47 @@ def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
 
 
-def _run_pipeline(path: Path, slots: int, slot_bytes: int, verify: bool) -> dict[str, Any]:
-    index = fastckpt.read_index(path)
-    plan = plan_load(index, "cpu", chunk_bytes=slot_bytes, verify=verify)
-    ex = executor_mod.Executor(index, plan, engine_kind="auto", verify=verify, cfg=get_config())
+def _executor(index: Any, plan: LoadPlan, mode: str, verify: bool) -> Executor:
+    """An executor whose buffers are host tensors standing in for device memory: the policy
+    decides reads from disk (``mode``), the sources are the files and a Loader's engine."""
+    decisions = decide(plan, residency={}, settings=Settings(read_mode=mode, verify=verify))
+    sources = Sources(engine=fastckpt.Loader().engine)
+    ex = Executor(index, plan, decisions, sources, cfg=get_config(), verify=verify)
     for b in plan.buffers:
         ex.buffers[b.index] = torch.full((b.nbytes,), 0xEE, dtype=torch.uint8)
+    return ex
+
+
+def _run_pipeline(
+    path: Path, slots: int, slot_bytes: int, verify: bool, mode: str = "direct"
+) -> dict[str, Any]:
+    index = fastckpt.read_index(path)
+    plan = plan_load(index, "cpu", chunk_bytes=slot_bytes, verify=verify)
+    ex = _executor(index, plan, mode, verify)
     ring = FakeRing(slot_bytes, slots)
     try:
-        ex._pipeline(list(plan.reads), ring, [object(), object()])
+        ex.pipeline(list(plan.reads), ring, [object(), object()])
     finally:
         ex.files.close()
     assert ring.out == 0, "every slot must be returned"
     assert ring.max_out <= slots
     if ex.verifier is not None:
         ex.verifier.finish()
-    return ex._views()
+    return ex.views()
 
 
 @pytest.mark.parametrize("slots", [1, 2, 5])
 @pytest.mark.parametrize("verify", [False, True])
+@pytest.mark.parametrize("mode", ["direct", "buffered", "mixed"])
 def test_pipeline_delivers_every_byte(
-    tmp_path: Path, fake_cuda: None, slots: int, verify: bool
+    tmp_path: Path, fake_cuda: None, slots: int, verify: bool, mode: str
 ) -> None:
     g = torch.Generator().manual_seed(1)
     sd = {f"w{i}": torch.randn(257 + 1000 * i, generator=g) for i in range(12)}
     sd["tied"] = sd["w3"]
     path = tmp_path / "ck"
     fastckpt.save(sd, path, partition_bytes=64 << 10, metadata=None)
-    out = _run_pipeline(path, slots, 8192, verify)
+    out = _run_pipeline(path, slots, 8192, verify, mode)
     assert set(out) == set(sd)
     for k, v in sd.items():
         assert torch.equal(out[k], v), k
@@ -116,9 +130,7 @@ def test_pipeline_failure_returns_slots(
     fastckpt.save(sd, path)
     index = fastckpt.read_index(path)
     plan = plan_load(index, "cpu", chunk_bytes=4096)
-    ex = executor_mod.Executor(index, plan, engine_kind="auto", verify=False, cfg=get_config())
-    for b in plan.buffers:
-        ex.buffers[b.index] = torch.zeros(b.nbytes, dtype=torch.uint8)
+    ex = _executor(index, plan, "direct", False)
     ring = FakeRing(4096, 3)
     calls = {"n": 0}
     real_submit = ex.engine.submit
@@ -131,6 +143,50 @@ def test_pipeline_failure_returns_slots(
 
     monkeypatch.setattr(ex.engine, "submit", failing_submit)
     with pytest.raises(OSError, match="injected"):
-        ex._pipeline(list(plan.reads), ring, [object()])
+        ex.pipeline(list(plan.reads), ring, [object()])
     ex.files.close()
     assert ring.out == 0
+
+
+def test_gpu_tier_with_the_fake_cuda_pipeline(tmp_path: Path, fake_cuda: None) -> None:
+    """Buffers filled by the (fake-CUDA) staging pipeline go to the GPU tier; a caller who
+    modifies a tensor in place gets it dropped, a caller who does not gets the same buffers back,
+    and every load returns the checkpoint's bytes."""
+    g = torch.Generator().manual_seed(2)
+    sd = {f"w{i}": torch.randn(700 + 300 * i, generator=g) for i in range(6)}
+    path = tmp_path / "ck"
+    fastckpt.save(sd, path, partition_bytes=16 << 10, metadata=None)
+    index = fastckpt.read_index(path)
+    plan = plan_load(index, "cpu", chunk_bytes=8192)
+    tier = GpuTier(1 << 20)
+
+    def load() -> dict[str, Any]:
+        item = tier.revive("ck")
+        if item is not None:  # a GPU-tier hit: views of the kept buffers, nothing read
+            ex = _executor(index, plan, "direct", False)
+            ex.buffers.update(item.buffers)
+            tier.unpin("ck")
+            return ex.views()
+        ex = _executor(index, plan, "direct", False)
+        ring = FakeRing(8192, 3)
+        try:
+            ex.pipeline(list(plan.reads), ring, [object()])
+        finally:
+            ex.files.close()
+        views = ex.views()
+        tier.offer("ck", dict(ex.buffers))
+        return views
+
+    out = load()
+    assert all(torch.equal(out[k], v) for k, v in sd.items())
+    out["w2"].mul_(-1)  # modified in place while lent out
+    del out
+    again = load()  # dropped, read again
+    assert tier.stats().dropped_modified == 1
+    assert all(torch.equal(again[k], v) for k, v in sd.items())
+    ptr = again["w1"].data_ptr()
+    del again
+    third = load()  # revived: same memory, same bytes
+    assert third["w1"].data_ptr() == ptr
+    assert all(torch.equal(third[k], v) for k, v in sd.items())
+    assert tier.stats().hits == 1
