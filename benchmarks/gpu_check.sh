@@ -213,7 +213,7 @@ pick_workdir() { # a disk-backed folder (never tmpfs: cold would be meaningless)
   done
   echo /tmp/fastckpt-bench
 }
-SIZE_BYTES=$("$PY" -c "from fastckpt.bench.common import parse_size; print(parse_size('$SIZE'))")
+SIZE_BYTES=$("$PY" -c "from fastckpt.rules.units import parse_size; print(parse_size('$SIZE'))")
 WORKDIR=$(pick_workdir $((SIZE_BYTES * 7 / 2 + (1 << 30))))
 LEFT=$((BUDGET_S - $(elapsed) - 25))
 if [ $LEFT -lt 60 ]; then LEFT=60; fi

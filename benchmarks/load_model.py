@@ -50,13 +50,12 @@ from typing import Any
 from fastckpt.bench.common import (
     cpu_model,
     drop_from_page_cache,
-    format_bytes,
     median,
     meminfo,
-    parse_size,
     read_through,
 )
 from fastckpt.bench.generate import choose_shape
+from fastckpt.rules.units import format_bytes, parse_size
 
 MODEL_METHODS = ("transformers", "fastckpt", "drop-in")
 LORA_METHODS = ("peft", "peft-lowmem", "fastckpt")

@@ -18,8 +18,9 @@ from types import FrameType
 
 from fastckpt.bench import loaders as _loaders
 from fastckpt.bench import scenarios as _scenarios
-from fastckpt.bench.common import format_bytes, log, parse_size
+from fastckpt.bench.common import log
 from fastckpt.bench.runner import BenchError, Options, Runner
+from fastckpt.rules.units import format_bytes, parse_size
 
 DEFAULT_WORKDIR = os.path.join(tempfile.gettempdir(), "fastckpt-bench")
 

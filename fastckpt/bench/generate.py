@@ -25,7 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from fastckpt.bench.common import format_bytes, log
+from fastckpt.bench.common import log
+from fastckpt.rules.units import format_bytes
 
 GENERATOR_VERSION = 1
 ST_INDEX = "model.safetensors.index.json"

@@ -21,7 +21,8 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fastckpt.bench.common import format_bytes, median
+from fastckpt.bench.common import median
+from fastckpt.rules.units import format_bytes
 
 BASELINES = ("safetensors", "torch-mmap", "runai", "fastsafetensors", "instanttensor")
 FASTCKPT_LOADERS = ("fastckpt", "fastckpt-st")

@@ -28,13 +28,13 @@ from fastckpt.bench import ceilings as ceil
 from fastckpt.bench import scenarios as scen
 from fastckpt.bench.common import (
     cpu_model,
-    format_bytes,
     log,
     meminfo,
     mount_of,
 )
 from fastckpt.bench.generate import CheckpointSet
 from fastckpt.bench.loaders import LOADERS
+from fastckpt.rules.units import format_bytes
 
 
 @dataclass

@@ -34,7 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastckpt.bench import loaders
-from fastckpt.bench.common import MiB, chunk_tasks, parallel_pread
+from fastckpt.bench.common import chunk_tasks, parallel_pread
+from fastckpt.rules.units import MiB
 
 
 def _status_bytes(key: str) -> int | None:

@@ -11,11 +11,12 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal, overload
 
 from fastckpt.config import get_config
-from fastckpt.errors import DeviceError, FormatError
+from fastckpt.errors import FormatError
 from fastckpt.format.reader import read_index
 from fastckpt.loader.executor import Executor
 from fastckpt.loader.plan import LoadPlan, plan_load
 from fastckpt.loader.stats import LoadStats, last_stats, record
+from fastckpt.rules.devices import check_cuda_visible
 
 __all__ = ["LoadPlan", "LoadStats", "last_stats", "load", "plan_load"]
 
@@ -23,21 +24,10 @@ DeviceArg = Any  # "cpu" | "cuda" | "cuda:N" | int | torch.device | Mapping[str,
 
 
 def _check_devices(devices: Iterable[str]) -> None:
-    cuda = [d for d in devices if d.startswith("cuda")]
-    if not cuda:
-        return
     import torch
 
-    if not torch.cuda.is_available():
-        raise DeviceError(
-            f"cannot load to {cuda[0]}: CUDA is not available in this process "
-            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); use device='cpu'"
-        )
-    count = torch.cuda.device_count()
-    for d in cuda:
-        idx = int(d.split(":", 1)[1])
-        if idx >= count:
-            raise DeviceError(f"cannot load to {d}: this process sees {count} CUDA device(s)")
+    note = f" (torch {torch.__version__}, built with CUDA {torch.version.cuda})"
+    check_cuda_visible(devices, torch.cuda, note=note)
 
 
 @overload
