@@ -61,9 +61,9 @@ def _reset_peak_rss() -> bool:
 
 def _crc_function() -> tuple[str, Any]:
     try:
-        from fastckpt import _core
+        from fastckpt import io_engine
 
-        return "crc32c", _core.crc32c
+        return "crc32c", io_engine.crc32c
     except ImportError:
         import zlib
 

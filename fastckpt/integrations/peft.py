@@ -160,10 +160,7 @@ def _assign_is_exact(root: str, base_dtypes: set[torch.dtype]) -> bool:
 
     if len(base_dtypes) != 1:
         return False
-    try:
-        index = fastckpt.read_index(root)
-    except (AttributeError, ImportError):
-        return False
+    index = fastckpt.read_index(root)
     stored = {torch_dtype(e.dtype) for e in index.tensors.values()}
     stored = {d for d in stored if d.is_floating_point}
     return stored <= base_dtypes

@@ -450,14 +450,10 @@ def _read_config(
 
 
 def _peek_index(path: str) -> Index | None:
-    """The checkpoint's index without loading data, or None when no reader is available."""
+    """The checkpoint's index without loading data."""
     import fastckpt
 
-    try:
-        reader = fastckpt.read_index
-    except (AttributeError, ImportError):
-        return None
-    return reader(path)
+    return fastckpt.read_index(path)
 
 
 def _load_tensors(path: str, device: str | dict[str, str], load_options: dict[str, Any]) -> Any:
@@ -928,8 +924,6 @@ _IGNORED = frozenset(
         "tqdm_class",
         "disable_mmap",
         "offload_state_dict",
-        "from_tf",
-        "from_flax",
     }
 )
 

@@ -138,6 +138,7 @@ def load(
         engine=executor.engine_name,
         path_taken="+".join(sorted(timings.paths)) or "none",
         verified_chunks=executor.verifier.checked if executor.verifier else 0,
+        notes=tuple(sorted(timings.notes)),
     )
     record(result)
     return (tensors, result) if stats else tensors

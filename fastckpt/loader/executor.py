@@ -61,6 +61,7 @@ class Timings:
     finalize_s: float = 0.0
     verify_s: float = 0.0
     paths: set[str] = field(default_factory=set)
+    notes: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, name: str, seconds: float) -> None:
@@ -129,8 +130,9 @@ class Executor:
             if verify and plan.checks
             else None
         )
-        # buffer index -> (uint8 tensor on its device, base: file offset the views are relative
-        # to, or None when views use the plan's rel_offset)
+        # buffer index -> its uint8 tensor on its device; ``mapped``: buffer index -> file offset
+        # where a private mapping starts (views of those buffers are relative to it, the others
+        # use the plan's rel_offset)
         self.buffers: dict[int, torch.Tensor] = {}
         self.mapped: dict[int, int] = {}
         self.views_s = 0.0
@@ -260,6 +262,8 @@ class Executor:
         t0 = time.perf_counter()
         ring = get_ring(slot_bytes, self.cfg.ring_bytes, self.cfg.pin_method)
         self.timings.add("ring_s", time.perf_counter() - t0)
+        if (shortfall := ring.shortfall()) is not None:
+            self.timings.notes.add(shortfall)
         with torch.cuda.device(dev):
             streams = [torch.cuda.Stream(device=dev) for _ in range(max(1, self.cfg.copy_streams))]
             try:

@@ -99,10 +99,6 @@ class LoadPlan:
     def tensor_nbytes(self) -> int:
         return sum(v.nbytes for v in self.views)
 
-    def reads_for_device(self, device: str) -> tuple[ReadOp, ...]:
-        mine = {b.index for b in self.buffers if b.device == device}
-        return tuple(r for r in self.reads if r.buffer in mine)
-
 
 def _align_down(x: int, a: int) -> int:
     return x - x % a

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import warnings
 from typing import Any
 
 import torch
@@ -105,11 +106,17 @@ class StagingRing:
                 self._free.put(self._new_slot(self.method))
         except BaseException as exc:  # out of pinnable memory: run with the slots we have
             self.error = exc
+            warnings.warn(f"fastckpt: {self.shortfall()}", RuntimeWarning, stacklevel=1)
 
-    def wait_filled(self) -> None:
-        """Block until the background thread has pinned every slot (benchmarks, tests)."""
-        if self._filler is not None:
-            self._filler.join()
+    def shortfall(self) -> str | None:
+        """Why the ring has fewer slots than asked for (pinning failed), or None; loads put it
+        in ``LoadStats.notes``."""
+        if self.error is None:
+            return None
+        return (
+            f"pinned staging ring has {self._made} of {self.target_slots} slots: pinning "
+            f"failed ({type(self.error).__name__}: {self.error}); GPU loads run with fewer slots"
+        )
 
     @property
     def slots(self) -> int:
