@@ -112,9 +112,18 @@ class BenchError(RuntimeError):
 
 
 def run_worker(
-    python: str, mode: str, args: list[str], *, timeout_s: float, stream: bool = False
+    python: str,
+    mode: str,
+    args: list[str],
+    *,
+    timeout_s: float,
+    stream: bool = False,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Run one worker child; its JSON result, or ``{"ok": False, "error": ...}``."""
+    """Run one worker child; its JSON result, or ``{"ok": False, "error": ...}``. ``env`` is
+    added to the child's environment (settings such as ``FASTCKPT_RING_BYTES``), never to
+    this process's."""
+    child_env = {**os.environ, **env} if env else None
     with tempfile.TemporaryDirectory(prefix="fastckpt-bench-") as tmp:
         result_path = os.path.join(tmp, "result.json")
         cmd = [python, "-u", "-m", "fastckpt.bench.worker", mode, "--result", result_path, *args]
@@ -122,7 +131,7 @@ def run_worker(
         output = ""
         try:
             if stream:
-                rc = subprocess.run(cmd, timeout=timeout_s, check=False).returncode
+                rc = subprocess.run(cmd, timeout=timeout_s, check=False, env=child_env).returncode
             else:
                 proc = subprocess.run(
                     cmd,
@@ -132,6 +141,7 @@ def run_worker(
                     errors="replace",
                     timeout=timeout_s,
                     check=False,
+                    env=child_env,
                 )
                 output = proc.stdout or ""
                 rc = proc.returncode
