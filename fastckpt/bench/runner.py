@@ -8,6 +8,9 @@ Round ``r`` measures every scenario, and in each scenario every loader once (the
 rotates by one each round, so no loader always runs first). With ``time_budget_s``, a round that
 would overrun the budget (judged by the same round's last duration) is skipped with a note; the
 first round always runs.
+
+(About 500 lines on purpose: the phases of one comparison share its options, checkpoint set and
+notes; split apart they would only pass those around.)
 """
 
 from __future__ import annotations
