@@ -273,19 +273,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     kind, method, device = spec["kind"], spec["method"], spec["device"]
     result: dict[str, Any] = {}
     if kind == "ceiling":
+        from fastckpt.bench.ceilings import buffered_read
+
         files = [f for f in _files(setup.fck) if f.endswith(".fckpt")]
-        buf = bytearray(16 << 20)
-        view = memoryview(buf)
-        nbytes = 0
-        t0 = time.perf_counter()
-        for path in files:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                while (n := os.readv(fd, [view])) > 0:
-                    nbytes += n
-            finally:
-                os.close(fd)
-        result.update(seconds=time.perf_counter() - t0, nbytes=nbytes)
+        nbytes, seconds, _ = buffered_read(files)
+        result.update(seconds=seconds, nbytes=nbytes)
     elif kind == "model":
         _import_everything()
         t0 = time.perf_counter()
