@@ -164,17 +164,17 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"fastckpt bench: error: {exc}", file=sys.stderr)
         return 2
-    if args.scenario != "load":
-        states = [s for s in opts.scenarios if s in ("cold", "warm")] or ["warm"]
-        return harness.run_scenario(
-            args.scenario, args, size_bytes=opts.size_bytes, device=opts.device, states=states
-        )
     previous = None
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread
         previous = None
     try:
+        if args.scenario != "load":
+            states = [s for s in opts.scenarios if s in ("cold", "warm")] or ["warm"]
+            return harness.run_scenario(
+                args.scenario, args, size_bytes=opts.size_bytes, device=opts.device, states=states
+            )
         what = opts.checkpoint or f"a generated {format_bytes(opts.size_bytes)} checkpoint"
         log(f"fastckpt bench: {what} -> {opts.device}; scenarios {', '.join(opts.scenarios)}")
         result = Runner(opts).run()

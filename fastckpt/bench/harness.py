@@ -110,40 +110,61 @@ def run_scenario(
     ctx = Context(name, args, workdir, size_bytes, device, tuple(states))
     try:
         plan = module.plan(ctx)
-        results = []
-        for rnd in range(args.repeats):
-            order = plan[rnd % len(plan) :] + plan[: rnd % len(plan)] if plan else []
-            for m in order:
-                _set_state(m.state, m.files)
-                spec = json.dumps({**m.spec, "device": device})
-                res = run_worker(
-                    args.python,
-                    "measure",
-                    ["--module", module.__name__, "--spec", spec],
-                    timeout_s=args.worker_timeout_s,
-                    env=m.env or None,
-                )
-                res.update(method=m.method, state=m.state, round=rnd)
-                shown = f"{res['seconds']:.3f} s" if res.get("ok") else f"ERROR {res.get('error')}"
-                log(f"{name}: round {rnd} {m.state:5} {m.method:28} {shown}")
-                results.append(res)
+        host = machine(workdir, device, args.python)
+        results: list[dict[str, Any]] = []
+        notes = [_peak_rss_note()]
+        try:
+            _measure_rounds(name, module.__name__, plan, args, device, results)
+        except (KeyboardInterrupt, SystemExit):  # a time limit: report what was measured
+            notes.append(f"stopped early after {len(results)} measurement(s)")
         rows = summarise(results, getattr(module, "BASELINES", {}).get(name))
         data = {
             "scenario": name,
             "options": {k: v for k, v in vars(args).items() if _jsonable(v)},
-            "machine": machine(workdir, device, args.python),
+            "machine": host,
             "setup": getattr(module, "describe", lambda c: {})(ctx),
             "rows": rows,
             "runs": [{k: v for k, v in r.items() if k != "output"} for r in results],
-            "notes": [_peak_rss_note()],
+            "notes": notes,
         }
         paths = write_report(data, os.path.abspath(args.out))
         print(table_markdown(rows))
+        for note in notes:
+            print(f"note: {note}")
         log(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+        if len(notes) > 1:
+            return 1
         return 1 if any(r["errors"] for r in rows) else 0
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _measure_rounds(
+    name: str,
+    module: str,
+    plan: Sequence[Measurement],
+    args: argparse.Namespace,
+    device: str,
+    results: list[dict[str, Any]],
+) -> None:
+    """``args.repeats`` rounds over ``plan``, the order rotated by one each round."""
+    for rnd in range(args.repeats):
+        order = [*plan[rnd % len(plan) :], *plan[: rnd % len(plan)]] if plan else []
+        for m in order:
+            _set_state(m.state, m.files)
+            spec = json.dumps({**m.spec, "device": device})
+            res = run_worker(
+                args.python,
+                "measure",
+                ["--module", module, "--spec", spec],
+                timeout_s=args.worker_timeout_s,
+                env=m.env or None,
+            )
+            res.update(method=m.method, state=m.state, round=rnd)
+            shown = f"{res['seconds']:.3f} s" if res.get("ok") else f"ERROR {res.get('error')}"
+            log(f"{name}: round {rnd} {m.state:5} {m.method:28} {shown}")
+            results.append(res)
 
 
 def _set_state(state: str, files: Sequence[str]) -> None:
