@@ -12,7 +12,7 @@
 #               libc6), --fio=none fetches no fio (the harness then measures the O_DIRECT ceiling
 #               with fastckpt's own engine).
 #   .gpu/whl/   cp312 manylinux x86_64 wheels of the peers: runai-model-streamer, fastsafetensors,
-#               instanttensor (versions of shared/BENCHMARKS.md). Their dependencies (torch, numpy,
+#               instanttensor (versions of the project's benchmark brief). Their dependencies (torch, numpy,
 #               humanize, typer) are already on the box.
 #
 # Usage: bash benchmarks/fetch_gpu_deps.sh [--fio=static|debs|none]

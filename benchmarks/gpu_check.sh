@@ -213,13 +213,13 @@ pick_workdir() { # a disk-backed folder (never tmpfs: cold would be meaningless)
   done
   echo /tmp/fastckpt-bench
 }
-SIZE_BYTES=$("$PY" -c "from fastckpt.bench.common import parse_size; print(parse_size('$SIZE'))")
+SIZE_BYTES=$("$PY" -c "from fastckpt.rules.units import parse_size; print(parse_size('$SIZE'))")
 WORKDIR=$(pick_workdir $((SIZE_BYTES * 7 / 2 + (1 << 30))))
 LEFT=$((BUDGET_S - $(elapsed) - 25))
 if [ $LEFT -lt 60 ]; then LEFT=60; fi
 ts "benchmark: $SIZE on $DEVICE in $WORKDIR ($(stat -f -c %T "$WORKDIR")), ${LEFT}s budget (log: bench.log)"
 "$PY" -m fastckpt.bench.cli --size "$SIZE" --device "$DEVICE" --workdir "$WORKDIR" \
-  --out "$OUT" --repeats "$REPEATS" --time-budget-s "$LEFT" --worker-timeout-s 240 \
+  --out "$OUT" --repeats "$REPEATS" --time-budget-s "$LEFT" --worker-timeout-s 240 --keep \
   --loaders "${FASTCKPT_GPU_CHECK_LOADERS:-all}" \
   2>&1 | tee "$OUT/bench.log" | grep -E --line-buffered '^\[bench|^note:|FAILED|warning|error'
 rc=${PIPESTATUS[0]}
@@ -229,9 +229,11 @@ case $rc in 0) BENCH_STATUS=ok ;; *) BENCH_STATUS="exit $rc" ;; esac
 TUNE_STATUS=skipped
 TUNE_S=${FASTCKPT_GPU_CHECK_TUNE_S:-100}
 FCK_DIR=$(find "$WORKDIR" -name fastckpt.index -printf '%h\n' 2>/dev/null | head -1)
-if [ "$DRY" != 1 ] && [ -n "$FCK_DIR" ] && [ "$TUNE_S" -gt 0 ]; then
-  ts "knob sweep on $FCK_DIR (${TUNE_S}s max; log: tune.log)"
-  timeout "$TUNE_S" "$PY" benchmarks/gpu_tune.py "$FCK_DIR" --device "$DEVICE" \
+if [ -n "$FCK_DIR" ] && [ "$TUNE_S" -gt 0 ]; then
+  ts "knob sweep on $FCK_DIR (${TUNE_S}s max; log: tune.log, results in sweep/)"
+  # every configuration in its own fresh process, settings in that process's environment
+  timeout "$TUNE_S" "$PY" -m fastckpt.bench.cli --scenario gpu-sweep --checkpoint "$FCK_DIR" \
+    --device "$DEVICE" --workdir "$WORKDIR" --out "$OUT/sweep" --repeats 1 --keep \
     >"$OUT/tune.log" 2>&1
   rc=$?
   case $rc in 0) TUNE_STATUS=ok ;; 124) TUNE_STATUS="timed out (partial)" ;; *) TUNE_STATUS="exit $rc" ;; esac

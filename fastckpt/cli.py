@@ -14,15 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 from fastckpt.errors import FastckptError
+from fastckpt.rules import units
 
 PROG = "fastckpt"
 
@@ -62,37 +61,13 @@ def register(
 
 # --- argument parsing helpers -------------------------------------------------------------------
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1 << 10,
-    "kib": 1 << 10,
-    "kb": 10**3,
-    "m": 1 << 20,
-    "mib": 1 << 20,
-    "mb": 10**6,
-    "g": 1 << 30,
-    "gib": 1 << 30,
-    "gb": 10**9,
-    "t": 1 << 40,
-    "tib": 1 << 40,
-    "tb": 10**12,
-}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-
 
 def parse_size(text: str) -> int:
-    """Parse ``4GiB``, ``512MB``, ``1.5G``, ``4096`` into bytes (K/M/G/T alone are binary)."""
-    match = _SIZE_RE.match(text)
-    unit = match.group(2).lower() if match else ""
-    if match is None or unit not in _UNITS:
-        raise argparse.ArgumentTypeError(
-            f"invalid size {text!r}: use a number with an optional unit, e.g. 4GiB, 512MB, 1G"
-        )
-    value = Fraction(match.group(1)) * _UNITS[unit]
-    if value < 1 or value.denominator != 1:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be a whole number >= 1 B")
-    return int(value)
+    """``argparse`` type for sizes: the rule of ``fastckpt.rules.units.parse_size``."""
+    try:
+        return units.parse_size(text)
+    except units.SizeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_device_map(text: str) -> dict[str, Any]:
@@ -128,14 +103,6 @@ def parse_metadata(pairs: Sequence[str] | None) -> dict[str, str] | None:
             raise UsageError(f"--metadata {pair!r}: expected KEY=VALUE")
         out[key] = value
     return out
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"  # pragma: no cover
 
 
 # --- convert ------------------------------------------------------------------------------------
@@ -190,7 +157,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     print(
         f"converted {args.src} -> {index.root}: {len(index.tensors)} tensors"
         f"{f' (+{len(index.aliases)} aliases)' if index.aliases else ''}, "
-        f"{_human_bytes(nbytes)} in {len(index.partitions)} partition(s), "
+        f"{units.format_bytes(nbytes)} in {len(index.partitions)} partition(s), "
         f"{len(index.files)} carried file(s); {elapsed:.2f} s{rate}"
     )
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 _MiB = 1 << 20
@@ -98,7 +98,6 @@ class Config:
     ssd_tier_bytes: int = 0
     ssd_tier_dir: str = ""
     pool_piece_bytes: int = 64 * _MiB
-    extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def resolved_io_threads(self) -> int:
         if self.io_threads > 0:
@@ -163,10 +162,6 @@ def get_config(**overrides: Any) -> Config:
         raise ValueError(
             f"checksum_chunk_bytes={cfg.checksum_chunk_bytes}: must be a positive multiple of 4096"
         )
-    if cfg.chunk_bytes < 4096 or cfg.chunk_bytes % 4096 or cfg.chunk_bytes > 1 << 30:
-        raise ValueError(
-            f"chunk_bytes={cfg.chunk_bytes}: must be a multiple of 4096 between 4 KiB and 1 GiB"
-        )
     if cfg.ring_slot_bytes < 4096 or cfg.ring_slot_bytes % 4096:
         raise ValueError(f"ring_slot_bytes={cfg.ring_slot_bytes}: must be a multiple of 4096")
     if cfg.pool_piece_bytes < 4096 or cfg.pool_piece_bytes % 4096:
@@ -187,8 +182,3 @@ def profile_dir(cfg: Config) -> str:
 
 def ssd_tier_dir(cfg: Config) -> str:
     return cfg.ssd_tier_dir or os.path.join(cache_dir(cfg), "ssd")
-
-
-def env_flag(name: str) -> str | None:
-    """Raw value of ``FASTCKPT_<NAME>`` for rarely used switches (tests, benchmarks)."""
-    return os.environ.get(f"FASTCKPT_{name.upper()}")

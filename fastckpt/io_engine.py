@@ -16,7 +16,8 @@ same remainder modulo 4096 (for example an :class:`AlignedBuffer` read at ``dest
 file_offset % 4096``); otherwise the whole request is a buffered read. Either way the result is
 exact to the byte.
 
-Only the loader and the tiers use this module; it is the only module that touches ``_core``.
+Everything outside this module reaches ``_core`` through it, except ``fastckpt.format.spec``,
+which imports ``_core`` lazily for CRC32C and falls back to a table when it is not built.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "File",
     "ReadOp",
     "crc32c",
+    "crc32c_combine",
     "drop_page_cache",
     "engine_info",
     "residency",
@@ -295,6 +297,11 @@ class Engine:
 def crc32c(data: Any, value: int = 0) -> int:
     """CRC32C (Castagnoli) of a C-contiguous buffer, continuing from ``value``. GIL released."""
     return _core.crc32c(data, value)
+
+
+def crc32c_combine(crc_a: int, crc_b: int, len_b: int) -> int:
+    """CRC32C of A + B from ``crc32c(A)``, ``crc32c(B)`` and ``len(B)``."""
+    return _core.crc32c_combine(crc_a, crc_b, len_b)
 
 
 def residency(path: str | os.PathLike[str], *, sample_windows: int = 0) -> float:

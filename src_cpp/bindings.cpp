@@ -344,17 +344,7 @@ EngineOptions make_options(const std::string& kind, int64_t queue_depth, int64_t
     o.buffered_route = fastckpt::BufferedRoute::kPread;
   else
     throw py::value_error("buffered_route " + buffered_route + ": expected default, uring, pread");
-  auto check = [](const char* name, int64_t v, int64_t lo, int64_t hi) {
-    if (v < lo || v > hi)
-      throw py::value_error(std::string(name) + "=" + std::to_string(v) + ": must be between " +
-                            std::to_string(lo) + " and " + std::to_string(hi));
-  };
-  check("queue_depth", queue_depth, 1, 4096);
-  check("threads", threads, 1, 256);
-  check("chunk_bytes", chunk_bytes, 4096, int64_t{1} << 30);
-  if (chunk_bytes % 4096 != 0)
-    throw py::value_error("chunk_bytes=" + std::to_string(chunk_bytes) +
-                          ": must be a multiple of 4096");
+  fastckpt::check_engine_limits(queue_depth, threads, chunk_bytes);  // ValueError in Python
   o.queue_depth = static_cast<unsigned>(queue_depth);
   o.threads = static_cast<unsigned>(threads);
   o.chunk_bytes = static_cast<uint64_t>(chunk_bytes);
@@ -423,6 +413,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("crc32c", &py_crc32c, "data"_a, "value"_a = 0,
         "CRC32C of a contiguous buffer, continuing from `value`. Releases the GIL.");
   m.def("crc32c_hardware", &fastckpt::crc32c_hardware);
+  m.def("crc32c_combine", &fastckpt::crc32c_combine, "crc_a"_a, "crc_b"_a, "len_b"_a,
+        "CRC32C of A + B from crc(A), crc(B) and len(B).");
   m.def(
       "_crc32c_software",
       [](const py::object& data, uint32_t value) { return py_crc32c_impl(data, value, true); },

@@ -133,6 +133,11 @@ bool crc32c_hardware() noexcept {
   return hw;
 }
 
+uint32_t crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b) noexcept {
+  if (len_b == 0) return crc_a;
+  return mul_mod_p(zeros_operator(static_cast<size_t>(len_b)), crc_a) ^ crc_b;
+}
+
 uint32_t crc32c_software(uint32_t crc, const void* data, size_t len) noexcept {
   return ~crc_soft(~crc, static_cast<const unsigned char*>(data), len);
 }

@@ -12,9 +12,9 @@
 namespace fastckpt {
 namespace {
 
-constexpr unsigned kMaxQueueDepth = 4096;
-constexpr unsigned kMaxThreads = 256;
-constexpr uint64_t kMaxChunkBytes = uint64_t{1} << 30;
+constexpr int64_t kMaxQueueDepth = 4096;
+constexpr int64_t kMaxThreads = 256;
+constexpr int64_t kMaxChunkBytes = int64_t{1} << 30;
 constexpr unsigned kMaxDirectThreads = 64;
 
 // In an io_uring engine, buffered pieces go to the pread pool unless told otherwise: a page-cache
@@ -84,18 +84,22 @@ EngineChoice choose_engine(const EngineOptions& opts) {
   return c;
 }
 
-EngineCore::EngineCore(const EngineOptions& opts) : opts_(opts) {
-  if (opts.queue_depth < 1 || opts.queue_depth > kMaxQueueDepth)
-    throw std::invalid_argument("queue_depth=" + std::to_string(opts.queue_depth) +
+void check_engine_limits(int64_t queue_depth, int64_t threads, int64_t chunk_bytes) {
+  if (queue_depth < 1 || queue_depth > kMaxQueueDepth)
+    throw std::invalid_argument("queue_depth=" + std::to_string(queue_depth) +
                                 ": must be between 1 and " + std::to_string(kMaxQueueDepth));
-  if (opts.threads < 1 || opts.threads > kMaxThreads)
-    throw std::invalid_argument("threads=" + std::to_string(opts.threads) +
+  if (threads < 1 || threads > kMaxThreads)
+    throw std::invalid_argument("threads=" + std::to_string(threads) +
                                 ": must be between 1 and " + std::to_string(kMaxThreads));
-  if (opts.chunk_bytes < kDirectAlign || !is_aligned(opts.chunk_bytes) ||
-      opts.chunk_bytes > kMaxChunkBytes)
-    throw std::invalid_argument("chunk_bytes=" + std::to_string(opts.chunk_bytes) +
+  if (chunk_bytes < static_cast<int64_t>(kDirectAlign) ||
+      !is_aligned(static_cast<uint64_t>(chunk_bytes)) || chunk_bytes > kMaxChunkBytes)
+    throw std::invalid_argument("chunk_bytes=" + std::to_string(chunk_bytes) +
                                 ": must be a multiple of 4096 between 4096 and " +
                                 std::to_string(kMaxChunkBytes));
+}
+
+EngineCore::EngineCore(const EngineOptions& opts) : opts_(opts) {
+  check_engine_limits(opts.queue_depth, opts.threads, static_cast<int64_t>(opts.chunk_bytes));
   pid_ = static_cast<int>(::getpid());
   ctx_.fault_after_bytes = opts.fault_after_bytes;
   ctx_.fault_errno = opts.fault_errno;
@@ -222,8 +226,12 @@ std::shared_ptr<BatchState> EngineCore::submit(const std::vector<ReadSpec>& read
 
   std::lock_guard<std::mutex> lock(m_);
   if (closed_) throw std::invalid_argument("the engine is closed");
-  if (!direct_pieces.empty()) direct_route_->enqueue(direct_pieces);
-  if (!buffered_pieces.empty()) buffered_route_->enqueue(buffered_pieces);
+  // A backend whose queue is already closed queues nothing: discard those pieces (cancelling
+  // the batch) so that waiting on it ends instead of hanging.
+  if (!direct_pieces.empty() && !direct_route_->enqueue(direct_pieces))
+    discard_pieces(direct_pieces, "the engine was closed before the batch was queued");
+  if (!buffered_pieces.empty() && !buffered_route_->enqueue(buffered_pieces))
+    discard_pieces(buffered_pieces, "the engine was closed before the batch was queued");
   return batch;
 }
 

@@ -54,6 +54,11 @@ struct ReadSpec {
   int64_t tag = 0;
 };
 
+// The one check of the engine's numeric limits (std::invalid_argument naming the setting):
+// queue_depth 1..4096, threads 1..256, chunk_bytes a multiple of 4096 in 4 KiB..1 GiB. The
+// bindings call it before narrowing Python integers; the engine calls it again on its options.
+void check_engine_limits(int64_t queue_depth, int64_t threads, int64_t chunk_bytes);
+
 class EngineCore {
  public:
   // Throws std::invalid_argument for bad options, IoError when io_uring is forced but unusable.

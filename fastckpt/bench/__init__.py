@@ -6,10 +6,14 @@ target (CUDA synchronised, or every host page touched), checked bitwise against
 ``safetensors.torch.load_file``, in the scenarios cold / warm / tmpfs, with the hardware ceilings
 measured in the same run.
 
-Modules: ``common`` (sizes, page-cache control, logging), ``generate`` (LLaMA-like test
-checkpoints), ``loaders`` (what each loader does, run inside the child), ``worker`` (the child
-process), ``ceilings`` (disk, page cache and host-to-device ceilings), ``scenarios``, ``runner``
-(orchestration), ``report`` (table, JSON, markdown, PNG) and ``cli``.
+Modules: ``common`` (page-cache control, logging), ``generate`` (LLaMA-like test checkpoints),
+``loaders`` (what each loader does, run inside the child), ``worker`` (the child process),
+``ceilings`` (disk, page cache and host-to-device ceilings), ``scenarios`` (the cache states
+cold / warm / tmpfs), ``runner`` (orchestration of the loader comparison), ``report`` (table,
+JSON, markdown, PNG) and ``cli``. ``harness`` runs the other benchmark scenarios
+(``scenario_engine``, ``scenario_load_model`` for ``load_model`` and ``lora``,
+``scenario_convert_memory``, ``scenario_gpu_sweep``) with the same worker, machine description
+and report files; its docstring says how to add one.
 
 Importing this package imports neither torch nor the C++ core.
 """

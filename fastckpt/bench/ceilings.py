@@ -23,12 +23,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fastckpt.bench.common import (
-    MiB,
     chunk_tasks,
     drop_from_page_cache,
     log,
     parallel_pread,
 )
+from fastckpt.rules.units import MiB
 
 DIRECT_ALIGN = 4096
 

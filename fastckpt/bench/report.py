@@ -21,7 +21,8 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from fastckpt.bench.common import format_bytes, median
+from fastckpt.bench.common import median
+from fastckpt.rules.units import format_bytes
 
 BASELINES = ("safetensors", "torch-mmap", "runai", "fastsafetensors", "instanttensor")
 FASTCKPT_LOADERS = ("fastckpt", "fastckpt-st")
@@ -171,7 +172,7 @@ def summarize(data: dict[str, Any]) -> list[Row]:
 
 
 def targets(data: dict[str, Any], rows: list[Row]) -> list[tuple[str, str, str]]:
-    """(target, measured, verdict) for each fastckpt row against shared/BENCHMARKS.md."""
+    """(target, measured, verdict) for each fastckpt row against the project's benchmark brief."""
     device = data["options"]["device"]
     by = {(r.scenario, r.loader): r for r in rows}
     out: list[tuple[str, str, str]] = []
@@ -351,7 +352,7 @@ def render_markdown(data: dict[str, Any], rows: list[Row]) -> str:
         out.append("fastckpt path taken: " + "; ".join(paths) + ".\n")
     tg = targets(data, rows)
     if tg:
-        out.append("## Targets (shared/BENCHMARKS.md)\n")
+        out.append("## Targets (the project's benchmark brief)\n")
         out.append("| target | measured | verdict |\n|---|---|---|")
         out.extend(f"| {a} | {b} | {c} |" for a, b, c in tg)
         out.append("")

@@ -8,6 +8,9 @@ Round ``r`` measures every scenario, and in each scenario every loader once (the
 rotates by one each round, so no loader always runs first). With ``time_budget_s``, a round that
 would overrun the budget (judged by the same round's last duration) is skipped with a note; the
 first round always runs.
+
+(About 500 lines on purpose: the phases of one comparison share its options, checkpoint set and
+notes; split apart they would only pass those around.)
 """
 
 from __future__ import annotations
@@ -28,13 +31,13 @@ from fastckpt.bench import ceilings as ceil
 from fastckpt.bench import scenarios as scen
 from fastckpt.bench.common import (
     cpu_model,
-    format_bytes,
     log,
     meminfo,
     mount_of,
 )
 from fastckpt.bench.generate import CheckpointSet
 from fastckpt.bench.loaders import LOADERS
+from fastckpt.rules.units import format_bytes
 
 
 @dataclass
@@ -112,9 +115,18 @@ class BenchError(RuntimeError):
 
 
 def run_worker(
-    python: str, mode: str, args: list[str], *, timeout_s: float, stream: bool = False
+    python: str,
+    mode: str,
+    args: list[str],
+    *,
+    timeout_s: float,
+    stream: bool = False,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Run one worker child; its JSON result, or ``{"ok": False, "error": ...}``."""
+    """Run one worker child; its JSON result, or ``{"ok": False, "error": ...}``. ``env`` is
+    added to the child's environment (settings such as ``FASTCKPT_RING_BYTES``), never to
+    this process's."""
+    child_env = {**os.environ, **env} if env else None
     with tempfile.TemporaryDirectory(prefix="fastckpt-bench-") as tmp:
         result_path = os.path.join(tmp, "result.json")
         cmd = [python, "-u", "-m", "fastckpt.bench.worker", mode, "--result", result_path, *args]
@@ -122,7 +134,7 @@ def run_worker(
         output = ""
         try:
             if stream:
-                rc = subprocess.run(cmd, timeout=timeout_s, check=False).returncode
+                rc = subprocess.run(cmd, timeout=timeout_s, check=False, env=child_env).returncode
             else:
                 proc = subprocess.run(
                     cmd,
@@ -132,6 +144,7 @@ def run_worker(
                     errors="replace",
                     timeout=timeout_s,
                     check=False,
+                    env=child_env,
                 )
                 output = proc.stdout or ""
                 rc = proc.returncode

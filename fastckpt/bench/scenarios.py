@@ -19,9 +19,7 @@ from typing import Any
 
 from fastckpt.bench.common import (
     MEMORY_FILESYSTEMS,
-    MiB,
     drop_from_page_cache,
-    format_bytes,
     log,
     meminfo,
     mount_of,
@@ -29,6 +27,7 @@ from fastckpt.bench.common import (
     resident_fraction,
 )
 from fastckpt.bench.generate import CheckpointSet
+from fastckpt.rules.units import MiB, format_bytes
 
 NAMES = ("cold", "warm", "tmpfs")
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import importlib
 import json
 import os
 import platform
@@ -34,10 +35,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastckpt.bench import loaders
-from fastckpt.bench.common import MiB, chunk_tasks, parallel_pread
+from fastckpt.bench.common import chunk_tasks, parallel_pread
+from fastckpt.rules.units import MiB
 
 
-def _status_bytes(key: str) -> int | None:
+def status_bytes(key: str) -> int | None:
     try:
         with open("/proc/self/status", encoding="utf-8") as fh:
             for line in fh:
@@ -60,9 +62,9 @@ def _reset_peak_rss() -> bool:
 
 def _crc_function() -> tuple[str, Any]:
     try:
-        from fastckpt import _core
+        from fastckpt import io_engine
 
-        return "crc32c", _core.crc32c
+        return "crc32c", io_engine.crc32c
     except ImportError:
         import zlib
 
@@ -181,7 +183,7 @@ def _load(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     loaders.prepare(args.loader)
     gc.collect()
-    rss_before = _status_bytes("VmRSS") or 0
+    rss_before = status_bytes("VmRSS") or 0
     hwm_reset = _reset_peak_rss()
 
     t0 = time.perf_counter()
@@ -195,7 +197,7 @@ def _load(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "seconds": seconds,
         "rss_before_bytes": rss_before,
-        "peak_rss_bytes": _status_bytes("VmHWM"),
+        "peak_rss_bytes": status_bytes("VmHWM"),
         "peak_rss_is_reset": hwm_reset,
         "tensors": len(loaded.tensors),
         "nbytes": int(sum(t.numel() * t.element_size() for t in loaded.tensors.values())),
@@ -325,7 +327,7 @@ def _generate(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastckpt.bench.worker")
-    parser.add_argument("mode", choices=("probe", "load", "ceilings", "generate"))
+    parser.add_argument("mode", choices=("probe", "load", "ceilings", "generate", "measure"))
     parser.add_argument("--result", required=True, help="where to write the JSON result")
     parser.add_argument("--ckpt", help="JSON file describing the checkpoint set")
     parser.add_argument("--loader", choices=sorted(loaders.LOADERS))
@@ -333,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fingerprint", action="store_true")
     parser.add_argument("--threads", type=int, action="append")
     parser.add_argument("--h2d-bytes", type=int, default=0)
+    parser.add_argument("--module", help="measure mode: the scenario module")
+    parser.add_argument("--spec", help="measure mode: the measurement, as JSON")
     gen = parser.add_argument_group("generate mode")
     gen.add_argument("--workdir")
     gen.add_argument("--size-bytes", type=int, default=0)
@@ -353,6 +357,12 @@ def main(argv: list[str] | None = None) -> int:
             out.update(_load(args))
         elif args.mode == "generate":
             out.update(_generate(args))
+        elif args.mode == "measure":
+            if not args.module or args.spec is None:
+                raise ValueError("measure mode needs --module and --spec")
+            module = importlib.import_module(args.module)
+            out.update(module.measure(json.loads(args.spec)))
+            out.setdefault("peak_rss_bytes", status_bytes("VmHWM"))
         else:
             if not args.ckpt:
                 raise ValueError("ceilings mode needs --ckpt")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastckpt.format.index import Index, IndexKind, PartitionEntry, TensorEntry
 from fastckpt.format.info import CheckpointInfo, info
 from fastckpt.format.reader import read_index
-from fastckpt.format.verify import VerifyReport, check_chunk, chunk_bounds, verify
+from fastckpt.format.verify import VerifyReport, chunk_bounds, verify
 
 __all__ = [
     "CheckpointInfo",
@@ -18,7 +18,6 @@ __all__ = [
     "PartitionEntry",
     "TensorEntry",
     "VerifyReport",
-    "check_chunk",
     "chunk_bounds",
     "info",
     "read_index",

@@ -9,6 +9,7 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from fastckpt.format.reader import read_index
+from fastckpt.rules.units import format_bytes
 
 _MAX_LISTED_PARTITIONS = 16
 
@@ -101,12 +102,7 @@ def _count(n: int, word: str) -> str:
 
 
 def _size(nbytes: int) -> str:
-    if nbytes < 1000:
-        return f"{nbytes} B"
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.2f} {unit} ({nbytes} B)"
-    return f"{nbytes} B"  # pragma: no cover
+    return f"{nbytes} B" if nbytes < 1000 else f"{format_bytes(nbytes)} ({nbytes} B)"
 
 
 def info(path: str | os.PathLike[str]) -> CheckpointInfo:

@@ -25,30 +25,13 @@ from fastckpt.errors import (
 )
 from fastckpt.format import dtypes, spec
 from fastckpt.format.index import Index, PartitionEntry, TensorEntry
+from fastckpt.rules.carried import is_carried_name
 
 SAFETENSORS_VERSION = (0, 0)
 """``Index.version`` of a safetensors source (the format carries no version)."""
 
 # Codes written by safetensors >= 0.6 that the shared dtype registry does not list (yet).
 _EXTRA_CODES = {"F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz"}
-
-# Suffixes of files that hold weights (in any framework); never carried over.
-_WEIGHT_SUFFIXES = (
-    ".safetensors",
-    ".bin",
-    ".pt",
-    ".pth",
-    ".ckpt",
-    ".h5",
-    ".msgpack",
-    ".onnx",
-    ".gguf",
-    ".ot",
-    ".tflite",
-    ".pkl",
-    ".npz",
-    ".npy",
-)
 
 
 def _dtype(code: object, *, path: str, tensor: str) -> dtypes.DType:
@@ -272,10 +255,7 @@ def carried_files(root: str) -> tuple[str, ...]:
     """The directory's top-level regular files that are not weights, weight indexes or hidden."""
     out = []
     for name in sorted(os.listdir(root)):
-        if name.startswith(".") or name == spec.INDEX_FILE:
-            continue
-        lower = name.lower()
-        if lower.endswith(_WEIGHT_SUFFIXES) or lower.endswith(".index.json"):
+        if not is_carried_name(name):
             continue
         try:
             spec.check_file_name(name, path=root)

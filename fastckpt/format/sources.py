@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastckpt.errors import FormatError, SourceError, TruncatedError, UnsafePathError
 from fastckpt.format import dtypes, spec
+from fastckpt.rules.carried import is_carried_name, is_weight_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -45,24 +46,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from fastckpt.format.writer import PartitionWriter
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
-
-# File name endings that hold weights: never carried as plain files.
-_WEIGHT_SUFFIXES = (
-    ".safetensors",
-    ".bin",
-    ".pt",
-    ".pth",
-    ".ckpt",
-    ".fckpt",
-    ".gguf",
-    ".h5",
-    ".msgpack",
-    ".onnx",
-    ".ot",
-    ".pkl",
-    ".pickle",
-    ".npz",
-)
 
 LOOKED_FOR = (
     spec.INDEX_FILE,
@@ -103,14 +86,6 @@ class Source:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def is_weight_file(name: str) -> bool:
-    """True for files holding weights (or their shard index): never carried verbatim."""
-    lower = name.lower()
-    if lower.endswith(".index.json"):
-        lower = lower[: -len(".index.json")]
-    return lower.endswith(_WEIGHT_SUFFIXES) or lower == spec.INDEX_FILE
 
 
 def open_source(src: str | os.PathLike[str]) -> Source:
@@ -419,7 +394,7 @@ def _with_carried(source: Source, root: str) -> Source:
     carried: list[tuple[str, str]] = []
     for name in sorted(os.listdir(root)):
         full = os.path.join(root, name)
-        if name.startswith(".") or is_weight_file(name) or not os.path.isfile(full):
+        if not is_carried_name(name) or not os.path.isfile(full):
             continue
         if name.startswith("part-") and name.endswith(".fckpt"):
             continue

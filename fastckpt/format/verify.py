@@ -5,8 +5,8 @@ on several threads and compares each chunk's CRC32C with the index. CRC32C runs 
 with the GIL released, so threads overlap reading and hashing. The first bad chunk in (partition,
 chunk) order raises ``ChecksumError``, however the threads happened to finish.
 
-``check_chunk`` is the same test for one chunk the caller already holds in memory (the loader
-calls it inside its pipeline).
+The loader checks chunks inside its pipeline on its own (``fastckpt.loader.checks``), from CRCs
+of the pieces it reads.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 from fastckpt.errors import ChecksumError, TruncatedError
 from fastckpt.format import spec
@@ -105,42 +104,6 @@ def _mismatch(index: Index, partition: int, chunk: int, actual: int) -> Checksum
         expected=expected,
         actual=actual,
     )
-
-
-def check_chunk(index: Index, partition: int, chunk: int, data: Any) -> None:
-    """Raise ``ChecksumError`` unless ``data`` has checksum ``chunk`` of ``partition``.
-
-    ``data``: a C-contiguous buffer (bytes, memoryview, numpy array) or a contiguous CPU torch
-    tensor of any dtype, holding exactly the chunk's bytes (``chunk_bounds``). Raises
-    ``ValueError`` when the index has no checksums or ``data`` has the wrong length.
-    """
-    start, end = chunk_bounds(index, partition, chunk)
-    if type(data).__module__.startswith("torch"):
-        data = _torch_bytes(data)
-    view = memoryview(data)
-    if not view.c_contiguous:
-        raise ValueError("check_chunk needs a C-contiguous buffer")
-    if view.nbytes != end - start:
-        raise ValueError(f"chunk {chunk} is {end - start} bytes; got a buffer of {view.nbytes}")
-    actual = spec.crc32c(view.cast("B") if view.ndim != 1 or view.format != "B" else view)
-    parts = index.partitions[partition].checksums
-    assert parts is not None
-    if actual != parts[chunk]:
-        raise _mismatch(index, partition, chunk, actual)
-
-
-def _torch_bytes(tensor: Any) -> Any:
-    """A uint8 numpy view of a CPU tensor's bytes (no copy)."""
-    import torch
-
-    if tensor.device.type != "cpu":
-        raise ValueError(f"check_chunk needs host memory, got a tensor on {tensor.device}")
-    if not tensor.is_contiguous():
-        raise ValueError("check_chunk needs a C-contiguous buffer")
-    flat = tensor.reshape(-1)
-    if flat.dtype != torch.uint8:
-        flat = flat.view(torch.uint8) if flat.numel() else flat.new_empty(0, dtype=torch.uint8)
-    return flat.numpy()
 
 
 class _Verifier:
@@ -273,4 +236,4 @@ def verify(path: str | os.PathLike[str], *, threads: int | None = None) -> Verif
     )
 
 
-__all__ = ["READ_PIECE_BYTES", "VerifyReport", "check_chunk", "chunk_bounds", "verify"]
+__all__ = ["READ_PIECE_BYTES", "VerifyReport", "chunk_bounds", "verify"]

@@ -24,6 +24,7 @@ from fastckpt.errors import DeviceError
 from fastckpt.format import spec
 from fastckpt.format.atomic import Staging, check_destination, fsync_path
 from fastckpt.format.sources import StoredTensor, check_tensor_name, state_dict_tensors
+from fastckpt.rules.devices import device_for
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -271,22 +272,6 @@ def plan_layout(
     if not partitions:
         partitions.append((None, 0))
     return Layout(tuple(placements), tuple(order), tuple(partitions))
-
-
-def device_for(name: str, device_map: Mapping[str, str] | None) -> str | None:
-    """The device of ``name``: the longest ``device_map`` key that is ``name`` or a dotted prefix
-    of it (``""`` is the default); None when nothing matches or there is no map."""
-    if not device_map:
-        return None
-    probe = name
-    while True:
-        dev = device_map.get(probe)
-        if dev is not None:
-            return dev
-        if not probe:
-            return None
-        cut = probe.rfind(".")
-        probe = probe[:cut] if cut >= 0 else ""
 
 
 def normalize_device_map(device_map: Mapping[str, Any] | None) -> dict[str, str] | None:

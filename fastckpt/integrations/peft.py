@@ -21,7 +21,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from fastckpt.errors import DeviceError
+from fastckpt.rules.devices import visible_device
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -99,25 +99,12 @@ def _remap(weights: dict[str, Any], key_mapping: Mapping[str, str] | None) -> di
 
 
 def _canonical_device(device: Any) -> str:
+    """``"cpu"`` (also for ``None``) or a visible ``"cuda:N"``."""
     import torch
 
     if device is None:
         return "cpu"
-    if isinstance(device, bool):
-        raise DeviceError(f"device {device!r}: expected 'cpu', 'cuda:N', an int or a torch.device")
-    if isinstance(device, int):
-        device = f"cuda:{device}"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise DeviceError(f"device {device!r} is not a valid torch device") from None
-    if dev.type == "cpu":
-        return "cpu"
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"cannot load to {device!r}: CUDA is not available in this process")
-        return f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"
-    raise DeviceError(f"device {device!r}: fastckpt loads adapters to 'cpu' or CUDA devices")
+    return visible_device(device, torch.cuda)
 
 
 @contextlib.contextmanager
@@ -173,10 +160,7 @@ def _assign_is_exact(root: str, base_dtypes: set[torch.dtype]) -> bool:
 
     if len(base_dtypes) != 1:
         return False
-    try:
-        index = fastckpt.read_index(root)
-    except (AttributeError, ImportError):
-        return False
+    index = fastckpt.read_index(root)
     stored = {torch_dtype(e.dtype) for e in index.tensors.values()}
     stored = {d for d in stored if d.is_floating_point}
     return stored <= base_dtypes

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastckpt.errors import DeviceError, FormatError
+from fastckpt.rules.devices import device_for as _device_for
+from fastckpt.rules.devices import visible_device
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -117,56 +119,10 @@ def _set_config_dtype(config: Any, dtype: torch.dtype) -> None:
 
 
 def _normalize_device(value: Any) -> str:
-    """One device as a canonical string (``"cpu"`` or ``"cuda:N"``); ``DeviceError`` otherwise."""
+    """One device as a canonical string (``"cpu"`` or ``"cuda:N"``), visible to this process."""
     import torch
 
-    if isinstance(value, bool) or value is None:
-        raise DeviceError(f"device {value!r}: expected 'cpu', 'cuda:N', an int or a torch.device")
-    if isinstance(value, int):
-        if value < 0:
-            raise DeviceError(f"device {value}: a CUDA device index must be >= 0")
-        value = f"cuda:{value}"
-    if isinstance(value, torch.device):
-        value = str(value)
-    if not isinstance(value, str):
-        raise DeviceError(
-            f"device {value!r}: expected 'cpu', 'cuda:N', an int, a torch.device or a device map"
-        )
-    if value in ("disk", "meta"):
-        raise DeviceError(
-            f"device {value!r} is not supported by fastckpt.load_model: weights are loaded into "
-            "memory (use 'cpu' or a CUDA device)"
-        )
-    try:
-        dev = torch.device(value)
-    except (RuntimeError, ValueError):
-        raise DeviceError(f"device {value!r} is not a valid torch device") from None
-    if dev.type == "cpu":
-        return "cpu"
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(
-                f"cannot load to {value!r}: CUDA is not available in this process; use device='cpu'"
-            )
-        index = dev.index if dev.index is not None else torch.cuda.current_device()
-        count = torch.cuda.device_count()
-        if index >= count:
-            raise DeviceError(f"cannot load to {value!r}: this process sees {count} CUDA device(s)")
-        return f"cuda:{index}"
-    raise DeviceError(
-        f"device {value!r}: fastckpt.load_model supports 'cpu' and CUDA devices, not {dev.type!r}"
-    )
-
-
-def _device_for(name: str, device_map: Mapping[str, str]) -> str | None:
-    """The device of a parameter/buffer name under a transformers-style device map."""
-    best: str | None = None
-    best_len = -1
-    for key, dev in device_map.items():
-        covers = key == "" or name == key or name.startswith(key + ".")
-        if covers and len(key) > best_len:
-            best, best_len = dev, len(key)
-    return best
+    return visible_device(value, torch.cuda)
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,14 +450,10 @@ def _read_config(
 
 
 def _peek_index(path: str) -> Index | None:
-    """The checkpoint's index without loading data, or None when no reader is available."""
+    """The checkpoint's index without loading data."""
     import fastckpt
 
-    try:
-        reader = fastckpt.read_index
-    except (AttributeError, ImportError):
-        return None
-    return reader(path)
+    return fastckpt.read_index(path)
 
 
 def _load_tensors(path: str, device: str | dict[str, str], load_options: dict[str, Any]) -> Any:
@@ -972,8 +924,6 @@ _IGNORED = frozenset(
         "tqdm_class",
         "disable_mmap",
         "offload_state_dict",
-        "from_tf",
-        "from_flax",
     }
 )
 

@@ -1,5 +1,6 @@
 """In-pipeline checksum verification: pieces of a checksum chunk arrive in any order and are
-checked once the whole chunk is covered. Pure Python bookkeeping around a CRC32C function."""
+checked once the whole chunk is covered: bookkeeping around CRC32C, with the pieces' CRCs
+joined by the engine's ``crc32c_combine``."""
 
 from __future__ import annotations
 
@@ -7,47 +8,8 @@ import threading
 from collections.abc import Callable, Sequence
 
 from fastckpt.errors import ChecksumError
+from fastckpt.io_engine import crc32c_combine
 from fastckpt.loader.plan import ChunkCheck
-
-_POLY = 0x82F63B78
-
-
-def _gf2_times(mat: Sequence[int], vec: int) -> int:
-    out = 0
-    i = 0
-    while vec:
-        if vec & 1:
-            out ^= mat[i]
-        vec >>= 1
-        i += 1
-    return out
-
-
-def _gf2_square(mat: Sequence[int]) -> list[int]:
-    return [_gf2_times(mat, mat[n]) for n in range(32)]
-
-
-def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
-    """CRC32C of A+B from crc(A), crc(B) and len(B) (zlib's method, for the Castagnoli poly)."""
-    if len2 <= 0:
-        return crc1
-    odd = [_POLY] + [1 << (n - 1) for n in range(1, 32)]  # operator for one zero bit
-    even = _gf2_square(odd)  # two zero bits
-    odd = _gf2_square(even)  # four zero bits
-    while True:
-        even = _gf2_square(odd)
-        if len2 & 1:
-            crc1 = _gf2_times(even, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-        odd = _gf2_square(even)
-        if len2 & 1:
-            crc1 = _gf2_times(odd, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-    return crc1 ^ crc2
 
 
 class ChunkVerifier:

@@ -90,6 +90,7 @@ class Timings:
     ring_s: float = 0.0
     finalize_s: float = 0.0
     verify_s: float = 0.0
+    notes: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, name: str, seconds: float) -> None:
@@ -318,6 +319,8 @@ class Executor:
                     ring = self.sources.ring(slot_bytes)
                     self.timings.add("ring_s", time.perf_counter() - t0)
                     self.pipeline(ops, ring, streams)
+                    if (shortfall := ring.shortfall()) is not None:
+                        self.timings.notes.add(shortfall)
             finally:
                 # also on failure: no copy may still target a buffer that is about to be freed
                 t0 = time.perf_counter()

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from fastckpt.errors import DeviceError
 from fastckpt.format import dtypes
 from fastckpt.format.index import Index, TensorEntry
+from fastckpt.rules.devices import canonical_device as resolve_device
+from fastckpt.rules.devices import canonical_device_map, device_for
 
 PAGE = 4096
 # Two tensors of one device whose byte ranges are at most this far apart share a segment (the gap
@@ -97,10 +99,6 @@ class LoadPlan:
     def tensor_nbytes(self) -> int:
         return sum(v.nbytes for v in self.views)
 
-    def reads_for_device(self, device: str) -> tuple[ReadOp, ...]:
-        mine = {b.index for b in self.buffers if b.device == device}
-        return tuple(r for r in self.reads if r.buffer in mine)
-
 
 def _align_down(x: int, a: int) -> int:
     return x - x % a
@@ -110,53 +108,10 @@ def _align_up(x: int, a: int) -> int:
     return -(-x // a) * a
 
 
-def _normalize_device_name(device: str) -> str:
-    text = device.strip().lower()
-    if text == "cuda":
-        return "cuda:0"
-    return text
-
-
-def resolve_device(device: object) -> str:
-    """Canonical device string ("cpu", "cuda:N") for a user's device argument (no torch needed)."""
-    if isinstance(device, bool):
-        raise DeviceError(f"device {device!r} is not a device")
-    if isinstance(device, int):
-        if device < 0:
-            raise DeviceError(f"device index {device} is negative")
-        return f"cuda:{device}"
-    text = str(device)
-    name = _normalize_device_name(text)
-    if name == "cpu":
-        return name
-    if name.startswith("cuda:"):
-        idx = name[5:]
-        if idx.isdigit():
-            return f"cuda:{int(idx)}"
-    raise DeviceError(
-        f"unsupported device {text!r}: fastckpt loads to 'cpu', 'cuda' or 'cuda:N' "
-        "(or a device map of those)"
-    )
-
-
-def device_for(name: str, device_map: Mapping[str, str]) -> str | None:
-    """Device of tensor ``name`` under a prefix map: the longest key that equals the name or is a
-    dotted prefix of it wins; ``""`` is the default."""
-    probe = name
-    while True:
-        if probe in device_map:
-            return device_map[probe]
-        cut = probe.rfind(".")
-        if cut < 0:
-            break
-        probe = probe[:cut]
-    return device_map.get("")
-
-
 def _resolve_targets(index: Index, target: object, names: Iterable[str]) -> dict[str, str]:
     """Map each stored tensor name to its canonical device string."""
     if isinstance(target, Mapping):
-        dmap = {str(k): resolve_device(v) for k, v in target.items()}
+        dmap = canonical_device_map(target)
         out: dict[str, str] = {}
         missing: list[str] = []
         for name in names:

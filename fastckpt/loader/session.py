@@ -26,7 +26,7 @@ from typing import Any
 from fastckpt import io_engine
 from fastckpt.config import Config, get_config
 from fastckpt.config import ssd_tier_dir as _ssd_dir
-from fastckpt.errors import DeviceError, FormatError
+from fastckpt.errors import FormatError
 from fastckpt.format.index import Index
 from fastckpt.format.reader import read_index
 from fastckpt.loader import policy, profile
@@ -36,6 +36,7 @@ from fastckpt.loader.plan import LoadPlan, plan_load
 from fastckpt.loader.staging import StagingRing
 from fastckpt.loader.stats import LoadStats, record
 from fastckpt.loader.tiering import SingleFlight, checkpoint_identity, plan_signature
+from fastckpt.rules.devices import check_cuda_visible
 from fastckpt.tiers.dram import DramItem, DramTier
 from fastckpt.tiers.gpu import GpuTier
 from fastckpt.tiers.pool import HostPool
@@ -54,21 +55,12 @@ def _sampled_residency(path: str) -> float:
 
 
 def _check_devices(devices: Iterable[str]) -> None:
-    cuda = [d for d in devices if d.startswith("cuda")]
-    if not cuda:
+    if not any(d.startswith("cuda") for d in devices):
         return
     import torch
 
-    if not torch.cuda.is_available():
-        raise DeviceError(
-            f"cannot load to {cuda[0]}: CUDA is not available in this process "
-            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda}); use device='cpu'"
-        )
-    count = torch.cuda.device_count()
-    for d in cuda:
-        idx = int(d.split(":", 1)[1])
-        if idx >= count:
-            raise DeviceError(f"cannot load to {d}: this process sees {count} CUDA device(s)")
+    note = f" (torch {torch.__version__}, built with CUDA {torch.version.cuda})"
+    check_cuda_visible(devices, torch.cuda, note=note)
 
 
 _current: contextvars.ContextVar[Loader | None] = contextvars.ContextVar(
@@ -394,6 +386,7 @@ class Loader:
             tier_nbytes=by_tier,
             flight=flight,
             read_profile=prof.as_dict() if prof is not None else None,
+            notes=tuple(sorted(timings.notes)),
         )
         record(result)
         return (tensors, result) if want_stats else tensors

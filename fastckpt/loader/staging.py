@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import warnings
 from typing import Any
 
 import torch
@@ -116,13 +117,24 @@ class StagingRing:
                 return None
             try:
                 slot = self._new_slot()
-            except BaseException as exc:
+            except BaseException as exc:  # out of pinnable memory: run with the slots we have
                 self.error = exc
                 if self._made == 0:
                     raise
+                warnings.warn(f"fastckpt: {self.shortfall()}", RuntimeWarning, stacklevel=2)
                 return None
             self._made += 1
             return slot
+
+    def shortfall(self) -> str | None:
+        """Why the ring has fewer slots than asked for (pinning failed), or None; loads put it
+        in ``LoadStats.notes``."""
+        if self.error is None:
+            return None
+        return (
+            f"pinned staging ring has {self._made} of {self.target_slots} slots: pinning "
+            f"failed ({type(self.error).__name__}: {self.error}); GPU loads run with fewer slots"
+        )
 
     @property
     def slots(self) -> int:
@@ -166,11 +178,3 @@ class StagingRing:
                 slot.tensor = None
                 slot.array = None
                 self.pool.free(slot.block)
-
-
-def current_ring() -> StagingRing | None:
-    """The default Loader's ring, if it made one (benchmarks report its pin method and size)."""
-    from fastckpt.loader.session import peek_default
-
-    loader = peek_default()
-    return None if loader is None else loader.current_ring

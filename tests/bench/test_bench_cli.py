@@ -94,7 +94,7 @@ def test_generated_checkpoint_removed_without_keep(tmp_path: Path) -> None:
         (["--device", "tpu"], "expected cpu or cuda:N"),
         (["--repeats", "0"], "at least 1"),
         (["--size", "100KB"], "at least 1MB"),
-        (["--size", "lots"], "not a number"),
+        (["--size", "lots"], "invalid size"),
         (["--loaders", "safetensors,magic"], "unknown loader 'magic'"),
         (["--scenarios", "lukewarm"], "unknown scenario 'lukewarm'"),
         (["--checkpoint", "/nonexistent/ckpt"], "no such file or folder"),

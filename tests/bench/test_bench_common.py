@@ -8,43 +8,12 @@ import pytest
 from fastckpt.bench import common
 from fastckpt.bench.common import (
     drop_from_page_cache,
-    format_bytes,
     median,
     mount_of,
-    parse_size,
     read_through,
     resident_bytes,
     resident_fraction,
 )
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("2GB", 2_000_000_000),
-        ("2 gb", 2_000_000_000),
-        ("512MiB", 512 << 20),
-        ("8M", 8_000_000),
-        ("1.5GiB", 3 << 29),
-        ("1e9", 1_000_000_000),
-        ("4096", 4096),
-        ("7.81GB", 7_810_000_000),
-    ],
-)
-def test_parse_size(text: str, expected: int) -> None:
-    assert parse_size(text) == expected
-
-
-@pytest.mark.parametrize("text", ["", "GB", "2XB", "-1GB", "two GB", "1..2GB"])
-def test_parse_size_rejects(text: str) -> None:
-    with pytest.raises(ValueError, match="size"):
-        parse_size(text)
-
-
-def test_format_bytes() -> None:
-    assert format_bytes(999) == "999 B"
-    assert format_bytes(7_810_000_000) == "7.81 GB"
-    assert format_bytes(512_000_000) == "512 MB"
 
 
 def test_median() -> None:

@@ -21,7 +21,7 @@ from fastckpt.bench.generate import (
 
 
 def test_anchor_shape_matches_benchmarks_md() -> None:
-    # shared/BENCHMARKS.md: LLaMA-like, bf16, 165 tensors, 7.81 GB.
+    # the project's benchmark brief: LLaMA-like, bf16, 165 tensors, 7.81 GB.
     shape = choose_shape(7_810_000_000)
     assert (shape.hidden, shape.intermediate, shape.vocab, shape.layers) == (4096, 11008, 32000, 18)
     assert len(shape.tensor_specs()) == 165

@@ -199,11 +199,9 @@ def test_wait_releases_the_gil(disk_file: Path, data: np.ndarray, backend: str) 
         waiting.set()
         # If wait() held the GIL, the counter could not run, the engine would stay paused and
         # this would time out.
-        start = time.monotonic()
         batch.wait_all(timeout_s=60)
         t.join()
         assert counted == [100_000]
-        assert time.monotonic() - start > 0
         assert np.array_equal(as_array(buf), data)
 
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastckpt import _core
-from fastckpt.io_engine import AlignedBuffer, crc32c
+from fastckpt.io_engine import AlignedBuffer, crc32c, crc32c_combine
 
 from .conftest import as_array
 
@@ -72,3 +72,9 @@ def test_fast_path_matches_portable_path(start: int, nbytes: int, value: int) ->
 @given(data=st.binary(max_size=300), value=st.integers(0, 2**32 - 1))
 def test_portable_path_matches_reference(data: bytes, value: int) -> None:
     assert _core._crc32c_software(data, value) == reference_crc32c(data, value)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=70_000), st.binary(max_size=70_000))
+def test_combine_joins_two_crcs(a: bytes, b: bytes) -> None:
+    assert crc32c_combine(crc32c(a), crc32c(b), len(b)) == crc32c(a + b)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from fastckpt.io_engine import AlignedBuffer, Engine, File
 
-from .conftest import BACKENDS, DATA_NBYTES, SHM, as_array
+from .conftest import BACKENDS, DATA_NBYTES, as_array
 
 SENTINEL = 0xA5
 PAGE = 4096
@@ -169,7 +169,3 @@ def test_aligned_buffer(nbytes: int) -> None:
 def test_aligned_buffer_rejects_negative_size() -> None:
     with pytest.raises(ValueError, match="nbytes"):
         AlignedBuffer(-1)
-
-
-def test_shm_exists() -> None:
-    assert SHM.is_dir()

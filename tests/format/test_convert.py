@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -418,31 +416,3 @@ def test_peft_bin_adapter_dir(tmp_path) -> None:
     index = fastckpt.convert(tmp_path, tmp_path.parent / "ck_bin_adapter")
     assert index.source["kind"] == "peft" and index.files == ("adapter_config.json",)
     assert_bitwise_equal(sd, read_back(tmp_path.parent / "ck_bin_adapter"))
-
-
-# --- the benchmark cannot rot --------------------------------------------------------------------
-
-
-def test_convert_memory_benchmark_smoke(tmp_path) -> None:
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "convert_memory.py"),
-            "--total-bytes",
-            "3000000",
-            "--tensor-bytes",
-            "200000",
-            "--shards",
-            "2",
-            "--dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "peak RSS" in out.stdout
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["tensors"] == 15 and result["peak_rss_bytes"] > 0
-    assert os.listdir(tmp_path) == []  # the benchmark deletes its files

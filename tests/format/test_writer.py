@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import fastckpt
 from fastckpt.errors import DestinationExistsError, DeviceError, DtypeError
 from fastckpt.format import spec, writer
-from fastckpt.format.writer import device_for, normalize_device_map, plan_layout
+from fastckpt.format.writer import normalize_device_map, plan_layout
 
 
 def _body(path: str) -> dict:
@@ -90,18 +90,6 @@ def test_plan_layout_properties(items, cap, alignment) -> None:
             assert off % alignment == 0 and off + sizes[i] <= nbytes
         data_end = max((o + n for o, n in spans), default=0)
         assert data_end <= cap or len(spans) == 1  # only a lone oversized tensor exceeds the cap
-
-
-def test_device_for_longest_dotted_prefix() -> None:
-    dmap = {"": "cpu", "model.layers.1": "cuda:1", "model": "cuda:0", "model.layers.10": "cuda:2"}
-    assert device_for("model.layers.1.mlp.w", dmap) == "cuda:1"
-    assert device_for("model.layers.10.mlp.w", dmap) == "cuda:2"
-    assert device_for("model.layers.11.mlp.w", dmap) == "cuda:0"
-    assert device_for("model.layers.1", dmap) == "cuda:1"
-    assert device_for("lm_head.weight", dmap) == "cpu"
-    assert device_for("modelx.w", dmap) == "cpu"
-    assert device_for("lm_head.weight", {"model": "cuda:0"}) is None
-    assert device_for("x", None) is None
 
 
 @pytest.mark.parametrize(
