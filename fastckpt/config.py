@@ -140,3 +140,19 @@ def get_config(**overrides: Any) -> Config:
 def env_flag(name: str) -> str | None:
     """Raw value of ``FASTCKPT_<NAME>`` for rarely used switches (tests, benchmarks)."""
     return os.environ.get(f"FASTCKPT_{name.upper()}")
+
+
+# --- fastckpt.sched: where the scheduler's machine profile lives ------------------------------
+
+
+def sched_profile_path() -> str:
+    """Path of the scheduler's machine profile (``fastckpt calibrate`` writes it).
+
+    ``FASTCKPT_SCHED_PROFILE`` if set, else ``sched-profile.json`` in the user cache directory
+    (``$XDG_CACHE_HOME/fastckpt``, default ``~/.cache/fastckpt``).
+    """
+    explicit = os.environ.get("FASTCKPT_SCHED_PROFILE")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fastckpt", "sched-profile.json")

@@ -4,7 +4,8 @@ Fitting (``fit_tier``): loads of a few sizes, in measurement order. The first ``
 discarded (first-use costs: engine start, page-table setup, lazy imports); repeats of one size are
 reduced to their median; then ``seconds = overhead_s + nbytes / bandwidth_bps`` is fitted by least
 squares on relative error (weights 1/seconds^2, so small and large loads count alike). A negative
-intercept is clamped to 0 and the slope refitted through the origin.
+intercept is clamped to 0 and the slope refitted through the origin; a negative slope (load time
+not measurably growing with size) is clamped to ``MAX_BANDWIDTH_BPS``.
 
 Online refinement (``TierProfile.observe``): each observed load gives a per-byte time
 ``(seconds - overhead_s) / nbytes``; the estimate moves towards it by an exponentially weighted
@@ -33,6 +34,9 @@ from fastckpt.sched.model import SchedError, TierSpeed
 
 PROFILE_VERSION = 1
 ALPHA = 0.4
+#: Fitted bandwidths are capped here (10 TB/s): beyond it the size of a load is not measurable
+#: against its fixed overhead (e.g. mapping page-cached files without copying).
+MAX_BANDWIDTH_BPS = 1e13
 
 
 def observations_to_converge(ratio: float, tolerance: float = 0.05, alpha: float = ALPHA) -> int:
@@ -91,13 +95,23 @@ def fit_tier(samples: Sequence[Sample], *, warmup: int = 1) -> TierFit:
     sxx = sum(w * x * x for w, x in zip(ws, xs, strict=True))
     sxy = sum(w * x * y for w, x, y in zip(ws, xs, ys, strict=True))
     det = sw * sxx - sx * sx
+    # Non-negative least squares in two unknowns: the unconstrained solution if both are >= 0,
+    # else the better of "no overhead" (through the origin) and "no size dependence".
+    cands: list[tuple[float, float]] = []
     slope = (sw * sxy - sx * sy) / det
     intercept = (sy - slope * sx) / sw
-    if intercept < 0 or slope <= 0:
-        intercept = 0.0
-        slope = sxy / sxx
-    if slope <= 0:
-        raise SchedError("calibration loads got faster with size: cannot fit a bandwidth")
+    if slope > 0 and intercept >= 0:
+        cands.append((intercept, slope))
+    else:
+        cands.append((0.0, sxy / sxx))
+        cands.append((sy / sw, 0.0))
+
+    def sse(c: tuple[float, float]) -> float:
+        return sum(w * (c[0] + c[1] * x - y) ** 2 for w, x, y in zip(ws, xs, ys, strict=True))
+
+    intercept, slope = min(cands, key=sse)
+    # no measurable size dependence: report the bandwidth cap rather than an infinite one
+    slope = max(slope, 1.0 / MAX_BANDWIDTH_BPS)
     worst = max(abs(intercept + slope * x - y) / y for x, y in zip(xs, ys, strict=True))
     return TierFit(1.0 / slope, intercept, len(kept), min(warmup, len(samples)), tuple(xs), worst)
 
