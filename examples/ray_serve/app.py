@@ -17,7 +17,6 @@ in each tier, the loads in its queue and the instances it runs; and ``load_model
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -128,5 +127,5 @@ def main() -> None:
         ray.shutdown()
 
 
-if __name__ == "__main__" and not os.environ.get("FASTCKPT_EXAMPLE_IMPORT_ONLY"):
+if __name__ == "__main__":
     main()

@@ -3,10 +3,11 @@
 ``python -m fastckpt.sched.accuracy [--train 64,128,256] [--held-out 512,1024] [--device cpu]``
 
 Writes the checkpoints under ``--dir`` (default: a temporary directory next to the profile, i.e.
-on the storage being measured), calibrates the ``dram`` (warm: page-cached) and ``disk`` (cold:
-evicted) tiers through ``fastckpt.load`` exactly as ``fastckpt calibrate`` does, then loads each
-held-out checkpoint ``--repeats`` times per tier, interleaving tiers and sizes, and prints the
-prediction against the median measured time (with min-max spread). Nothing is asserted; on a
+on the storage being measured). Per tier (``dram``: page-cached, warm; ``disk``: evicted, cold),
+every round loads all checkpoints through ``fastckpt.load`` (sizes forward, then backward), the
+first round is warm-up; the calibration checkpoints' loads are fitted exactly as
+``fastckpt calibrate`` fits them, and the fit's prediction for each held-out checkpoint is
+compared with its median measured time (with min-max spread). Nothing is asserted; on a
 shared machine the spread says how far to trust a single number.
 """
 
@@ -21,7 +22,8 @@ import tempfile
 from collections.abc import Sequence
 
 from fastckpt.config import sched_profile_path
-from fastckpt.sched.calibrate import PREPARE, calibrate, fastckpt_load_fn, write_checkpoints
+from fastckpt.sched.calibrate import PREPARE, fastckpt_load_fn, write_checkpoints
+from fastckpt.sched.profile import Sample, TierFit, fit_tier, profile_from_fits
 
 MiB = 1 << 20
 
@@ -30,8 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastckpt.sched.accuracy")
     ap.add_argument("--train", default="64,128,256", help="calibration sizes, MiB")
     ap.add_argument("--held-out", default="512,1024", help="predicted sizes, MiB")
-    ap.add_argument("--repeats", type=int, default=5, help="measured loads per held-out size")
-    ap.add_argument("--calib-repeats", type=int, default=5, help="loads per calibration size")
+    ap.add_argument("--repeats", type=int, default=5, help="measured rounds after warm-up")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--tiers", default="dram,disk")
     ap.add_argument("--dir", default=None)
@@ -47,28 +48,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         train_ckpts = write_checkpoints(work, train)
         held_ckpts = write_checkpoints(work, held)
-        profile, runs = calibrate(
-            load, train_ckpts, device=a.device, tiers=tiers, repeats=a.calib_repeats
-        )
-        for run in runs:
-            print(
-                f"fit {run.tier}: {run.fit.bandwidth_bps / 1e9:.3f} GB/s + "
-                f"{run.fit.overhead_s * 1e3:.2f} ms; samples (bytes, s): "
-                + ", ".join(f"({s.nbytes >> 20} MiB, {s.seconds:.4f})" for s in run.samples)
-            )
+        # Calibration and held-out loads alternate within every round (sizes forward, then
+        # backward), so that the contention of a shared machine hits both alike; the first
+        # round is warm-up and discarded, exactly as in `fastckpt calibrate`.
+        fits: dict[str, TierFit] = {}
         measured: dict[tuple[str, str], list[float]] = {}
         nbytes: dict[str, int] = {}
-        for ckpt in held_ckpts:  # one warm-up load each (first-use costs, page cache filled)
-            load(ckpt)
-        for r in range(a.repeats):
-            order = [(t, c) for t in tiers for c in held_ckpts]
-            if r % 2:
-                order.reverse()
-            for tier, ckpt in order:
-                PREPARE[tier](ckpt)
-                n, secs = load(ckpt)
-                nbytes[ckpt] = n
-                measured.setdefault((tier, ckpt), []).append(secs)
+        everything = train_ckpts + held_ckpts
+        for tier in tiers:
+            samples: list[Sample] = []
+            for r in range(1 + a.repeats):
+                order = everything if r % 2 == 0 else list(reversed(everything))
+                for ckpt in order:
+                    PREPARE[tier](ckpt)
+                    n, secs = load(ckpt)
+                    nbytes[ckpt] = n
+                    if ckpt in train_ckpts:
+                        samples.append(Sample(n, secs))
+                    elif r > 0:
+                        measured.setdefault((tier, ckpt), []).append(secs)
+            fits[tier] = fit_tier(samples, warmup=len(train_ckpts))
+            f = fits[tier]
+            print(
+                f"fit {tier}: {f.bandwidth_bps / 1e9:.3f} GB/s + {f.overhead_s * 1e3:.2f} ms "
+                f"(worst residual {f.max_rel_residual:.1%}); calibration samples (MiB, s): "
+                + ", ".join(f"({s.nbytes >> 20}, {s.seconds:.4f})" for s in samples)
+            )
+        profile = profile_from_fits(a.device, fits)
         rows = []
         print("| tier | size MiB | predicted s | measured median s (min-max) | error |")
         print("|---|---:|---:|---:|---:|")

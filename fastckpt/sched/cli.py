@@ -90,6 +90,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _secs(x: float) -> str:
+    return f"{x * 1e3:.2f} ms" if x < 1 else f"{x:.3f} s"
+
+
 def add_estimate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint (fastckpt directory or safetensors)")
     p.add_argument("--profile", default=None, help="profile path (default: as for calibrate)")
@@ -126,8 +130,8 @@ def run_estimate(args: argparse.Namespace) -> int:
         t = profile.tier(e.tier)
         refined = f", refined by {t.observations} loads" if t.observations else ""
         print(
-            f"  {e.tier:5s} {e.total_s:8.3f} s = overhead {e.overhead_s:.3f} s + "
-            f"{e.nbytes / 1e9:.3f} GB / {e.bandwidth_bps / 1e9:.3f} GB/s ({e.transfer_s:.3f} s)"
-            f"{refined}"
+            f"  {e.tier:6s} {_secs(e.total_s):>10s} = overhead {_secs(e.overhead_s)} + "
+            f"{e.nbytes / 1e9:.3f} GB / {e.bandwidth_bps / 1e9:.3f} GB/s "
+            f"({_secs(e.transfer_s)}){refined}"
         )
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ray_serve" / "app.
 
 
 def _example():
-    os.environ["FASTCKPT_EXAMPLE_IMPORT_ONLY"] = "1"
     spec = importlib.util.spec_from_file_location("fastckpt_ray_serve_example", EXAMPLE)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
