@@ -299,3 +299,19 @@ def replay(profile: TierProfile, observations: Iterable[Sample]) -> list[TierPro
         profile = profile.observe(s.nbytes, s.seconds)
         out.append(profile)
     return out
+
+
+def refine_saved(
+    tier: str, stats: Any, path: str | os.PathLike[str] | None = None
+) -> MachineProfile:
+    """Refine the saved machine profile from one observed load and save it back.
+
+    ``stats`` is a ``fastckpt.LoadStats`` (or anything with ``nbytes`` and ``seconds``); ``path``
+    defaults to the profile ``fastckpt calibrate`` writes. Returns the refined profile.
+    """
+    from fastckpt.config import sched_profile_path
+
+    target = Path(path) if path is not None else Path(sched_profile_path())
+    refined = MachineProfile.load(target).observe_stats(tier, stats)
+    refined.save(target)
+    return refined

@@ -144,3 +144,19 @@ def test_tier_profile_rejects_bad_observation() -> None:
         t.observe(-1, 1.0)
     with pytest.raises(SchedError):
         t.observe(1, float("nan"))
+
+
+def test_refine_saved_profile_through_loadstats_shape(tmp_path) -> None:
+    from fastckpt.sched.profile import refine_saved
+
+    class Stats:
+        nbytes = 4 * GB
+        seconds = 0.05 + 4 * GB / GB  # the tier got twice as slow
+
+    path = _profile().save(tmp_path / "p.json")
+    for _ in range(observations_to_converge(2.0)):
+        refine_saved("dram", Stats(), path)
+    t = MachineProfile.load(path).tier("dram")
+    assert t.observations == observations_to_converge(2.0)
+    assert t.bandwidth_bps == pytest.approx(GB, rel=0.05)
+    assert t.calibrated_bandwidth_bps == pytest.approx(2 * GB)
