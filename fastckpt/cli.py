@@ -279,6 +279,28 @@ register(
     _run_cache,
 )
 
+
+# fastckpt.sched: calibrate this machine's tiers, estimate a checkpoint's load time
+def _sched_cli() -> Any:
+    from fastckpt.sched import cli as sched_cli
+
+    return sched_cli
+
+
+register(
+    "calibrate",
+    "measure this machine's load tiers and write the scheduler's profile",
+    lambda p: _sched_cli().add_calibrate_arguments(p),
+    lambda a: _sched_cli().run_calibrate(a),
+)
+register(
+    "estimate",
+    "estimate a checkpoint's load time per tier from the profile",
+    lambda p: _sched_cli().add_estimate_arguments(p),
+    lambda a: _sched_cli().run_estimate(a),
+)
+
+
 # --- entry points -------------------------------------------------------------------------------
 
 

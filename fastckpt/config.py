@@ -182,3 +182,18 @@ def profile_dir(cfg: Config) -> str:
 
 def ssd_tier_dir(cfg: Config) -> str:
     return cfg.ssd_tier_dir or os.path.join(cache_dir(cfg), "ssd")
+
+
+# --- fastckpt.sched: where the scheduler's machine profile lives ------------------------------
+
+
+def sched_profile_path() -> str:
+    """Path of the scheduler's machine profile (``fastckpt calibrate`` writes it).
+
+    ``FASTCKPT_SCHED_PROFILE`` if set, else ``sched-profile.json`` in the user cache directory
+    (``$XDG_CACHE_HOME/fastckpt``, default ``~/.cache/fastckpt``).
+    """
+    explicit = os.environ.get("FASTCKPT_SCHED_PROFILE")
+    if explicit:
+        return explicit
+    return os.path.join(cache_dir(), "sched-profile.json")
