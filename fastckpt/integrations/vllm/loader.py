@@ -1,0 +1,73 @@
+"""The vLLM model loader for ``load_format="fastckpt"``. Imports vLLM: only ``register()`` (run by
+vLLM's plug-in mechanism) imports this module.
+
+vLLM builds the model (its own classes, on its target device, with its tensor-parallel
+layout); this loader only feeds the model's ``load_weights`` from fastckpt and checks that the
+checkpoint filled every parameter.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from torch import nn
+from vllm.config import ModelConfig
+from vllm.config.load import LoadConfig
+from vllm.logger import init_logger
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+from fastckpt.errors import SourceError
+from fastckpt.integrations.vllm.options import VllmLoadOptions, parse_options
+from fastckpt.integrations.vllm.weights import iter_weights, load_checked
+
+logger = init_logger(__name__)
+
+
+class FastckptModelLoader(BaseModelLoader):
+    """``--load-format fastckpt``: weights from a fastckpt folder or a stock safetensors folder.
+
+    Options come from ``--model-loader-extra-config`` (see ``options.VllmLoadOptions``); they are
+    checked when the loader is created, so a bad option fails before any model is built.
+    """
+
+    def __init__(self, load_config: LoadConfig) -> None:
+        super().__init__(load_config)
+        extra = load_config.model_loader_extra_config
+        self.options: VllmLoadOptions = parse_options(extra if extra else None)
+
+    def checkpoint_path(self, model_config: ModelConfig) -> str:
+        """The local path the weights are read from: the ``checkpoint`` option, else the model
+        folder. vLLM's ``--model`` may name a hub repository; this loader reads local folders
+        only (download first, e.g. ``huggingface-cli download``)."""
+        path = self.options.checkpoint or model_config.model
+        if not os.path.exists(path):
+            raise SourceError(
+                "load format 'fastckpt' reads a local folder, and this path does not exist; "
+                "download the model first (or convert it with `fastckpt convert`) and pass "
+                "its folder",
+                path=str(path),
+            )
+        return os.path.abspath(path)
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        self.checkpoint_path(model_config)
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        path = self.checkpoint_path(model_config)
+        start = time.perf_counter()
+        quantized = model_config.quantization is not None
+        load_checked(
+            model.load_weights,
+            iter_weights(path, self.options),
+            expected=None if quantized else {name for name, _ in model.named_parameters()},
+            checkpoint=path,
+            model=f"{model_config.model} ({', '.join(model_config.architectures or ['?'])})",
+        )
+        logger.info(
+            "fastckpt: loading weights from %s took %.2f seconds (engine=%s, verify=%s)",
+            path,
+            time.perf_counter() - start,
+            self.options.engine,
+            self.options.verify,
+        )
