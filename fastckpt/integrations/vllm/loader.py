@@ -21,7 +21,8 @@ from fastckpt.errors import SourceError
 from fastckpt.integrations.vllm.options import VllmLoadOptions, parse_options
 from fastckpt.integrations.vllm.weights import iter_weights, load_checked
 
-logger = init_logger(__name__)
+# Under the "vllm" logger namespace, so that vLLM's log configuration shows these lines.
+logger = init_logger("vllm.fastckpt")
 
 
 class FastckptModelLoader(BaseModelLoader):
@@ -64,10 +65,11 @@ class FastckptModelLoader(BaseModelLoader):
             checkpoint=path,
             model=f"{model_config.model} ({', '.join(model_config.architectures or ['?'])})",
         )
+        # The same words as vLLM's default loader, so one log parser reads both.
         logger.info(
-            "fastckpt: loading weights from %s took %.2f seconds (engine=%s, verify=%s)",
-            path,
+            "Loading weights took %.2f seconds (fastckpt, %s, engine=%s, verify=%s)",
             time.perf_counter() - start,
+            path,
             self.options.engine,
             self.options.verify,
         )
