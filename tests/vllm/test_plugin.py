@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -105,13 +104,17 @@ def test_load_checked_names_the_tensor_on_a_shape_mismatch() -> None:
 
 def test_load_checked_unknown_name() -> None:
     with pytest.raises(CheckpointMismatchError, match=r"at tensor 'zz'.*KeyError"):
-        load_checked(_model({"a": (1,)}), [("zz", _T((1,)))], expected={"a"}, checkpoint="c", model="m")
+        load_checked(
+            _model({"a": (1,)}), [("zz", _T((1,)))], expected={"a"}, checkpoint="c", model="m"
+        )
 
 
 def test_load_checked_missing_parameters_and_empty_checkpoint() -> None:
     params = {f"p{i}": (1,) for i in range(12)}
     with pytest.raises(CheckpointMismatchError, match=r"11 parameter\(s\) were not in it: p1, p10"):
-        load_checked(_model(params), [("p0", _T((1,)))], expected=set(params), checkpoint="c", model="m")
+        load_checked(
+            _model(params), [("p0", _T((1,)))], expected=set(params), checkpoint="c", model="m"
+        )
     with pytest.raises(CheckpointMismatchError, match="holds no tensors"):
         load_checked(_model(params), [], expected=None, checkpoint="c", model="m")
 
@@ -172,7 +175,9 @@ def test_iter_weights_stock_and_converted_equal_safetensors(tmp_path: Path) -> N
         for name, tensor in got:
             assert tensor.device.type == "cpu"
             assert tensor.dtype == state[name].dtype and tensor.shape == state[name].shape
-            assert torch.equal(tensor.reshape(-1).view(torch.uint8), state[name].reshape(-1).view(torch.uint8))
+            assert torch.equal(
+                tensor.reshape(-1).view(torch.uint8), state[name].reshape(-1).view(torch.uint8)
+            )
 
 
 def test_iter_weights_verify_on_stock_folder_is_refused(tmp_path: Path) -> None:
@@ -189,14 +194,19 @@ def test_iter_weights_verify_on_stock_folder_is_refused(tmp_path: Path) -> None:
 # --- packaging and import direction -------------------------------------------------------------
 
 
-def test_entry_point_and_extra_declared() -> None:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    plugins = project["entry-points"]["vllm.general_plugins"]
-    assert plugins == {"fastckpt": "fastckpt.integrations.vllm:register"}
-    assert any(req.startswith("vllm") for req in project["optional-dependencies"]["vllm"])
-    import fastckpt.integrations.vllm as plugin
+def test_installed_package_declares_the_plugin_and_extra() -> None:
+    """What vLLM looks up: the entry point of the installed distribution (re-install after
+    editing pyproject.toml)."""
+    from importlib import metadata
 
-    assert callable(plugin.register)
+    plugins = [
+        e for e in metadata.entry_points(group="vllm.general_plugins") if e.name == "fastckpt"
+    ]
+    assert [e.value for e in plugins] == ["fastckpt.integrations.vllm:register"]
+    assert callable(plugins[0].load())
+    dist = metadata.distribution("fastckpt")
+    assert "vllm" in (dist.metadata.get_all("Provides-Extra") or [])
+    assert any('extra == "vllm"' in r and r.startswith("vllm") for r in dist.requires or [])
 
 
 def test_fastckpt_does_not_import_vllm() -> None:

@@ -28,7 +28,10 @@ def _vllm_python() -> str | None:
     named = os.environ.get("FASTCKPT_VLLM_PYTHON")
     if named:
         return named
-    if importlib.util.find_spec("vllm") is not None:
+    # A real package, not the namespace package that this test folder (tests/vllm) forms when
+    # tests/ is on sys.path.
+    spec = importlib.util.find_spec("vllm")
+    if spec is not None and spec.origin is not None:
         return sys.executable
     return None
 
@@ -46,7 +49,9 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         capture_output=True,
         text=True,
     )
-    assert where.returncode == 0, f"{python} cannot import fastckpt and vllm:\n{where.stderr[-2000:]}"
+    assert where.returncode == 0, (
+        f"{python} cannot import fastckpt and vllm:\n{where.stderr[-2000:]}"
+    )
     assert Path(where.stdout.strip()).resolve().is_relative_to(ROOT), (
         f"{python} imports fastckpt from {where.stdout.strip()}, not from this checkout {ROOT}; "
         "rebuild the venv with tests/vllm/make_venv.sh"

@@ -19,7 +19,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 PROMPTS = [[1, 17, 42, 99, 7], [5, 300, 8], [250, 251, 252, 253, 254, 255, 2]]
 MAX_TOKENS = 12
@@ -58,7 +57,9 @@ def build_model(kind: str, root: str) -> str:
         )
         cls = transformers.Qwen2ForCausalLM
     elif kind == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=512, n_positions=256, n_embd=128, n_layer=2, n_head=2)
+        cfg = transformers.GPT2Config(
+            vocab_size=512, n_positions=256, n_embd=128, n_layer=2, n_head=2
+        )
         cls = transformers.GPT2LMHeadModel
     else:
         raise SystemExit(f"unknown model kind {kind!r}")
@@ -96,7 +97,8 @@ if __name__ == "__main__":
         out = {"case": case["name"]}
         start = time.perf_counter()
         try:
-            llm = LLM(model=case["model"], load_format=case["load_format"], skip_tokenizer_init=True,
+            llm = LLM(model=case["model"], load_format=case["load_format"],
+                      skip_tokenizer_init=True,
                       dtype="bfloat16", max_model_len=128, max_num_seqs=4, enforce_eager=True,
                       gpu_memory_utilization=job["mem"], tensor_parallel_size=case.get("tp", 1),
                       distributed_executor_backend=None if job["spawn"] else "uni",
@@ -145,7 +147,7 @@ def run_cases(
     # vLLM's own timer, one line per successful load, in case order.
     weights = [float(m.group(1)) for m in _WEIGHTS_RE.finditer(log)]
     ok = [name for name, out in results.items() if "tokens" in out]
-    for name, secs in zip(ok, weights):
+    for name, secs in zip(ok, weights, strict=False):
         results[name]["weights_s"] = secs
     if proc.returncode != 0 or len(results) != len(cases):
         results["_runner"] = {"error": f"runner exited {proc.returncode}", "log_tail": log[-6000:]}
@@ -197,18 +199,31 @@ def main(argv: list[str] | None = None) -> int:
     results, _ = run_cases(cases, mem=a.mem)
     if a.spawn:
         spawned, _ = run_cases(
-            [dict(name=f"{first}/fastckpt_converted_spawn", model=folders[first][1],
-                  load_format="fastckpt")],
+            [
+                dict(
+                    name=f"{first}/fastckpt_converted_spawn",
+                    model=folders[first][1],
+                    load_format="fastckpt",
+                )
+            ],
             spawn=True,
             mem=a.mem,
         )
         results.update(spawned)
     if a.tp > 1:
         tp_cases = [
-            dict(name=f"{first}/safetensors_tp{a.tp}", model=folders[first][0],
-                 load_format="safetensors", tp=a.tp),
-            dict(name=f"{first}/fastckpt_converted_tp{a.tp}", model=folders[first][1],
-                 load_format="fastckpt", tp=a.tp),
+            dict(
+                name=f"{first}/safetensors_tp{a.tp}",
+                model=folders[first][0],
+                load_format="safetensors",
+                tp=a.tp,
+            ),
+            dict(
+                name=f"{first}/fastckpt_converted_tp{a.tp}",
+                model=folders[first][1],
+                load_format="fastckpt",
+                tp=a.tp,
+            ),
         ]
         tp_results, _ = run_cases(tp_cases, spawn=True, mem=a.mem)
         results.update(tp_results)

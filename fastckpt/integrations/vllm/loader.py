@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 from torch import nn
 from vllm.config import ModelConfig
@@ -59,7 +61,7 @@ class FastckptModelLoader(BaseModelLoader):
         start = time.perf_counter()
         quantized = model_config.quantization is not None
         load_checked(
-            model.load_weights,
+            cast(Callable[[Iterable[tuple[str, Any]]], Any], model.load_weights),
             iter_weights(path, self.options),
             expected=None if quantized else {name for name, _ in model.named_parameters()},
             checkpoint=path,

@@ -113,8 +113,10 @@ def load_checked(
     if expected is not None and loaded is not None:
         missing = sorted(expected - set(loaded))
         if missing:
-            shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+            shown = ", ".join(missing[:8])
+            if len(missing) > 8:
+                shown += f", ... ({len(missing)} in all)"
             raise CheckpointMismatchError(
-                f"checkpoint {checkpoint} does not match model {model}: {len(missing)} parameter(s) "
-                f"were not in it: {shown}"
+                f"checkpoint {checkpoint} does not match model {model}: {len(missing)} "
+                f"parameter(s) were not in it: {shown}"
             )
