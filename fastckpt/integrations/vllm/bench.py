@@ -104,24 +104,29 @@ def prepare(files, cache):
                     pass
 
 def load(entry):
-    llm = LLM(model=entry["model"], load_format=entry["load_format"], skip_tokenizer_init=True,
+    try:
+        llm = LLM(model=entry["model"], load_format=entry["load_format"], skip_tokenizer_init=True,
               dtype="bfloat16", max_model_len=128, max_num_seqs=1, enforce_eager=True,
               gpu_memory_utilization=job["mem"], distributed_executor_backend="uni",
               model_loader_extra_config={}, seed=0)
-    del llm
+        del llm
+        error = None
+    except Exception as e:  # a peer loader that does not run here: reported, not fatal
+        error = f"{type(e).__name__}: {e}"[:500]
     gc.collect()
     cleanup_dist_env_and_memory()
+    return error
 
 for entry in job["warmup"]:
     prepare(entry["files"], "warm")
-    load(entry)
-    print("BENCH_MARK warmup", flush=True)
+    error = load(entry)
+    print("BENCH_MARK " + json.dumps({"warmup": entry["name"], "error": error}), flush=True)
 for entry in job["timed"]:
     prepare(entry["files"], entry["cache"])
     resident = sum(io.residency(f) * os.path.getsize(f) for f in entry["files"])
-    load(entry)
+    error = load(entry)
     print("BENCH_MARK " + json.dumps({"name": entry["name"], "cache": entry["cache"],
-                                      "resident_bytes": resident}), flush=True)
+                                      "resident_bytes": resident, "error": error}), flush=True)
 """
 
 
@@ -145,11 +150,11 @@ def _round(job: dict[str, Any]) -> list[dict[str, Any]]:
         if m:
             pending = float(m.group(1))
         elif line.startswith("BENCH_MARK "):
-            payload = line.split(" ", 1)[1]
-            if payload != "warmup":
-                if pending is None:
-                    raise RuntimeError(f"no 'Loading weights took' line before {payload}")
-                out.append({**json.loads(payload), "weights_s": pending})
+            mark = json.loads(line.split(" ", 1)[1])
+            if "warmup" not in mark:
+                if mark["error"] is None and pending is None:
+                    raise RuntimeError(f"no 'Loading weights took' line before {mark}")
+                out.append({**mark, "weights_s": None if mark["error"] else pending})
             pending = None
     return out
 
@@ -186,10 +191,15 @@ def run(
         timed = [{**e, "cache": c} for c in caches for e in order]
         samples += _round({"warmup": entries, "timed": timed, "mem": 0.1})
     nbytes = sum(os.path.getsize(f) for f in weight_files(stock) if f.endswith(".safetensors"))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, _, folder in loaders:
         for cache in caches:
-            secs = [s["weights_s"] for s in samples if s["name"] == name and s["cache"] == cache]
+            mine = [s for s in samples if s["name"] == name and s["cache"] == cache]
+            secs = [s["weights_s"] for s in mine if s["weights_s"] is not None]
+            if not secs:
+                errors = sorted({str(s["error"]) for s in mine})
+                rows.append({"loader": name, "files": folder, "cache": cache, "error": errors[0]})
+                continue
             med = statistics.median(secs)
             rows.append(
                 {
@@ -225,6 +235,10 @@ def to_markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
+        if "error" in r:
+            failed = f"failed: {r['error']}"
+            lines.append(f"| {r['loader']} | {r['files']} | {r['cache']} | {failed} | | |")
+            continue
         gbps = f"{r['gbps']:.2f}" if r["gbps"] else "-"
         lines.append(
             f"| {r['loader']} | {r['files']} | {r['cache']} | {r['median_s']:.2f} "
