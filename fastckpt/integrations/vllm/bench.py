@@ -130,7 +130,8 @@ for entry in job["timed"]:
 """
 
 
-def _round(job: dict[str, Any]) -> list[dict[str, Any]]:
+def run_round(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run one round (warm-ups, then the timed loads) in a fresh interpreter."""
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(
         [sys.executable, "-c", _ROUND, json.dumps(job)],
@@ -142,7 +143,12 @@ def _round(job: dict[str, Any]) -> list[dict[str, Any]]:
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise RuntimeError(f"vLLM benchmark round failed ({proc.returncode}):\n{log[-5000:]}")
-    # Walk the log in order: each "Loading weights took" belongs to the next BENCH_MARK line.
+    return parse_round_log(log)
+
+
+def parse_round_log(log: str) -> list[dict[str, Any]]:
+    """The timed samples of one round's log, in order: each "Loading weights took" line belongs
+    to the next BENCH_MARK line (a failed load has none, and gets ``weights_s=None``)."""
     out: list[dict[str, Any]] = []
     pending: float | None = None
     for line in log.splitlines():
@@ -189,10 +195,30 @@ def run(
     for r in range(rounds):
         order = entries[r % len(entries) :] + entries[: r % len(entries)]
         timed = [{**e, "cache": c} for c in caches for e in order]
-        samples += _round({"warmup": entries, "timed": timed, "mem": 0.1})
+        samples += run_round({"warmup": entries, "timed": timed, "mem": 0.1})
     nbytes = sum(os.path.getsize(f) for f in weight_files(stock) if f.endswith(".safetensors"))
+    return {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "loadavg_start": os.getloadavg(),
+            "vllm": vllm.__version__,
+        },
+        "model": {"stock": stock, "converted": converted, "nbytes": nbytes},
+        "rows": summarise(samples, [(n, f) for n, _, f in loaders], caches, nbytes),
+        "samples": samples,
+    }
+
+
+def summarise(
+    samples: list[dict[str, Any]],
+    loaders: list[tuple[str, str]],
+    caches: tuple[str, ...],
+    nbytes: int,
+) -> list[dict[str, Any]]:
+    """One row per (loader, cache): median and spread of the timed samples, or the error."""
     rows: list[dict[str, Any]] = []
-    for name, _, folder in loaders:
+    for name, folder in loaders:
         for cache in caches:
             mine = [s for s in samples if s["name"] == name and s["cache"] == cache]
             secs = [s["weights_s"] for s in mine if s["weights_s"] is not None]
@@ -213,17 +239,7 @@ def run(
                     "n": len(secs),
                 }
             )
-    return {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "loadavg_start": os.getloadavg(),
-            "vllm": vllm.__version__,
-        },
-        "model": {"stock": stock, "converted": converted, "nbytes": nbytes},
-        "rows": rows,
-        "samples": samples,
-    }
+    return rows
 
 
 def to_markdown(result: dict[str, Any]) -> str:
