@@ -124,34 +124,49 @@ def run_cases(
     spawn: bool = False,
     mem: float = 0.1,
     timeout_s: float = 900,
+    env_extra: dict[str, str] | None = None,
 ) -> tuple[dict[str, dict[str, object]], str]:
     """Run ``cases`` (name, model, load_format, optional extra and tp) in one fresh interpreter.
     Returns ``{name: {tokens | error, wall_s, weights_s}}`` and the combined log."""
     job = dict(cases=cases, spawn=spawn, mem=mem, prompts=PROMPTS, max_tokens=MAX_TOKENS)
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
     if not spawn:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     proc = subprocess.run(
         [sys.executable, "-c", ENGINE, json.dumps(job)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # one stream, so each timer line precedes its case's result
         text=True,
         timeout=timeout_s,
         env=env,
     )
-    log = proc.stdout + proc.stderr
+    log = proc.stdout
     results: dict[str, dict[str, object]] = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("E2E_RESULT "):
+    timers: list[float] = []  # vLLM's "Loading weights took", one per rank that logs it
+    for line in log.splitlines():
+        m = _WEIGHTS_RE.search(line)
+        if m:
+            timers.append(float(m.group(1)))
+        elif line.startswith("E2E_RESULT "):
             out = json.loads(line.split(" ", 1)[1])
+            out["weights_s"] = timers
+            timers = []
             results[out.pop("case")] = out
-    # vLLM's own timer, one line per successful load, in case order.
-    weights = [float(m.group(1)) for m in _WEIGHTS_RE.finditer(log)]
-    ok = [name for name, out in results.items() if "tokens" in out]
-    for name, secs in zip(ok, weights, strict=False):
-        results[name]["weights_s"] = secs
     if proc.returncode != 0 or len(results) != len(cases):
         results["_runner"] = {"error": f"runner exited {proc.returncode}", "log_tail": log[-6000:]}
     return results, log
+
+
+def cpu_bind(ranks: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for ``ranks`` CPU workers: this process's CPUs split into equal
+    runs ("0|1" on two cores). vLLM's automatic binding wants one NUMA node per rank and refuses
+    TP > 1 on a one-node machine."""
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        return os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+    cpus = sorted(os.sched_getaffinity(0))
+    per = max(1, len(cpus) // ranks)
+    runs = [cpus[r * per : (r + 1) * per] or cpus[-1:] for r in range(ranks)]
+    return "|".join(str(c[0]) if len(c) == 1 else f"{c[0]}-{c[-1]}" for c in runs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
                 tp=a.tp,
             ),
         ]
-        tp_results, _ = run_cases(tp_cases, spawn=True, mem=a.mem)
+        tp_results, _ = run_cases(
+            tp_cases, spawn=True, mem=a.mem, env_extra={"VLLM_CPU_OMP_THREADS_BIND": cpu_bind(a.tp)}
+        )
         results.update(tp_results)
     print("E2E_ALL " + json.dumps(results))
     return 0
