@@ -14,8 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from torch import nn
-from vllm.config import ModelConfig
-from vllm.config.load import LoadConfig
+from vllm.config import LoadConfig, ModelConfig
 from vllm.logger import init_logger
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
