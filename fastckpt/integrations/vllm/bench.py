@@ -9,10 +9,12 @@ safetensors folder and a fastckpt-converted copy. Every loader in the comparison
 folder (the same files, so the host's per-file caching treats them alike); ``fastckpt`` on the
 converted copy is reported on its own row because it reads other files.
 
-The time is vLLM's: the "Loading weights took N seconds" line that its default loader logs and
-that the fastckpt loader logs in the same words (from the first weight read to the end of the
-model's ``load_weights``). Each round runs in a fresh interpreter with vLLM's engine in-process;
-each loader first loads once untimed (imports, first-call costs), then the timed loads follow in
+The time is that of the loader's ``load_weights`` inside vLLM's worker (reading the checkpoint and
+filling the model's parameters; model construction and post-processing excluded), taken by one
+timer around whichever loader vLLM picks, because ``runai_streamer`` logs no time of its own.
+vLLM's own "Loading weights took N seconds" line (its default loader; the fastckpt loader logs the
+same words) is kept beside it as ``vllm_log_s``. Each round runs in a fresh interpreter with
+vLLM's engine in-process; each loader first loads once untimed (imports, first-call costs), then the timed loads follow in
 an order that rotates from round to round. ``cold`` drops the model's files from the page cache
 (posix_fadvise) before a load; ``warm`` reads them once before.
 
@@ -90,9 +92,26 @@ def weight_files(folder: str) -> list[str]:
 _ROUND = r"""
 import gc, json, os, sys, time
 import fastckpt.io_engine as io
+import vllm.model_executor.model_loader as ml
 from vllm import LLM
 from vllm.distributed import cleanup_dist_env_and_memory
 job = json.loads(sys.argv[1])
+
+# One timer for every loader (runai_streamer logs none): around the chosen loader's
+# load_weights, in this process (the engine runs in-process).
+_get_model_loader = ml.get_model_loader
+
+def timed_loader(load_config):
+    loader = _get_model_loader(load_config)
+    inner = loader.load_weights
+    def load_weights(model, model_config):
+        start = time.perf_counter()
+        inner(model, model_config)
+        print(f"BENCH_TIMER {time.perf_counter() - start:.6f}", flush=True)
+    loader.load_weights = load_weights
+    return loader
+
+ml.get_model_loader = timed_loader
 
 def prepare(files, cache):
     for f in files:
@@ -135,33 +154,40 @@ def run_round(job: dict[str, Any]) -> list[dict[str, Any]]:
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(
         [sys.executable, "-c", _ROUND, json.dumps(job)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # one stream: timer and log lines stay in order
         text=True,
         env=env,
         timeout=3600,
     )
-    log = proc.stdout + proc.stderr
+    log = proc.stdout
     if proc.returncode != 0:
         raise RuntimeError(f"vLLM benchmark round failed ({proc.returncode}):\n{log[-5000:]}")
     return parse_round_log(log)
 
 
 def parse_round_log(log: str) -> list[dict[str, Any]]:
-    """The timed samples of one round's log, in order: each "Loading weights took" line belongs
-    to the next BENCH_MARK line (a failed load has none, and gets ``weights_s=None``)."""
+    """The timed samples of one round's log, in order: each BENCH_TIMER line (seconds in the
+    loader's ``load_weights``) belongs to the next BENCH_MARK line, and so does vLLM's own
+    "Loading weights took" line where the loader logs one (``vllm_log_s``, else None). A failed
+    load has no timer and gets ``weights_s=None``."""
     out: list[dict[str, Any]] = []
     pending: float | None = None
+    logged: float | None = None
     for line in log.splitlines():
         m = _WEIGHTS_RE.search(line)
         if m:
-            pending = float(m.group(1))
+            logged = float(m.group(1))
+        elif line.startswith("BENCH_TIMER "):
+            pending = float(line.split(" ", 1)[1])
         elif line.startswith("BENCH_MARK "):
             mark = json.loads(line.split(" ", 1)[1])
             if "warmup" not in mark:
                 if mark["error"] is None and pending is None:
-                    raise RuntimeError(f"no 'Loading weights took' line before {mark}")
-                out.append({**mark, "weights_s": None if mark["error"] else pending})
-            pending = None
+                    raise RuntimeError(f"no BENCH_TIMER line before {mark}")
+                weights = None if mark["error"] else pending
+                out.append({**mark, "weights_s": weights, "vllm_log_s": logged})
+            pending = logged = None
     return out
 
 
@@ -245,7 +271,7 @@ def summarise(
 def to_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"vLLM {result['machine']['vllm']}, {result['machine']['cpus']} CPUs, model "
-        f"{result['model']['nbytes'] / 1e9:.2f} GB bf16; vLLM's 'Loading weights took' seconds",
+        f"{result['model']['nbytes'] / 1e9:.2f} GB bf16; seconds in the loader's load_weights",
         "",
         "| loader | files | cache | median s (min-max) | GB/s | n |",
         "|---|---|---|---|---|---|",
