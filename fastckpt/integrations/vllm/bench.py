@@ -14,9 +14,10 @@ filling the model's parameters; model construction and post-processing excluded)
 timer around whichever loader vLLM picks, because ``runai_streamer`` logs no time of its own.
 vLLM's own "Loading weights took N seconds" line (its default loader; the fastckpt loader logs the
 same words) is kept beside it as ``vllm_log_s``. Each round runs in a fresh interpreter with
-vLLM's engine in-process; each loader first loads once untimed (imports, first-call costs), then the timed loads follow in
-an order that rotates from round to round. ``cold`` drops the model's files from the page cache
-(posix_fadvise) before a load; ``warm`` reads them once before.
+vLLM's engine in-process; each loader first loads once untimed (imports, first-call costs),
+then the timed loads follow in an order that rotates from round to round. ``cold`` drops the
+model's files from the page cache (posix_fadvise) before a load; ``warm`` reads them once
+before.
 
 Hook for the harness: ``run(size_bytes, rounds, workdir) -> dict`` returns the rows; a harness
 scenario calls it (in the vLLM interpreter) and renders them like its other scenarios.
