@@ -1,4 +1,4 @@
-"""Benchmark scenario ``vllm``: vLLM's own model-load time with load format ``fastckpt`` beside
+"""Benchmark scenario ``vllm``: weight-loading time inside vLLM with load format ``fastckpt`` beside
 vLLM's default loader (``safetensors``) and, where installed, ``runai_streamer`` and
 ``fastsafetensors``, warm and cold, on the same bytes. Run it with the interpreter that has vLLM:
 
