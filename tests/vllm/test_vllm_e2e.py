@@ -1,0 +1,102 @@
+"""vLLM end to end: the same greedy tokens with load_format "fastckpt" (stock and converted
+folders) as with vLLM's own "safetensors", for a tiny Llama and a tiny Qwen2; clear errors for an
+unknown option and a checkpoint of another model; the plug-in registered in spawned workers.
+
+Runs where vLLM is importable: in the interpreter running pytest, or in the one that
+``FASTCKPT_VLLM_PYTHON`` names (the venv of ``tests/vllm/make_venv.sh``, which keeps vLLM's
+pinned versions away from the main suite). Skips elsewhere, saying how to enable it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+MODELS = ("llama", "qwen2")
+
+
+def _vllm_python() -> str | None:
+    named = os.environ.get("FASTCKPT_VLLM_PYTHON")
+    if named:
+        return named
+    # A real package, not the namespace package that this test folder (tests/vllm) forms when
+    # tests/ is on sys.path.
+    spec = importlib.util.find_spec("vllm")
+    if spec is not None and spec.origin is not None:
+        return sys.executable
+    return None
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    python = _vllm_python()
+    if python is None:
+        pytest.skip(
+            "vLLM is not importable here; build its venv with `bash tests/vllm/make_venv.sh` "
+            "and set FASTCKPT_VLLM_PYTHON=.vllm-venv/bin/python"
+        )
+    where = subprocess.run(
+        [python, "-c", "import fastckpt, vllm; print(fastckpt.__file__)"],
+        capture_output=True,
+        text=True,
+    )
+    assert where.returncode == 0, (
+        f"{python} cannot import fastckpt and vllm:\n{where.stderr[-2000:]}"
+    )
+    assert Path(where.stdout.strip()).resolve().is_relative_to(ROOT), (
+        f"{python} imports fastckpt from {where.stdout.strip()}, not from this checkout {ROOT}; "
+        "rebuild the venv with tests/vllm/make_venv.sh"
+    )
+    work = tmp_path_factory.mktemp("vllm-e2e")
+    proc = subprocess.run(
+        [python, str(HERE / "vllm_e2e.py"), str(work), "--models", ",".join(MODELS), "--spawn"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("E2E_ALL ")]
+    assert proc.returncode == 0 and lines, (proc.stdout + proc.stderr)[-6000:]
+    results: dict[str, Any] = json.loads(lines[-1].split(" ", 1)[1])
+    assert "_runner" not in results, results["_runner"]
+    return results
+
+
+def _tokens(results: dict[str, Any], case: str) -> list[list[int]]:
+    out = results[case]
+    assert "tokens" in out, f"{case}: {out.get('error')}\n{out.get('traceback', '')}"
+    return out["tokens"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", MODELS)
+def test_same_greedy_tokens_as_vllm_safetensors(e2e: dict[str, Any], model: str) -> None:
+    reference = _tokens(e2e, f"{model}/safetensors")
+    assert len(reference) == 3 and all(len(t) == 12 for t in reference)
+    assert _tokens(e2e, f"{model}/fastckpt_stock") == reference
+    assert _tokens(e2e, f"{model}/fastckpt_converted") == reference
+
+
+@pytest.mark.slow
+def test_spawned_workers_register_the_plugin(e2e: dict[str, Any]) -> None:
+    assert _tokens(e2e, "llama/fastckpt_converted_spawn") == _tokens(e2e, "llama/safetensors")
+
+
+@pytest.mark.slow
+def test_unknown_option_is_refused(e2e: dict[str, Any]) -> None:
+    error = e2e["error/unknown_option"].get("error", "")
+    assert "VllmOptionsError" in error and "'engin'" in error and "accepted keys" in error
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_model_is_refused(e2e: dict[str, Any]) -> None:
+    error = e2e["error/mismatch"].get("error", "")
+    assert "CheckpointMismatchError" in error and "does not match model" in error
