@@ -292,6 +292,29 @@ register(
 )
 
 
+# --- serve / cache (cache daemon: fastckpt/serve/cli.py) ---------------------------------------
+
+
+def _serve_cli() -> Any:
+    from fastckpt.serve import cli as serve_cli
+
+    return serve_cli
+
+
+register(
+    "serve",
+    "run the machine-wide checkpoint cache daemon (foreground)",
+    lambda p: _serve_cli().add_serve_arguments(p),
+    lambda a: _serve_cli().run_serve(a),
+)
+register(
+    "cache",
+    "list, prefetch, evict and count what the cache daemon holds",
+    lambda p: _serve_cli().add_cache_arguments(p),
+    lambda a: _serve_cli().run_cache(a),
+)
+
+
 # --- entry points -------------------------------------------------------------------------------
 
 

@@ -51,6 +51,10 @@ class Config:
             mapping (safetensors' too), truncating the file while the tensors live makes access
             fault (SIGBUS). Set false to always copy into private memory.
         progress: show progress bars (``auto`` = only when stderr is a terminal).
+        server: socket path of a ``fastckpt serve`` cache daemon that loads ask first (empty:
+            none). Without a reachable daemon, loads read the files directly (one warning).
+        server_timeout_s: longest wait on the daemon's socket (connect, each reply, a fill
+            making no progress) before a load gives up on it and reads the files directly.
     """
 
     io_engine: str = "auto"
@@ -68,6 +72,8 @@ class Config:
     mmap_min_resident: float = 0.95
     cpu_map_cached: bool = True
     progress: str = "auto"
+    server: str = ""
+    server_timeout_s: float = 10.0
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def resolved_io_threads(self) -> int:
@@ -97,8 +103,10 @@ def _parse(name: str, raw: str, kind: Any) -> Any:
             if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                 raise ValueError("not a boolean")
             value = lowered in ("1", "true", "yes", "on")
-        else:
+        elif name in _CHOICES:
             value = raw.strip().lower()
+        else:
+            value = raw.strip()
     except ValueError:
         raise ValueError(f"{env}={raw!r} is not a valid {kind}") from None
     choices = _CHOICES.get(name)

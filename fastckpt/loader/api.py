@@ -100,6 +100,11 @@ def load(
         DeviceError: the device (map) is unknown or unavailable.
         OSError: an I/O error, with errno and the file name.
     """
+    from fastckpt.serve.client import load_via_server  # cache daemon hook (docs/serve.md)
+
+    served = load_via_server(path, device, names_=names, verify=verify, stats=stats)
+    if served is not None:
+        return served
     cfg = get_config(io_engine=engine)
     t_start = time.perf_counter()
     index = read_index(path)
