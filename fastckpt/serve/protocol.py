@@ -226,7 +226,7 @@ class Reader:
             if not data:
                 if at_boundary and got == 0:
                     raise PeerClosed("connection closed")
-                raise PeerClosed(f"connection closed inside a frame ({got} of {n} bytes)")
+                raise ProtocolError(f"connection closed inside a frame ({got} of {n} bytes)")
             chunks.append(data)
             got += len(data)
         return b"".join(chunks)
