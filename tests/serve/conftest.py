@@ -60,9 +60,13 @@ def _answers(socket_path: str) -> bool:
         return False
 
 
-def start_daemon(socket_path: str, root: str, budget: str, *extra: str) -> Daemon:
+def start_daemon(
+    socket_path: str, root: str, budget: str, *extra: str, args: list[str] | None = None
+) -> Daemon:
+    if args is None:
+        args = ["--socket", socket_path, "--root", root, "--dram-budget", budget, *extra]
     proc = subprocess.Popen(
-        [*SERVE, "serve", "--socket", socket_path, "--root", root, "--dram-budget", budget, *extra],
+        [*SERVE, "serve", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
