@@ -21,6 +21,7 @@ machine's load average (other work on the machine changes the figures).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -52,13 +53,20 @@ def make_checkpoint(path: str, nbytes: int) -> None:
     fastckpt.save(sd, path, overwrite=True, progress=False)
 
 
-def _child(mode: str, path: str) -> None:
+def _child(mode: str, path: str, sock: str) -> None:
     import torch
 
     import fastckpt
+    from fastckpt.serve.client import load_via_server
 
     t0 = time.perf_counter()
-    tensors, stats = fastckpt.load(path, stats=True)
+    if mode == "daemon":  # the very call fastckpt.load makes first when FASTCKPT_SERVER is set
+        served = load_via_server(path, stats=True, server=sock)
+        if served is None:
+            raise SystemExit("the daemon did not serve the checkpoint")
+        tensors, stats = served
+    else:
+        tensors, stats = fastckpt.load(path, stats=True)
     t1 = time.perf_counter()
     acc = 0
     for t in tensors.values():
@@ -86,10 +94,6 @@ def _partitions(path: str) -> list[str]:
 
 
 def _spawn(mode: str, path: str, sock: str) -> dict[str, Any]:
-    env = dict(os.environ)
-    env.pop("FASTCKPT_SERVER", None)
-    if mode == "daemon":
-        env["FASTCKPT_SERVER"] = sock
     if mode == "cold":
         from fastckpt.io_engine import drop_page_cache
 
@@ -101,8 +105,7 @@ def _spawn(mode: str, path: str, sock: str) -> dict[str, Any]:
                 while f.read(16 << 20):
                     pass
     out = subprocess.run(
-        [sys.executable, "-m", "fastckpt.serve.bench", "--child", mode, path],
-        env=env,
+        [sys.executable, "-m", "fastckpt.serve.bench", "--child", mode, path, sock],
         capture_output=True,
         text=True,
         check=True,
@@ -118,9 +121,12 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 def run(path: str, rounds: int = 5, budget_bytes: int | None = None) -> dict[str, Any]:
     """Start a daemon serving ``path``'s directory, prefetch, and time ``rounds`` rounds."""
+    from fastckpt.config import get_config
     from fastckpt.format.reader import read_index
     from fastckpt.serve.client import Client
 
+    if get_config().server:
+        raise SystemExit("unset FASTCKPT_SERVER: the warm and cold loads must not use a daemon")
     path = os.path.realpath(path)
     index = read_index(path)
     nbytes = sum(p.nbytes for p in index.partitions)
@@ -168,8 +174,9 @@ def run(path: str, rounds: int = 5, budget_bytes: int | None = None) -> dict[str
     finally:
         daemon.terminate()
         daemon.wait(30)
-        os.rmdir(os.path.dirname(sock)) if os.path.isdir(os.path.dirname(sock)) else None
-        os.rmdir(run_dir)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(sock))
+            os.rmdir(run_dir)
     result: dict[str, Any] = {
         "checkpoint": path,
         "nbytes": nbytes,
@@ -215,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="2GiB", help="checkpoint size to generate")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
-    p.add_argument("--child", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=3, metavar=("MODE", "PATH", "SOCK"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         _child(*args.child)

@@ -197,13 +197,12 @@ def load_via_server(
     timeout = timeout_s if timeout_s is not None else cfg.server_timeout_s
     t_start = time.perf_counter()
     from fastckpt.errors import FastckptError
-    from fastckpt.format.reader import read_index
     from fastckpt.loader.plan import plan_load
 
     try:
         real = os.path.realpath(os.fspath(path))
-        index = read_index(real)
-        ident = names.identity(index)
+        index, stamped = names.read_consistent(real)
+        ident = names.identity(index, stamped)
         if verify and index.checksum_algorithm is None:
             return None
         target = dict(device) if isinstance(device, dict) else device

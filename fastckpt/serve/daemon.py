@@ -40,7 +40,6 @@ from typing import Any
 
 from fastckpt.errors import FastckptError
 from fastckpt.format.index import Index
-from fastckpt.format.reader import read_index
 from fastckpt.serve import names, protocol
 from fastckpt.serve.store import LruStore
 
@@ -258,7 +257,9 @@ class Daemon:
         for c in conns:
             with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
-        for t in list(self._threads):
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
             t.join(timeout=2.0)
         self._fills.shutdown(wait=True, cancel_futures=True)
         held = self.store.keys()
@@ -274,8 +275,8 @@ class Daemon:
                 log.warning("connection limit (%d) reached; closed a new one", len(self._conns))
                 return
             self._conns.add(conn)
-        t = threading.Thread(target=self._serve_connection, args=(conn,), daemon=True)
-        self._threads.add(t)
+            t = threading.Thread(target=self._serve_connection, args=(conn,), daemon=True)
+            self._threads.add(t)
         t.start()
 
     def peer_allowed(self, uid: int, gid: int) -> bool:
@@ -323,8 +324,8 @@ class Daemon:
                 self.store.unpin(key)
             with self._lock:
                 self._conns.discard(conn)
+                self._threads.discard(threading.current_thread())
             conn.close()
-            self._threads.discard(threading.current_thread())
 
     def _dispatch(self, conn: socket.socket, msg: protocol.Message, pins: list[Hashable]) -> None:
         f = msg.fields
@@ -416,8 +417,9 @@ class Daemon:
         except names.NameError_ as exc:
             raise ServeError("bad_name", str(exc)) from None
         try:
-            index = read_index(real)
-            stamped = names.stamps(index)
+            index, stamped = names.read_consistent(real)
+        except names.ChangedError as exc:
+            raise ServeError("stale", str(exc)) from None
         except FastckptError as exc:
             raise ServeError("invalid", f"{name}: {exc}") from None
         except OSError as exc:

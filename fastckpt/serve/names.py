@@ -83,3 +83,34 @@ def identity(index: Index, stamped: dict[str, FileStamp] | None = None) -> str:
     for path, st in stamped.items():
         h.update(f"{path}\0{st[0]}\0{st[1]}\0{st[2]}\0{st[3]}\n".encode())
     return h.hexdigest()[:32]
+
+
+class ChangedError(OSError):
+    """The checkpoint changed on disk while its index was being read."""
+
+
+def read_consistent(path: str) -> tuple[Index, dict[str, FileStamp]]:
+    """``read_index(path)`` and the stamps of the files it came from, checked to belong together.
+
+    A checkpoint republished while its index is read could otherwise pair an old index with new
+    files. The checkpoint path and its index file are stamped before the read and must be
+    unchanged after it; where the index lives in several files (sharded safetensors headers) the
+    index is read a second time and the stamps must not move in between.
+    """
+    from fastckpt.format.reader import read_index
+
+    before = {}
+    for p in (path, os.path.join(path, INDEX_FILE)):
+        try:
+            before[p] = stamp(os.stat(p))
+        except FileNotFoundError:
+            continue
+    index = read_index(path)
+    stamped = stamps(index)
+    if any(stamped.get(p, st) != st for p, st in before.items()):
+        raise ChangedError(f"{path} changed on disk while its index was read")
+    if index.kind != "fastckpt" and len(index.partitions) > 1:
+        again = read_index(path)
+        if stamps(again) != stamped or again.tensors != index.tensors:
+            raise ChangedError(f"{path} changed on disk while its index was read")
+    return index, stamped

@@ -444,3 +444,25 @@ def test_sigterm_shuts_down_cleanly(tmp_path: Path) -> None:
     assert load_via_server(root / "a", server=d.socket) is not None
     assert d.stop() == 0
     assert not os.path.exists(d.socket)
+
+
+def test_tied_weights_and_device_maps(tmp_path: Path, daemon_factory: Any) -> None:
+    root = tmp_path / "models"
+    base = torch.arange(4096, dtype=torch.float32).reshape(64, 64)
+    sd = {"emb.weight": base, "head.weight": base, "norm": torch.ones(64, dtype=torch.bfloat16)}
+    fastckpt.save(sd, str(root / "tied"), progress=False)
+    d = daemon_factory(str(root))
+    got = load_via_server(root / "tied", {"": "cpu"}, server=d.socket)
+    assert got is not None and same(got, sd)
+    assert got["head.weight"] is got["emb.weight"]
+
+
+@pytest.mark.gpu
+def test_gpu_load_copies_from_the_mapping(tmp_path: Path, daemon_factory: Any) -> None:
+    root = tmp_path / "models"
+    sd = save_ckpt(root / "a", seed=50)
+    d = daemon_factory(str(root))
+    got, st = load_via_server(root / "a", "cuda:0", stats=True, server=d.socket)
+    assert st.path_taken == "server-copy"
+    assert all(t.device.type == "cuda" for t in got.values())
+    assert same({k: v.cpu() for k, v in got.items()}, sd)
