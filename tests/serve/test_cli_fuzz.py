@@ -130,3 +130,16 @@ def test_live_daemon_survives_fuzzed_requests(tmp_path: Path, daemon_factory: An
     assert same(load_via_server(root / "a", server=d.socket), sd)
     with Client(d.socket) as c:
         assert c.stats()["fills"] == 1
+
+
+def test_server_knobs_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastckpt.config import get_config
+
+    monkeypatch.delenv("FASTCKPT_SERVER", raising=False)
+    assert get_config().server == ""
+    monkeypatch.setenv("FASTCKPT_SERVER", "/Run/Fastckpt/Sock")  # a path keeps its case
+    monkeypatch.setenv("FASTCKPT_SERVER_TIMEOUT_S", "2.5")
+    cfg = get_config()
+    assert (cfg.server, cfg.server_timeout_s) == ("/Run/Fastckpt/Sock", 2.5)
+    monkeypatch.setenv("FASTCKPT_IO_ENGINE", "PREAD")  # choices still normalised
+    assert get_config().io_engine == "pread"

@@ -466,3 +466,23 @@ def test_gpu_load_copies_from_the_mapping(tmp_path: Path, daemon_factory: Any) -
     assert st.path_taken == "server-copy"
     assert all(t.device.type == "cuda" for t in got.values())
     assert same({k: v.cpu() for k, v in got.items()}, sd)
+
+
+def test_daemon_killed_at_random_points_under_load(tmp_path: Path, daemon_factory: Any) -> None:
+    root = tmp_path / "models"
+    paths = [str(root / f"m{i}") for i in range(3)]
+    for i, p in enumerate(paths):
+        save_ckpt(Path(p), seed=60 + i, rows=20000)
+    want = {p: _expected_digest(p) for p in paths}
+    rng = random.Random(11)
+    d = daemon_factory(str(root), "8MiB")
+    clients = [ClientProc(d.socket, [rng.choice(paths) for _ in range(12)], 3.0) for _ in range(4)]
+    for _ in range(2):  # kill -9 while clients load, then restart on the same socket
+        time.sleep(rng.uniform(0.2, 1.0))
+        os.kill(d.pid, signal.SIGKILL)
+        d.proc.wait(10)
+        d = daemon_factory(str(root), "8MiB", socket_path=d.socket)
+    rows = [row for c in clients for row in c.result(timeout=120)]
+    assert len(rows) == 48 and all(r["digest"] == want[r["path"]] for r in rows)
+    s = _wait_idle(d.socket)
+    assert s["used_bytes"] <= s["capacity_bytes"] and s["memfds"] == d.memfds()
