@@ -486,3 +486,34 @@ def test_daemon_killed_at_random_points_under_load(tmp_path: Path, daemon_factor
     assert len(rows) == 48 and all(r["digest"] == want[r["path"]] for r in rows)
     s = _wait_idle(d.socket)
     assert s["used_bytes"] <= s["capacity_bytes"] and s["memfds"] == d.memfds()
+
+
+def test_received_memfds_are_sealed_against_every_writer(
+    tmp_path: Path, daemon_factory: Any
+) -> None:
+    import mmap
+
+    from fastckpt.serve import names
+
+    root = tmp_path / "models"
+    save_ckpt(root / "a", seed=70)
+    d = daemon_factory(str(root))
+    index, stamped = names.read_consistent(str((root / "a").resolve()))
+    with Client(d.socket) as c:
+        reply, fds = c.get(root / "a", names.identity(index, stamped))
+    try:
+        assert len(fds) == len(reply["sizes"]) == len(index.partitions)
+        fd = fds[0]
+        with pytest.raises(PermissionError):
+            mmap.mmap(fd, reply["sizes"][0], flags=mmap.MAP_SHARED)  # shared + writable
+        with pytest.raises(PermissionError):
+            os.pwrite(fd, b"x", 0)
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0)
+        before = os.pread(fd, 64, 0)
+        private = mmap.mmap(fd, reply["sizes"][0], flags=mmap.MAP_PRIVATE)
+        private[0:64] = bytes(255 - b for b in before)  # copy-on-write: this mapping only
+        assert os.pread(fd, 64, 0) == before and private[0:64] != before
+        private.close()
+    finally:
+        protocol.close_fds(fds)
