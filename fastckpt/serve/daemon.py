@@ -62,6 +62,7 @@ class ServeConfig:
         verify: check chunk checksums (fastckpt checkpoints) while filling an entry.
         idle_timeout_s: a connection that sends no complete request for this long is closed.
         max_connections: connections served at once; further ones are closed at accept.
+        fill_threads: checkpoints filled at once; read_threads: threads reading their bytes.
     """
 
     socket_path: str
@@ -73,6 +74,7 @@ class ServeConfig:
     idle_timeout_s: float = 30.0
     max_connections: int = 64
     fill_threads: int = 2
+    read_threads: int = 4
 
 
 class ServeError(Exception):
@@ -173,6 +175,9 @@ class Daemon:
         self.store: LruStore[Entry] = LruStore(cfg.dram_budget_bytes, release=_release)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._readers = ThreadPoolExecutor(
+            max(1, cfg.read_threads), thread_name_prefix="fastckpt-read"
+        )
         self._fills = ThreadPoolExecutor(
             max(1, cfg.fill_threads), thread_name_prefix="fastckpt-fill"
         )
@@ -262,6 +267,7 @@ class Daemon:
         for t in threads:
             t.join(timeout=2.0)
         self._fills.shutdown(wait=True, cancel_futures=True)
+        self._readers.shutdown(wait=True, cancel_futures=True)
         held = self.store.keys()
         for key in held:
             self.store.drop(key)
@@ -514,34 +520,47 @@ class Daemon:
             os.close(src)
 
     def _copy_into(self, fd: int, src: int, size: int, entry: Entry, index: Index, j: int) -> None:
+        """Read the partition into the memfd with a few threads (``preadv`` releases the GIL),
+        then check its chunk checksums, also in parallel."""
         part = index.partitions[j]
         mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         try:
             with memoryview(mm) as mv:
-                off = 0
-                while off < size:
-                    if self._stop.is_set() or entry.closed:
-                        raise ServeError("stopping", "fill abandoned")
-                    n = os.preadv(src, [mv[off : off + FILL_CHUNK]], off)
-                    if n <= 0:
-                        raise ServeError(
-                            "changed", f"{part.file} ended at byte {off}, the index says {size}"
+
+                def read(start: int) -> None:
+                    end = min(size, start + FILL_CHUNK)
+                    off = start
+                    while off < end:
+                        if self._stop.is_set() or entry.closed:
+                            raise ServeError("stopping", "fill abandoned")
+                        n = os.preadv(src, [mv[off:end]], off)
+                        if n <= 0:
+                            raise ServeError(
+                                "changed", f"{part.file} ended at byte {off}, the index says {size}"
+                            )
+                        off += n
+                        entry.loaded += n
+
+                list(self._readers.map(read, range(0, size, FILL_CHUNK)))
+                chunk = index.checksum_chunk_bytes
+                if self.cfg.verify and part.checksums is not None and chunk:
+                    sums = part.checksums
+                    list(
+                        self._readers.map(
+                            lambda k: _verify_chunk(mv, k, sums[k], chunk, part.file),
+                            range(len(sums)),
                         )
-                    off += n
-                    entry.loaded += n
-                if self.cfg.verify and part.checksums is not None and index.checksum_chunk_bytes:
-                    _verify(mv, part.checksums, index.checksum_chunk_bytes, part.file)
+                    )
         finally:
             mm.close()
 
 
-def _verify(mv: memoryview, checksums: tuple[int, ...], chunk: int, file: str) -> None:
+def _verify_chunk(mv: memoryview, k: int, expected: int, chunk: int, file: str) -> None:
     from fastckpt.io_engine import crc32c
 
-    for k, expected in enumerate(checksums):
-        actual = crc32c(mv[k * chunk : (k + 1) * chunk])
-        if actual != expected:
-            raise ServeError(
-                "checksum",
-                f"{file}: chunk {k} has CRC32C {actual:#010x}, the index says {expected:#010x}",
-            )
+    actual = crc32c(mv[k * chunk : (k + 1) * chunk])
+    if actual != expected:
+        raise ServeError(
+            "checksum",
+            f"{file}: chunk {k} has CRC32C {actual:#010x}, the index says {expected:#010x}",
+        )
