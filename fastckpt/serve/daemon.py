@@ -524,6 +524,10 @@ class Daemon:
         then check its chunk checksums, also in parallel."""
         part = index.partitions[j]
         mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        with contextlib.suppress(AttributeError, OSError):
+            # huge shmem pages where the kernel allows them on request (shmem_enabled=advise):
+            # clients' mappings then fault far fewer pages
+            mm.madvise(mmap.MADV_HUGEPAGE)
         try:
             with memoryview(mm) as mv:
 
