@@ -517,3 +517,34 @@ def test_received_memfds_are_sealed_against_every_writer(
         private.close()
     finally:
         protocol.close_fds(fds)
+
+
+def _memfd_fds_and_maps() -> tuple[int, int]:
+    fds = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fds += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:fastckpt")
+        except OSError:
+            continue
+    with open("/proc/self/maps") as f:
+        maps = sum("/memfd:fastckpt" in line for line in f)
+    return fds, maps
+
+
+def test_client_holds_memfds_only_while_its_tensors_live(
+    tmp_path: Path, daemon_factory: Any
+) -> None:
+    import gc
+
+    root = tmp_path / "models"
+    sd = save_ckpt(root / "a", seed=80)
+    d = daemon_factory(str(root))
+    assert _memfd_fds_and_maps() == (0, 0)
+    got = load_via_server(root / "a", server=d.socket)
+    assert same(got, sd)
+    fds, maps = _memfd_fds_and_maps()
+    # the received descriptors are closed; CPython's mmap keeps one duplicate per mapping
+    assert 0 < fds <= len(fastckpt.read_index(root / "a").partitions) and maps > 0
+    del got
+    gc.collect()
+    assert _memfd_fds_and_maps() == (0, 0)
