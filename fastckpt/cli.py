@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fastckpt.config import get_config
 from fastckpt.errors import FastckptError
 from fastckpt.rules import units
 
@@ -62,12 +63,7 @@ def register(
 # --- argument parsing helpers -------------------------------------------------------------------
 
 
-def parse_size(text: str) -> int:
-    """``argparse`` type for sizes: the rule of ``fastckpt.rules.units.parse_size``."""
-    try:
-        return units.parse_size(text)
-    except units.SizeError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+parse_size = units.size_arg  # argparse type for sizes (fastckpt.rules.units)
 
 
 def parse_device_map(text: str) -> dict[str, Any]:
@@ -259,14 +255,31 @@ register(
 )
 
 
-# fastckpt cache (the SSD tier and the read-mode profile): implemented in fastckpt.tiers.cli
+# fastckpt cache: the SSD tier and read-mode profile (fastckpt.tiers.cli), and the cache
+# daemon when one is configured (fastckpt.serve.cli: prefetch, evict, stats, and ls via --server)
+_DAEMON_ACTIONS = ("prefetch", "evict", "stats")
+
+
 def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastckpt.serve.cli import add_daemon_actions
     from fastckpt.tiers.cli import add_arguments
 
-    add_arguments(parser)
+    parser.add_argument(
+        "--server", metavar="PATH", help="cache daemon socket (default: FASTCKPT_SERVER)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    add_daemon_actions(add_arguments(parser))
 
 
 def _run_cache(args: argparse.Namespace) -> int:
+    action = args.cache_command
+    local_ls = action == "ls" and (
+        getattr(args, "dir", None) or not (args.server or get_config().server)
+    )
+    if action in _DAEMON_ACTIONS or (action == "ls" and not local_ls):
+        from fastckpt.serve.cli import run_cache
+
+        return run_cache(args)
     from fastckpt.tiers.cli import run
 
     return run(args)
@@ -274,7 +287,8 @@ def _run_cache(args: argparse.Namespace) -> int:
 
 register(
     "cache",
-    "list, size or clear the SSD tier; show or measure the read-mode profile",
+    "the SSD tier (ls, size, clear), the read-mode profile (profile, probe) and the cache "
+    "daemon (prefetch, evict, stats; ls with --server)",
     _add_cache_arguments,
     _run_cache,
 )
@@ -298,6 +312,23 @@ register(
     "estimate a checkpoint's load time per tier from the profile",
     lambda p: _sched_cli().add_estimate_arguments(p),
     lambda a: _sched_cli().run_estimate(a),
+)
+
+
+# --- serve / cache (cache daemon: fastckpt/serve/cli.py) ---------------------------------------
+
+
+def _serve_cli() -> Any:
+    from fastckpt.serve import cli as serve_cli
+
+    return serve_cli
+
+
+register(
+    "serve",
+    "run the machine-wide checkpoint cache daemon (foreground)",
+    lambda p: _serve_cli().add_serve_arguments(p),
+    lambda a: _serve_cli().run_serve(a),
 )
 
 

@@ -73,6 +73,10 @@ class Config:
         ssd_tier_dir: directory of the SSD tier; empty = ``<cache dir>/fastckpt/ssd``.
         pool_piece_bytes: the Loader's pinned host pool pins memory in pieces of this size,
             lazily, the first time a piece is used for a GPU copy; pinned pieces are reused.
+        server: socket path of a ``fastckpt serve`` cache daemon that loads ask first (empty:
+            none). Without a reachable daemon, loads read the files directly (one warning).
+        server_timeout_s: longest wait on the daemon's socket (connect, each reply, a fill
+            making no progress) before a load gives up on it and reads the files directly.
     """
 
     io_engine: str = "auto"
@@ -98,6 +102,8 @@ class Config:
     ssd_tier_bytes: int = 0
     ssd_tier_dir: str = ""
     pool_piece_bytes: int = 64 * _MiB
+    server: str = ""
+    server_timeout_s: float = 10.0
 
     def resolved_io_threads(self) -> int:
         if self.io_threads > 0:
@@ -112,7 +118,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "read_mode": ("auto", "direct", "buffered", "mixed"),
 }
 
-_PATHS = ("profile_dir", "ssd_tier_dir")
+_PATHS = ("profile_dir", "ssd_tier_dir", "server")
 
 
 def _parse(name: str, raw: str, kind: Any) -> Any:
@@ -131,8 +137,10 @@ def _parse(name: str, raw: str, kind: Any) -> Any:
             value = lowered in ("1", "true", "yes", "on")
         elif name in _PATHS:
             value = raw
-        else:
+        elif name in _CHOICES:
             value = raw.strip().lower()
+        else:
+            value = raw.strip()
     except ValueError:
         raise ValueError(f"{env}={raw!r} is not a valid {kind}") from None
     choices = _CHOICES.get(name)
@@ -145,8 +153,6 @@ def get_config(**overrides: Any) -> Config:
     """The current configuration: defaults, then ``FASTCKPT_*`` variables, then ``overrides``."""
     values: dict[str, Any] = {}
     for f in dataclasses.fields(Config):
-        if f.name == "extra":
-            continue
         raw = os.environ.get(f"FASTCKPT_{f.name.upper()}")
         if raw is not None and raw != "":
             values[f.name] = _parse(f.name, raw, f.type)

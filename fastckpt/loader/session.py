@@ -245,6 +245,20 @@ class Loader:
         """Load a checkpoint; the arguments and result are those of ``fastckpt.load``. ``path``
         may also be an ``Index`` already read (its files are checked again before reading)."""
         cfg = self.config(io_engine=engine)
+        if cfg.server and not isinstance(path, Index):
+            from fastckpt.serve.client import load_via_server  # the cache daemon (docs/serve.md)
+
+            served = load_via_server(
+                path,
+                device,
+                names_=names,
+                verify=verify,
+                stats=stats,
+                server=cfg.server,
+                timeout_s=cfg.server_timeout_s,
+            )
+            if served is not None:
+                return served
         t_start = time.perf_counter()
         index = path if isinstance(path, Index) else read_index(path)
         ssd_key: str | None = None

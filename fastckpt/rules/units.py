@@ -60,6 +60,16 @@ def parse_size(text: object) -> int:
     return int(value)
 
 
+def size_arg(text: str) -> int:
+    """``parse_size`` as an ``argparse`` type (its error becomes a usage error)."""
+    import argparse
+
+    try:
+        return parse_size(text)
+    except SizeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def format_bytes(nbytes: float) -> str:
     """Decimal units, three significant digits: ``7.81 GB``, ``512 MB``, ``12 B``."""
     value = float(nbytes)

@@ -16,19 +16,15 @@ import argparse
 import json
 import os
 import time
+from typing import Any
 
 from fastckpt.config import get_config, profile_dir, ssd_tier_dir
+from fastckpt.rules.units import format_bytes
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> Any:
+    """Add the SSD-tier and profile actions; returns the subparsers so that ``fastckpt cache``
+    can add the daemon's actions beside them (``--json`` may also come before the action)."""
     sub = parser.add_subparsers(dest="cache_command", metavar="ACTION")
     sub.required = True
     for name, help_text in (
@@ -39,15 +35,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--dir", help="SSD tier directory (default: the configured one)")
         if name == "ls":
-            p.add_argument("--json", action="store_true", help="print JSON")
+            p.add_argument(
+                "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON"
+            )
     p = sub.add_parser("profile", help="show the stored read-mode profiles")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     p = sub.add_parser(
         "probe",
         help="measure O_DIRECT, buffered and mixed cold reads on FILE and store the profile",
     )
     p.add_argument("file", help="a large file on the filesystem to measure (>= 8 MiB)")
     p.add_argument("--bytes", type=int, default=64 << 20, help="bytes to read per mode")
+    return sub
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,12 +58,12 @@ def run(args: argparse.Namespace) -> int:
         directory = args.dir or ssd_tier_dir(cfg)
         if action == "clear":
             count, nbytes = ssd.clear(directory)
-            print(f"removed {count} entries ({_human(nbytes)}) from {directory}")
+            print(f"removed {count} entries ({format_bytes(nbytes)}) from {directory}")
             return 0
         entries = ssd.scan(directory)
         if action == "size":
             total = sum(e.nbytes for e in entries)
-            print(f"{total}\t{_human(total)}\t{len(entries)} entries\t{directory}")
+            print(f"{total}\t{format_bytes(total)}\t{len(entries)} entries\t{directory}")
             return 0
         if args.json:
             print(json.dumps(ssd.describe(entries), indent=1))
@@ -75,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             when = (
                 time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)) if e.last_used else "-"
             )
-            print(f"{e.key}\t{_human(e.nbytes)}\t{when}\t{e.source}")
+            print(f"{e.key}\t{format_bytes(e.nbytes)}\t{when}\t{e.source}")
         return 0
     if action == "profile":
         directory = profile_dir(cfg)
@@ -115,6 +114,6 @@ def run(args: argparse.Namespace) -> int:
 def _profile_line(p: dict[str, object]) -> str:
     return (
         f"{p['key']}: O_DIRECT {p['direct_gbps']} GB/s, buffered {p['buffered_gbps']} GB/s, "
-        f"mixed {p['mixed_gbps']} GB/s over {_human(float(str(p['probe_bytes'])))} "
+        f"mixed {p['mixed_gbps']} GB/s over {format_bytes(float(str(p['probe_bytes'])))} "
         f"-> {p['best']} ({p['source']})"
     )

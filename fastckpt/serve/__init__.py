@@ -1,0 +1,12 @@
+"""``fastckpt serve``: an optional machine-wide checkpoint cache that outlives worker processes.
+
+- ``fastckpt.serve.daemon``: the daemon (sealed memfds under a DRAM budget, whole-checkpoint LRU,
+  single flight, peer credential checks), run by ``fastckpt serve``;
+- ``fastckpt.serve.protocol``: the framed, versioned, validated wire protocol (torch-free);
+- ``fastckpt.serve.client``: ``load_via_server`` (what ``fastckpt.load`` asks first when a daemon
+  is configured) and ``Client`` (``fastckpt cache ls|prefetch|evict|stats``).
+
+See docs/serve.md. Importing this package imports nothing heavy.
+"""
+
+from __future__ import annotations

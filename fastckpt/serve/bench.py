@@ -1,0 +1,244 @@
+"""Benchmark: a fresh process loading one checkpoint from the cache daemon vs the page cache vs
+cold storage, on the same bytes.
+
+    python -m fastckpt.serve.bench --size 2GiB --rounds 5 --dir /var/tmp/fastckpt-bench
+
+Each round starts one fresh process per mode, in an order that rotates from round to round:
+
+- ``daemon``: ``FASTCKPT_SERVER`` set; the daemon already holds the checkpoint (prefetched);
+- ``warm``: no daemon; the partitions are in the page cache;
+- ``cold``: no daemon; the partitions were dropped from the page cache just before
+  (``posix_fadvise(DONTNEED)``; a VM's host may still cache the file, which this cannot see).
+
+A child reports the load time (``fastckpt.load`` returning the tensors) and the time of a first
+full touch (reading one byte of every page of every tensor), since a mapping defers page faults
+until then. Medians and min–max of ``load_s`` and ``load_s + touch_s`` are reported, with the
+machine's load average (other work on the machine changes the figures).
+
+``run(...)`` returns the result as a dict: the hook for a benchmark harness scenario ``daemon``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+MODES = ("daemon", "warm", "cold")
+
+
+def make_checkpoint(path: str, nbytes: int) -> None:
+    """A checkpoint of about ``nbytes`` (64 MiB float16 tensors of random values)."""
+    import torch
+
+    import fastckpt
+
+    if os.path.exists(os.path.join(path, "fastckpt.index")):
+        index = fastckpt.read_index(path)
+        if abs(index.nbytes - nbytes) <= 64 << 20:
+            return
+    per = 64 << 20
+    g = torch.Generator().manual_seed(0)
+    sd = {
+        f"layers.{i}.weight": torch.rand(per // 2 // 4096, 4096, generator=g).to(torch.float16)
+        for i in range(max(1, nbytes // per))
+    }
+    fastckpt.save(sd, path, overwrite=True, progress=False)
+
+
+def _child(mode: str, path: str, sock: str) -> None:
+    import torch
+
+    import fastckpt
+    from fastckpt.serve.client import load_via_server
+
+    t0 = time.perf_counter()
+    if mode == "daemon":  # the very call fastckpt.load makes first when FASTCKPT_SERVER is set
+        served = load_via_server(path, stats=True, server=sock)
+        if served is None:
+            raise SystemExit("the daemon did not serve the checkpoint")
+        tensors, stats = served
+    else:
+        tensors, stats = fastckpt.load(path, stats=True)
+    t1 = time.perf_counter()
+    acc = 0
+    for t in tensors.values():
+        flat = t.reshape(-1).view(torch.uint8)
+        acc += int(flat[::4096].sum())  # one byte per page: every page faulted in
+    t2 = time.perf_counter()
+    print(
+        json.dumps(
+            {
+                "mode": mode,
+                "load_s": t1 - t0,
+                "touch_s": t2 - t1,
+                "taken": stats.path_taken,
+                "nbytes": stats.nbytes,
+                "check": acc,
+            }
+        )
+    )
+
+
+def _partitions(path: str) -> list[str]:
+    from fastckpt.format.reader import read_index
+
+    return [p.path for p in read_index(path).partitions]
+
+
+def _spawn(mode: str, path: str, sock: str) -> dict[str, Any]:
+    if mode == "cold":
+        from fastckpt.io_engine import drop_page_cache
+
+        for p in _partitions(path):
+            drop_page_cache(p)
+    elif mode == "warm":
+        for p in _partitions(path):  # make sure it is all in the page cache
+            with open(p, "rb") as f:
+                while f.read(16 << 20):
+                    pass
+    out = subprocess.run(
+        [sys.executable, "-m", "fastckpt.serve.bench", "--child", mode, path, sock],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    row: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return row
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def run(path: str, rounds: int = 5, budget_bytes: int | None = None) -> dict[str, Any]:
+    """Start a daemon serving ``path``'s directory, prefetch, and time ``rounds`` rounds."""
+    from fastckpt.config import get_config
+    from fastckpt.format.reader import read_index
+    from fastckpt.serve.client import Client
+
+    if get_config().server:
+        raise SystemExit("unset FASTCKPT_SERVER: the warm and cold loads must not use a daemon")
+    path = os.path.realpath(path)
+    index = read_index(path)
+    nbytes = sum(p.nbytes for p in index.partitions)
+    run_dir = tempfile.mkdtemp(prefix="fastckpt-serve-bench-")
+    sock = os.path.join(run_dir, "run", "sock")
+    budget = budget_bytes or nbytes + (64 << 20)
+    daemon = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fastckpt.cli",
+            "serve",
+            "--socket",
+            sock,
+            "--root",
+            os.path.dirname(path),
+            "--dram-budget",
+            str(budget),
+            "--log-level",
+            "warning",
+        ],
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with Client(sock, timeout_s=5) as c:
+                    c.roots()
+                break
+            except OSError:
+                if time.monotonic() > deadline or daemon.poll() is not None:
+                    raise RuntimeError("the daemon did not start") from None
+                time.sleep(0.05)
+        t0 = time.perf_counter()
+        with Client(sock, timeout_s=60) as c:
+            c.prefetch(path)
+        fill_s = time.perf_counter() - t0
+        rows: list[dict[str, Any]] = []
+        for r in range(rounds):
+            order = MODES[r % 3 :] + MODES[: r % 3]
+            for mode in order:
+                rows.append(_spawn(mode, path, sock))
+        with Client(sock) as c:
+            daemon_stats = c.stats()
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(sock))
+            os.rmdir(run_dir)
+    result: dict[str, Any] = {
+        "checkpoint": path,
+        "nbytes": nbytes,
+        "rounds": rounds,
+        "daemon_fill_s": fill_s,
+        "loadavg_after": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        "daemon_stats": daemon_stats,
+        "modes": {},
+    }
+    for mode in MODES:
+        mine = [x for x in rows if x["mode"] == mode]
+        result["modes"][mode] = {
+            "taken": sorted({x["taken"] for x in mine}),
+            "load_s": _summary([x["load_s"] for x in mine]),
+            "load_touch_s": _summary([x["load_s"] + x["touch_s"] for x in mine]),
+        }
+    return result
+
+
+def _table(res: dict[str, Any]) -> str:
+    gb = res["nbytes"] / 1e9
+    lines = [
+        f"checkpoint {res['checkpoint']} ({gb:.2f} GB), {res['rounds']} rounds, "
+        f"{res['cpus']} CPUs, load average after {res['loadavg_after'][0]:.1f}; "
+        f"daemon fill {res['daemon_fill_s']:.2f} s",
+        "| mode | path | load s, median (min-max) | load + first touch s | GB/s (load+touch) |",
+        "|---|---|---|---|---|",
+    ]
+    for mode, m in res["modes"].items():
+        lo, lt = m["load_s"], m["load_touch_s"]
+        lines.append(
+            f"| {mode} | {'+'.join(m['taken'])} "
+            f"| {lo['median']:.3f} ({lo['min']:.3f}-{lo['max']:.3f})"
+            f" | {lt['median']:.3f} ({lt['min']:.3f}-{lt['max']:.3f}) | {gb / lt['median']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastckpt.serve.bench", description=__doc__)
+    p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "fastckpt-serve-bench"))
+    p.add_argument("--size", default="2GiB", help="checkpoint size to generate")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    p.add_argument("--child", nargs=3, metavar=("MODE", "PATH", "SOCK"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        _child(*args.child)
+        return 0
+    from fastckpt.rules.units import size_arg as parse_size
+
+    path = os.path.join(args.dir, "ckpt")
+    os.makedirs(args.dir, exist_ok=True)
+    make_checkpoint(path, parse_size(args.size))
+    res = run(path, args.rounds)
+    print(_table(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
