@@ -32,7 +32,7 @@ from fastckpt.errors import (
     TruncatedError,
     UnsupportedVersionError,
 )
-from fastckpt.format import dtypes, spec
+from fastckpt.format import dtypes, safetensors, spec
 from fastckpt.format.index import Index, PartitionEntry, TensorEntry
 
 
@@ -53,8 +53,6 @@ def read_index(path: str | os.PathLike[str]) -> Index:
     name = os.path.basename(p)
     if name == spec.INDEX_FILE:
         return read_fastckpt_index(p)
-    from fastckpt.format import safetensors
-
     if name.endswith(spec.SAFETENSORS_INDEX_SUFFIX):
         return safetensors.read_sharded(p)
     if name.endswith(".safetensors"):
@@ -82,8 +80,6 @@ def _read_directory(root: str) -> Index:
     index_path = os.path.join(root, spec.INDEX_FILE)
     if os.path.lexists(index_path):
         return read_fastckpt_index(index_path)
-    from fastckpt.format import safetensors
-
     names = sorted(os.listdir(root))
     index_jsons = [n for n in names if n.endswith(spec.SAFETENSORS_INDEX_SUFFIX)]
     if index_jsons:

@@ -1,8 +1,9 @@
 """Write fastckpt checkpoints (FORMAT.md): ``save(state_dict, path)`` and the streaming core.
 
-The core (``write_checkpoint``) takes a list of ``StoredTensor`` objects, each of which knows its
-name, dtype, shape and size and can stream its bytes into a ``PartitionWriter``. It plans the
-layout (``plan_layout``: device groups, size cap, alignment), then writes one partition after the
+The core (``write_checkpoint``) takes a list of ``StoredTensor`` objects (``format.stored``), each
+of which knows its name, dtype, shape and size and can stream its bytes into a
+``PartitionWriter``. It plans the layout (``format.layout``: device groups, size cap,
+alignment), then writes one partition after the
 other through a single reusable buffer, computing each partition's chunk CRC32Cs on the way,
 copies the carried files, writes the index last and publishes the directory atomically. Peak
 memory is the write buffer plus whatever one tensor needs to reach host memory, whatever the
@@ -16,14 +17,14 @@ import os
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastckpt.config import get_config
-from fastckpt.errors import DeviceError
 from fastckpt.format import spec
 from fastckpt.format.atomic import Staging, check_destination, fsync_path
-from fastckpt.format.sources import StoredTensor, check_tensor_name, state_dict_tensors
+from fastckpt.format.layout import Layout, device_for, normalize_device_map, plan_layout
+from fastckpt.format.reader import read_index
+from fastckpt.format.stored import StoredTensor, check_tensor_name, state_dict_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -213,109 +214,6 @@ class PartitionWriter:
             self._fd = -1
 
 
-# --- layout -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where each stored tensor goes.
-
-    ``placements[i]`` is ``(partition, offset)`` of the i-th input tensor; ``order`` lists input
-    indices in load order (partition, then offset); ``partitions`` holds each partition's
-    ``(device, nbytes)`` with ``nbytes`` padded to a multiple of ``spec.PAGE``.
-    """
-
-    placements: tuple[tuple[int, int], ...]
-    order: tuple[int, ...]
-    partitions: tuple[tuple[str | None, int], ...]
-
-
-def plan_layout(
-    sizes: Sequence[int],
-    devices: Sequence[str | None],
-    *,
-    partition_bytes: int,
-    alignment: int,
-) -> Layout:
-    """Place tensors into partitions. Pure; no I/O.
-
-    Tensors are grouped by device (groups in order of first appearance; within a group, input
-    order), each group into partitions of its own. A partition is closed when the next non-empty
-    tensor would end past ``partition_bytes``; a tensor larger than the cap gets a partition to
-    itself. Empty tensors never open a partition.
-    """
-    if len(sizes) != len(devices):
-        raise ValueError("sizes and devices differ in length")
-    groups: dict[str | None, list[int]] = {}
-    for i, dev in enumerate(devices):
-        groups.setdefault(dev, []).append(i)
-    placements: list[tuple[int, int]] = [(0, 0)] * len(sizes)
-    order: list[int] = []
-    partitions: list[tuple[str | None, int]] = []
-    for dev, members in groups.items():
-        part = len(partitions)
-        cursor = 0
-        end = 0
-        for i in members:
-            n = sizes[i]
-            off = _round_up(cursor, alignment)
-            if n > 0 and cursor > 0 and off + n > partition_bytes:
-                partitions.append((dev, _round_up(end, spec.PAGE)))
-                part += 1
-                off = cursor = end = 0
-            placements[i] = (part, off)
-            order.append(i)
-            cursor = off + n
-            end = max(end, cursor)
-        partitions.append((dev, _round_up(end, spec.PAGE)))
-    if not partitions:
-        partitions.append((None, 0))
-    return Layout(tuple(placements), tuple(order), tuple(partitions))
-
-
-def device_for(name: str, device_map: Mapping[str, str] | None) -> str | None:
-    """The device of ``name``: the longest ``device_map`` key that is ``name`` or a dotted prefix
-    of it (``""`` is the default); None when nothing matches or there is no map."""
-    if not device_map:
-        return None
-    probe = name
-    while True:
-        dev = device_map.get(probe)
-        if dev is not None:
-            return dev
-        if not probe:
-            return None
-        cut = probe.rfind(".")
-        probe = probe[:cut] if cut >= 0 else ""
-
-
-def normalize_device_map(device_map: Mapping[str, Any] | None) -> dict[str, str] | None:
-    """Validate a device map; integer values mean CUDA ordinals (as in accelerate)."""
-    if device_map is None:
-        return None
-    if not isinstance(device_map, Mapping):
-        raise DeviceError(
-            f"device_map must map tensor-name prefixes to devices, got {type(device_map).__name__}"
-        )
-    out: dict[str, str] = {}
-    for key, value in device_map.items():
-        if not isinstance(key, str):
-            raise DeviceError(f"device_map key {key!r} is not a string (a tensor-name prefix)")
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise DeviceError(
-                f"device_map[{key!r}] = {value!r}: expected a device string such as 'cuda:0'"
-            )
-        if isinstance(value, int):
-            if value < 0:
-                raise DeviceError(f"device_map[{key!r}] = {value}: a device ordinal is >= 0")
-            value = f"cuda:{value}"
-        value = value.strip()
-        if not value:
-            raise DeviceError(f"device_map[{key!r}] is an empty device string")
-        out[key] = value
-    return out
-
-
 # --- validation of user input -------------------------------------------------------------------
 
 
@@ -386,8 +284,6 @@ def write_checkpoint(
     ``files`` are ``(name, source_path)`` pairs copied verbatim into the checkpoint. Returns the
     validated index of the published checkpoint.
     """
-    from fastckpt.format.reader import read_index
-
     if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
         raise RuntimeError("fastckpt writes little-endian data and needs a little-endian host")
     cfg = get_config()
@@ -610,13 +506,9 @@ def save(
 
 
 __all__ = [
-    "Layout",
     "PartitionWriter",
     "Progress",
     "check_metadata",
-    "device_for",
-    "normalize_device_map",
-    "plan_layout",
     "save",
     "write_checkpoint",
 ]

@@ -110,7 +110,8 @@ def test_torch_zip_source_is_memory_mapped(tmp_path, monkeypatch) -> None:
 
 @pytest.mark.parametrize("zip_format", [True, False])
 def test_torch_views_and_byte_ranges(tmp_path, zip_format) -> None:
-    from fastckpt.format.sources import FileRange, TorchTensor, open_source
+    from fastckpt.format.sources import open_source
+    from fastckpt.format.stored import FileRange, TorchTensor
 
     base = torch.arange(600, dtype=torch.float32)
     sd = {
