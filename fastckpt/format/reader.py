@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -33,41 +34,177 @@ from fastckpt.errors import (
     UnsupportedVersionError,
 )
 from fastckpt.format import dtypes, safetensors, spec
+from fastckpt.format.fsdir import CheckpointDir, OpenFile, open_path
 from fastckpt.format.index import Index, PartitionEntry, TensorEntry
 
 
-def read_index(path: str | os.PathLike[str]) -> Index:
+class OpenCheckpoint:
+    """A validated ``index`` plus the open files it was validated against.
+
+    ``partitions[i]`` is the open file of ``index.partitions[i]`` (regular, opened beneath the
+    checkpoint directory, its size checked against the index); ``carried`` maps each carried
+    file's name to its open file. Reading through these descriptors, never through paths, is
+    what makes a load a consistent snapshot: a directory republished meanwhile is not mixed in.
+    Close it (or use it as a context manager) when done.
+    """
+
+    def __init__(
+        self, index: Index, partitions: tuple[OpenFile, ...], carried: Mapping[str, OpenFile]
+    ) -> None:
+        self.index = index
+        self.partitions = partitions
+        self.carried = dict(carried)
+
+    def close(self) -> None:
+        for f in self.partitions:
+            f.close()
+        for f in self.carried.values():
+            f.close()
+        self.partitions = ()
+        self.carried = {}
+
+    def __enter__(self) -> OpenCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Opened:
+    """Files opened while reading one checkpoint; all closed unless handed over."""
+
+    def __init__(self) -> None:
+        self.partitions: list[OpenFile] = []
+        self.carried: dict[str, OpenFile] = {}
+        self.other: list[OpenFile] = []
+        self.dirs: list[CheckpointDir] = []
+
+    def close(self) -> None:
+        for f in (*self.partitions, *self.carried.values()):
+            f.close()
+        self.partitions.clear()
+        self.carried.clear()
+        self.release()
+
+    def release(self) -> None:
+        """Close what the result does not keep (index files, directories)."""
+        for f in self.other:
+            f.close()
+        self.other.clear()
+        for d in self.dirs:
+            d.close()
+        self.dirs.clear()
+
+    def dir(self, path: str) -> CheckpointDir:
+        d = CheckpointDir(path)
+        self.dirs.append(d)
+        return d
+
+    def keep(self, f: OpenFile) -> OpenFile:
+        self.other.append(f)
+        return f
+
+
+def open_partitions(index: Index) -> tuple[OpenFile, ...]:
+    """Open the partitions of an already validated ``index`` again, with the same rules
+    (beneath the directory, regular, the size the index records). For callers that hold an
+    ``Index`` but not its ``OpenCheckpoint``; those get no snapshot guarantee across the two."""
+    out: list[OpenFile] = []
+    try:
+        single = len(index.partitions) == 1 and index.source.get("path") == index.partitions[0].path
+        if index.kind == "safetensors" and single:
+            part = index.partitions[0]
+            out.append(open_path(part.path, error=MissingPartitionError, what="safetensors file"))
+        else:
+            with CheckpointDir(index.root) as d:
+                for part in index.partitions:
+                    try:
+                        out.append(d.open(part.file, error=MissingPartitionError, what="partition"))
+                    except FileNotFoundError:
+                        raise MissingPartitionError(
+                            "partition file is missing", path=part.path
+                        ) from None
+        for part, f in zip(index.partitions, out, strict=True):
+            if f.size != part.nbytes:
+                cls = TruncatedError if f.size < part.nbytes else CorruptIndexError
+                raise cls(
+                    f"partition file is {f.size} bytes; the index says {part.nbytes} (it "
+                    "changed after the index was read)",
+                    path=part.path,
+                )
+    except BaseException:
+        for f in out:
+            f.close()
+        raise
+    return tuple(out)
+
+
+def _fspath(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
+    raw = os.fspath(path)
+    return os.path.abspath(os.fsdecode(raw))
+
+
+def read_index(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> Index:
     """Read and fully validate the index of the checkpoint at ``path``.
 
     Raises a ``FormatError`` subclass for a malformed checkpoint, ``SourceError`` for a path that
     holds no checkpoint this reader knows, and ``FileNotFoundError`` for a path that does not
     exist.
     """
-    p = os.path.abspath(os.fspath(path))
+    with open_checkpoint(path) as ck:
+        return ck.index
+
+
+def open_checkpoint(
+    path: str | bytes | os.PathLike[str] | os.PathLike[bytes],
+) -> OpenCheckpoint:
+    """``read_index``, keeping the validated files open (``OpenCheckpoint``).
+
+    Every file the checkpoint names is opened beneath its directory (``fastckpt.format.fsdir``):
+    opened once, never through a symbolic link that leaves the directory, never blocking, a
+    regular file of the size the index records.
+    """
+    p = _fspath(path)
+    opened = _Opened()
+    try:
+        index = _read_path(p, opened)
+        out = OpenCheckpoint(index, tuple(opened.partitions), opened.carried)
+    except BaseException:
+        opened.close()
+        raise
+    opened.release()
+    return out
+
+
+def _read_path(p: str, opened: _Opened) -> Index:
     try:
         st = os.stat(p)
     except FileNotFoundError:
         raise FileNotFoundError(errno.ENOENT, "no such checkpoint", p) from None
+    except NotADirectoryError:
+        raise FileNotFoundError(errno.ENOENT, "no such checkpoint", p) from None
     if stat.S_ISDIR(st.st_mode):
-        return _read_directory(p)
+        return _read_directory(opened.dir(p), opened)
     name = os.path.basename(p)
+    parent = os.path.dirname(p)
     if name == spec.INDEX_FILE:
-        return read_fastckpt_index(p)
+        return _read_fastckpt(opened.dir(parent), opened)
     if name.endswith(spec.SAFETENSORS_INDEX_SUFFIX):
-        return safetensors.read_sharded(p)
+        index_file = opened.keep(open_path(p, error=CorruptIndexError, what="index json"))
+        return safetensors.read_sharded(opened.dir(parent), index_file, opened.partitions)
     if name.endswith(".safetensors"):
-        return safetensors.read_files(os.path.dirname(p), [name], carried=False, source=p)
+        return _read_one_safetensors(p, opened)
     # Another name: recognise the content.
     if stat.S_ISREG(st.st_mode):
-        fd, _ = spec.open_regular(p, error=SourceError, what="checkpoint file")
+        f = open_path(p, error=SourceError, what="checkpoint file")
         try:
-            head = os.pread(fd, 9, 0)
+            head = os.pread(f.fd, 64, 0)
         finally:
-            os.close(fd)
+            f.close()
         if head[:8] == spec.MAGIC:
-            return read_fastckpt_index(p)
-        if len(head) == 9 and head[8:9] == b"{":
-            return safetensors.read_files(os.path.dirname(p), [name], carried=False, source=p)
+            return _read_fastckpt(opened.dir(parent), opened, index_name=name)
+        if safetensors.looks_like_safetensors(head):
+            return _read_one_safetensors(p, opened)
     raise SourceError(
         "not a checkpoint fastckpt can read: expected a fastckpt directory or index, a "
         ".safetensors file, or a directory of safetensors shards (convert other formats with "
@@ -76,11 +213,25 @@ def read_index(path: str | os.PathLike[str]) -> Index:
     )
 
 
-def _read_directory(root: str) -> Index:
-    index_path = os.path.join(root, spec.INDEX_FILE)
-    if os.path.lexists(index_path):
-        return read_fastckpt_index(index_path)
-    names = sorted(os.listdir(root))
+def _read_one_safetensors(p: str, opened: _Opened) -> Index:
+    try:
+        f = open_path(p, error=MissingPartitionError, what="safetensors file")
+    except FileNotFoundError:  # pragma: no cover - removed since the stat
+        raise MissingPartitionError("safetensors file is missing", path=p) from None
+    opened.partitions.append(f)
+    return safetensors.read_files(os.path.dirname(p), [(os.path.basename(p), f)], source=p)
+
+
+def _read_directory(d: CheckpointDir, opened: _Opened) -> Index:
+    root = d.path
+    try:
+        os.stat(spec.INDEX_FILE, dir_fd=d.fd, follow_symlinks=False)
+        has_index = True
+    except FileNotFoundError:
+        has_index = False
+    if has_index:
+        return _read_fastckpt(d, opened)
+    names = d.listdir()
     index_jsons = [n for n in names if n.endswith(spec.SAFETENSORS_INDEX_SUFFIX)]
     if index_jsons:
         preferred = "model" + spec.SAFETENSORS_INDEX_SUFFIX
@@ -94,16 +245,19 @@ def _read_directory(root: str) -> Index:
                 f"no {preferred}; pass the one to read",
                 path=root,
             )
-        return safetensors.read_sharded(os.path.join(root, chosen))
-    shards = [
-        n
-        for n in names
-        if n.endswith(".safetensors")
-        and not n.startswith(".")
-        and os.path.isfile(os.path.join(root, n))
-    ]
+        index_file = opened.keep(d.open(chosen, error=CorruptIndexError, what="index json"))
+        return safetensors.read_sharded(d, index_file, opened.partitions)
+    shards = [n for n in names if n.endswith(".safetensors") and not n.startswith(".")]
+    shards = [n for n in shards if d.has(n)]
     if shards:
-        return safetensors.read_files(root, shards, carried=True, source=root)
+        files: list[tuple[str, OpenFile]] = []
+        for n in shards:
+            f = safetensors.open_shard(d, n)
+            opened.partitions.append(f)
+            files.append((n, f))
+        return safetensors.read_files(
+            root, files, carried=safetensors.carried_files(d), source=root
+        )
     raise SourceError(
         f"directory holds no {spec.INDEX_FILE} and no .safetensors files; convert other "
         "formats (.bin/.pt/.pth) with `fastckpt convert`",
@@ -117,15 +271,21 @@ def _read_directory(root: str) -> Index:
 def read_fastckpt_index(index_path: str) -> Index:
     """Read and validate a ``fastckpt.index`` file (FORMAT.md section 6, steps 1–22)."""
     index_path = os.path.abspath(index_path)
-    fd, size = spec.open_regular(index_path, error=CorruptIndexError, what="index file")
+    with open_checkpoint(index_path) as ck:
+        return ck.index
+
+
+def _read_fastckpt(d: CheckpointDir, opened: _Opened, index_name: str = spec.INDEX_FILE) -> Index:
+    index_path = d.join(index_name)
     try:
-        head = os.pread(fd, spec.HEADER_NBYTES, 0)
-        header = _check_header(head, size, index_path)
-        body = spec.pread_exact(
-            fd, header.body_nbytes, spec.HEADER_NBYTES, path=index_path, what="index body"
-        )
-    finally:
-        os.close(fd)
+        f = opened.keep(d.open(index_name, error=CorruptIndexError, what="index file"))
+    except FileNotFoundError:
+        raise CorruptIndexError("index file is missing", path=index_path) from None
+    head = os.pread(f.fd, spec.HEADER_NBYTES, 0)
+    header = _check_header(head, f.size, index_path)
+    body = spec.pread_exact(
+        f.fd, header.body_nbytes, spec.HEADER_NBYTES, path=index_path, what="index body"
+    )
     actual = spec.crc32c(body)
     if actual != header.body_crc32c:
         raise ChecksumError(
@@ -137,7 +297,7 @@ def read_fastckpt_index(index_path: str) -> Index:
             actual=actual,
         )
     doc = spec.loads_json(body, path=index_path, what="index body")
-    return _IndexBuilder(index_path, header, doc).build()
+    return _IndexBuilder(d, index_path, header, doc, opened).build()
 
 
 def _check_header(head: bytes, size: int, path: str) -> spec.Header:
@@ -209,9 +369,13 @@ def _type_error(what: str, expected: str, value: object, path: str, tensor: str 
 class _IndexBuilder:
     """Validates a decoded index body step by step; ``build()`` returns the ``Index``."""
 
-    def __init__(self, index_path: str, header: spec.Header, doc: Any) -> None:
+    def __init__(
+        self, d: CheckpointDir, index_path: str, header: spec.Header, doc: Any, opened: _Opened
+    ) -> None:
+        self.dir = d
+        self.opened = opened
         self.path = index_path
-        self.root = os.path.dirname(index_path)
+        self.root = d.path
         self.header = header
         self.doc = doc
 
@@ -330,7 +494,7 @@ class _IndexBuilder:
             if not isinstance(checksums, list):
                 raise _type_error(f"{what}.checksums", "a list", checksums, path)
             file_path = os.path.join(self.root, name)
-            self._check_file(file_path, nbytes, what)
+            self._check_file(name, file_path, nbytes, what)
             count = -(-nbytes // self.chunk_bytes)
             if len(checksums) != count:
                 raise CorruptIndexError(
@@ -356,25 +520,24 @@ class _IndexBuilder:
             )
         return out
 
-    def _check_file(self, file_path: str, nbytes: int, what: str) -> None:
+    def _check_file(self, name: str, file_path: str, nbytes: int, what: str) -> None:
         try:
-            st = os.stat(file_path)
+            f = self.dir.open(name, error=MissingPartitionError, what=f"{what}: partition")
         except FileNotFoundError:
             raise MissingPartitionError(
                 f"{what}: partition file is missing (the checkpoint is incomplete)",
                 path=file_path,
             ) from None
-        if not stat.S_ISREG(st.st_mode):
-            raise MissingPartitionError(f"{what}: partition is not a regular file", path=file_path)
-        if st.st_size < nbytes:
+        self.opened.partitions.append(f)
+        if f.size < nbytes:
             raise TruncatedError(
-                f"{what}: partition file is {st.st_size} bytes; the index says {nbytes}",
+                f"{what}: partition file is {f.size} bytes; the index says {nbytes}",
                 path=file_path,
-                offset=st.st_size,
+                offset=f.size,
             )
-        if st.st_size > nbytes:
+        if f.size > nbytes:
             raise CorruptIndexError(
-                f"{what}: partition file is {st.st_size} bytes; the index says {nbytes} (the file "
+                f"{what}: partition file is {f.size} bytes; the index says {nbytes} (the file "
                 "was modified, or the index belongs to another checkpoint)",
                 path=file_path,
                 offset=nbytes,
@@ -481,16 +644,21 @@ class _IndexBuilder:
             taken.add(name)
             file_path = os.path.join(self.root, name)
             try:
-                st = os.stat(file_path)
+                f = self.dir.open(name, error=MissingPartitionError, what="carried file")
             except FileNotFoundError:
                 raise MissingPartitionError(
                     "carried file listed in the index is missing (the checkpoint is incomplete)",
                     path=file_path,
                 ) from None
-            if not stat.S_ISREG(st.st_mode):
-                raise MissingPartitionError("carried file is not a regular file", path=file_path)
+            self.opened.carried[name] = f
             out.append(name)
         return tuple(out)
 
 
-__all__ = ["read_fastckpt_index", "read_index"]
+__all__ = [
+    "OpenCheckpoint",
+    "open_checkpoint",
+    "open_partitions",
+    "read_fastckpt_index",
+    "read_index",
+]

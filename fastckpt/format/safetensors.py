@@ -10,7 +10,6 @@ dtype x shape and inside the file, no overlaps, names unique across shards.
 from __future__ import annotations
 
 import os
-import stat
 import struct
 from types import MappingProxyType
 from typing import Any
@@ -24,6 +23,7 @@ from fastckpt.errors import (
     TruncatedError,
 )
 from fastckpt.format import dtypes, spec
+from fastckpt.format.fsdir import CheckpointDir, OpenFile
 from fastckpt.format.index import Index, PartitionEntry, TensorEntry
 
 SAFETENSORS_VERSION = (0, 0)
@@ -70,38 +70,32 @@ class _Shard:
         self.metadata = metadata
 
 
-def parse_file(root: str, name: str, partition: int) -> _Shard:
-    """Parse and validate the header of ``root/name`` (partition number ``partition``)."""
-    path = os.path.join(root, name)
-    try:
-        fd, size = spec.open_regular(path, error=MissingPartitionError, what="safetensors file")
-    except FileNotFoundError:
-        raise MissingPartitionError("safetensors file is missing", path=path) from None
-    try:
-        if size < 8:
-            raise TruncatedError(
-                f"safetensors file is {size} bytes; its header length alone is 8",
-                path=path,
-                offset=size,
-            )
-        (header_len,) = struct.unpack("<Q", spec.pread_exact(fd, 8, 0, path=path, what="header"))
-        if header_len > spec.MAX_SAFETENSORS_HEADER_NBYTES:
-            raise LimitError(
-                f"safetensors header length = {header_len}; the limit is "
-                f"{spec.MAX_SAFETENSORS_HEADER_NBYTES}",
-                path=path,
-                offset=0,
-            )
-        data_start = 8 + header_len
-        if data_start > size:
-            raise TruncatedError(
-                f"safetensors file is {size} bytes; its header alone needs {data_start}",
-                path=path,
-                offset=size,
-            )
-        raw = spec.pread_exact(fd, header_len, 8, path=path, what="safetensors header")
-    finally:
-        os.close(fd)
+def parse_file(f: OpenFile, name: str, partition: int) -> _Shard:
+    """Parse and validate the header of the open safetensors file ``f`` (partition
+    ``partition``, file name ``name`` in its directory). ``f`` stays open."""
+    path, size, fd = f.path, f.size, f.fd
+    if size < 8:
+        raise TruncatedError(
+            f"safetensors file is {size} bytes; its header length alone is 8",
+            path=path,
+            offset=size,
+        )
+    (header_len,) = struct.unpack("<Q", spec.pread_exact(fd, 8, 0, path=path, what="header"))
+    if header_len > spec.MAX_SAFETENSORS_HEADER_NBYTES:
+        raise LimitError(
+            f"safetensors header length = {header_len}; the limit is "
+            f"{spec.MAX_SAFETENSORS_HEADER_NBYTES}",
+            path=path,
+            offset=0,
+        )
+    data_start = 8 + header_len
+    if data_start > size:
+        raise TruncatedError(
+            f"safetensors file is {size} bytes; its header alone needs {data_start}",
+            path=path,
+            offset=size,
+        )
+    raw = spec.pread_exact(fd, header_len, 8, path=path, what="safetensors header")
     doc = spec.loads_json(raw, path=path, what="safetensors header")
     if not isinstance(doc, dict):
         raise CorruptIndexError(
@@ -171,22 +165,42 @@ def _tensor(
     return TensorEntry(name, partition, data_start + begin, expected, item.name, shape)
 
 
+_JSON_SPACE = b" \t\n\r"
+
+
+def looks_like_safetensors(head: bytes) -> bool:
+    """Do the first bytes of a file look like a safetensors file (a JSON object after the
+    8-byte header length, JSON whitespace allowed before it)? For files without the suffix."""
+    rest = head[8:].lstrip(_JSON_SPACE)
+    return len(head) > 8 and rest[:1] == b"{"
+
+
+def open_shard(d: CheckpointDir, name: str) -> OpenFile:
+    """Open shard ``name`` beneath ``d`` (``MissingPartitionError`` when absent or not a file)."""
+    try:
+        return d.open(name, error=MissingPartitionError, what="safetensors file")
+    except FileNotFoundError:
+        raise MissingPartitionError("safetensors file is missing", path=d.join(name)) from None
+
+
 def read_files(
     root: str,
-    names: list[str],
+    files: list[tuple[str, OpenFile]],
     *,
-    carried: bool,
+    carried: tuple[str, ...] = (),
     source: str,
     index_json: str | None = None,
     weight_map: dict[str, str] | None = None,
 ) -> Index:
-    """An ``Index`` over the safetensors files ``names`` in ``root`` (each one a partition).
+    """An ``Index`` over the open safetensors ``files`` (``(name, file)`` pairs, each one a
+    partition) of the directory ``root``.
 
-    ``carried``: list the directory's non-weight files as carried files. ``weight_map`` (from an
-    index json): every name in it must be in the shard it names.
+    ``carried``: the directory's carried files. ``weight_map`` (from an index json): every name
+    in it must be in the shard it names.
     """
     root = os.path.abspath(root)
-    shards = [parse_file(root, name, i) for i, name in enumerate(names)]
+    names = [name for name, _ in files]
+    shards = [parse_file(f, name, i) for i, (name, f) in enumerate(files)]
     owner: dict[str, int] = {}
     tensors: dict[str, TensorEntry] = {}
     metadata: dict[str, str] = {}
@@ -226,23 +240,22 @@ def read_files(
         alignment=1,
         metadata=MappingProxyType(metadata),
         source=MappingProxyType(src),
-        files=carried_files(root) if carried else (),
+        files=carried,
     )
 
 
-def read_sharded(index_json: str) -> Index:
-    """An ``Index`` over the shards named by a ``*.safetensors.index.json`` file."""
-    index_json = os.path.abspath(index_json)
-    fd, size = spec.open_regular(index_json, error=CorruptIndexError, what="index json")
-    try:
-        if size > spec.MAX_SAFETENSORS_HEADER_NBYTES:
-            raise LimitError(
-                f"index json is {size} bytes; the limit is {spec.MAX_SAFETENSORS_HEADER_NBYTES}",
-                path=index_json,
-            )
-        raw = spec.pread_exact(fd, size, 0, path=index_json, what="index json")
-    finally:
-        os.close(fd)
+def read_sharded(
+    d: CheckpointDir, index_file: OpenFile, opened: list[OpenFile], *, carried: bool = True
+) -> Index:
+    """An ``Index`` over the shards (beneath ``d``) named by the open ``*.safetensors.index.json``
+    ``index_file``. Each shard's open file is appended to ``opened`` in partition order."""
+    index_json, size = index_file.path, index_file.size
+    if size > spec.MAX_SAFETENSORS_HEADER_NBYTES:
+        raise LimitError(
+            f"index json is {size} bytes; the limit is {spec.MAX_SAFETENSORS_HEADER_NBYTES}",
+            path=index_json,
+        )
+    raw = spec.pread_exact(index_file.fd, size, 0, path=index_json, what="index json")
     doc = spec.loads_json(raw, path=index_json, what="index json")
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict):
@@ -258,33 +271,47 @@ def read_sharded(index_json: str) -> Index:
             )
         spec.check_file_name(file, path=index_json)
     names = sorted(set(weight_map.values()))
+    shard_files: list[OpenFile] = []
+    try:
+        for name in names:
+            shard_files.append(open_shard(d, name))
+    finally:
+        opened.extend(shard_files)  # the caller closes them, also on failure
     return read_files(
-        os.path.dirname(index_json),
-        names,
-        carried=True,
-        source=os.path.dirname(index_json),
+        d.path,
+        list(zip(names, shard_files, strict=True)),
+        carried=carried_files(d) if carried else (),
+        source=d.path,
         index_json=index_json,
         weight_map=weight_map,
     )
 
 
-def carried_files(root: str) -> tuple[str, ...]:
-    """The directory's top-level regular files that are not weights, weight indexes or hidden."""
+def carried_files(d: CheckpointDir) -> tuple[str, ...]:
+    """The directory's top-level regular files (beneath it) that are not weights, weight indexes
+    or hidden."""
     out = []
-    for name in sorted(os.listdir(root)):
+    for name in d.listdir():
         if name.startswith(".") or name == spec.INDEX_FILE:
             continue
         lower = name.lower()
         if lower.endswith(_WEIGHT_SUFFIXES) or lower.endswith(".index.json"):
             continue
         try:
-            spec.check_file_name(name, path=root)
-            st = os.stat(os.path.join(root, name))
-        except (OSError, ValueError):
+            spec.check_file_name(name, path=d.path)
+        except ValueError:
             continue
-        if stat.S_ISREG(st.st_mode):
+        if d.is_file(name):
             out.append(name)
     return tuple(out)
 
 
-__all__ = ["SAFETENSORS_VERSION", "carried_files", "parse_file", "read_files", "read_sharded"]
+__all__ = [
+    "SAFETENSORS_VERSION",
+    "carried_files",
+    "looks_like_safetensors",
+    "open_shard",
+    "parse_file",
+    "read_files",
+    "read_sharded",
+]

@@ -28,7 +28,8 @@ import warnings
 
 from fastckpt.errors import SourceError, UnsafePathError
 from fastckpt.format import spec
-from fastckpt.format.reader import read_index
+from fastckpt.format.fsdir import CheckpointDir
+from fastckpt.format.reader import OpenCheckpoint, open_checkpoint
 from fastckpt.format.stored import FileCache, Source, range_source
 from fastckpt.format.torchfile import TORCH_SUFFIXES, torch_source
 
@@ -126,8 +127,18 @@ def _open_file(path: str) -> Source:
 
 
 def _open_dir(path: str) -> Source:
-    def has(name: str) -> bool:
-        return os.path.isfile(os.path.join(path, name))
+    with CheckpointDir(path) as d:
+        return _open_dir_beneath(d)
+
+
+def _open_dir_beneath(d: CheckpointDir) -> Source:
+    path = d.path
+    has = d.has
+
+    def confined(name: str) -> str:
+        """The path of weights file ``name``, after checking it resolves beneath ``d``."""
+        d.open(name, error=SourceError, what="weights file").close()
+        return d.join(name)
 
     if has(spec.INDEX_FILE):
         return _fastckpt_source(path)
@@ -146,48 +157,53 @@ def _open_dir(path: str) -> Source:
             raise SourceError(
                 f"peft adapter directory has {adapter} but no adapter_config.json", path=path
             )
-        weights = os.path.join(path, adapter)
+        weights = confined(adapter)
         if adapter.endswith(".safetensors"):
             source = _safetensors_source(weights, kind="peft", root=path)
         else:
             source = torch_source([weights], kind="peft", root=path)
-        return _with_carried(source, path)
+        return _with_carried(source, d)
 
     kind = "transformers" if has("config.json") else "directory"
-    entries = sorted(os.listdir(path))
+    entries = d.listdir()
     st_indexes = [n for n in entries if n.endswith(spec.SAFETENSORS_INDEX_SUFFIX) and has(n)]
-    st_files = [n for n in entries if n.endswith(".safetensors") and has(n)]
+    st_files = [n for n in entries if n.endswith(".safetensors") and not n.startswith(".")]
+    st_files = [n for n in st_files if has(n)]
     if has("model.safetensors.index.json"):
-        source = _safetensors_source(
-            os.path.join(path, "model.safetensors.index.json"), kind=kind, root=path
-        )
+        source = _safetensors_source(d.join("model.safetensors.index.json"), kind=kind, root=path)
     elif has("model.safetensors"):
-        source = _safetensors_source(os.path.join(path, "model.safetensors"), kind=kind, root=path)
+        source = _safetensors_source(d.join("model.safetensors"), kind=kind, root=path)
     elif has("pytorch_model.bin.index.json"):
-        shards, weight_map = _torch_shards(os.path.join(path, "pytorch_model.bin.index.json"))
+        shards, weight_map = _torch_shards(d.join("pytorch_model.bin.index.json"))
+        for shard in shards:
+            confined(os.path.basename(shard))
         source = torch_source(shards, kind=kind, root=path, weight_map=weight_map)
     elif has("pytorch_model.bin"):
-        source = torch_source([os.path.join(path, "pytorch_model.bin")], kind=kind, root=path)
+        source = torch_source([confined("pytorch_model.bin")], kind=kind, root=path)
     elif len(st_indexes) == 1:
-        source = _safetensors_source(os.path.join(path, st_indexes[0]), kind=kind, root=path)
+        source = _safetensors_source(d.join(st_indexes[0]), kind=kind, root=path)
     elif not st_indexes and len(st_files) == 1:
-        source = _safetensors_source(os.path.join(path, st_files[0]), kind=kind, root=path)
+        source = _safetensors_source(d.join(st_files[0]), kind=kind, root=path)
+    elif not st_indexes and st_files:
+        # Shards without an index json: every *.safetensors file is a shard (as ``load`` reads
+        # the directory); tensor names must be unique across them.
+        source = _safetensors_source(path, kind=kind, root=path)
     else:
-        found = st_indexes or st_files
-        detail = f"; found several candidates: {', '.join(found)}" if len(found) > 1 else ""
+        detail = f"; found several index files: {', '.join(st_indexes)}" if st_indexes else ""
         raise SourceError(
             f"no model weights found in directory: looked for {', '.join(LOOKED_FOR)}{detail}",
             path=path,
         )
-    return _with_carried(source, path)
+    return _with_carried(source, d)
 
 
-def _with_carried(source: Source, root: str) -> Source:
-    """Add every top-level non-weight regular file of ``root`` to ``source.files``."""
+def _with_carried(source: Source, d: CheckpointDir) -> Source:
+    """Add every top-level non-weight regular file of ``d`` to ``source.files``, opened beneath
+    the directory (a symbolic link leading outside raises ``UnsafePathError``)."""
     carried: list[tuple[str, str]] = []
-    for name in sorted(os.listdir(root)):
-        full = os.path.join(root, name)
-        if name.startswith(".") or is_weight_file(name) or not os.path.isfile(full):
+    for name in d.listdir():
+        full = d.join(name)
+        if name.startswith(".") or is_weight_file(name) or d.is_dir(name):
             continue
         if name.startswith("part-") and name.endswith(".fckpt"):
             continue
@@ -196,6 +212,13 @@ def _with_carried(source: Source, root: str) -> Source:
         except UnsafePathError as exc:  # pragma: no cover - needs an odd file name on disk
             warnings.warn(f"not carrying {full!r}: {exc}", stacklevel=3)
             continue
+        try:
+            f = d.open(name, error=SourceError, what="carried file")
+        except SourceError:
+            continue  # a FIFO, socket or device: not a file to carry
+        except FileNotFoundError:
+            continue  # a dangling link
+        source.file_fds[name] = f.fd
         carried.append((name, full))
     source.files = carried
     return source
@@ -204,18 +227,32 @@ def _with_carried(source: Source, root: str) -> Source:
 # --- safetensors and fastckpt (byte ranges) ------------------------------------------------------
 
 
+def _adopt(ck: OpenCheckpoint, files: FileCache) -> None:
+    """Read the partitions through the descriptors they were validated with."""
+    for part, f in zip(ck.index.partitions, ck.partitions, strict=True):
+        files.adopt(part.path, os.dup(f.fd))
+
+
 def _safetensors_source(weights: str, *, kind: str, root: str) -> Source:
-    index = read_index(weights)
-    source = range_source(index, kind=kind, root=root, files=FileCache())
+    files = FileCache()
+    with open_checkpoint(weights) as ck:
+        _adopt(ck, files)
+        index = ck.index
+    source = range_source(index, kind=kind, root=root, files=files)
     shards = [p.file for p in index.partitions]
     source.provenance = {"kind": kind, "path": root, "format": "safetensors", "weights": shards}
     return source
 
 
 def _fastckpt_source(root: str) -> Source:
-    index = read_index(root)
-    source = range_source(index, kind="fastckpt", root=root, files=FileCache())
+    files = FileCache()
+    with open_checkpoint(root) as ck:
+        _adopt(ck, files)
+        index = ck.index
+        fds = {name: os.dup(f.fd) for name, f in ck.carried.items()}
+    source = range_source(index, kind="fastckpt", root=root, files=files)
     source.files = [(name, os.path.join(root, name)) for name in index.files]
+    source.file_fds = fds
     source.provenance = {"kind": "fastckpt", "path": root, "source": dict(index.source)}
     return source
 

@@ -12,14 +12,12 @@ import importlib
 import itertools
 import json
 import os
-import stat
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from fastckpt.errors import (
     CorruptIndexError,
-    FormatError,
     LimitError,
     OverlapError,
     TruncatedError,
@@ -335,26 +333,7 @@ def loads_json(data: bytes, *, path: str | None, what: str) -> Any:
         raise CorruptIndexError(f"{what} is not valid JSON: {exc}", path=path) from None
 
 
-# --- file access: regular files only, never block -----------------------------------------------
-
-
-def open_regular(path: str, *, error: type[FormatError], what: str) -> tuple[int, int]:
-    """Open a regular file for reading; return ``(fd, size)``.
-
-    Opened non-blocking and checked with ``fstat``, so a FIFO or device never hangs the reader;
-    anything but a regular file raises ``error``. ``FileNotFoundError`` and other
-    ``OSError`` exceptions pass through.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-    fd = os.open(path, flags)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise error(f"{what} is not a regular file", path=path)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, st.st_size
+# --- file access ---------------------------------------------------------------------------------
 
 
 def pread_exact(fd: int, nbytes: int, offset: int, *, path: str, what: str) -> bytes:
@@ -399,7 +378,6 @@ __all__ = [
     "crc32c",
     "crc32c_py",
     "loads_json",
-    "open_regular",
     "pack_header",
     "partition_name",
     "pread_exact",

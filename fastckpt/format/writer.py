@@ -271,6 +271,7 @@ def write_checkpoint(
     *,
     aliases: Mapping[str, str] | None = None,
     files: Sequence[tuple[str, str]] = (),
+    file_fds: Mapping[str, int] | None = None,
     metadata: Mapping[str, str] | None = None,
     source: Mapping[str, Any] | None = None,
     partition_bytes: int | None = None,
@@ -281,8 +282,9 @@ def write_checkpoint(
 ) -> Index:
     """Write ``tensors`` as a fastckpt checkpoint at ``path`` and publish it atomically.
 
-    ``files`` are ``(name, source_path)`` pairs copied verbatim into the checkpoint. Returns the
-    validated index of the published checkpoint.
+    ``files`` are ``(name, source_path)`` pairs copied verbatim into the checkpoint; a name in
+    ``file_fds`` is copied from that open descriptor instead of its path (the file the source
+    validated). Returns the validated index of the published checkpoint.
     """
     if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
         raise RuntimeError("fastckpt writes little-endian data and needs a little-endian host")
@@ -340,9 +342,13 @@ def write_checkpoint(
             )
         finally:
             progress_bar.close()
+        fds = file_fds or {}
         for fname, fsrc in carried:
             target = os.path.join(stage.path, fname)
-            shutil.copyfile(fsrc, target)
+            if fname in fds:
+                _copy_fd(fds[fname], target)
+            else:
+                shutil.copyfile(fsrc, target)
             fsync_path(target)
         body = _index_body(
             tensors,
@@ -359,6 +365,24 @@ def write_checkpoint(
         read_index(stage.path)  # never publish what our own reader refuses
         stage.publish()
     return read_index(dst)
+
+
+def _copy_fd(src_fd: int, target: str) -> None:
+    """Copy the whole file open at ``src_fd`` (from offset 0) into a new file ``target``."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    out = os.open(target, flags, 0o644)
+    try:
+        pos = 0
+        while True:
+            data = os.pread(src_fd, 1 << 20, pos)
+            if not data:
+                break
+            _write_all(out, memoryview(data))
+            pos += len(data)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, exc.filename or target) from exc
+    finally:
+        os.close(out)
 
 
 def _write_partitions(
@@ -450,6 +474,8 @@ def _write_index(path: str, body: Mapping[str, Any]) -> None:
     try:
         _write_all(fd, memoryview(blob))
         os.fsync(fd)
+    except OSError as exc:  # e.g. ENOSPC: say which file
+        raise OSError(exc.errno, exc.strerror, exc.filename or path) from exc
     finally:
         os.close(fd)
 

@@ -10,14 +10,16 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, overload
 
-from fastckpt.config import get_config
+from fastckpt.config import Config, get_config
 from fastckpt.errors import DeviceError, FormatError
-from fastckpt.format.reader import read_index
+from fastckpt.format.reader import OpenCheckpoint, open_checkpoint
 from fastckpt.loader.executor import Executor
 from fastckpt.loader.plan import LoadPlan, plan_load
 from fastckpt.loader.stats import LoadStats, last_stats, record
 
 __all__ = ["LoadPlan", "LoadStats", "last_stats", "load", "plan_load"]
+
+ENGINES = ("auto", "uring", "pread")
 
 DeviceArg = Any  # "cpu" | "cuda" | "cuda:N" | int | torch.device | Mapping[str, device]
 
@@ -49,6 +51,7 @@ def load(
     verify: bool = ...,
     names: Iterable[str] | None = ...,
     stats: Literal[False] = ...,
+    private_copy: bool | None = ...,
 ) -> dict[str, Any]: ...
 
 
@@ -61,6 +64,7 @@ def load(
     verify: bool = ...,
     names: Iterable[str] | None = ...,
     stats: Literal[True],
+    private_copy: bool | None = ...,
 ) -> tuple[dict[str, Any], LoadStats]: ...
 
 
@@ -72,6 +76,7 @@ def load(
     verify: bool = False,
     names: Iterable[str] | None = None,
     stats: bool = False,
+    private_copy: bool | None = None,
 ) -> dict[str, Any] | tuple[dict[str, Any], LoadStats]:
     """Load a checkpoint's tensors onto ``device``.
 
@@ -88,6 +93,13 @@ def load(
             a mismatch raises ``fastckpt.ChecksumError`` and nothing is returned.
         names: load only these tensors (stored or alias names); default all.
         stats: also return a ``LoadStats``.
+        private_copy: CPU tensors get memory of their own, read from the file, never a private
+            mapping of a page-cached file. A mapping is faster, but a program that later
+            rewrites the file in place changes such tensors, and one that truncates it makes
+            the process die with SIGBUS on touch (as with safetensors and
+            ``torch.load(mmap=True)``; fastckpt's own writer never modifies a published file).
+            Default: config ``cpu_map_cached`` (``FASTCKPT_CPU_MAP_CACHED=0`` means a private
+            copy). See docs/hardening.md for the measured cost.
 
     Returns:
         ``{name: tensor}`` in checkpoint order, aliases (tied weights) last and mapped to the very
@@ -100,9 +112,34 @@ def load(
         DeviceError: the device (map) is unknown or unavailable.
         OSError: an I/O error, with errno and the file name.
     """
-    cfg = get_config(io_engine=engine)
+    if isinstance(names, (str, bytes)):
+        raise TypeError(
+            f"names={names!r} is a single string; pass a list of tensor names (names=[{names!r}])"
+        )
+    if engine is not None and engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
+    overrides: dict[str, Any] = {"io_engine": engine}
+    if private_copy is not None:
+        overrides["cpu_map_cached"] = not private_copy
+    cfg = get_config(**overrides)
     t_start = time.perf_counter()
-    index = read_index(path)
+    # Every file is opened once, beneath the checkpoint directory, and read through those
+    # descriptors only: a checkpoint republished meanwhile is never mixed in.
+    with open_checkpoint(path) as ck:
+        return _load(ck, device, cfg, verify=verify, names=names, stats=stats, t_start=t_start)
+
+
+def _load(
+    ck: OpenCheckpoint,
+    device: DeviceArg,
+    cfg: Config,
+    *,
+    verify: bool,
+    names: Iterable[str] | None,
+    stats: bool,
+    t_start: float,
+) -> dict[str, Any] | tuple[dict[str, Any], LoadStats]:
+    index = ck.index
     if verify and index.checksum_algorithm is None:
         raise FormatError(
             f"verify=True needs chunk checksums, and a {index.kind} checkpoint has none; "
@@ -118,7 +155,9 @@ def load(
     )
     _check_devices(plan.devices)
     t_plan = time.perf_counter()
-    executor = Executor(index, plan, engine_kind=cfg.io_engine, verify=verify, cfg=cfg)
+    executor = Executor(
+        index, plan, engine_kind=cfg.io_engine, verify=verify, cfg=cfg, files=ck.partitions
+    )
     tensors = executor.run()
     t_exec = time.perf_counter()
     timings = executor.timings

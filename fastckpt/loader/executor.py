@@ -24,7 +24,9 @@ from fastckpt import io_engine
 from fastckpt.config import Config
 from fastckpt.errors import TruncatedError
 from fastckpt.format import dtypes
+from fastckpt.format.fsdir import OpenFile
 from fastckpt.format.index import Index
+from fastckpt.format.reader import open_partitions
 from fastckpt.loader.checks import ChunkVerifier
 from fastckpt.loader.plan import BufferPlan, LoadPlan, ReadOp, ViewPlan
 from fastckpt.loader.staging import get_ring
@@ -69,20 +71,33 @@ class Timings:
 
 
 class _Files:
-    """Partition files opened on demand, O_DIRECT or buffered, closed together."""
+    """The partitions' open files: the descriptors the index was validated against (``opened``,
+    from ``open_checkpoint``; else opened beneath ``index.root`` now), and engine files made from
+    them on demand, O_DIRECT or buffered. Nothing is ever opened by path again, so a directory
+    republished meanwhile cannot be mixed in."""
 
-    def __init__(self, index: Index) -> None:
+    def __init__(self, index: Index, opened: Sequence[OpenFile] | None = None) -> None:
         self._index = index
+        self._owned = opened is None
+        self._opened: Sequence[OpenFile] | None = opened
         self._open: dict[tuple[int, bool], io_engine.File] = {}
         self._lock = threading.Lock()
 
+    def opened(self, partition: int) -> OpenFile:
+        """The validated open file of ``partition``."""
+        with self._lock:
+            if self._opened is None:
+                self._opened = open_partitions(self._index)
+            return self._opened[partition]
+
     def get(self, partition: int, direct: bool) -> io_engine.File:
         key = (partition, direct)
+        src = self.opened(partition)
         with self._lock:
             f = self._open.get(key)
             if f is None:
                 part = self._index.partitions[partition]
-                f = io_engine.File(part.path, direct=direct)
+                f = io_engine.File(part.path, direct=direct, fd=src.fd)
                 if f.size < part.nbytes:
                     f.close()
                     raise TruncatedError(
@@ -98,13 +113,18 @@ class _Files:
             for f in self._open.values():
                 f.close()
             self._open.clear()
+            if self._owned and self._opened is not None:
+                for o in self._opened:
+                    o.close()
+                self._opened = None
 
 
-def _is_cached(path: str, threshold: float) -> bool:
+def _is_cached(f: OpenFile, threshold: float) -> bool:
     try:
-        return io_engine.residency(path, sample_windows=RESIDENCY_SAMPLES) >= threshold
+        residency = io_engine.residency(f.path, sample_windows=RESIDENCY_SAMPLES, fd=f.fd)
     except OSError:
         return False
+    return residency >= threshold
 
 
 class Executor:
@@ -116,13 +136,14 @@ class Executor:
         engine_kind: str,
         verify: bool,
         cfg: Config,
+        files: Sequence[OpenFile] | None = None,
     ) -> None:
         self.index = index
         self.plan = plan
         self.cfg = cfg
         self._engine_kind = engine_kind
         self._engine: io_engine.Engine | None = None
-        self.files = _Files(index)
+        self.files = _Files(index, files)
         self.timings = Timings()
         self.verifier = (
             ChunkVerifier(plan.checks, [p.path for p in index.partitions])
@@ -156,7 +177,7 @@ class Executor:
         key = (partition, threshold)
         hit = self._cached.get(key)
         if hit is None:
-            hit = _is_cached(self.index.partitions[partition].path, threshold)
+            hit = _is_cached(self.files.opened(partition), threshold)
             self._cached[key] = hit
         return hit
 
@@ -185,17 +206,27 @@ class Executor:
         start = b.segments[0][0]
         end = b.segments[-1][1]
         part = self.index.partitions[b.partition]
-        fd = os.open(part.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        src = self.files.opened(b.partition)
+        size = os.fstat(src.fd).st_size
+        if size < part.nbytes:  # the mapping would end past the file: SIGBUS on touch
+            raise TruncatedError(
+                f"partition is {size} bytes, the index needs {part.nbytes}; it changed after "
+                "the index was read",
+                path=part.path,
+                offset=size,
+            )
         try:
             mm = mmap.mmap(
-                fd,
+                src.fd,
                 end - start,
                 flags=mmap.MAP_PRIVATE,
                 prot=mmap.PROT_READ | mmap.PROT_WRITE,
                 offset=start,
             )
-        finally:
-            os.close(fd)
+        except ValueError:  # shrunk since the fstat: "mmap length is greater than file size"
+            raise TruncatedError(
+                "partition shrank after the index was read", path=part.path, offset=start
+            ) from None
         self.mapped[b.index] = start
         return torch.frombuffer(mm, dtype=torch.uint8)
 

@@ -260,15 +260,16 @@ def test_transformers_dir_carries_files(tmp_path, weights) -> None:
 
 
 def test_hf_cache_style_symlinks_are_followed(tmp_path) -> None:
-    blobs = tmp_path / "blobs"
-    blobs.mkdir()
-    snap = tmp_path / "snapshot"
-    snap.mkdir()
+    # The Hugging Face cache layout: <repo>/snapshots/<rev>/<file> -> ../../blobs/<hash>.
+    blobs = tmp_path / "repo" / "blobs"
+    blobs.mkdir(parents=True)
+    snap = tmp_path / "repo" / "snapshots" / "rev"
+    snap.mkdir(parents=True)
     sd = small_state_dict()
     save_file(sd, blobs / "b1")
     (blobs / "b2").write_text('{"model_type": "x"}')
-    (snap / "model.safetensors").symlink_to(blobs / "b1")
-    (snap / "config.json").symlink_to(blobs / "b2")
+    (snap / "model.safetensors").symlink_to("../../blobs/b1")
+    (snap / "config.json").symlink_to("../../blobs/b2")
     index = fastckpt.convert(snap, tmp_path / "ck")
     assert index.files == ("config.json",)
     assert not os.path.islink(tmp_path / "ck" / "config.json")
@@ -307,12 +308,18 @@ def test_unknown_dir_layout_names_what_was_looked_for(tmp_path) -> None:
         fastckpt.convert(tmp_path, tmp_path.parent / "ck_unknown")
 
 
-def test_ambiguous_dir_refused(tmp_path) -> None:
+def test_sharded_dir_without_index_json(tmp_path) -> None:
+    """Issue #9: shards without model.safetensors.index.json convert as load reads them."""
     save_file({"a": torch.zeros(1)}, tmp_path / "x.safetensors")
-    save_file({"b": torch.zeros(1)}, tmp_path / "y.safetensors")
+    save_file({"b": torch.ones(2)}, tmp_path / "y.safetensors")
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(SourceError, match="several candidates"):
-        fastckpt.convert(tmp_path, tmp_path.parent / "ck_ambiguous")
+    index = fastckpt.convert(tmp_path, tmp_path.parent / "ck_shards")
+    assert sorted(index.tensors) == ["a", "b"]
+    assert index.files == ("config.json",)
+    assert_bitwise_equal(fastckpt.load(tmp_path), read_back(tmp_path.parent / "ck_shards"))
+    save_file({"a": torch.ones(1)}, tmp_path / "z.safetensors")
+    with pytest.raises(fastckpt.FormatError, match="two shards"):
+        fastckpt.convert(tmp_path, tmp_path.parent / "ck_dup")
 
 
 def test_peft_dir_refusals(tmp_path) -> None:

@@ -301,18 +301,18 @@ def test_partition_truncated_after_indexing_fails_cleanly(
         refs.append(weakref.ref(buf))
         return buf
 
-    # Truncate between read_index and the reads: the loader must notice, not return garbage.
+    # Truncate between validation and the reads: the loader must notice, not return garbage.
     from fastckpt.format import reader
     from fastckpt.loader import api
 
-    real_read_index = reader.read_index
+    real_open = reader.open_checkpoint
 
-    def read_then_truncate(p: Any) -> Any:
-        idx = real_read_index(p)
+    def open_then_truncate(p: Any) -> Any:
+        ck = real_open(p)
         os.truncate(victim, 4096)
-        return idx
+        return ck
 
-    monkeypatch.setattr(api, "read_index", read_then_truncate)
+    monkeypatch.setattr(api, "open_checkpoint", open_then_truncate)
     monkeypatch.setattr(executor_mod, "_is_cached", lambda p, t: False)
     monkeypatch.setattr(executor_mod.io_engine, "AlignedBuffer", tracked)
     with pytest.raises((fastckpt.FormatError, OSError)):
