@@ -66,6 +66,7 @@ def convert(
             aliases=source.aliases,
             files=source.files,
             file_fds=source.file_fds,
+            tree=source.tree,
             metadata=merged,
             source=provenance,
             partition_bytes=partition_bytes,

@@ -30,6 +30,7 @@ import errno
 import os
 import platform
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastckpt.errors import FormatError, SymlinkLoopError, UnsafePathError
@@ -279,17 +280,21 @@ class CheckpointDir:
     def _open_raw(self, name: str, flags: int) -> int:
         path = self.join(name)
         try:
-            try:
-                # The common case, and the one that cannot mix generations: a plain entry of the
-                # directory that was opened.
-                fd = os.open(name, flags | _O_NOFOLLOW, dir_fd=self.fd)
-            except OSError as exc:
-                if exc.errno != errno.ELOOP or "/" in name:
-                    raise
+            if "/" in name:  # a file in a sub-folder (carried tree): every component confined
+                fd = None
             else:
-                if not flags & _O_PATH or not stat.S_ISLNK(os.fstat(fd).st_mode):
-                    return fd
-                os.close(fd)  # O_PATH | O_NOFOLLOW opened the link itself
+                try:
+                    # The common case, and the one that cannot mix generations: a plain entry of
+                    # the directory that was opened.
+                    fd = os.open(name, flags | _O_NOFOLLOW, dir_fd=self.fd)
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP:
+                        raise
+                    fd = None
+                if fd is not None:
+                    if not flags & _O_PATH or not stat.S_ISLNK(os.fstat(fd).st_mode):
+                        return fd
+                    os.close(fd)  # O_PATH | O_NOFOLLOW opened the link itself
             # A symbolic link: follow it, beneath the directory (or the HF repo folder).
             if self._confine_fd == self.fd:
                 return open_beneath(self.fd, name, flags, use_openat2=self._use_openat2)
@@ -340,6 +345,33 @@ class CheckpointDir:
         except OSError:
             return False
         return not stat.S_ISDIR(st.st_mode)
+
+    def walk_files(self, *, max_depth: int, skip: Callable[[str], bool]) -> list[str]:
+        """Relative paths (``a/b/c``) of the files in the sub-folders of the directory, sorted,
+        at most ``max_depth`` folders deep. Entries for which ``skip(name)`` is true, and
+        symbolic links to folders, are not entered; nothing outside the directory is visited."""
+        out: list[str] = []
+
+        def visit(rel: str, depth: int) -> None:
+            fd = open_beneath(self.fd, rel, _DIR_FLAGS | _O_NOFOLLOW, use_openat2=False)
+            try:
+                names = sorted(os.listdir(fd))
+                for name in names:
+                    if skip(name):
+                        continue
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        if depth < max_depth:
+                            visit(f"{rel}/{name}", depth + 1)
+                    else:
+                        out.append(f"{rel}/{name}")
+            finally:
+                os.close(fd)
+
+        for name in self.listdir():
+            if not skip(name) and self.is_dir(name):
+                visit(name, 1)
+        return out
 
     def is_dir(self, name: str) -> bool:
         """True when entry ``name`` is a directory (not a link to one) of the directory."""

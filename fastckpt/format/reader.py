@@ -385,6 +385,7 @@ class _IndexBuilder:
         tensors = self._tensors(doc["tensors"], partitions)
         aliases = self._aliases(doc.get("aliases", {}), tensors)
         files = self._files(doc.get("files", []), partitions)
+        tree = self._tree(doc.get("tree", []), files)
         metadata = doc.get("metadata", {})
         return Index(
             root=self.root,
@@ -399,6 +400,7 @@ class _IndexBuilder:
             metadata=MappingProxyType(dict(metadata)),
             source=MappingProxyType(dict(doc.get("source", {}))),
             files=files,
+            tree=tree,
         )
 
     # step 9
@@ -417,6 +419,7 @@ class _IndexBuilder:
             "source": (dict, "an object"),
             "metadata": (dict, "an object"),
             "files": (list, "a list"),
+            "tree": (list, "a list"),
         }
         for key, (kind, text) in kinds.items():
             if key in doc and not isinstance(doc[key], kind):
@@ -555,9 +558,7 @@ class _IndexBuilder:
             if not entry.keys() >= _TENSOR_KEYS:
                 missing = sorted(_TENSOR_KEYS - entry.keys())
                 raise CorruptIndexError(f"tensors[{i}] lacks the field(s) {missing}", path=path)
-            name = entry["name"]
-            if not isinstance(name, str) or not name:
-                raise _type_error(f"tensors[{i}].name", "a non-empty string", name, path)
+            name = spec.check_tensor_name(entry["name"], path=path, what=f"tensors[{i}].name")
             if name in found:
                 raise CorruptIndexError(
                     f"tensors[{i}]: tensor name {name!r} appears twice", path=path, tensor=name
@@ -611,8 +612,7 @@ class _IndexBuilder:
     def _aliases(self, aliases: dict[str, Any], tensors: dict[str, TensorEntry]) -> dict[str, str]:
         path = self.path
         for alias, target in aliases.items():
-            if not alias:
-                raise CorruptIndexError("an alias name is empty", path=path)
+            spec.check_tensor_name(alias, path=path, what="alias name")
             if alias in tensors:
                 raise CorruptIndexError(
                     f"alias {alias!r} is also the name of a stored tensor", path=path, tensor=alias
@@ -628,6 +628,9 @@ class _IndexBuilder:
                     tensor=alias,
                 )
         return dict(aliases)
+
+    def _tree(self, entries: list[Any], files: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_tree(self, entries, files)
 
     # step 22
     def _files(self, names: list[Any], partitions: list[PartitionEntry]) -> tuple[str, ...]:
@@ -653,6 +656,33 @@ class _IndexBuilder:
             self.opened.carried[name] = f
             out.append(name)
         return tuple(out)
+
+
+# step 23 (format 1.1): carried files in sub-folders
+def _check_tree(
+    builder: _IndexBuilder, entries: list[Any], files: tuple[str, ...]
+) -> tuple[str, ...]:
+    path = builder.path
+    taken = set(files)
+    out: list[str] = []
+    for rel in entries:
+        spec.check_tree_path(rel, path=path)
+        if rel in taken or rel.split("/", 1)[0] in taken:
+            raise CorruptIndexError(
+                f"tree entry {rel!r} is listed twice, or its folder is a carried file", path=path
+            )
+        taken.add(rel)
+        file_path = os.path.join(builder.root, rel)
+        try:
+            f = builder.dir.open(rel, error=MissingPartitionError, what="carried file")
+        except FileNotFoundError:
+            raise MissingPartitionError(
+                "carried file listed in the index is missing (the checkpoint is incomplete)",
+                path=file_path,
+            ) from None
+        builder.opened.carried[rel] = f
+        out.append(rel)
+    return tuple(out)
 
 
 __all__ = [

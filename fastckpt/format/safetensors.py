@@ -32,6 +32,9 @@ SAFETENSORS_VERSION = (0, 0)
 # Codes written by safetensors >= 0.6 that the shared dtype registry does not list (yet).
 _EXTRA_CODES = {"F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz"}
 
+# 6-bit floats (MX formats) that safetensors can name but no torch release can hold yet.
+_NO_TORCH_CODES = {"F6_E2M3": "float6_e2m3fn", "F6_E3M2": "float6_e3m2fn"}
+
 # Suffixes of files that hold weights (in any framework); never carried over.
 _WEIGHT_SUFFIXES = (
     ".safetensors",
@@ -56,7 +59,27 @@ def _dtype(code: object, *, path: str, tensor: str) -> dtypes.DType:
         raise DtypeError(f"dtype must be a string, got {spec.show(code)}", path=path, tensor=tensor)
     if code in _EXTRA_CODES:
         return dtypes.get(_EXTRA_CODES[code], path=path, tensor=tensor)
+    if code in _NO_TORCH_CODES:
+        raise DtypeError(
+            f"safetensors dtype {code} (6-bit float) has no torch dtype: no torch release up to "
+            f"2.13 defines {_NO_TORCH_CODES[code]}, so it cannot be loaded or converted",
+            path=path,
+            tensor=tensor,
+        )
     return dtypes.from_safetensors(code, path=path, tensor=tensor)
+
+
+def _packed_f4_shape(shape: tuple[int, ...], *, path: str, tensor: str) -> tuple[int, ...]:
+    """safetensors ``F4`` shapes count 4-bit values; torch's ``float4_e2m1fn_x2`` packs two per
+    byte, so its last dimension is half as long (as ``safetensors.torch`` returns it)."""
+    if not shape or shape[-1] % 2:
+        raise DtypeError(
+            f"F4 tensor of shape {list(shape)}: its last dimension must be even (torch packs two "
+            "4-bit values per float4_e2m1fn_x2 element)",
+            path=path,
+            tensor=tensor,
+        )
+    return (*shape[:-1], shape[-1] // 2)
 
 
 class _Shard:
@@ -112,13 +135,39 @@ def parse_file(f: OpenFile, name: str, partition: int) -> _Shard:
         _tensor(key, value, path=path, partition=partition, data_start=data_start, size=size)
         for key, value in doc.items()
     ]
-    tensors.sort(key=lambda t: t.offset)
+    tensors.sort(key=lambda t: (t.offset, t.end))
     spec.check_no_overlap(
         [spec.Span(partition, t.offset, t.end, t.name) for t in tensors],
         paths={partition: path},
     )
+    _check_covered(tensors, data_start=data_start, size=size, path=path)
     entry = PartitionEntry(file=name, path=path, nbytes=size, data_start=data_start, data_end=size)
     return _Shard(entry, tensors, metadata)
+
+
+def _check_covered(tensors: list[TensorEntry], *, data_start: int, size: int, path: str) -> None:
+    """As the safetensors library requires: in offset order, each tensor starts where the
+    previous one ended (the first at 0), and the last one ends where the file ends."""
+    pos = data_start
+    for t in tensors:
+        if t.offset != pos:
+            what = "leaves a gap before it" if t.offset > pos else "does not follow the previous"
+            raise CorruptIndexError(
+                f"data_offsets start at {t.offset - data_start}, but the previous tensor ends at "
+                f"{pos - data_start}: the tensor {what} (safetensors requires tensors to cover "
+                "the data section contiguously)",
+                path=path,
+                tensor=t.name,
+                offset=t.offset,
+            )
+        pos = t.end
+    if pos != size:
+        raise CorruptIndexError(
+            f"the data section holds {size - pos} bytes after the last tensor (safetensors "
+            "requires the tensors to cover it exactly)",
+            path=path,
+            offset=pos,
+        )
 
 
 def _tensor(
@@ -134,8 +183,11 @@ def _tensor(
     for key in ("dtype", "shape", "data_offsets"):
         if key not in info:
             raise CorruptIndexError(f"header entry lacks {key!r}", path=path, tensor=name)
+    spec.check_tensor_name(name, path=path)
     item = _dtype(info["dtype"], path=path, tensor=name)
-    shape = spec.check_shape(info["shape"], path=path, tensor=name)
+    shape = spec.check_shape(info["shape"], path=path, tensor=name, limit_ndim=False)
+    if info["dtype"] == "F4":
+        shape = _packed_f4_shape(shape, path=path, tensor=name)
     offsets = info["data_offsets"]
     if not isinstance(offsets, list) or len(offsets) != 2:
         raise CorruptIndexError(

@@ -221,7 +221,30 @@ def _with_carried(source: Source, d: CheckpointDir) -> Source:
         source.file_fds[name] = f.fd
         carried.append((name, full))
     source.files = carried
+    _with_tree(source, d)
     return source
+
+
+def _with_tree(source: Source, d: CheckpointDir) -> None:
+    """Add the non-weight files of ``d``'s sub-folders (sentence-transformers modules such as
+    ``1_Pooling/config.json``, processor folders, custom code) as the carried ``tree``, with the
+    format's confinement rules: opened beneath the directory, hidden entries and weights
+    skipped, folder links not entered, at most ``spec.MAX_TREE_DEPTH`` folders deep."""
+
+    def skip(name: str) -> bool:
+        return name.startswith(".") or is_weight_file(name)
+
+    for rel in d.walk_files(max_depth=spec.MAX_TREE_DEPTH, skip=skip):
+        try:
+            spec.check_tree_path(rel, path=d.join(rel))
+        except UnsafePathError as exc:  # pragma: no cover - needs an odd file name on disk
+            warnings.warn(f"not carrying {d.join(rel)!r}: {exc}", stacklevel=4)
+            continue
+        try:
+            f = d.open(rel, error=SourceError, what="carried file")
+        except (SourceError, FileNotFoundError):
+            continue  # not a regular file, or a dangling link
+        source.tree[rel] = f.fd
 
 
 # --- safetensors and fastckpt (byte ranges) ------------------------------------------------------
@@ -252,7 +275,8 @@ def _fastckpt_source(root: str) -> Source:
         fds = {name: os.dup(f.fd) for name, f in ck.carried.items()}
     source = range_source(index, kind="fastckpt", root=root, files=files)
     source.files = [(name, os.path.join(root, name)) for name in index.files]
-    source.file_fds = fds
+    source.file_fds = {name: fds.pop(name) for name in index.files}
+    source.tree = fds  # what remains: the files in sub-folders
     source.provenance = {"kind": "fastckpt", "path": root, "source": dict(index.source)}
     return source
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fastckpt.errors import TruncatedError
-from fastckpt.format import dtypes
+from fastckpt.format import dtypes, spec
 from fastckpt.format.index import Index
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -167,7 +167,8 @@ class Source:
     """What a conversion reads: tensors (in source order), aliases, metadata, carried files.
 
     ``files`` are ``(name, path)`` pairs; a carried file already opened safely (beneath its
-    directory, regular, non-blocking) is in ``file_fds`` under its name.
+    directory, regular, non-blocking) is in ``file_fds`` under its name. ``tree`` maps carried
+    files in sub-folders (``a/b.json``) to their open descriptors.
     """
 
     kind: str
@@ -178,6 +179,7 @@ class Source:
     files: list[tuple[str, str]] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
     file_fds: dict[str, int] = field(default_factory=dict)
+    tree: dict[str, int] = field(default_factory=dict)
     _files: FileCache | None = None
     _keep: list[Any] = field(default_factory=list)
 
@@ -186,7 +188,8 @@ class Source:
         if self._files is not None:
             self._files.close()
         fds, self.file_fds = self.file_fds, {}
-        for fd in fds.values():
+        tree, self.tree = self.tree, {}
+        for fd in (*fds.values(), *tree.values()):
             os.close(fd)
         self._keep.clear()
         self.tensors = []
@@ -225,15 +228,11 @@ def range_source(index: Index, *, kind: str, root: str, files: FileCache) -> Sou
 
 
 def check_tensor_name(name: object) -> str:
+    """A user-supplied tensor name: ``TypeError`` for a non-string, else the format's one name
+    rule (``spec.check_tensor_name``: ``InvalidNameError``, a ``ValueError``)."""
     if not isinstance(name, str):
         raise TypeError(f"tensor names must be strings, got {type(name).__name__} {name!r}")
-    if not name:
-        raise ValueError("tensor name is empty; the format requires non-empty names")
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(f"tensor name {name!r} is not valid UTF-8") from None
-    return name
+    return spec.check_tensor_name(name, path=None)
 
 
 def state_dict_tensors(

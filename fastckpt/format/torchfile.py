@@ -48,12 +48,29 @@ def _unsupported_global(exc: BaseException) -> str | None:
     return None
 
 
+def _unpickler_detail(exc: BaseException) -> str:
+    """What torch's weights-only unpickler said ('Unsupported operand 149', ...), without
+    torch's advice to re-run with weights_only=False."""
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", str(exc), re.S)
+    return " ".join(m.group(1).split()) if m else _first_line(exc)
+
+
+def _has_compressed_records(path: str) -> bool:
+    """Does the zip archive hold any compressed (e.g. DEFLATE) record? torch's memory-mapped
+    load would hand out the compressed bytes of such a record as tensor data."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(i.compress_type != zipfile.ZIP_STORED for i in zf.infolist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def torch_load_state_dict(path: str) -> Mapping[str, Any]:
     """``torch.load(weights_only=True)``, memory-mapped for zip-format files."""
     import torch
 
     try:
-        if zipfile.is_zipfile(path):
+        if zipfile.is_zipfile(path) and not _has_compressed_records(path):
             try:
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as exc:
@@ -66,13 +83,14 @@ def torch_load_state_dict(path: str) -> Mapping[str, Any]:
         what = _unsupported_global(exc)
         if what is None:
             raise SourceError(
-                f"not a readable PyTorch checkpoint (unpickling failed: {_first_line(exc)})",
+                "not a readable PyTorch checkpoint (torch.load(weights_only=True) refused it: "
+                f"{_unpickler_detail(exc)}); fastckpt will not unpickle it otherwise",
                 path=path,
             ) from None
         raise SourceError(
-            f"refusing to load: the file holds objects other than tensors ({what}); fastckpt "
-            "reads PyTorch files with torch.load(weights_only=True) and never unpickles "
-            "arbitrary objects. Re-save it as a flat dict of tensors.",
+            f"refusing to load: the file holds objects other than tensors ({what}); "
+            "fastckpt reads PyTorch files with torch.load(weights_only=True) only and will not "
+            "unpickle arbitrary objects. Re-save it as a flat dict of tensors with torch.save.",
             path=path,
         ) from None
     except OSError as exc:

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastckpt.config import get_config
-from fastckpt.format import spec
+from fastckpt.format import dtypes, spec
 from fastckpt.format.atomic import Staging, check_destination, fsync_path
 from fastckpt.format.layout import Layout, device_for, normalize_device_map, plan_layout
 from fastckpt.format.reader import read_index
@@ -120,6 +120,7 @@ class PartitionWriter:
         self._crc = 0
         self.checksums: list[int] = []
         self._progress = progress
+        self.check_bool: str | None = None  # name of the bool tensor being written, if any
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         self._fd = os.open(path, flags, 0o644)
 
@@ -137,11 +138,17 @@ class PartitionWriter:
         """Account ``nbytes`` written into ``space()``."""
         if nbytes < 0 or self._fill + nbytes > len(self._buf):
             raise ValueError(f"commit of {nbytes} bytes exceeds the buffer")
+        if self.check_bool is not None:
+            spec.check_bool_bytes(
+                self._buf[self._fill : self._fill + nbytes], path=None, tensor=self.check_bool
+            )
         self._fill += nbytes
 
     def write(self, data: memoryview) -> None:
         """Append ``data``; large pieces bypass the buffer (no extra copy)."""
         data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        if self.check_bool is not None:
+            spec.check_bool_bytes(data, path=None, tensor=self.check_bool)
         while len(data):
             if self._fill == 0 and len(data) >= len(self._buf):
                 self._emit(data)
@@ -272,6 +279,7 @@ def write_checkpoint(
     aliases: Mapping[str, str] | None = None,
     files: Sequence[tuple[str, str]] = (),
     file_fds: Mapping[str, int] | None = None,
+    tree: Mapping[str, int] | None = None,
     metadata: Mapping[str, str] | None = None,
     source: Mapping[str, Any] | None = None,
     partition_bytes: int | None = None,
@@ -284,7 +292,9 @@ def write_checkpoint(
 
     ``files`` are ``(name, source_path)`` pairs copied verbatim into the checkpoint; a name in
     ``file_fds`` is copied from that open descriptor instead of its path (the file the source
-    validated). Returns the validated index of the published checkpoint.
+    validated). ``tree`` maps carried files in sub-folders (``1_Pooling/config.json``) to open
+    descriptors; a checkpoint with such files is written as format version 1.1. Returns the
+    validated index of the published checkpoint.
     """
     if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
         raise RuntimeError("fastckpt writes little-endian data and needs a little-endian host")
@@ -303,6 +313,9 @@ def write_checkpoint(
     names: set[str] = set()
     for t in tensors:
         check_tensor_name(t.name)
+        # The reader's limits, before any work: a checkpoint we write must load.
+        shape = spec.check_shape(list(t.shape), path=None, tensor=t.name)
+        spec.shape_nbytes(dtypes.get(t.dtype).itemsize, shape, path=None, tensor=t.name)
         if t.name in names:
             raise ValueError(f"tensor name {t.name!r} appears twice")
         names.add(t.name)
@@ -320,6 +333,12 @@ def write_checkpoint(
             raise ValueError(f"carried file {fname!r} would clash with a fastckpt file name")
         reserved.add(fname)
         carried.append((fname, fsrc))
+
+    tree_items = sorted((tree or {}).items())
+    for rel, _ in tree_items:
+        spec.check_tree_path(rel, path=None)
+        if rel.split("/", 1)[0] in reserved:
+            raise ValueError(f"carried tree file {rel!r} would clash with a carried file")
 
     layout = plan_layout(
         [t.nbytes for t in tensors],
@@ -350,12 +369,18 @@ def write_checkpoint(
             else:
                 shutil.copyfile(fsrc, target)
             fsync_path(target)
+        for rel, fd in tree_items:
+            target = os.path.join(stage.path, *rel.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            _copy_fd(fd, target)
+            fsync_path(target)
         body = _index_body(
             tensors,
             layout,
             checksums,
             aliases=alias_map,
             files=[f for f, _ in carried],
+            tree=[rel for rel, _ in tree_items],
             metadata=meta,
             source=dict(source or {"kind": "unknown"}),
             alignment=align,
@@ -410,7 +435,9 @@ def _write_partitions(
                 item = tensors[i]
                 offset = layout.placements[i][1]
                 out.pad_to(offset)
+                out.check_bool = item.name if item.dtype == "bool" else None
                 item.write_to(out)
+                out.check_bool = None
                 if out.pos != offset + item.nbytes:
                     raise AssertionError(
                         f"{item.name}: wrote {out.pos - offset} bytes, expected {item.nbytes}"
@@ -428,6 +455,7 @@ def _index_body(
     *,
     aliases: Mapping[str, str],
     files: list[str],
+    tree: list[str],
     metadata: Mapping[str, str],
     source: dict[str, Any],
     alignment: int,
@@ -452,9 +480,11 @@ def _index_body(
             }
         )
     source.setdefault("tool", tool_name())
+    extra: dict[str, Any] = {"tree": tree} if tree else {}
     return {
         "format": "fastckpt",
-        "version": [spec.MAJOR, spec.MINOR],
+        # 1.1 adds the optional "tree"; a checkpoint without one stays 1.0 for older readers.
+        "version": [spec.MAJOR, 1 if tree else spec.MINOR],
         "alignment": alignment,
         "checksum": {"algorithm": spec.CHECKSUM_ALGORITHM, "chunk_bytes": chunk_bytes},
         "partitions": partitions,
@@ -463,13 +493,15 @@ def _index_body(
         "source": source,
         "metadata": dict(metadata),
         "files": files,
+        **extra,
     }
 
 
 def _write_index(path: str, body: Mapping[str, Any]) -> None:
     data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     raw = data.encode("utf-8")
-    blob = spec.pack_header(raw) + raw
+    major, minor = body["version"]
+    blob = spec.pack_header(raw, major=major, minor=minor) + raw
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
         _write_all(fd, memoryview(blob))

@@ -22,7 +22,7 @@ import torch
 
 from fastckpt import io_engine
 from fastckpt.config import Config
-from fastckpt.errors import TruncatedError
+from fastckpt.errors import CorruptDataError, TruncatedError
 from fastckpt.format import dtypes
 from fastckpt.format.fsdir import OpenFile
 from fastckpt.format.index import Index
@@ -407,6 +407,12 @@ class Executor:
         else:
             rel = v.rel_offset
         raw = buf[rel : rel + v.nbytes]
+        if v.dtype == "bool" and bool((raw > 1).any()):  # FORMAT.md 3: one rule with convert
+            raise CorruptDataError(
+                "bool tensor holds bytes other than 0 and 1",
+                path=self.index.partitions[self.index.tensors[v.name].partition].path,
+                tensor=v.name,
+            )
         itemsize = dtypes.get(v.dtype).itemsize
         if rel % itemsize:
             # Not aligned for its dtype: cannot be a view; give it memory of its own.

@@ -244,7 +244,7 @@ def test_transformers_dir_carries_files(tmp_path, weights) -> None:
         write_sharded_bin(src, sd)
     else:
         save_file(sd, src / "consolidated.safetensors")
-    # never carried: other weights, hidden files, sub-directories, pickles
+    # never carried: other weights, hidden files, pickles; sub-folders go to the tree
     torch.save({"x": torch.zeros(1)}, src / "training_args.bin")
     (src / ".gitattributes").write_text("*")
     (src / "sub").mkdir()
@@ -252,9 +252,10 @@ def test_transformers_dir_carries_files(tmp_path, weights) -> None:
     index = fastckpt.convert(src, tmp_path / "ck")
     assert index.source["kind"] == "transformers"
     assert sorted(index.files) == carried
+    assert index.tree == ("sub/f.txt",)
     for name in carried:
         assert (tmp_path / "ck" / name).read_bytes() == (src / name).read_bytes()
-    expected = sorted([*carried, "fastckpt.index", "part-00000.fckpt"])
+    expected = sorted([*carried, "fastckpt.index", "part-00000.fckpt", "sub"])
     assert sorted(os.listdir(tmp_path / "ck")) == expected
     assert_bitwise_equal(sd, read_back(tmp_path / "ck"))
 

@@ -25,7 +25,9 @@ AVAILABLE = [n for n in dtypes.DTYPES if isinstance(getattr(torch, n, None), tor
 SAFETENSORS = [n for n in AVAILABLE if dtypes.DTYPES[n].safetensors is not None]
 # torch's legacy (non-zip) serialization cannot hold float8 and the wide unsigned types
 LEGACY = [
-    n for n in AVAILABLE if not n.startswith("float8") and n not in ("uint16", "uint32", "uint64")
+    n
+    for n in AVAILABLE
+    if not n.startswith(("float8", "float4")) and n not in ("uint16", "uint32", "uint64")
 ]
 
 SETTINGS = settings(
