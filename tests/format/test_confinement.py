@@ -246,3 +246,31 @@ def test_fifo_never_blocks_the_engine(tmp_path: Path, alarm: object) -> None:
         io_engine.File(tmp_path / "fifo")
     with pytest.raises(OSError):
         io_engine.residency(tmp_path / "fifo")
+
+
+@pytest.mark.parametrize("kind", ["uring", "pread"])
+def test_engine_reads_the_descriptor_it_was_given(tmp_path: Path, kind: str) -> None:
+    """io_engine.File(fd=...) reads the open file, whatever the path names now (O_DIRECT too)."""
+    from fastckpt import io_engine
+
+    path = tmp_path / "f"
+    path.write_bytes(b"a" * 8192)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.rename(path, tmp_path / "old")
+        path.write_bytes(b"b" * 8192)
+        try:
+            engine = io_engine.Engine(kind)
+        except OSError:
+            pytest.skip(f"{kind} is not available here")
+        with engine:
+            for direct in (True, False):
+                f = io_engine.File(path, fd=fd, direct=direct)
+                buf = io_engine.AlignedBuffer(8192)
+                engine.read([(f, 0, 8192, buf, 0, 0)])
+                assert bytes(memoryview(buf)) == b"a" * 8192
+                assert io_engine.residency(path, fd=fd) >= 0.0
+                f.close()
+        assert os.read(fd, 1) == b"a"  # the caller's descriptor stays open
+    finally:
+        os.close(fd)
