@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import platform
 import stat
@@ -191,8 +192,6 @@ def check_regular(
             kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
             raise error(f"{what} is {kind}", path=path)
         if _O_NONBLOCK:
-            import fcntl
-
             fl = fcntl.fcntl(fd, fcntl.F_GETFL)
             if fl & _O_NONBLOCK:
                 fcntl.fcntl(fd, fcntl.F_SETFL, fl & ~_O_NONBLOCK)

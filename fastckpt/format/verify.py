@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from fastckpt.config import get_config
 from fastckpt.errors import ChecksumError, TruncatedError
 from fastckpt.format import spec
 from fastckpt.format.index import Index
@@ -247,8 +248,6 @@ def verify_open(
     t0 = time.perf_counter() if _t0 is None else _t0
     index = ck.index
     if threads is None:
-        from fastckpt.config import get_config
-
         threads = get_config().resolved_io_threads()
     if threads < 1:
         raise ValueError(f"threads = {threads}; it must be >= 1")
