@@ -381,11 +381,47 @@ class CheckpointDir:
         return stat.S_ISDIR(st.st_mode)
 
 
+class OpenedFiles:
+    """Files opened while reading one checkpoint; all closed unless handed over."""
+
+    def __init__(self) -> None:
+        self.partitions: list[OpenFile] = []
+        self.carried: dict[str, OpenFile] = {}
+        self.other: list[OpenFile] = []
+        self.dirs: list[CheckpointDir] = []
+
+    def close(self) -> None:
+        for f in (*self.partitions, *self.carried.values()):
+            f.close()
+        self.partitions.clear()
+        self.carried.clear()
+        self.release()
+
+    def release(self) -> None:
+        """Close what the result does not keep (index files, directories)."""
+        for f in self.other:
+            f.close()
+        self.other.clear()
+        for d in self.dirs:
+            d.close()
+        self.dirs.clear()
+
+    def dir(self, path: str) -> CheckpointDir:
+        d = CheckpointDir(path)
+        self.dirs.append(d)
+        return d
+
+    def keep(self, f: OpenFile) -> OpenFile:
+        self.other.append(f)
+        return f
+
+
 __all__ = [
     "MAX_SYMLINKS",
     "READ_FLAGS",
     "CheckpointDir",
     "OpenFile",
+    "OpenedFiles",
     "check_regular",
     "open_beneath",
     "open_path",
