@@ -138,15 +138,22 @@ def _run_convert(args: argparse.Namespace) -> int:
     device_map = parse_device_map(args.device_map) if args.device_map is not None else None
     metadata = parse_metadata(args.metadata)
     start = time.perf_counter()
-    index = convert(
-        args.src,
-        args.dst,
-        overwrite=args.overwrite,
-        partition_bytes=args.partition_size,
-        device_map=device_map,
-        metadata=metadata,
-        progress=False if args.no_progress else None,
-    )
+    from fastckpt.format.atomic import Terminated, sigterm_raises
+
+    try:
+        with sigterm_raises():  # SIGTERM cleans up the temporary folder, as Ctrl-C does
+            index = convert(
+                args.src,
+                args.dst,
+                overwrite=args.overwrite,
+                partition_bytes=args.partition_size,
+                device_map=device_map,
+                metadata=metadata,
+                progress=False if args.no_progress else None,
+            )
+    except Terminated:
+        print("fastckpt: terminated; nothing was written", file=sys.stderr)
+        return 143
     elapsed = time.perf_counter() - start
     nbytes = index.nbytes
     rate = f", {nbytes / elapsed / 1e9:.2f} GB/s" if elapsed > 0 else ""

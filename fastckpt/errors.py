@@ -88,6 +88,18 @@ class UnsafePathError(FormatError):
     """A file name in the index would escape the checkpoint directory."""
 
 
+class SymlinkLoopError(FormatError):
+    """A file of the checkpoint is a symbolic link that loops (or nests too deeply)."""
+
+
+class InvalidNameError(FormatError):
+    """A tensor or alias name breaks the format's name rule (empty, not UTF-8)."""
+
+
+class CorruptDataError(FormatError):
+    """Tensor bytes break a rule of the format (a ``bool`` byte other than 0 or 1)."""
+
+
 class MissingPartitionError(FormatError):
     """A partition file named by the index does not exist."""
 
@@ -165,17 +177,20 @@ class DeviceError(FastckptError, ValueError):
 __all__ = [
     "BadMagicError",
     "ChecksumError",
+    "CorruptDataError",
     "CorruptIndexError",
     "DestinationExistsError",
     "DeviceError",
     "DtypeError",
     "FastckptError",
     "FormatError",
+    "InvalidNameError",
     "LimitError",
     "MissingPartitionError",
     "OutOfBoundsError",
     "OverlapError",
     "SourceError",
+    "SymlinkLoopError",
     "TruncatedError",
     "UnsafePathError",
     "UnsupportedVersionError",

@@ -107,7 +107,10 @@ class File(_core.File):
     why. ``size`` is the size at open; every submit re-checks ranges against the current size.
 
     Raises OSError (errno and filename set; FileNotFoundError, IsADirectoryError...) when the file
-    cannot be opened or is not a regular file. ``close()`` is idempotent; reads already submitted
+    cannot be opened or is not a regular file. With ``fd``, the file is that already-open
+    descriptor (duplicated; the caller keeps its own) and ``path`` only names it in messages: the
+    loader reads exactly the files it validated, whatever happens to the paths meanwhile.
+    ``close()`` is idempotent; reads already submitted
     keep the descriptors open until they finish.
     """
 
@@ -116,9 +119,12 @@ class File(_core.File):
         path: str | os.PathLike[str],
         *,
         direct: bool = True,
+        fd: int | None = None,
         _allow_special: bool = False,
     ) -> None:
-        super().__init__(path, direct=direct, _allow_special=_allow_special)
+        super().__init__(
+            path, direct=direct, _allow_special=_allow_special, fd=-1 if fd is None else fd
+        )
 
     def __enter__(self) -> File:
         return self
@@ -304,13 +310,19 @@ def crc32c_combine(crc_a: int, crc_b: int, len_b: int) -> int:
     return _core.crc32c_combine(crc_a, crc_b, len_b)
 
 
-def residency(path: str | os.PathLike[str], *, sample_windows: int = 0) -> float:
+def residency(
+    path: str | os.PathLike[str], *, sample_windows: int = 0, fd: int | None = None
+) -> float:
     """Fraction (0..1) of the file's pages in the page cache; 1.0 for an empty file.
+
+    With ``fd``, that open descriptor is queried (and left open); ``path`` names it in messages.
 
     Uses cachestat(2) where the kernel has it (Linux 6.5+), else mmap + mincore(2). An exact
     count costs about 4 ms per GiB; ``sample_windows=N`` estimates from N evenly spaced 64 KiB
     windows instead (what the loader does to choose its path).
     """
+    if fd is not None:
+        return _core.residency_fd(fd, os.fsdecode(path), "auto", sample_windows)
     return _core.residency(path, "auto", sample_windows)
 
 

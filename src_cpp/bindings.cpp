@@ -97,12 +97,13 @@ struct PyFile {
   bool direct = false;
   std::string direct_note;
 
-  PyFile(const py::object& path_obj, bool want_direct, bool allow_special) {
+  PyFile(const py::object& path_obj, bool want_direct, bool allow_special, int fd) {
     const PathArg p = path_arg(path_obj);
     {
       py::gil_scoped_release nogil;
       try {
-        handle = FileHandle::open(p.native, want_direct, allow_special);
+        handle = fd >= 0 ? FileHandle::adopt(fd, p.display, want_direct)
+                         : FileHandle::open(p.native, want_direct, allow_special);
       } catch (const fastckpt::IoError& e) {
         throw fastckpt::IoError(e.err(), e.what(), p.display);
       }
@@ -430,6 +431,15 @@ PYBIND11_MODULE(_core, m) {
             p, [&] { return fastckpt::residency(p.native, meth, sample_windows); });
       },
       "path"_a, "method"_a = "auto", "sample_windows"_a = 0);
+  m.def(
+      "residency_fd",
+      [](int fd, const std::string& path, const std::string& method, uint32_t sample_windows) {
+        const auto meth = residency_method(method);
+        py::gil_scoped_release nogil;
+        return fastckpt::residency_fd(fd, path, meth, sample_windows);
+      },
+      "fd"_a, "path"_a, "method"_a = "auto", "sample_windows"_a = 0,
+      "residency() of an open descriptor (kept open); `path` is only for messages.");
   m.def("cachestat_available", [] { return fastckpt::cachestat_available(); });
   m.def(
       "drop_page_cache",
@@ -469,8 +479,8 @@ PYBIND11_MODULE(_core, m) {
       });
 
   py::class_<PyFile>(m, "File")
-      .def(py::init<const py::object&, bool, bool>(), "path"_a, py::kw_only(), "direct"_a = true,
-           "_allow_special"_a = false)
+      .def(py::init<const py::object&, bool, bool, int>(), "path"_a, py::kw_only(),
+           "direct"_a = true, "_allow_special"_a = false, "fd"_a = -1)
       .def_readonly("path", &PyFile::path)
       .def_readonly("size", &PyFile::size)
       .def_readonly("direct", &PyFile::direct)

@@ -15,6 +15,11 @@ class FileHandle {
   // accepted unless `allow_special` (a test hook: a directory gives real kernel read errors).
   static std::shared_ptr<FileHandle> open(const std::string& path, bool want_direct,
                                           bool allow_special = false);
+  // Adopts a copy (dup) of an already-open descriptor of a regular file; `path` is only for
+  // messages. The O_DIRECT descriptor, when wanted, is a fresh open of the same file through
+  // /proc/self/fd, used only if it is the very same inode (else buffered reads, with a note).
+  // The caller keeps `fd`. Throws IoError.
+  static std::shared_ptr<FileHandle> adopt(int fd, const std::string& path, bool want_direct);
   ~FileHandle();
   FileHandle(const FileHandle&) = delete;
   FileHandle& operator=(const FileHandle&) = delete;
@@ -31,6 +36,9 @@ class FileHandle {
 
  private:
   FileHandle() = default;
+  // Shared by open() and adopt(): fstat, regular-file check, fadvise, O_DIRECT descriptor.
+  static std::shared_ptr<FileHandle> finish(std::shared_ptr<FileHandle> f, bool want_direct,
+                                            bool allow_special, const std::string& direct_path);
   std::string path_;
   int fd_ = -1;
   int direct_fd_ = -1;

@@ -131,8 +131,17 @@ bool cachestat_available() {
 }
 
 double residency(const std::string& path, ResidencyMethod method, uint32_t sample_windows) {
-  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
   if (fd.get() < 0) fail(errno, "cannot open", path);
+  return residency_fd(fd.get(), path, method, sample_windows);
+}
+
+double residency_fd(int raw_fd, const std::string& path, ResidencyMethod method,
+                    uint32_t sample_windows) {
+  struct FdView {
+    int fd;
+    int get() const { return fd; }
+  } fd{raw_fd};
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) fail(errno, "cannot stat", path);
   if (!S_ISREG(st.st_mode)) throw IoError(S_ISDIR(st.st_mode) ? EISDIR : EINVAL,

@@ -17,6 +17,10 @@ enum class ResidencyMethod { kAuto, kCachestat, kMincore };
 double residency(const std::string& path, ResidencyMethod method = ResidencyMethod::kAuto,
                  uint32_t sample_windows = 0);
 
+// The same for an open descriptor (kept open); `path` is only for messages.
+double residency_fd(int fd, const std::string& path, ResidencyMethod method = ResidencyMethod::kAuto,
+                    uint32_t sample_windows = 0);
+
 // True when the running kernel answers cachestat(2).
 bool cachestat_available();
 

@@ -3,9 +3,11 @@
 A writer fills a temporary sibling directory ``.<name>.tmp-<random>`` next to the destination,
 flushes every file, writes the index last, and only then renames the directory into place and
 flushes the parent. A crash or an exception at any point leaves either the old destination or
-nothing there; the temporary directory is removed on every failure this process survives (a
-``SIGKILL`` can leave a hidden ``.tmp-`` sibling behind, which never loads as a checkpoint at the
-destination's path).
+nothing there; the temporary directory is removed on every failure this process survives
+(``fastckpt convert`` turns SIGTERM into an exception for that). A ``SIGKILL`` can leave a hidden
+``.tmp-`` sibling behind, which never loads as a checkpoint at the destination's path; its name
+records the owner (host, pid, process start time), and the next write to the same destination
+removes it once that owner is certainly gone (``sweep_stale``).
 
 Replacing an existing destination (``overwrite=True``) swaps the two directories with one
 ``renameat2(RENAME_EXCHANGE)`` where the kernel and file system support it, so the old checkpoint
@@ -21,9 +23,15 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 import secrets
 import shutil
+import signal
+import socket
 import sys
+import threading
+import zlib
+from collections.abc import Iterator
 from types import TracebackType
 
 from fastckpt.errors import DestinationExistsError
@@ -105,6 +113,90 @@ def _rename_exchange(a: str, b: str) -> bool:
     raise OSError(err, os.strerror(err), b)
 
 
+class Terminated(BaseException):
+    """Raised in the main thread by ``sigterm_raises`` when SIGTERM arrives."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``Terminated`` (like Ctrl-C raises KeyboardInterrupt),
+    so that ``Staging`` removes its temporary directory. A no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _start_time(pid: int) -> str:
+    """The kernel's start time of process ``pid`` (clock ticks since boot), "" if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return ""
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return fields[19].decode() if len(fields) > 19 else ""
+
+
+def _owner_tag() -> str:
+    """``<host>-<pid>-<start time>``: who owns a temporary directory (for the stale sweep)."""
+    host = f"{zlib.crc32(socket.gethostname().encode()):08x}"
+    pid = os.getpid()
+    return f"{host}-{pid}-{_start_time(pid) or 0}"
+
+
+_TMP_NAME = re.compile(
+    r"\.(?P<name>.+)\.(?:tmp|old)-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]+"
+)
+
+
+def _owner_gone(host: str, pid: int, start: str) -> bool:
+    """True only when the owner certainly no longer runs: same host, and no process with that
+    pid, or one that started at another time (the pid was reused)."""
+    if host != f"{zlib.crc32(socket.gethostname().encode()):08x}":
+        return False  # another machine (a shared file system): cannot tell
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # a process exists (another user's)
+    now = _start_time(pid)
+    return bool(now) and start != "0" and now != start
+
+
+def sweep_stale(dst: str) -> list[str]:
+    """Remove the destination's own stale temporary siblings (``.<name>.tmp-...`` and
+    ``.<name>.old-...`` left by a writer killed with SIGKILL) whose owner is gone. Returns the
+    removed paths. Directories of running writers, other names and unknown layouts are kept."""
+    parent, name = os.path.split(os.path.abspath(dst))
+    removed: list[str] = []
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TMP_NAME.fullmatch(entry)
+        if m is None or m.group("name") != name:
+            continue
+        if not _owner_gone(m.group("host"), int(m.group("pid")), m.group("start")):
+            continue
+        full = os.path.join(parent, entry)
+        if os.path.islink(full) or not os.path.isdir(full):
+            continue
+        _remove_tree(full)
+        removed.append(full)
+    return removed
+
+
 def _remove_tree(path: str) -> None:
     """Remove a directory; its index goes first so a half-removed tree never looks valid."""
     with contextlib.suppress(OSError):
@@ -134,8 +226,10 @@ class Staging:
     def __enter__(self) -> Staging:
         check_destination(self.dst, overwrite=self.overwrite)
         os.makedirs(self.parent, exist_ok=True)
+        sweep_stale(self.dst)
+        tag = _owner_tag()
         for _ in range(16):
-            candidate = os.path.join(self.parent, f".{self._name}.tmp-{secrets.token_hex(6)}")
+            candidate = os.path.join(self.parent, f".{self._name}.tmp-{tag}-{secrets.token_hex(6)}")
             try:
                 os.mkdir(candidate, 0o755)
             except FileExistsError:
@@ -187,7 +281,9 @@ class Staging:
             fsync_path(self.parent, directory=True)
             _remove_tree(self.path)  # now holds the old checkpoint
             return
-        aside = os.path.join(self.parent, f".{self._name}.old-{secrets.token_hex(6)}")
+        aside = os.path.join(
+            self.parent, f".{self._name}.old-{_owner_tag()}-{secrets.token_hex(6)}"
+        )
         os.rename(self.dst, aside)
         try:
             os.rename(self.path, self.dst)
@@ -199,4 +295,11 @@ class Staging:
         _remove_tree(aside)
 
 
-__all__ = ["Staging", "check_destination", "fsync_path"]
+__all__ = [
+    "Staging",
+    "Terminated",
+    "check_destination",
+    "fsync_path",
+    "sigterm_raises",
+    "sweep_stale",
+]

@@ -65,6 +65,8 @@ def convert(
             source.tensors,
             aliases=source.aliases,
             files=source.files,
+            file_fds=source.file_fds,
+            tree=source.tree,
             metadata=merged,
             source=provenance,
             partition_bytes=partition_bytes,

@@ -30,6 +30,7 @@ _ALL: tuple[DType, ...] = (
     DType("float8_e4m3fnuz", 1, "F8_E4M3FNUZ"),
     DType("float8_e5m2fnuz", 1, "F8_E5M2FNUZ"),
     DType("float8_e8m0fnu", 1, "F8_E8M0"),
+    DType("float4_e2m1fn_x2", 1, "F4"),
     DType("int8", 1, "I8"),
     DType("int16", 2, "I16"),
     DType("int32", 4, "I32"),
@@ -44,6 +45,19 @@ _ALL: tuple[DType, ...] = (
 )
 
 DTYPES: dict[str, DType] = {d.name: d for d in _ALL}
+
+TORCH_SINCE: dict[str, str] = {
+    "float8_e4m3fn": "2.1",
+    "float8_e5m2": "2.1",
+    "float8_e4m3fnuz": "2.2",
+    "float8_e5m2fnuz": "2.2",
+    "float8_e8m0fnu": "2.7",
+    "float4_e2m1fn_x2": "2.8",
+    "uint16": "2.3",
+    "uint32": "2.3",
+    "uint64": "2.3",
+}
+"""The first torch release with each dtype that older releases lack (for error messages)."""
 _BY_SAFETENSORS: dict[str, DType] = {d.safetensors: d for d in _ALL if d.safetensors}
 
 
@@ -79,8 +93,10 @@ def torch_dtype(name: str, *, path: str | None = None, tensor: str | None = None
     get(name, path=path, tensor=tensor)
     dt = getattr(torch, name, None)
     if not isinstance(dt, torch.dtype):
+        since = TORCH_SINCE.get(name)
+        hint = f"; torch {since} or newer has it" if since else ""
         raise DtypeError(
-            f"dtype {name!r} is not supported by the installed torch {torch.__version__}",
+            f"dtype {name!r} is not supported by the installed torch {torch.__version__}{hint}",
             path=path,
             tensor=tensor,
         )

@@ -80,6 +80,8 @@ class Index:
     metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     source: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     files: tuple[str, ...] = ()
+    tree: tuple[str, ...] = ()
+    """Carried files in sub-folders (``1_Pooling/config.json``), ``/``-separated (format 1.1)."""
 
     @property
     def nbytes(self) -> int:

@@ -7,9 +7,10 @@ Accepted paths (see FORMAT.md, sections 6 and 7):
 - a directory with a ``*.safetensors.index.json`` (sharded, transformers style), or with
   ``*.safetensors`` files and no index json; or the index json itself.
 
-The fastckpt index is validated in the fixed order of FORMAT.md section 6; every failure raises a
-specific ``fastckpt.errors.FormatError`` subclass naming the file, the tensor and the offset.
-Nothing is allocated from a size the file has not proven it holds.
+Every file a checkpoint names is opened beneath its directory (``fsdir``, FORMAT.md section 8);
+``open_checkpoint`` keeps those files open for a reader that must read exactly what was validated.
+The fastckpt index itself is validated by ``fastckpt_index``, safetensors headers by
+``safetensors``.
 """
 
 from __future__ import annotations
@@ -17,59 +18,152 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from types import MappingProxyType
-from typing import Any
+from collections.abc import Mapping
 
 from fastckpt.errors import (
-    BadMagicError,
-    ChecksumError,
     CorruptIndexError,
-    DtypeError,
-    LimitError,
     MissingPartitionError,
-    OutOfBoundsError,
     SourceError,
     TruncatedError,
-    UnsupportedVersionError,
 )
-from fastckpt.format import dtypes, spec
-from fastckpt.format.index import Index, PartitionEntry, TensorEntry
+from fastckpt.format import safetensors, spec
+from fastckpt.format.fastckpt_index import read_fastckpt
+from fastckpt.format.fsdir import CheckpointDir, OpenedFiles, OpenFile, open_path
+from fastckpt.format.index import Index
 
 
-def read_index(path: str | os.PathLike[str]) -> Index:
+class OpenCheckpoint:
+    """A validated ``index`` plus the open files it was validated against.
+
+    ``partitions[i]`` is the open file of ``index.partitions[i]`` (regular, opened beneath the
+    checkpoint directory, its size checked against the index); ``carried`` maps each carried
+    file's name to its open file. Reading through these descriptors, never through paths, is
+    what makes a load a consistent snapshot: a directory republished meanwhile is not mixed in.
+    Close it (or use it as a context manager) when done.
+    """
+
+    def __init__(
+        self, index: Index, partitions: tuple[OpenFile, ...], carried: Mapping[str, OpenFile]
+    ) -> None:
+        self.index = index
+        self.partitions = partitions
+        self.carried = dict(carried)
+
+    def close(self) -> None:
+        for f in self.partitions:
+            f.close()
+        for f in self.carried.values():
+            f.close()
+        self.partitions = ()
+        self.carried = {}
+
+    def __enter__(self) -> OpenCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_partitions(index: Index) -> tuple[OpenFile, ...]:
+    """Open the partitions of an already validated ``index`` again, with the same rules
+    (beneath the directory, regular, the size the index records). For callers that hold an
+    ``Index`` but not its ``OpenCheckpoint``; those get no snapshot guarantee across the two."""
+    out: list[OpenFile] = []
+    try:
+        single = len(index.partitions) == 1 and index.source.get("path") == index.partitions[0].path
+        if index.kind == "safetensors" and single:
+            part = index.partitions[0]
+            out.append(open_path(part.path, error=MissingPartitionError, what="safetensors file"))
+        else:
+            with CheckpointDir(index.root) as d:
+                for part in index.partitions:
+                    try:
+                        out.append(d.open(part.file, error=MissingPartitionError, what="partition"))
+                    except FileNotFoundError:
+                        raise MissingPartitionError(
+                            "partition file is missing", path=part.path
+                        ) from None
+        for part, f in zip(index.partitions, out, strict=True):
+            if f.size != part.nbytes:
+                cls = TruncatedError if f.size < part.nbytes else CorruptIndexError
+                raise cls(
+                    f"partition file is {f.size} bytes; the index says {part.nbytes} (it "
+                    "changed after the index was read)",
+                    path=part.path,
+                )
+    except BaseException:
+        for f in out:
+            f.close()
+        raise
+    return tuple(out)
+
+
+def _fspath(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
+    raw = os.fspath(path)
+    return os.path.abspath(os.fsdecode(raw))
+
+
+def read_index(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> Index:
     """Read and fully validate the index of the checkpoint at ``path``.
 
     Raises a ``FormatError`` subclass for a malformed checkpoint, ``SourceError`` for a path that
     holds no checkpoint this reader knows, and ``FileNotFoundError`` for a path that does not
     exist.
     """
-    p = os.path.abspath(os.fspath(path))
+    with open_checkpoint(path) as ck:
+        return ck.index
+
+
+def open_checkpoint(
+    path: str | bytes | os.PathLike[str] | os.PathLike[bytes],
+) -> OpenCheckpoint:
+    """``read_index``, keeping the validated files open (``OpenCheckpoint``).
+
+    Every file the checkpoint names is opened beneath its directory (``fastckpt.format.fsdir``):
+    opened once, never through a symbolic link that leaves the directory, never blocking, a
+    regular file of the size the index records.
+    """
+    p = _fspath(path)
+    opened = OpenedFiles()
+    try:
+        index = _read_path(p, opened)
+        out = OpenCheckpoint(index, tuple(opened.partitions), opened.carried)
+    except BaseException:
+        opened.close()
+        raise
+    opened.release()
+    return out
+
+
+def _read_path(p: str, opened: OpenedFiles) -> Index:
     try:
         st = os.stat(p)
     except FileNotFoundError:
         raise FileNotFoundError(errno.ENOENT, "no such checkpoint", p) from None
+    except NotADirectoryError:
+        raise FileNotFoundError(errno.ENOENT, "no such checkpoint", p) from None
     if stat.S_ISDIR(st.st_mode):
-        return _read_directory(p)
+        return _read_directory(opened.dir(p), opened)
     name = os.path.basename(p)
+    parent = os.path.dirname(p)
     if name == spec.INDEX_FILE:
-        return read_fastckpt_index(p)
-    from fastckpt.format import safetensors
-
+        return read_fastckpt(opened.dir(parent), opened)
     if name.endswith(spec.SAFETENSORS_INDEX_SUFFIX):
-        return safetensors.read_sharded(p)
+        index_file = opened.keep(open_path(p, error=CorruptIndexError, what="index json"))
+        return safetensors.read_sharded(opened.dir(parent), index_file, opened.partitions)
     if name.endswith(".safetensors"):
-        return safetensors.read_files(os.path.dirname(p), [name], carried=False, source=p)
+        return _read_one_safetensors(p, opened)
     # Another name: recognise the content.
     if stat.S_ISREG(st.st_mode):
-        fd, _ = spec.open_regular(p, error=SourceError, what="checkpoint file")
+        f = open_path(p, error=SourceError, what="checkpoint file")
         try:
-            head = os.pread(fd, 9, 0)
+            head = os.pread(f.fd, 64, 0)
         finally:
-            os.close(fd)
+            f.close()
         if head[:8] == spec.MAGIC:
-            return read_fastckpt_index(p)
-        if len(head) == 9 and head[8:9] == b"{":
-            return safetensors.read_files(os.path.dirname(p), [name], carried=False, source=p)
+            return read_fastckpt(opened.dir(parent), opened, index_name=name)
+        if safetensors.looks_like_safetensors(head):
+            return _read_one_safetensors(p, opened)
     raise SourceError(
         "not a checkpoint fastckpt can read: expected a fastckpt directory or index, a "
         ".safetensors file, or a directory of safetensors shards (convert other formats with "
@@ -78,13 +172,25 @@ def read_index(path: str | os.PathLike[str]) -> Index:
     )
 
 
-def _read_directory(root: str) -> Index:
-    index_path = os.path.join(root, spec.INDEX_FILE)
-    if os.path.lexists(index_path):
-        return read_fastckpt_index(index_path)
-    from fastckpt.format import safetensors
+def _read_one_safetensors(p: str, opened: OpenedFiles) -> Index:
+    try:
+        f = open_path(p, error=MissingPartitionError, what="safetensors file")
+    except FileNotFoundError:  # pragma: no cover - removed since the stat
+        raise MissingPartitionError("safetensors file is missing", path=p) from None
+    opened.partitions.append(f)
+    return safetensors.read_files(os.path.dirname(p), [(os.path.basename(p), f)], source=p)
 
-    names = sorted(os.listdir(root))
+
+def _read_directory(d: CheckpointDir, opened: OpenedFiles) -> Index:
+    root = d.path
+    try:
+        os.stat(spec.INDEX_FILE, dir_fd=d.fd, follow_symlinks=False)
+        has_index = True
+    except FileNotFoundError:
+        has_index = False
+    if has_index:
+        return read_fastckpt(d, opened)
+    names = d.listdir()
     index_jsons = [n for n in names if n.endswith(spec.SAFETENSORS_INDEX_SUFFIX)]
     if index_jsons:
         preferred = "model" + spec.SAFETENSORS_INDEX_SUFFIX
@@ -98,16 +204,19 @@ def _read_directory(root: str) -> Index:
                 f"no {preferred}; pass the one to read",
                 path=root,
             )
-        return safetensors.read_sharded(os.path.join(root, chosen))
-    shards = [
-        n
-        for n in names
-        if n.endswith(".safetensors")
-        and not n.startswith(".")
-        and os.path.isfile(os.path.join(root, n))
-    ]
+        index_file = opened.keep(d.open(chosen, error=CorruptIndexError, what="index json"))
+        return safetensors.read_sharded(d, index_file, opened.partitions)
+    shards = [n for n in names if n.endswith(".safetensors") and not n.startswith(".")]
+    shards = [n for n in shards if d.has(n)]
     if shards:
-        return safetensors.read_files(root, shards, carried=True, source=root)
+        files: list[tuple[str, OpenFile]] = []
+        for n in shards:
+            f = safetensors.open_shard(d, n)
+            opened.partitions.append(f)
+            files.append((n, f))
+        return safetensors.read_files(
+            root, files, carried=safetensors.carried_files(d), source=root
+        )
     raise SourceError(
         f"directory holds no {spec.INDEX_FILE} and no .safetensors files; convert other "
         "formats (.bin/.pt/.pth) with `fastckpt convert`",
@@ -121,380 +230,14 @@ def _read_directory(root: str) -> Index:
 def read_fastckpt_index(index_path: str) -> Index:
     """Read and validate a ``fastckpt.index`` file (FORMAT.md section 6, steps 1–22)."""
     index_path = os.path.abspath(index_path)
-    fd, size = spec.open_regular(index_path, error=CorruptIndexError, what="index file")
-    try:
-        head = os.pread(fd, spec.HEADER_NBYTES, 0)
-        header = _check_header(head, size, index_path)
-        body = spec.pread_exact(
-            fd, header.body_nbytes, spec.HEADER_NBYTES, path=index_path, what="index body"
-        )
-    finally:
-        os.close(fd)
-    actual = spec.crc32c(body)
-    if actual != header.body_crc32c:
-        raise ChecksumError(
-            f"index body CRC32C is {actual:#010x}, the header says {header.body_crc32c:#010x}: "
-            "the index is corrupted",
-            path=index_path,
-            offset=spec.HEADER_NBYTES,
-            expected=header.body_crc32c,
-            actual=actual,
-        )
-    doc = spec.loads_json(body, path=index_path, what="index body")
-    return _IndexBuilder(index_path, header, doc).build()
+    with open_checkpoint(index_path) as ck:
+        return ck.index
 
 
-def _check_header(head: bytes, size: int, path: str) -> spec.Header:
-    n = min(len(head), len(spec.MAGIC))
-    if head[:n] != spec.MAGIC[:n]:
-        raise BadMagicError(
-            f"file starts with {spec.show(head[: len(spec.MAGIC)])}, not {spec.MAGIC!r}: it is "
-            "not a fastckpt index",
-            path=path,
-            offset=0,
-        )
-    if size < spec.HEADER_NBYTES:
-        raise TruncatedError(
-            f"index file is {size} bytes; its header alone is {spec.HEADER_NBYTES}",
-            path=path,
-            offset=size,
-        )
-    header = spec.unpack_header(head)
-    if header.major != spec.MAJOR:
-        raise UnsupportedVersionError(
-            f"index format version {header.major}.{header.minor}; this fastckpt reads "
-            f"{spec.MAJOR}.x only (upgrade fastckpt, or convert the source again)",
-            path=path,
-            offset=8,
-        )
-    if header.flags != 0:
-        raise CorruptIndexError(
-            f"header flags = {header.flags:#x}; they must be 0 in version {spec.MAJOR}.x",
-            path=path,
-            offset=12,
-        )
-    if header.reserved != 0:
-        raise CorruptIndexError(
-            f"header reserved field = {header.reserved:#x}; it must be 0", path=path, offset=28
-        )
-    if header.body_nbytes > spec.MAX_BODY_NBYTES:
-        raise LimitError(
-            f"index body_nbytes = {header.body_nbytes}; the limit is {spec.MAX_BODY_NBYTES}",
-            path=path,
-            offset=16,
-        )
-    expected = spec.HEADER_NBYTES + header.body_nbytes
-    if size < expected:
-        raise TruncatedError(
-            f"index file is {size} bytes; its header says {expected}",
-            path=path,
-            offset=size,
-        )
-    if size > expected:
-        raise CorruptIndexError(
-            f"index file is {size} bytes; its header says {expected} (trailing bytes)",
-            path=path,
-            offset=expected,
-        )
-    return header
-
-
-_TENSOR_KEYS = frozenset(("name", "partition", "offset", "nbytes", "dtype", "shape"))
-
-
-def _type_error(what: str, expected: str, value: object, path: str, tensor: str | None = None):
-    return CorruptIndexError(
-        f"{what} must be {expected}, got {type(value).__name__} {spec.show(value)}",
-        path=path,
-        tensor=tensor,
-    )
-
-
-class _IndexBuilder:
-    """Validates a decoded index body step by step; ``build()`` returns the ``Index``."""
-
-    def __init__(self, index_path: str, header: spec.Header, doc: Any) -> None:
-        self.path = index_path
-        self.root = os.path.dirname(index_path)
-        self.header = header
-        self.doc = doc
-
-    def build(self) -> Index:
-        doc = self._top_level()
-        partitions = self._partitions(doc["partitions"])
-        tensors = self._tensors(doc["tensors"], partitions)
-        aliases = self._aliases(doc.get("aliases", {}), tensors)
-        files = self._files(doc.get("files", []), partitions)
-        metadata = doc.get("metadata", {})
-        return Index(
-            root=self.root,
-            kind="fastckpt",
-            version=(self.header.major, self.header.minor),
-            tensors=MappingProxyType(tensors),
-            partitions=tuple(partitions),
-            aliases=MappingProxyType(aliases),
-            alignment=self.alignment,
-            checksum_algorithm=spec.CHECKSUM_ALGORITHM,
-            checksum_chunk_bytes=self.chunk_bytes,
-            metadata=MappingProxyType(dict(metadata)),
-            source=MappingProxyType(dict(doc.get("source", {}))),
-            files=files,
-        )
-
-    # step 9
-    def _top_level(self) -> dict[str, Any]:
-        path, doc = self.path, self.doc
-        if not isinstance(doc, dict):
-            raise _type_error("index body", "a JSON object", doc, path)
-        for key in ("format", "version", "alignment", "checksum", "partitions", "tensors"):
-            if key not in doc:
-                raise CorruptIndexError(f"index body lacks the required field {key!r}", path=path)
-        kinds: dict[str, tuple[type, str]] = {
-            "partitions": (list, "a list"),
-            "tensors": (list, "a list"),
-            "checksum": (dict, "an object"),
-            "aliases": (dict, "an object"),
-            "source": (dict, "an object"),
-            "metadata": (dict, "an object"),
-            "files": (list, "a list"),
-        }
-        for key, (kind, text) in kinds.items():
-            if key in doc and not isinstance(doc[key], kind):
-                raise _type_error(f"field {key!r}", text, doc[key], path)
-        if doc["format"] != "fastckpt":
-            raise CorruptIndexError(
-                f"field 'format' = {spec.show(doc['format'])}; it must be 'fastckpt'", path=path
-            )
-        version = doc["version"]
-        want = [self.header.major, self.header.minor]
-        valid = isinstance(version, list) and all(type(v) is int for v in version)
-        if not valid or version != want:
-            raise CorruptIndexError(
-                f"field 'version' = {spec.show(version)}; it must equal the header's {want}",
-                path=path,
-            )
-        alignment = spec.check_uint(doc["alignment"], "field 'alignment'", path=path)
-        if alignment < spec.MIN_ALIGNMENT or alignment & (alignment - 1):
-            raise CorruptIndexError(
-                f"field 'alignment' = {alignment}; it must be a power of two >= "
-                f"{spec.MIN_ALIGNMENT}",
-                path=path,
-            )
-        self.alignment = alignment
-        checksum = doc["checksum"]
-        algorithm = checksum.get("algorithm")
-        if algorithm != spec.CHECKSUM_ALGORITHM:
-            raise CorruptIndexError(
-                f"checksum algorithm {spec.show(algorithm)} is not "
-                f"{spec.CHECKSUM_ALGORITHM!r}, the only one of version {spec.MAJOR}.x",
-                path=path,
-            )
-        chunk = spec.check_uint(checksum.get("chunk_bytes"), "checksum chunk_bytes", path=path)
-        if chunk == 0 or chunk % spec.PAGE:
-            raise CorruptIndexError(
-                f"checksum chunk_bytes = {chunk}; it must be a positive multiple of {spec.PAGE}",
-                path=path,
-            )
-        self.chunk_bytes = chunk
-        for key, value in doc.get("metadata", {}).items():
-            if not isinstance(value, str):
-                raise _type_error(f"metadata[{spec.show(key)}]", "a string", value, path)
-        return doc
-
-    # steps 10-13
-    def _partitions(self, entries: list[Any]) -> list[PartitionEntry]:
-        path = self.path
-        seen: set[str] = set()
-        out: list[PartitionEntry] = []
-        for i, entry in enumerate(entries):
-            what = f"partitions[{i}]"
-            if not isinstance(entry, dict):
-                raise _type_error(what, "an object", entry, path)
-            for key in ("file", "nbytes", "checksums"):
-                if key not in entry:
-                    raise CorruptIndexError(f"{what} lacks the field {key!r}", path=path)
-            name = entry["file"]
-            spec.check_file_name(name, path=path)
-            if name == spec.INDEX_FILE or name in seen:
-                raise CorruptIndexError(
-                    f"{what}.file = {name!r} is the index or another partition's file; "
-                    "partition files must be distinct",
-                    path=path,
-                )
-            seen.add(name)
-            nbytes = spec.check_uint(entry["nbytes"], f"{what}.nbytes", path=path)
-            if nbytes % spec.PAGE:
-                raise CorruptIndexError(
-                    f"{what}.nbytes = {nbytes}; it must be a multiple of {spec.PAGE}", path=path
-                )
-            device = entry.get("device")
-            if device is not None and not (isinstance(device, str) and device):
-                raise _type_error(f"{what}.device", "a non-empty string or null", device, path)
-            checksums = entry["checksums"]
-            if not isinstance(checksums, list):
-                raise _type_error(f"{what}.checksums", "a list", checksums, path)
-            file_path = os.path.join(self.root, name)
-            self._check_file(file_path, nbytes, what)
-            count = -(-nbytes // self.chunk_bytes)
-            if len(checksums) != count:
-                raise CorruptIndexError(
-                    f"{what} has {len(checksums)} checksums; {nbytes} bytes in chunks of "
-                    f"{self.chunk_bytes} need {count}",
-                    path=path,
-                )
-            for k, value in enumerate(checksums):
-                if type(value) is not int or not 0 <= value < 1 << 32:
-                    raise _type_error(
-                        f"{what}.checksums[{k}]", "an integer in [0, 2^32)", value, path
-                    )
-            out.append(
-                PartitionEntry(
-                    file=name,
-                    path=file_path,
-                    nbytes=nbytes,
-                    data_start=0,
-                    data_end=nbytes,
-                    device=device,
-                    checksums=tuple(checksums),
-                )
-            )
-        return out
-
-    def _check_file(self, file_path: str, nbytes: int, what: str) -> None:
-        try:
-            st = os.stat(file_path)
-        except FileNotFoundError:
-            raise MissingPartitionError(
-                f"{what}: partition file is missing (the checkpoint is incomplete)",
-                path=file_path,
-            ) from None
-        if not stat.S_ISREG(st.st_mode):
-            raise MissingPartitionError(f"{what}: partition is not a regular file", path=file_path)
-        if st.st_size < nbytes:
-            raise TruncatedError(
-                f"{what}: partition file is {st.st_size} bytes; the index says {nbytes}",
-                path=file_path,
-                offset=st.st_size,
-            )
-        if st.st_size > nbytes:
-            raise CorruptIndexError(
-                f"{what}: partition file is {st.st_size} bytes; the index says {nbytes} (the file "
-                "was modified, or the index belongs to another checkpoint)",
-                path=file_path,
-                offset=nbytes,
-            )
-
-    # steps 14-20
-    def _tensors(
-        self, entries: list[Any], partitions: list[PartitionEntry]
-    ) -> dict[str, TensorEntry]:
-        path = self.path
-        found: dict[str, tuple[int, TensorEntry]] = {}
-        for i, entry in enumerate(entries):
-            if not isinstance(entry, dict):
-                raise _type_error(f"tensors[{i}]", "an object", entry, path)
-            if not entry.keys() >= _TENSOR_KEYS:
-                missing = sorted(_TENSOR_KEYS - entry.keys())
-                raise CorruptIndexError(f"tensors[{i}] lacks the field(s) {missing}", path=path)
-            name = entry["name"]
-            if not isinstance(name, str) or not name:
-                raise _type_error(f"tensors[{i}].name", "a non-empty string", name, path)
-            if name in found:
-                raise CorruptIndexError(
-                    f"tensors[{i}]: tensor name {name!r} appears twice", path=path, tensor=name
-                )
-            dtype = entry["dtype"]
-            item = dtypes.get(dtype, path=path, tensor=name)
-            shape = spec.check_shape(entry["shape"], path=path, tensor=name)
-            expected = spec.shape_nbytes(item.itemsize, shape, path=path, tensor=name)
-            nbytes = spec.check_uint(entry["nbytes"], "nbytes", path=path, tensor=name)
-            if nbytes != expected:
-                raise DtypeError(
-                    f"nbytes = {nbytes}, but {dtype} ({item.itemsize} bytes) x shape "
-                    f"{list(shape)} = {expected}",
-                    path=path,
-                    tensor=name,
-                )
-            part = spec.check_uint(entry["partition"], "partition", path=path, tensor=name)
-            if part >= len(partitions):
-                raise CorruptIndexError(
-                    f"partition = {part}, but the index has {len(partitions)} partitions",
-                    path=path,
-                    tensor=name,
-                )
-            offset = spec.check_uint(entry["offset"], "offset", path=path, tensor=name)
-            if offset % self.alignment:
-                raise CorruptIndexError(
-                    f"offset {offset} is not a multiple of the alignment {self.alignment}",
-                    path=partitions[part].path,
-                    tensor=name,
-                    offset=offset,
-                )
-            limit = partitions[part].nbytes
-            if offset + nbytes > limit:
-                raise OutOfBoundsError(
-                    f"bytes [{offset}, {offset + nbytes}) lie outside the partition's "
-                    f"{limit} bytes",
-                    path=partitions[part].path,
-                    tensor=name,
-                    offset=offset,
-                )
-            found[name] = (i, TensorEntry(name, part, offset, nbytes, dtype, shape))
-        ordered = sorted(found.values(), key=lambda it: (it[1].partition, it[1].offset, it[0]))
-        tensors = {t.name: t for _, t in ordered}
-        spec.check_no_overlap(
-            [spec.Span(t.partition, t.offset, t.end, t.name) for t in tensors.values()],
-            paths=[p.path for p in partitions],
-        )
-        return tensors
-
-    # step 21
-    def _aliases(self, aliases: dict[str, Any], tensors: dict[str, TensorEntry]) -> dict[str, str]:
-        path = self.path
-        for alias, target in aliases.items():
-            if not alias:
-                raise CorruptIndexError("an alias name is empty", path=path)
-            if alias in tensors:
-                raise CorruptIndexError(
-                    f"alias {alias!r} is also the name of a stored tensor", path=path, tensor=alias
-                )
-            if not isinstance(target, str):
-                raise _type_error(f"aliases[{alias!r}]", "a tensor name", target, path, alias)
-            if target not in tensors:
-                why = "another alias (chains are not allowed)" if target in aliases else "missing"
-                raise CorruptIndexError(
-                    f"alias {alias!r} points to {target!r}, which is {why}; an alias must name "
-                    "a stored tensor",
-                    path=path,
-                    tensor=alias,
-                )
-        return dict(aliases)
-
-    # step 22
-    def _files(self, names: list[Any], partitions: list[PartitionEntry]) -> tuple[str, ...]:
-        path = self.path
-        taken = {spec.INDEX_FILE, *(p.file for p in partitions)}
-        out: list[str] = []
-        for name in names:
-            spec.check_file_name(name, path=path)
-            if name in taken:
-                raise CorruptIndexError(
-                    f"carried file {name!r} is listed twice, or is the index or a partition",
-                    path=path,
-                )
-            taken.add(name)
-            file_path = os.path.join(self.root, name)
-            try:
-                st = os.stat(file_path)
-            except FileNotFoundError:
-                raise MissingPartitionError(
-                    "carried file listed in the index is missing (the checkpoint is incomplete)",
-                    path=file_path,
-                ) from None
-            if not stat.S_ISREG(st.st_mode):
-                raise MissingPartitionError("carried file is not a regular file", path=file_path)
-            out.append(name)
-        return tuple(out)
-
-
-__all__ = ["read_fastckpt_index", "read_index"]
+__all__ = [
+    "OpenCheckpoint",
+    "open_checkpoint",
+    "open_partitions",
+    "read_fastckpt_index",
+    "read_index",
+]

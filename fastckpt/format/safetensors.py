@@ -10,7 +10,6 @@ dtype x shape and inside the file, no overlaps, names unique across shards.
 from __future__ import annotations
 
 import os
-import stat
 import struct
 from types import MappingProxyType
 from typing import Any
@@ -24,6 +23,7 @@ from fastckpt.errors import (
     TruncatedError,
 )
 from fastckpt.format import dtypes, spec
+from fastckpt.format.fsdir import CheckpointDir, OpenFile
 from fastckpt.format.index import Index, PartitionEntry, TensorEntry
 from fastckpt.rules.carried import is_carried_name
 
@@ -33,13 +33,36 @@ SAFETENSORS_VERSION = (0, 0)
 # Codes written by safetensors >= 0.6 that the shared dtype registry does not list (yet).
 _EXTRA_CODES = {"F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz"}
 
+# 6-bit floats (MX formats) that safetensors can name but no torch release can hold yet.
+_NO_TORCH_CODES = {"F6_E2M3": "float6_e2m3fn", "F6_E3M2": "float6_e3m2fn"}
+
 
 def _dtype(code: object, *, path: str, tensor: str) -> dtypes.DType:
     if not isinstance(code, str):
         raise DtypeError(f"dtype must be a string, got {spec.show(code)}", path=path, tensor=tensor)
     if code in _EXTRA_CODES:
         return dtypes.get(_EXTRA_CODES[code], path=path, tensor=tensor)
+    if code in _NO_TORCH_CODES:
+        raise DtypeError(
+            f"safetensors dtype {code} (6-bit float) has no torch dtype: no torch release up to "
+            f"2.13 defines {_NO_TORCH_CODES[code]}, so it cannot be loaded or converted",
+            path=path,
+            tensor=tensor,
+        )
     return dtypes.from_safetensors(code, path=path, tensor=tensor)
+
+
+def _packed_f4_shape(shape: tuple[int, ...], *, path: str, tensor: str) -> tuple[int, ...]:
+    """safetensors ``F4`` shapes count 4-bit values; torch's ``float4_e2m1fn_x2`` packs two per
+    byte, so its last dimension is half as long (as ``safetensors.torch`` returns it)."""
+    if not shape or shape[-1] % 2:
+        raise DtypeError(
+            f"F4 tensor of shape {list(shape)}: its last dimension must be even (torch packs two "
+            "4-bit values per float4_e2m1fn_x2 element)",
+            path=path,
+            tensor=tensor,
+        )
+    return (*shape[:-1], shape[-1] // 2)
 
 
 class _Shard:
@@ -53,38 +76,32 @@ class _Shard:
         self.metadata = metadata
 
 
-def parse_file(root: str, name: str, partition: int) -> _Shard:
-    """Parse and validate the header of ``root/name`` (partition number ``partition``)."""
-    path = os.path.join(root, name)
-    try:
-        fd, size = spec.open_regular(path, error=MissingPartitionError, what="safetensors file")
-    except FileNotFoundError:
-        raise MissingPartitionError("safetensors file is missing", path=path) from None
-    try:
-        if size < 8:
-            raise TruncatedError(
-                f"safetensors file is {size} bytes; its header length alone is 8",
-                path=path,
-                offset=size,
-            )
-        (header_len,) = struct.unpack("<Q", spec.pread_exact(fd, 8, 0, path=path, what="header"))
-        if header_len > spec.MAX_SAFETENSORS_HEADER_NBYTES:
-            raise LimitError(
-                f"safetensors header length = {header_len}; the limit is "
-                f"{spec.MAX_SAFETENSORS_HEADER_NBYTES}",
-                path=path,
-                offset=0,
-            )
-        data_start = 8 + header_len
-        if data_start > size:
-            raise TruncatedError(
-                f"safetensors file is {size} bytes; its header alone needs {data_start}",
-                path=path,
-                offset=size,
-            )
-        raw = spec.pread_exact(fd, header_len, 8, path=path, what="safetensors header")
-    finally:
-        os.close(fd)
+def parse_file(f: OpenFile, name: str, partition: int) -> _Shard:
+    """Parse and validate the header of the open safetensors file ``f`` (partition
+    ``partition``, file name ``name`` in its directory). ``f`` stays open."""
+    path, size, fd = f.path, f.size, f.fd
+    if size < 8:
+        raise TruncatedError(
+            f"safetensors file is {size} bytes; its header length alone is 8",
+            path=path,
+            offset=size,
+        )
+    (header_len,) = struct.unpack("<Q", spec.pread_exact(fd, 8, 0, path=path, what="header"))
+    if header_len > spec.MAX_SAFETENSORS_HEADER_NBYTES:
+        raise LimitError(
+            f"safetensors header length = {header_len}; the limit is "
+            f"{spec.MAX_SAFETENSORS_HEADER_NBYTES}",
+            path=path,
+            offset=0,
+        )
+    data_start = 8 + header_len
+    if data_start > size:
+        raise TruncatedError(
+            f"safetensors file is {size} bytes; its header alone needs {data_start}",
+            path=path,
+            offset=size,
+        )
+    raw = spec.pread_exact(fd, header_len, 8, path=path, what="safetensors header")
     doc = spec.loads_json(raw, path=path, what="safetensors header")
     if not isinstance(doc, dict):
         raise CorruptIndexError(
@@ -101,13 +118,39 @@ def parse_file(root: str, name: str, partition: int) -> _Shard:
         _tensor(key, value, path=path, partition=partition, data_start=data_start, size=size)
         for key, value in doc.items()
     ]
-    tensors.sort(key=lambda t: t.offset)
+    tensors.sort(key=lambda t: (t.offset, t.end))
     spec.check_no_overlap(
         [spec.Span(partition, t.offset, t.end, t.name) for t in tensors],
         paths={partition: path},
     )
+    _check_covered(tensors, data_start=data_start, size=size, path=path)
     entry = PartitionEntry(file=name, path=path, nbytes=size, data_start=data_start, data_end=size)
     return _Shard(entry, tensors, metadata)
+
+
+def _check_covered(tensors: list[TensorEntry], *, data_start: int, size: int, path: str) -> None:
+    """As the safetensors library requires: in offset order, each tensor starts where the
+    previous one ended (the first at 0), and the last one ends where the file ends."""
+    pos = data_start
+    for t in tensors:
+        if t.offset != pos:
+            what = "leaves a gap before it" if t.offset > pos else "does not follow the previous"
+            raise CorruptIndexError(
+                f"data_offsets start at {t.offset - data_start}, but the previous tensor ends at "
+                f"{pos - data_start}: the tensor {what} (safetensors requires tensors to cover "
+                "the data section contiguously)",
+                path=path,
+                tensor=t.name,
+                offset=t.offset,
+            )
+        pos = t.end
+    if pos != size:
+        raise CorruptIndexError(
+            f"the data section holds {size - pos} bytes after the last tensor (safetensors "
+            "requires the tensors to cover it exactly)",
+            path=path,
+            offset=pos,
+        )
 
 
 def _tensor(
@@ -123,8 +166,11 @@ def _tensor(
     for key in ("dtype", "shape", "data_offsets"):
         if key not in info:
             raise CorruptIndexError(f"header entry lacks {key!r}", path=path, tensor=name)
+    spec.check_tensor_name(name, path=path)
     item = _dtype(info["dtype"], path=path, tensor=name)
-    shape = spec.check_shape(info["shape"], path=path, tensor=name)
+    shape = spec.check_shape(info["shape"], path=path, tensor=name, limit_ndim=False)
+    if info["dtype"] == "F4":
+        shape = _packed_f4_shape(shape, path=path, tensor=name)
     offsets = info["data_offsets"]
     if not isinstance(offsets, list) or len(offsets) != 2:
         raise CorruptIndexError(
@@ -154,22 +200,42 @@ def _tensor(
     return TensorEntry(name, partition, data_start + begin, expected, item.name, shape)
 
 
+_JSON_SPACE = b" \t\n\r"
+
+
+def looks_like_safetensors(head: bytes) -> bool:
+    """Do the first bytes of a file look like a safetensors file (a JSON object after the
+    8-byte header length, JSON whitespace allowed before it)? For files without the suffix."""
+    rest = head[8:].lstrip(_JSON_SPACE)
+    return len(head) > 8 and rest[:1] == b"{"
+
+
+def open_shard(d: CheckpointDir, name: str) -> OpenFile:
+    """Open shard ``name`` beneath ``d`` (``MissingPartitionError`` when absent or not a file)."""
+    try:
+        return d.open(name, error=MissingPartitionError, what="safetensors file")
+    except FileNotFoundError:
+        raise MissingPartitionError("safetensors file is missing", path=d.join(name)) from None
+
+
 def read_files(
     root: str,
-    names: list[str],
+    files: list[tuple[str, OpenFile]],
     *,
-    carried: bool,
+    carried: tuple[str, ...] = (),
     source: str,
     index_json: str | None = None,
     weight_map: dict[str, str] | None = None,
 ) -> Index:
-    """An ``Index`` over the safetensors files ``names`` in ``root`` (each one a partition).
+    """An ``Index`` over the open safetensors ``files`` (``(name, file)`` pairs, each one a
+    partition) of the directory ``root``.
 
-    ``carried``: list the directory's non-weight files as carried files. ``weight_map`` (from an
-    index json): every name in it must be in the shard it names.
+    ``carried``: the directory's carried files. ``weight_map`` (from an index json): every name
+    in it must be in the shard it names.
     """
     root = os.path.abspath(root)
-    shards = [parse_file(root, name, i) for i, name in enumerate(names)]
+    names = [name for name, _ in files]
+    shards = [parse_file(f, name, i) for i, (name, f) in enumerate(files)]
     owner: dict[str, int] = {}
     tensors: dict[str, TensorEntry] = {}
     metadata: dict[str, str] = {}
@@ -209,23 +275,22 @@ def read_files(
         alignment=1,
         metadata=MappingProxyType(metadata),
         source=MappingProxyType(src),
-        files=carried_files(root) if carried else (),
+        files=carried,
     )
 
 
-def read_sharded(index_json: str) -> Index:
-    """An ``Index`` over the shards named by a ``*.safetensors.index.json`` file."""
-    index_json = os.path.abspath(index_json)
-    fd, size = spec.open_regular(index_json, error=CorruptIndexError, what="index json")
-    try:
-        if size > spec.MAX_SAFETENSORS_HEADER_NBYTES:
-            raise LimitError(
-                f"index json is {size} bytes; the limit is {spec.MAX_SAFETENSORS_HEADER_NBYTES}",
-                path=index_json,
-            )
-        raw = spec.pread_exact(fd, size, 0, path=index_json, what="index json")
-    finally:
-        os.close(fd)
+def read_sharded(
+    d: CheckpointDir, index_file: OpenFile, opened: list[OpenFile], *, carried: bool = True
+) -> Index:
+    """An ``Index`` over the shards (beneath ``d``) named by the open ``*.safetensors.index.json``
+    ``index_file``. Each shard's open file is appended to ``opened`` in partition order."""
+    index_json, size = index_file.path, index_file.size
+    if size > spec.MAX_SAFETENSORS_HEADER_NBYTES:
+        raise LimitError(
+            f"index json is {size} bytes; the limit is {spec.MAX_SAFETENSORS_HEADER_NBYTES}",
+            path=index_json,
+        )
+    raw = spec.pread_exact(index_file.fd, size, 0, path=index_json, what="index json")
     doc = spec.loads_json(raw, path=index_json, what="index json")
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict):
@@ -241,30 +306,44 @@ def read_sharded(index_json: str) -> Index:
             )
         spec.check_file_name(file, path=index_json)
     names = sorted(set(weight_map.values()))
+    shard_files: list[OpenFile] = []
+    try:
+        for name in names:
+            shard_files.append(open_shard(d, name))
+    finally:
+        opened.extend(shard_files)  # the caller closes them, also on failure
     return read_files(
-        os.path.dirname(index_json),
-        names,
-        carried=True,
-        source=os.path.dirname(index_json),
+        d.path,
+        list(zip(names, shard_files, strict=True)),
+        carried=carried_files(d) if carried else (),
+        source=d.path,
         index_json=index_json,
         weight_map=weight_map,
     )
 
 
-def carried_files(root: str) -> tuple[str, ...]:
-    """The directory's top-level regular files that are not weights, weight indexes or hidden."""
+def carried_files(d: CheckpointDir) -> tuple[str, ...]:
+    """The directory's top-level regular files (beneath it) that are not weights, weight indexes
+    or hidden."""
     out = []
-    for name in sorted(os.listdir(root)):
+    for name in d.listdir():
         if not is_carried_name(name):
             continue
         try:
-            spec.check_file_name(name, path=root)
-            st = os.stat(os.path.join(root, name))
-        except (OSError, ValueError):
+            spec.check_file_name(name, path=d.path)
+        except ValueError:
             continue
-        if stat.S_ISREG(st.st_mode):
+        if d.is_file(name):
             out.append(name)
     return tuple(out)
 
 
-__all__ = ["SAFETENSORS_VERSION", "carried_files", "parse_file", "read_files", "read_sharded"]
+__all__ = [
+    "SAFETENSORS_VERSION",
+    "carried_files",
+    "looks_like_safetensors",
+    "open_shard",
+    "parse_file",
+    "read_files",
+    "read_sharded",
+]

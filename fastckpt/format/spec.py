@@ -12,14 +12,14 @@ import importlib
 import itertools
 import json
 import os
-import stat
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from fastckpt.errors import (
+    CorruptDataError,
     CorruptIndexError,
-    FormatError,
+    InvalidNameError,
     LimitError,
     OverlapError,
     TruncatedError,
@@ -51,7 +51,7 @@ MAX_NAME_NBYTES = 255
 """Longest file name (UTF-8 bytes) allowed for partitions and carried files."""
 
 MAX_NDIM = 64
-"""Most dimensions a tensor may have (torch allows at most 64)."""
+"""Most dimensions a tensor of a fastckpt checkpoint may have (stock safetensors: no limit)."""
 
 MAX_SAFETENSORS_HEADER_NBYTES = 100_000_000
 """Largest safetensors JSON header accepted (the limit the safetensors library itself uses)."""
@@ -115,6 +115,32 @@ def check_file_name(name: object, *, path: str | None) -> None:
             "checkpoint directory (no '/', '\\', '..', NUL)",
             path=path,
         )
+
+
+MAX_TREE_DEPTH = 8
+"""Most folders a carried tree path may go down (``a/b/c.json`` is 2)."""
+
+
+def check_tree_path(rel: object, *, path: str | None) -> str:
+    """A carried tree path (FORMAT.md 2.1, ``tree``): ``/``-separated components, each a safe
+    file name not starting with ``.``, at least one folder, at most ``MAX_TREE_DEPTH``."""
+    if not isinstance(rel, str):
+        raise UnsafePathError(
+            f"tree entry must be a string, got {type(rel).__name__} {show(rel)}", path=path
+        )
+    parts = rel.split("/")
+    if len(parts) < 2 or len(parts) - 1 > MAX_TREE_DEPTH:
+        raise UnsafePathError(
+            f"tree entry {show(rel)} must name a file 1 to {MAX_TREE_DEPTH} folders deep",
+            path=path,
+        )
+    for part in parts:
+        check_file_name(part, path=path)
+        if part.startswith("."):
+            raise UnsafePathError(
+                f"tree entry {show(rel)} has a hidden component {part!r}", path=path
+            )
+    return rel
 
 
 # --- CRC32C -------------------------------------------------------------------------------------
@@ -228,15 +254,21 @@ def check_uint(
     return value
 
 
-def check_shape(value: object, *, path: str | None, tensor: str | None) -> tuple[int, ...]:
-    """A tensor shape: a list of at most ``MAX_NDIM`` integers in ``[0, 2^63)``."""
+def check_shape(
+    value: object, *, path: str | None, tensor: str | None, limit_ndim: bool = True
+) -> tuple[int, ...]:
+    """A tensor shape: a list of at most ``MAX_NDIM`` integers in ``[0, 2^63)``.
+
+    ``limit_ndim=False`` (stock safetensors, which sets no such limit) skips the ``MAX_NDIM``
+    check; the header size limit bounds the list anyway.
+    """
     if not isinstance(value, list):
         raise CorruptIndexError(
             f"shape must be a list of integers, got {type(value).__name__} {show(value)}",
             path=path,
             tensor=tensor,
         )
-    if len(value) > MAX_NDIM:
+    if limit_ndim and len(value) > MAX_NDIM:
         raise LimitError(
             f"shape has {len(value)} dimensions; the limit is {MAX_NDIM}", path=path, tensor=tensor
         )
@@ -252,20 +284,56 @@ def shape_nbytes(
 ) -> int:
     """``itemsize * prod(shape)``, refusing (``LimitError``) any result of 2^63 bytes or more.
 
-    The product is built with an early exit, so absurd shapes cost nothing.
+    Empty dimensions count as 1 in that limit too: a tensor's strides are products of its later
+    dimensions, so a shape like ``[0, 2**62, 2**62]`` holds no byte yet cannot be created by
+    torch (its strides overflow). The product is built with an early exit, so absurd shapes cost
+    nothing.
     """
-    if 0 in shape:
-        return 0
     total = itemsize
     for dim in shape:
-        total *= dim
+        total *= dim if dim > 1 else 1
         if total >= INT_LIMIT:
             raise LimitError(
-                f"shape {show(list(shape))} holds 2^63 bytes or more; the limit is 2^63 - 1",
+                f"shape {show(list(shape))} spans 2^63 bytes or more (empty dimensions counted "
+                "as 1, as in its strides); the limit is 2^63 - 1",
                 path=path,
                 tensor=tensor,
             )
-    return total
+    return 0 if 0 in shape else total
+
+
+def check_tensor_name(name: object, *, path: str | None, what: str = "tensor name") -> str:
+    """The one name rule for tensors and aliases (FORMAT.md 2.1): a non-empty string that is
+    valid UTF-8 (no lone surrogates). Raises ``InvalidNameError``."""
+    if not isinstance(name, str):
+        raise InvalidNameError(
+            f"{what} must be a string, got {type(name).__name__} {show(name)}", path=path
+        )
+    if not name:
+        raise InvalidNameError(f"{what} is empty; the format requires non-empty names", path=path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidNameError(
+            f"{what} {show(name)} is not valid UTF-8 (a lone surrogate)", path=path, tensor=None
+        ) from None
+    return name
+
+
+_BOOL_OK = bytes((0, 1))
+
+
+def check_bool_bytes(
+    data: bytes | bytearray | memoryview, *, path: str | None, tensor: str | None
+) -> None:
+    """Refuse (``CorruptDataError``) ``bool`` tensor bytes other than 0 and 1 (FORMAT.md 3)."""
+    bad = bytes(data).translate(None, _BOOL_OK)
+    if bad:
+        raise CorruptDataError(
+            f"bool tensor holds the byte {bad[0]}; bool elements must be 0 or 1",
+            path=path,
+            tensor=tensor,
+        )
 
 
 class Span(NamedTuple):
@@ -335,26 +403,7 @@ def loads_json(data: bytes, *, path: str | None, what: str) -> Any:
         raise CorruptIndexError(f"{what} is not valid JSON: {exc}", path=path) from None
 
 
-# --- file access: regular files only, never block -----------------------------------------------
-
-
-def open_regular(path: str, *, error: type[FormatError], what: str) -> tuple[int, int]:
-    """Open a regular file for reading; return ``(fd, size)``.
-
-    Opened non-blocking and checked with ``fstat``, so a FIFO or device never hangs the reader;
-    anything but a regular file raises ``error``. ``FileNotFoundError`` and other
-    ``OSError`` exceptions pass through.
-    """
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-    fd = os.open(path, flags)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise error(f"{what} is not a regular file", path=path)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, st.st_size
+# --- file access ---------------------------------------------------------------------------------
 
 
 def pread_exact(fd: int, nbytes: int, offset: int, *, path: str, what: str) -> bytes:
@@ -386,20 +435,23 @@ __all__ = [
     "MAX_NAME_NBYTES",
     "MAX_NDIM",
     "MAX_SAFETENSORS_HEADER_NBYTES",
+    "MAX_TREE_DEPTH",
     "MINOR",
     "MIN_ALIGNMENT",
     "PAGE",
     "SAFETENSORS_INDEX_SUFFIX",
     "Header",
     "Span",
+    "check_bool_bytes",
     "check_file_name",
     "check_no_overlap",
     "check_shape",
+    "check_tensor_name",
+    "check_tree_path",
     "check_uint",
     "crc32c",
     "crc32c_py",
     "loads_json",
-    "open_regular",
     "pack_header",
     "partition_name",
     "pread_exact",

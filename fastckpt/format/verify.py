@@ -17,10 +17,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from fastckpt.config import get_config
 from fastckpt.errors import ChecksumError, TruncatedError
 from fastckpt.format import spec
 from fastckpt.format.index import Index
-from fastckpt.format.reader import read_index
+from fastckpt.format.reader import OpenCheckpoint, open_checkpoint
 
 READ_PIECE_BYTES = 16 << 20
 """Largest single read; a checksum chunk larger than this is hashed in pieces."""
@@ -107,7 +108,7 @@ def _mismatch(index: Index, partition: int, chunk: int, actual: int) -> Checksum
 
 
 class _Verifier:
-    def __init__(self, index: Index, threads: int) -> None:
+    def __init__(self, index: Index, threads: int, fds: list[int]) -> None:
         self.index = index
         self.threads = threads
         self.tasks = [
@@ -118,7 +119,7 @@ class _Verifier:
         self.next_task = 0
         self.first_bad: tuple[int, BaseException] | None = None
         self.lock = threading.Lock()
-        self.fds: dict[int, int] = {}
+        self.fds: dict[int, int] = dict(enumerate(fds))
         self.stop = False
         size = index.checksum_chunk_bytes or 1
         self.piece = min(size, READ_PIECE_BYTES)
@@ -136,8 +137,6 @@ class _Verifier:
                     raise
         finally:
             self.stop = True
-            for fd in self.fds.values():
-                os.close(fd)
         if self.first_bad is not None:
             raise self.first_bad[1]
 
@@ -151,13 +150,7 @@ class _Verifier:
             return i
 
     def _fd(self, partition: int) -> int:
-        with self.lock:
-            fd = self.fds.get(partition)
-            if fd is None:
-                path = self.index.partitions[partition].path
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                self.fds[partition] = fd
-            return fd
+        return self.fds[partition]
 
     def _work(self) -> None:
         buf = bytearray(self.piece)
@@ -206,10 +199,18 @@ def verify(path: str | os.PathLike[str], *, threads: int | None = None) -> Verif
     structure is validated and the report says so (``checksums=False``).
     """
     t0 = time.perf_counter()
-    index = read_index(path)
-    if threads is None:
-        from fastckpt.config import get_config
+    with open_checkpoint(path) as ck:
+        return verify_open(ck, threads=threads, _t0=t0)
 
+
+def verify_open(
+    ck: OpenCheckpoint, *, threads: int | None = None, _t0: float | None = None
+) -> VerifyReport:
+    """``verify`` of an already opened checkpoint: its open partition files are read, whatever
+    happened to the paths since they were validated."""
+    t0 = time.perf_counter() if _t0 is None else _t0
+    index = ck.index
+    if threads is None:
         threads = get_config().resolved_io_threads()
     if threads < 1:
         raise ValueError(f"threads = {threads}; it must be >= 1")
@@ -223,7 +224,7 @@ def verify(path: str | os.PathLike[str], *, threads: int | None = None) -> Verif
             seconds=time.perf_counter() - t0,
             checksums=False,
         )
-    verifier = _Verifier(index, threads)
+    verifier = _Verifier(index, threads, [f.fd for f in ck.partitions])
     verifier.run()
     return VerifyReport(
         path=index.root,
@@ -236,4 +237,4 @@ def verify(path: str | os.PathLike[str], *, threads: int | None = None) -> Verif
     )
 
 
-__all__ = ["READ_PIECE_BYTES", "VerifyReport", "chunk_bounds", "verify"]
+__all__ = ["READ_PIECE_BYTES", "VerifyReport", "chunk_bounds", "verify", "verify_open"]

@@ -1,12 +1,17 @@
 """Write fastckpt checkpoints (FORMAT.md): ``save(state_dict, path)`` and the streaming core.
 
-The core (``write_checkpoint``) takes a list of ``StoredTensor`` objects, each of which knows its
-name, dtype, shape and size and can stream its bytes into a ``PartitionWriter``. It plans the
-layout (``plan_layout``: device groups, size cap, alignment), then writes one partition after the
+The core (``write_checkpoint``) takes a list of ``StoredTensor`` objects (``format.stored``), each
+of which knows its name, dtype, shape and size and can stream its bytes into a
+``PartitionWriter``. It plans the layout (``format.layout``: device groups, size cap,
+alignment), then writes one partition after the
 other through a single reusable buffer, computing each partition's chunk CRC32Cs on the way,
 copies the carried files, writes the index last and publishes the directory atomically. Peak
 memory is the write buffer plus whatever one tensor needs to reach host memory, whatever the
 checkpoint's size. The core imports no torch; ``save`` imports it when called.
+
+(Over 500 lines on purpose: the partition writer, the carried-file copies, the index body and the
+publishing core are one streaming pipeline whose invariants - checksums per chunk, index last,
+atomic publish - are easiest to check in one place.)
 """
 
 from __future__ import annotations
@@ -16,15 +21,14 @@ import os
 import shutil
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastckpt.config import get_config
-from fastckpt.errors import DeviceError
-from fastckpt.format import spec
+from fastckpt.format import dtypes, spec
 from fastckpt.format.atomic import Staging, check_destination, fsync_path
-from fastckpt.format.sources import StoredTensor, check_tensor_name, state_dict_tensors
-from fastckpt.rules.devices import device_for
+from fastckpt.format.layout import Layout, device_for, normalize_device_map, plan_layout
+from fastckpt.format.reader import read_index
+from fastckpt.format.stored import StoredTensor, check_tensor_name, state_dict_tensors
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -120,6 +124,7 @@ class PartitionWriter:
         self._crc = 0
         self.checksums: list[int] = []
         self._progress = progress
+        self.check_bool: str | None = None  # name of the bool tensor being written, if any
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         self._fd = os.open(path, flags, 0o644)
 
@@ -137,11 +142,17 @@ class PartitionWriter:
         """Account ``nbytes`` written into ``space()``."""
         if nbytes < 0 or self._fill + nbytes > len(self._buf):
             raise ValueError(f"commit of {nbytes} bytes exceeds the buffer")
+        if self.check_bool is not None:
+            spec.check_bool_bytes(
+                self._buf[self._fill : self._fill + nbytes], path=None, tensor=self.check_bool
+            )
         self._fill += nbytes
 
     def write(self, data: memoryview) -> None:
         """Append ``data``; large pieces bypass the buffer (no extra copy)."""
         data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        if self.check_bool is not None:
+            spec.check_bool_bytes(data, path=None, tensor=self.check_bool)
         while len(data):
             if self._fill == 0 and len(data) >= len(self._buf):
                 self._emit(data)
@@ -214,93 +225,6 @@ class PartitionWriter:
             self._fd = -1
 
 
-# --- layout -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where each stored tensor goes.
-
-    ``placements[i]`` is ``(partition, offset)`` of the i-th input tensor; ``order`` lists input
-    indices in load order (partition, then offset); ``partitions`` holds each partition's
-    ``(device, nbytes)`` with ``nbytes`` padded to a multiple of ``spec.PAGE``.
-    """
-
-    placements: tuple[tuple[int, int], ...]
-    order: tuple[int, ...]
-    partitions: tuple[tuple[str | None, int], ...]
-
-
-def plan_layout(
-    sizes: Sequence[int],
-    devices: Sequence[str | None],
-    *,
-    partition_bytes: int,
-    alignment: int,
-) -> Layout:
-    """Place tensors into partitions. Pure; no I/O.
-
-    Tensors are grouped by device (groups in order of first appearance; within a group, input
-    order), each group into partitions of its own. A partition is closed when the next non-empty
-    tensor would end past ``partition_bytes``; a tensor larger than the cap gets a partition to
-    itself. Empty tensors never open a partition.
-    """
-    if len(sizes) != len(devices):
-        raise ValueError("sizes and devices differ in length")
-    groups: dict[str | None, list[int]] = {}
-    for i, dev in enumerate(devices):
-        groups.setdefault(dev, []).append(i)
-    placements: list[tuple[int, int]] = [(0, 0)] * len(sizes)
-    order: list[int] = []
-    partitions: list[tuple[str | None, int]] = []
-    for dev, members in groups.items():
-        part = len(partitions)
-        cursor = 0
-        end = 0
-        for i in members:
-            n = sizes[i]
-            off = _round_up(cursor, alignment)
-            if n > 0 and cursor > 0 and off + n > partition_bytes:
-                partitions.append((dev, _round_up(end, spec.PAGE)))
-                part += 1
-                off = cursor = end = 0
-            placements[i] = (part, off)
-            order.append(i)
-            cursor = off + n
-            end = max(end, cursor)
-        partitions.append((dev, _round_up(end, spec.PAGE)))
-    if not partitions:
-        partitions.append((None, 0))
-    return Layout(tuple(placements), tuple(order), tuple(partitions))
-
-
-def normalize_device_map(device_map: Mapping[str, Any] | None) -> dict[str, str] | None:
-    """Validate a device map; integer values mean CUDA ordinals (as in accelerate)."""
-    if device_map is None:
-        return None
-    if not isinstance(device_map, Mapping):
-        raise DeviceError(
-            f"device_map must map tensor-name prefixes to devices, got {type(device_map).__name__}"
-        )
-    out: dict[str, str] = {}
-    for key, value in device_map.items():
-        if not isinstance(key, str):
-            raise DeviceError(f"device_map key {key!r} is not a string (a tensor-name prefix)")
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise DeviceError(
-                f"device_map[{key!r}] = {value!r}: expected a device string such as 'cuda:0'"
-            )
-        if isinstance(value, int):
-            if value < 0:
-                raise DeviceError(f"device_map[{key!r}] = {value}: a device ordinal is >= 0")
-            value = f"cuda:{value}"
-        value = value.strip()
-        if not value:
-            raise DeviceError(f"device_map[{key!r}] is an empty device string")
-        out[key] = value
-    return out
-
-
 # --- validation of user input -------------------------------------------------------------------
 
 
@@ -358,6 +282,8 @@ def write_checkpoint(
     *,
     aliases: Mapping[str, str] | None = None,
     files: Sequence[tuple[str, str]] = (),
+    file_fds: Mapping[str, int] | None = None,
+    tree: Mapping[str, int] | None = None,
     metadata: Mapping[str, str] | None = None,
     source: Mapping[str, Any] | None = None,
     partition_bytes: int | None = None,
@@ -368,11 +294,12 @@ def write_checkpoint(
 ) -> Index:
     """Write ``tensors`` as a fastckpt checkpoint at ``path`` and publish it atomically.
 
-    ``files`` are ``(name, source_path)`` pairs copied verbatim into the checkpoint. Returns the
+    ``files`` are ``(name, source_path)`` pairs copied verbatim into the checkpoint; a name in
+    ``file_fds`` is copied from that open descriptor instead of its path (the file the source
+    validated). ``tree`` maps carried files in sub-folders (``1_Pooling/config.json``) to open
+    descriptors; a checkpoint with such files is written as format version 1.1. Returns the
     validated index of the published checkpoint.
     """
-    from fastckpt.format.reader import read_index
-
     if sys.byteorder != "little":  # pragma: no cover - no big-endian CI
         raise RuntimeError("fastckpt writes little-endian data and needs a little-endian host")
     cfg = get_config()
@@ -390,6 +317,9 @@ def write_checkpoint(
     names: set[str] = set()
     for t in tensors:
         check_tensor_name(t.name)
+        # The reader's limits, before any work: a checkpoint we write must load.
+        shape = spec.check_shape(list(t.shape), path=None, tensor=t.name)
+        spec.shape_nbytes(dtypes.get(t.dtype).itemsize, shape, path=None, tensor=t.name)
         if t.name in names:
             raise ValueError(f"tensor name {t.name!r} appears twice")
         names.add(t.name)
@@ -407,6 +337,12 @@ def write_checkpoint(
             raise ValueError(f"carried file {fname!r} would clash with a fastckpt file name")
         reserved.add(fname)
         carried.append((fname, fsrc))
+
+    tree_items = sorted((tree or {}).items())
+    for rel, _ in tree_items:
+        spec.check_tree_path(rel, path=None)
+        if rel.split("/", 1)[0] in reserved:
+            raise ValueError(f"carried tree file {rel!r} would clash with a carried file")
 
     layout = plan_layout(
         [t.nbytes for t in tensors],
@@ -429,9 +365,18 @@ def write_checkpoint(
             )
         finally:
             progress_bar.close()
+        fds = file_fds or {}
         for fname, fsrc in carried:
             target = os.path.join(stage.path, fname)
-            shutil.copyfile(fsrc, target)
+            if fname in fds:
+                _copy_fd(fds[fname], target)
+            else:
+                shutil.copyfile(fsrc, target)
+            fsync_path(target)
+        for rel, fd in tree_items:
+            target = os.path.join(stage.path, *rel.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            _copy_fd(fd, target)
             fsync_path(target)
         body = _index_body(
             tensors,
@@ -439,6 +384,7 @@ def write_checkpoint(
             checksums,
             aliases=alias_map,
             files=[f for f, _ in carried],
+            tree=[rel for rel, _ in tree_items],
             metadata=meta,
             source=dict(source or {"kind": "unknown"}),
             alignment=align,
@@ -448,6 +394,24 @@ def write_checkpoint(
         read_index(stage.path)  # never publish what our own reader refuses
         stage.publish()
     return read_index(dst)
+
+
+def _copy_fd(src_fd: int, target: str) -> None:
+    """Copy the whole file open at ``src_fd`` (from offset 0) into a new file ``target``."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    out = os.open(target, flags, 0o644)
+    try:
+        pos = 0
+        while True:
+            data = os.pread(src_fd, 1 << 20, pos)
+            if not data:
+                break
+            _write_all(out, memoryview(data))
+            pos += len(data)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, exc.filename or target) from exc
+    finally:
+        os.close(out)
 
 
 def _write_partitions(
@@ -475,7 +439,9 @@ def _write_partitions(
                 item = tensors[i]
                 offset = layout.placements[i][1]
                 out.pad_to(offset)
+                out.check_bool = item.name if item.dtype == "bool" else None
                 item.write_to(out)
+                out.check_bool = None
                 if out.pos != offset + item.nbytes:
                     raise AssertionError(
                         f"{item.name}: wrote {out.pos - offset} bytes, expected {item.nbytes}"
@@ -493,6 +459,7 @@ def _index_body(
     *,
     aliases: Mapping[str, str],
     files: list[str],
+    tree: list[str],
     metadata: Mapping[str, str],
     source: dict[str, Any],
     alignment: int,
@@ -517,9 +484,11 @@ def _index_body(
             }
         )
     source.setdefault("tool", tool_name())
+    extra: dict[str, Any] = {"tree": tree} if tree else {}
     return {
         "format": "fastckpt",
-        "version": [spec.MAJOR, spec.MINOR],
+        # 1.1 adds the optional "tree"; a checkpoint without one stays 1.0 for older readers.
+        "version": [spec.MAJOR, 1 if tree else spec.MINOR],
         "alignment": alignment,
         "checksum": {"algorithm": spec.CHECKSUM_ALGORITHM, "chunk_bytes": chunk_bytes},
         "partitions": partitions,
@@ -528,17 +497,21 @@ def _index_body(
         "source": source,
         "metadata": dict(metadata),
         "files": files,
+        **extra,
     }
 
 
 def _write_index(path: str, body: Mapping[str, Any]) -> None:
     data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     raw = data.encode("utf-8")
-    blob = spec.pack_header(raw) + raw
+    major, minor = body["version"]
+    blob = spec.pack_header(raw, major=major, minor=minor) + raw
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
         _write_all(fd, memoryview(blob))
         os.fsync(fd)
+    except OSError as exc:  # e.g. ENOSPC: say which file
+        raise OSError(exc.errno, exc.strerror, exc.filename or path) from exc
     finally:
         os.close(fd)
 
@@ -595,13 +568,9 @@ def save(
 
 
 __all__ = [
-    "Layout",
     "PartitionWriter",
     "Progress",
     "check_metadata",
-    "device_for",
-    "normalize_device_map",
-    "plan_layout",
     "save",
     "write_checkpoint",
 ]

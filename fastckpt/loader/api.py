@@ -28,6 +28,7 @@ def load(
     names: Iterable[str] | None = ...,
     stats: Literal[False] = ...,
     loader: Loader | None = ...,
+    private_copy: bool | None = ...,
 ) -> dict[str, Any]: ...
 
 
@@ -41,6 +42,7 @@ def load(
     names: Iterable[str] | None = ...,
     stats: Literal[True],
     loader: Loader | None = ...,
+    private_copy: bool | None = ...,
 ) -> tuple[dict[str, Any], LoadStats]: ...
 
 
@@ -53,6 +55,7 @@ def load(
     names: Iterable[str] | None = None,
     stats: bool = False,
     loader: Loader | None = None,
+    private_copy: bool | None = None,
 ) -> dict[str, Any] | tuple[dict[str, Any], LoadStats]:
     """Load a checkpoint's tensors onto ``device``.
 
@@ -71,6 +74,13 @@ def load(
         stats: also return a ``LoadStats``.
         loader: the ``fastckpt.Loader`` to load through (its engines, pool, tiers and
             settings); default: the current one (``Loader.use()``) or the process's default.
+        private_copy: CPU tensors get memory of their own, read from the file, never a private
+            mapping of a page-cached file. A mapping is faster, but a program that later
+            rewrites the file in place changes such tensors, and one that truncates it makes
+            the process die with SIGBUS on touch (as with safetensors and
+            ``torch.load(mmap=True)``; fastckpt's own writer never modifies a published file).
+            Default: config ``cpu_map_cached`` (``FASTCKPT_CPU_MAP_CACHED=0`` means a private
+            copy). See docs/hardening.md for the measured cost.
 
     Returns:
         ``{name: tensor}`` in checkpoint order, aliases (tied weights) last and mapped to the very
@@ -84,4 +94,12 @@ def load(
         OSError: an I/O error, with errno and the file name.
     """
     session = loader if loader is not None else default_loader()
-    return session.load(path, device, engine=engine, verify=verify, names=names, stats=stats)
+    return session.load(
+        path,
+        device,
+        engine=engine,
+        verify=verify,
+        names=names,
+        stats=stats,
+        private_copy=private_copy,
+    )

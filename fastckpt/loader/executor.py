@@ -26,8 +26,9 @@ import torch
 
 from fastckpt import io_engine
 from fastckpt.config import Config
-from fastckpt.errors import TruncatedError
+from fastckpt.errors import CorruptDataError, TruncatedError
 from fastckpt.format import dtypes
+from fastckpt.format.fsdir import OpenFile
 from fastckpt.format.index import Index
 from fastckpt.loader.checks import ChunkVerifier
 from fastckpt.loader.plan import BufferPlan, LoadPlan, ReadOp, ViewPlan
@@ -36,30 +37,32 @@ from fastckpt.loader.policy import Decision, mixed_split
 PAGE = 4096
 
 
-def open_partition(index: Index, partition: int, *, direct: bool | None) -> Any:
-    """The one place the loader opens a partition file: an engine ``File`` (O_DIRECT when
-    ``direct``, else buffered), or, with ``direct=None``, a raw read-only descriptor for mapping.
-    Raises TruncatedError when the file is shorter than the index says."""
+def _check_size(index: Index, partition: int, size: int) -> None:
     part = index.partitions[partition]
-    if direct is None:
-        fd = os.open(part.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        size = os.fstat(fd).st_size
-        if size < part.nbytes:
-            os.close(fd)
-            raise TruncatedError(
-                f"partition is {size} bytes, the index needs {part.nbytes}; "
-                "it changed after the index was read",
-                path=part.path,
-            )
-        return fd
-    f = io_engine.File(part.path, direct=direct)
-    if f.size < part.nbytes:
-        f.close()
+    if size < part.nbytes:  # a read or a mapping would end past the file
         raise TruncatedError(
-            f"partition is {f.size} bytes, the index needs {part.nbytes}; "
+            f"partition is {size} bytes, the index needs {part.nbytes}; "
             "it changed after the index was read",
             path=part.path,
+            offset=size,
         )
+
+
+def open_partition(index: Index, partition: int, src: OpenFile, *, direct: bool | None) -> Any:
+    """The one place the loader opens a partition file, always from ``src``: the descriptor the
+    index was validated against (``fastckpt.format.reader.open_checkpoint``), never by path again,
+    so a checkpoint republished meanwhile cannot be mixed in. Returns an engine ``File`` (O_DIRECT
+    when ``direct``, else buffered) or, with ``direct=None``, a duplicate descriptor for mapping
+    (the caller closes it). Raises TruncatedError when the file is now shorter than the index."""
+    if direct is None:
+        _check_size(index, partition, os.fstat(src.fd).st_size)
+        return os.dup(src.fd)
+    f = io_engine.File(index.partitions[partition].path, direct=direct, fd=src.fd)
+    try:
+        _check_size(index, partition, f.size)
+    except BaseException:
+        f.close()
+        raise
     return f
 
 
@@ -67,13 +70,15 @@ def open_partition(index: Index, partition: int, *, direct: bool | None) -> Any:
 class Sources:
     """Where bytes can come from, handed to the executor.
 
-    ``open_partition(index, partition, direct=...)`` opens files; ``dram`` maps a partition index
-    to a host block holding the whole partition (file offset = block offset); ``gpu`` maps a
-    buffer index to a device tensor revived from the GPU tier; ``engine`` returns the I/O engine
-    (started on first use); ``ring`` returns a staging ring for a slot size.
+    ``files[i]`` is partition i's validated open file, and ``open_partition(index, partition,
+    files[partition], direct=...)`` makes what a read or a mapping needs from it; ``dram`` maps
+    a partition index to a host block holding the whole partition (file offset = block offset);
+    ``gpu`` maps a buffer index to a device tensor revived from the GPU tier; ``engine`` returns
+    the I/O engine (started on first use); ``ring`` returns a staging ring for a slot size.
     """
 
     engine: Callable[[], io_engine.Engine]
+    files: Sequence[OpenFile] = ()
     ring: Callable[[int], Any] | None = None
     open_partition: Callable[..., Any] = open_partition
     dram: Mapping[int, Any] = field(default_factory=dict)
@@ -99,10 +104,12 @@ class Timings:
 
 
 class _Files:
-    """Partition files opened on demand, O_DIRECT or buffered, closed together."""
+    """Engine files made on demand (O_DIRECT or buffered) from the partitions' validated open
+    files, closed together."""
 
-    def __init__(self, index: Index, opener: Callable[..., Any]) -> None:
+    def __init__(self, index: Index, files: Sequence[OpenFile], opener: Callable[..., Any]) -> None:
         self._index = index
+        self._files = files
         self._opener = opener
         self._open: dict[tuple[int, bool], io_engine.File] = {}
         self._lock = threading.Lock()
@@ -112,7 +119,7 @@ class _Files:
         with self._lock:
             f = self._open.get(key)
             if f is None:
-                f = self._opener(self._index, partition, direct=direct)
+                f = self._opener(self._index, partition, self._files[partition], direct=direct)
                 self._open[key] = f
             return f
 
@@ -154,7 +161,7 @@ class Executor:
         self.sources = sources
         self.cfg = cfg
         self._engine: io_engine.Engine | None = None
-        self.files = _Files(index, sources.open_partition)
+        self.files = _Files(index, sources.files, sources.open_partition)
         self.timings = Timings()
         self.verifier = (
             ChunkVerifier(plan.checks, [p.path for p in index.partitions])
@@ -210,7 +217,9 @@ class Executor:
         """
         start = b.segments[0][0] - b.segments[0][0] % PAGE
         end = b.segments[-1][1]
-        fd = self.sources.open_partition(self.index, b.partition, direct=None)
+        fd = self.sources.open_partition(
+            self.index, b.partition, self.sources.files[b.partition], direct=None
+        )
         try:
             mm = mmap.mmap(
                 fd,
@@ -219,6 +228,12 @@ class Executor:
                 prot=mmap.PROT_READ | mmap.PROT_WRITE,
                 offset=start,
             )
+        except ValueError:  # shrunk since the fstat: "mmap length is greater than file size"
+            raise TruncatedError(
+                "partition shrank after the index was read",
+                path=self.index.partitions[b.partition].path,
+                offset=start,
+            ) from None
         finally:
             os.close(fd)
         self.mapped[b.index] = start
@@ -449,6 +464,12 @@ class Executor:
         else:
             rel = v.rel_offset
         raw = buf[rel : rel + v.nbytes]
+        if v.dtype == "bool" and bool((raw > 1).any()):  # FORMAT.md 3: one rule with convert
+            raise CorruptDataError(
+                "bool tensor holds bytes other than 0 and 1",
+                path=self.index.partitions[self.index.tensors[v.name].partition].path,
+                tensor=v.name,
+            )
         itemsize = dtypes.get(v.dtype).itemsize
         if rel % itemsize:
             # Not aligned for its dtype: cannot be a view; give it memory of its own.
@@ -463,13 +484,14 @@ def fill_blocks(
     blocks: Mapping[int, Any],
     modes: Mapping[int, str],
     engine: io_engine.Engine,
+    files: Sequence[OpenFile],
     *,
     chunk_bytes: int,
     opener: Callable[..., Any] = open_partition,
 ) -> None:
     """Read whole partitions into host blocks (file offset = block offset), each in its read
     mode (``direct``, ``buffered``, ``mixed``, or ``page-cache-read``)."""
-    files: dict[tuple[int, bool], Any] = {}
+    made: dict[tuple[int, bool], Any] = {}
     reads: list[io_engine.ReadOp] = []
     try:
         for part, block in blocks.items():
@@ -477,15 +499,15 @@ def fill_blocks(
             for lo in range(0, n, chunk_bytes):
                 ln = min(chunk_bytes, n - lo)
                 direct = direct_for(modes[part], (0, n), lo)
-                f = files.get((part, direct))
+                f = made.get((part, direct))
                 if f is None:
-                    f = opener(index, part, direct=direct)
-                    files[(part, direct)] = f
+                    f = opener(index, part, files[part], direct=direct)
+                    made[(part, direct)] = f
                 reads.append((f, lo, ln, block.buffer, lo, len(reads)))
         if reads:
             engine.read(reads)
     finally:
-        for f in files.values():
+        for f in made.values():
             f.close()
 
 

@@ -19,7 +19,7 @@ import contextvars
 import os
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -27,8 +27,9 @@ from fastckpt import io_engine
 from fastckpt.config import Config, get_config
 from fastckpt.config import ssd_tier_dir as _ssd_dir
 from fastckpt.errors import FormatError
+from fastckpt.format.fsdir import OpenFile
 from fastckpt.format.index import Index
-from fastckpt.format.reader import read_index
+from fastckpt.format.reader import OpenCheckpoint, open_checkpoint, open_partitions, read_index
 from fastckpt.loader import policy, profile
 from fastckpt.loader.executor import Executor, Sources, fill_blocks
 from fastckpt.loader.executor import open_partition as _open_partition
@@ -52,6 +53,17 @@ def _sampled_residency(path: str) -> float:
         return io_engine.residency(path, sample_windows=RESIDENCY_SAMPLES)
     except OSError:
         return 0.0
+
+
+ENGINES = ("auto", "uring", "pread")
+
+
+def _open(path: str | os.PathLike[str] | Index) -> OpenCheckpoint:
+    """The checkpoint with its validated files open (an ``Index`` given by the caller has its
+    partitions opened again, with the same rules)."""
+    if isinstance(path, Index):
+        return OpenCheckpoint(path, open_partitions(path), {})
+    return open_checkpoint(path)
 
 
 def _check_devices(devices: Iterable[str]) -> None:
@@ -105,7 +117,8 @@ class Loader:
             and the SSD tier's directory; defaults from the configuration (``FASTCKPT_*``).
         residency: a function path -> fraction of the file in the page cache (default: sampled
             ``mincore``/``cachestat``); a seam for tests and estimates.
-        open_partition: how partition files are opened (default
+        open_partition: how a validated open partition file becomes what a read or a mapping
+            needs (default
             ``fastckpt.loader.executor.open_partition``); a seam for tests.
         **settings: any other configuration field (``read_mode``, ``ring_bytes``...), fixed for
             this Loader. Settings not given are read from the environment at each load.
@@ -153,7 +166,9 @@ class Loader:
     # ------------------------------------------------------------------ resources
     def config(self, **overrides: Any) -> Config:
         """This Loader's settings now: defaults, ``FASTCKPT_*``, its own settings, ``overrides``."""
-        return get_config(**{**self._overrides, **{k: v for k, v in overrides.items() if v}})
+        return get_config(
+            **{**self._overrides, **{k: v for k, v in overrides.items() if v is not None}}
+        )
 
     def engine(self, cfg: Config | None = None) -> io_engine.Engine:
         """An I/O engine for the settings (one per kind and settings, shared by loads)."""
@@ -241,10 +256,21 @@ class Loader:
         verify: bool = False,
         names: Iterable[str] | None = None,
         stats: bool = False,
+        private_copy: bool | None = None,
     ) -> Any:
         """Load a checkpoint; the arguments and result are those of ``fastckpt.load``. ``path``
-        may also be an ``Index`` already read (its files are checked again before reading)."""
-        cfg = self.config(io_engine=engine)
+        may also be an ``Index`` already read (its files are opened and checked again)."""
+        if isinstance(names, (str, bytes)):
+            raise TypeError(
+                f"names={names!r} is a single string; pass a list of tensor names "
+                f"(names=[{names!r}])"
+            )
+        if engine is not None and engine not in ENGINES:
+            raise ValueError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
+        overrides: dict[str, Any] = {"io_engine": engine}
+        if private_copy is not None:
+            overrides["cpu_map_cached"] = not private_copy
+        cfg = self.config(**overrides)
         if cfg.server and not isinstance(path, Index):
             from fastckpt.serve.client import load_via_server  # the cache daemon (docs/serve.md)
 
@@ -260,19 +286,28 @@ class Loader:
             if served is not None:
                 return served
         t_start = time.perf_counter()
-        index = path if isinstance(path, Index) else read_index(path)
-        ssd_key: str | None = None
-        if self.ssd_tier is not None and not isinstance(path, Index):
-            index, ssd_key = self._through_ssd(index, os.fspath(path))
-        try:
-            return self._load_index(index, device, cfg, verify, names, stats, t_start)
-        finally:
-            if ssd_key is not None and self.ssd_tier is not None:
-                self.ssd_tier.unpin(ssd_key)
+        # Every file is opened once, beneath the checkpoint directory, and read through those
+        # descriptors only: a checkpoint republished meanwhile is never mixed in.
+        with _open(path) as ck:
+            ssd_key: str | None = None
+            converted: OpenCheckpoint | None = None
+            if self.ssd_tier is not None and not isinstance(path, Index):
+                converted, ssd_key = self._through_ssd(ck.index, os.fspath(path))
+            try:
+                use = converted or ck
+                return self._load_index(
+                    use.index, use.partitions, device, cfg, verify, names, stats, t_start
+                )
+            finally:
+                if converted is not None:
+                    converted.close()
+                if ssd_key is not None and self.ssd_tier is not None:
+                    self.ssd_tier.unpin(ssd_key)
 
     def _load_index(
         self,
         index: Index,
+        files: Sequence[OpenFile],
         device: Any,
         cfg: Config,
         verify: bool,
@@ -330,7 +365,9 @@ class Loader:
             )
             flight = ""
             if any(d.source == "dram-fill" for d in decisions):
-                dram_item, led = self._fill_dram(index, ident, residency, prof, settings, cfg)
+                dram_item, led = self._fill_dram(
+                    index, files, ident, residency, prof, settings, cfg
+                )
                 flight = "leader" if led else "follower"
                 if isinstance(dram_item, _Unkept):
                     unkept = dram_item
@@ -349,6 +386,7 @@ class Loader:
             sources = Sources(
                 engine=lambda: self.engine(cfg),
                 ring=lambda slot: self.ring(slot, cfg),
+                files=files,
                 open_partition=self._open_partition,
                 dram=dram_item.blocks if dram_item is not None else {},
                 gpu=revived,
@@ -451,6 +489,7 @@ class Loader:
     def _fill_dram(
         self,
         index: Index,
+        files: Sequence[OpenFile],
         ident: tuple[str, str],
         residency: Mapping[int, float],
         prof: policy.ReadProfile | None,
@@ -476,6 +515,7 @@ class Loader:
                     item.blocks,
                     modes,
                     self.engine(cfg),
+                    files,
                     chunk_bytes=cfg.chunk_bytes,
                     opener=self._open_partition,
                 )
@@ -501,15 +541,15 @@ class Loader:
             return got, False
         return None, False
 
-    def _through_ssd(self, index: Index, source: str) -> tuple[Index, str | None]:
+    def _through_ssd(self, index: Index, source: str) -> tuple[OpenCheckpoint | None, str | None]:
         """The SSD tier's converted copy of a slower source (converted on first use)."""
         assert self.ssd_tier is not None
         try:
             _, fs_type = profile.fs_key(index.partitions[0].path) if index.partitions else ("", "")
         except OSError:
-            return index, None
+            return None, None
         if not policy.is_slow_source(index.kind, fs_type) or not index.partitions:
-            return index, None
+            return None, None
         tier = self.ssd_tier
         files = [p.path for p in index.partitions]
         key = source_identity(files, source)
@@ -535,9 +575,9 @@ class Loader:
             self._flights.run(("ssd", key), convert)
             converted = tier.peek(key)
         if converted is None or not tier.pin(key):
-            return index, None
+            return None, None
         try:
-            return read_index(converted), key
+            return open_checkpoint(converted), key
         except BaseException:
             tier.unpin(key)
             raise
@@ -557,24 +597,30 @@ class Loader:
         return pool.submit(self._prefetch, os.fspath(path), tier, device)
 
     def _prefetch(self, path: str, tier: str, device: Any) -> bool:
-        cfg = self.config()
-        index = read_index(path)
-        if tier == "ssd":
-            if self.ssd_tier is None:
-                return False
-            _, key = self._through_ssd(index, path)
-            if key is not None:
-                self.ssd_tier.unpin(key)
-            return key is not None
-        if self.ssd_tier is not None:
-            index, key = self._through_ssd(index, path)
-            if key is not None:
-                self.ssd_tier.unpin(key)
         if tier == "gpu":
-            tensors = self._load_index(index, device, cfg, False, None, False, time.perf_counter())
+            tensors = self.load(path, device)
             del tensors
-            ident = checkpoint_identity(index)
+            with _open(path) as ck:
+                ident = checkpoint_identity(ck.index)
             return any(k[:2] == ident for k in _tuple_keys(self.gpu_tier.keys()))
+        cfg = self.config()
+        with _open(path) as ck:
+            converted: OpenCheckpoint | None = None
+            key: str | None = None
+            if self.ssd_tier is not None:
+                converted, key = self._through_ssd(ck.index, path)
+                if key is not None:
+                    self.ssd_tier.unpin(key)  # the copy's files stay open until we are done
+            try:
+                if tier == "ssd":
+                    return key is not None
+                use = converted or ck
+                return self._prefetch_dram(use.index, use.partitions, cfg)
+            finally:
+                if converted is not None:
+                    converted.close()
+
+    def _prefetch_dram(self, index: Index, files: Sequence[OpenFile], cfg: Config) -> bool:
         ident = checkpoint_identity(index)
         if self.dram_tier.holds(ident):
             return True
@@ -582,7 +628,7 @@ class Loader:
             return False
         plan = plan_load(index, "cpu", chunk_bytes=cfg.ring_slot_bytes)
         residency, prof = self._inputs(index, plan, policy.Holdings(), cfg)
-        item, _ = self._fill_dram(index, ident, residency, prof, policy.Settings(), cfg)
+        item, _ = self._fill_dram(index, files, ident, residency, prof, policy.Settings(), cfg)
         if item is not None and not isinstance(item, _Unkept):
             self.dram_tier.unpin(ident)
         elif isinstance(item, _Unkept):

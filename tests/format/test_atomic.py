@@ -188,9 +188,9 @@ def test_failure_while_copying_carried_files(tmp_path, monkeypatch) -> None:
     (src / "config.json").write_text("{}")
 
     def broken(a, b, **kw):
-        raise OSError(errno.EIO, "Input/output error", a)
+        raise OSError(errno.EIO, "Input/output error", b)
 
-    monkeypatch.setattr(writer.shutil, "copyfile", broken)
+    monkeypatch.setattr(writer, "_copy_fd", broken)
     with pytest.raises(OSError, match="Input/output"):
         fastckpt.convert(src, tmp_path / "ck")
     assert listing(tmp_path) == ["model"]

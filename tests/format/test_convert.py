@@ -108,7 +108,8 @@ def test_torch_zip_source_is_memory_mapped(tmp_path, monkeypatch) -> None:
 
 @pytest.mark.parametrize("zip_format", [True, False])
 def test_torch_views_and_byte_ranges(tmp_path, zip_format) -> None:
-    from fastckpt.format.sources import FileRange, TorchTensor, open_source
+    from fastckpt.format.sources import open_source
+    from fastckpt.format.stored import FileRange, TorchTensor
 
     base = torch.arange(600, dtype=torch.float32)
     sd = {
@@ -241,7 +242,7 @@ def test_transformers_dir_carries_files(tmp_path, weights) -> None:
         write_sharded_bin(src, sd)
     else:
         save_file(sd, src / "consolidated.safetensors")
-    # never carried: other weights, hidden files, sub-directories, pickles
+    # never carried: other weights, hidden files, pickles; sub-folders go to the tree
     torch.save({"x": torch.zeros(1)}, src / "training_args.bin")
     (src / ".gitattributes").write_text("*")
     (src / "sub").mkdir()
@@ -249,23 +250,25 @@ def test_transformers_dir_carries_files(tmp_path, weights) -> None:
     index = fastckpt.convert(src, tmp_path / "ck")
     assert index.source["kind"] == "transformers"
     assert sorted(index.files) == carried
+    assert index.tree == ("sub/f.txt",)
     for name in carried:
         assert (tmp_path / "ck" / name).read_bytes() == (src / name).read_bytes()
-    expected = sorted([*carried, "fastckpt.index", "part-00000.fckpt"])
+    expected = sorted([*carried, "fastckpt.index", "part-00000.fckpt", "sub"])
     assert sorted(os.listdir(tmp_path / "ck")) == expected
     assert_bitwise_equal(sd, read_back(tmp_path / "ck"))
 
 
 def test_hf_cache_style_symlinks_are_followed(tmp_path) -> None:
-    blobs = tmp_path / "blobs"
-    blobs.mkdir()
-    snap = tmp_path / "snapshot"
-    snap.mkdir()
+    # The Hugging Face cache layout: <repo>/snapshots/<rev>/<file> -> ../../blobs/<hash>.
+    blobs = tmp_path / "repo" / "blobs"
+    blobs.mkdir(parents=True)
+    snap = tmp_path / "repo" / "snapshots" / "rev"
+    snap.mkdir(parents=True)
     sd = small_state_dict()
     save_file(sd, blobs / "b1")
     (blobs / "b2").write_text('{"model_type": "x"}')
-    (snap / "model.safetensors").symlink_to(blobs / "b1")
-    (snap / "config.json").symlink_to(blobs / "b2")
+    (snap / "model.safetensors").symlink_to("../../blobs/b1")
+    (snap / "config.json").symlink_to("../../blobs/b2")
     index = fastckpt.convert(snap, tmp_path / "ck")
     assert index.files == ("config.json",)
     assert not os.path.islink(tmp_path / "ck" / "config.json")
@@ -304,12 +307,18 @@ def test_unknown_dir_layout_names_what_was_looked_for(tmp_path) -> None:
         fastckpt.convert(tmp_path, tmp_path.parent / "ck_unknown")
 
 
-def test_ambiguous_dir_refused(tmp_path) -> None:
+def test_sharded_dir_without_index_json(tmp_path) -> None:
+    """Issue #9: shards without model.safetensors.index.json convert as load reads them."""
     save_file({"a": torch.zeros(1)}, tmp_path / "x.safetensors")
-    save_file({"b": torch.zeros(1)}, tmp_path / "y.safetensors")
+    save_file({"b": torch.ones(2)}, tmp_path / "y.safetensors")
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(SourceError, match="several candidates"):
-        fastckpt.convert(tmp_path, tmp_path.parent / "ck_ambiguous")
+    index = fastckpt.convert(tmp_path, tmp_path.parent / "ck_shards")
+    assert sorted(index.tensors) == ["a", "b"]
+    assert index.files == ("config.json",)
+    assert_bitwise_equal(fastckpt.load(tmp_path), read_back(tmp_path.parent / "ck_shards"))
+    save_file({"a": torch.ones(1)}, tmp_path / "z.safetensors")
+    with pytest.raises(fastckpt.FormatError, match="two shards"):
+        fastckpt.convert(tmp_path, tmp_path.parent / "ck_dup")
 
 
 def test_peft_dir_refusals(tmp_path) -> None:

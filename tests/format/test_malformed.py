@@ -22,6 +22,7 @@ from fastckpt.errors import (
     CorruptIndexError,
     DtypeError,
     FormatError,
+    InvalidNameError,
     LimitError,
     MissingPartitionError,
     OutOfBoundsError,
@@ -376,7 +377,8 @@ CASES = [
         CorruptIndexError,
         tensor="w",
     ),
-    Case("empty tensor name", _edit(_set(["tensors", 0, "name"], "")), CorruptIndexError),
+    Case("empty tensor name", _edit(_set(["tensors", 0, "name"], "")), InvalidNameError),
+    Case("tensor name not a string", _edit(_set(["tensors", 0, "name"], 7)), InvalidNameError),
     Case("duplicate tensor names", _edit(_dup_name), CorruptIndexError, tensor="w"),
     Case("missing offset", _edit(_delete(["tensors", 0, "offset"])), CorruptIndexError),
     Case(
@@ -428,7 +430,7 @@ CASES = [
         "alias shadows a tensor", _edit(_set(["aliases", "b"], "w")), CorruptIndexError, tensor="b"
     ),
     Case("alias target not a string", _edit(_set(["aliases", "tied"], 1)), CorruptIndexError),
-    Case("empty alias name", _edit(_set(["aliases", ""], "w")), CorruptIndexError),
+    Case("empty alias name", _edit(_set(["aliases", ""], "w")), InvalidNameError),
     # --- carried files
     Case("carried file missing", _missing_file, MissingPartitionError, path_endswith="config.json"),
     Case("carried file escapes", _edit(_set(["files"], ["../config.json"])), UnsafePathError),

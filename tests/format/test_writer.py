@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import fastckpt
 from fastckpt.errors import DestinationExistsError, DeviceError, DtypeError
 from fastckpt.format import spec, writer
-from fastckpt.format.writer import normalize_device_map, plan_layout
+from fastckpt.format.layout import normalize_device_map, plan_layout
 
 
 def _body(path: str) -> dict:

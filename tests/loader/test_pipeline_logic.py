@@ -14,6 +14,7 @@ import torch
 
 import fastckpt
 from fastckpt.config import get_config
+from fastckpt.format.reader import open_partitions
 from fastckpt.loader.executor import Executor, Sources
 from fastckpt.loader.plan import LoadPlan, plan_load
 from fastckpt.loader.policy import Settings, decide
@@ -79,7 +80,8 @@ def _executor(index: Any, plan: LoadPlan, mode: str, verify: bool) -> Executor:
     """An executor whose buffers are host tensors standing in for device memory: the policy
     decides reads from disk (``mode``), the sources are the files and a Loader's engine."""
     decisions = decide(plan, residency={}, settings=Settings(read_mode=mode, verify=verify))
-    sources = Sources(engine=fastckpt.Loader().engine)
+    # the partitions' validated open files (closed with the test process)
+    sources = Sources(engine=fastckpt.Loader().engine, files=open_partitions(index))
     ex = Executor(index, plan, decisions, sources, cfg=get_config(), verify=verify)
     for b in plan.buffers:
         ex.buffers[b.index] = torch.full((b.nbytes,), 0xEE, dtype=torch.uint8)

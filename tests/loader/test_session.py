@@ -136,10 +136,10 @@ def test_sixteen_threads_overlapping_checkpoints(tmp_path: Path) -> None:
     budget = 2 * size + PAGE  # room for two of the four
     opened = threading.Semaphore(0)
 
-    def slow_open(index: Any, partition: int, *, direct: bool | None) -> Any:
+    def slow_open(index: Any, partition: int, src: Any, *, direct: bool | None) -> Any:
         time.sleep(0.02)  # widen the window in which concurrent loads meet
         opened.release()
-        return open_partition(index, partition, direct=direct)
+        return open_partition(index, partition, src, direct=direct)
 
     loader = fastckpt.Loader(dram_tier_bytes=budget, open_partition=slow_open)
     errors: list[BaseException] = []

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from fastckpt.format import spec
+from fastckpt.format.fsdir import CheckpointDir
 from fastckpt.format.safetensors import carried_files as safetensors_carried
 from fastckpt.format.sources import open_source
-from fastckpt.rules.carried import INDEX_FILE, carried_files, is_carried_name, is_weight_file
+from fastckpt.rules.carried import INDEX_FILE, is_carried_name, is_weight_file
 
 
 def test_index_file_name_matches_the_spec() -> None:
@@ -70,7 +71,7 @@ def test_both_call_sites_carry_the_same_files(tmp_path: Path) -> None:
         (tmp_path / name).write_text("{}")
     os.mkdir(tmp_path / "sub")
     expected = ["config.json", "tokenizer.json"]
-    assert carried_files(str(tmp_path)) == expected
-    assert list(safetensors_carried(str(tmp_path))) == expected
+    with CheckpointDir(str(tmp_path)) as d:
+        assert list(safetensors_carried(d)) == expected
     with open_source(tmp_path) as source:
         assert [name for name, _ in source.files] == expected
