@@ -9,6 +9,10 @@ no copy) or read straight into their final memory. GPU buffers are revived from 
 copied from a DRAM-tier block (pinned piece by piece as the copies reach it), or filled through the
 Loader's pinned staging ring: chunk reads into ring slots, asynchronous host-to-device copies on
 several CUDA streams, each slot reused once the CUDA event of its copy has completed.
+
+Why one module of this size: the CPU paths, the GPU pipeline and the DRAM fill share one
+byte-source seam (``Sources``, ``open_partition``) and one set of timings; the pure decisions
+live in ``policy``.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ tiers hold, measure page-cache residency, look up the filesystem's read-mode pro
 policy (pure) for one decision per buffer, fill the DRAM tier when the policy says so (one read
 shared by concurrent loads of the same checkpoint: single flight), execute, offer the device
 buffers to the GPU tier, report.
+
+Why one module of this size: the Loader's methods share its locks, budgets and single-flight
+table, and each step above is short; split by step, each piece would need the whole object.
 """
 
 from __future__ import annotations

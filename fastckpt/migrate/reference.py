@@ -28,6 +28,9 @@ before the model has arrived.
 torch is imported when this module is used (here and, through it, in ``sampling`` and
 ``fingerprint``); transformers only through ``fastckpt.load_model``. The rest of
 ``fastckpt.migrate`` imports neither.
+
+Why one module of this size: it is the documentation for engine authors, so both sides over
+one model (forward, KV cache, background load) stay readable in one place.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ scheduler without migration), ``sllm`` (the same with migration: ServerlessLLM-s
 Estimate-based policies consider up to ``fanout`` servers caching the model and the ``fanout``
 servers with the most available GPUs (ties: lower index), as a real scheduler prunes;
 ``fanout=0`` considers every server.
+
+Why one module of this size: the trace, the cluster state and the five policies are one
+event loop whose parts only make sense together; the estimator it calls lives in ``estimate``.
 """
 
 from __future__ import annotations

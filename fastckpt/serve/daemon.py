@@ -19,6 +19,9 @@ What keeps it safe and honest:
   read with fails the fill, so two generations are never mixed;
 - the store's budget holds; entries pinned by a live connection or being filled are never evicted;
   a connection's pins go when it closes, however it closes (a client killed mid-load included).
+
+Why one module of this size: connection handling, credentials and fills share the daemon's
+store, locks and stats; the protocol, names and store are modules of their own.
 """
 
 from __future__ import annotations

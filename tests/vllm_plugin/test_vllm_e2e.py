@@ -3,7 +3,7 @@ folders) as with vLLM's own "safetensors", for a tiny Llama and a tiny Qwen2; cl
 unknown option and a checkpoint of another model; the plug-in registered in spawned workers.
 
 Runs where vLLM is importable: in the interpreter running pytest, or in the one that
-``FASTCKPT_VLLM_PYTHON`` names (the venv of ``tests/vllm/make_venv.sh``, which keeps vLLM's
+``FASTCKPT_VLLM_PYTHON`` names (the venv of ``tests/vllm_plugin/make_venv.sh``, which keeps vLLM's
 pinned versions away from the main suite). Skips elsewhere, saying how to enable it.
 """
 
@@ -28,8 +28,7 @@ def _vllm_python() -> str | None:
     named = os.environ.get("FASTCKPT_VLLM_PYTHON")
     if named:
         return named
-    # A real package, not the namespace package that this test folder (tests/vllm) forms when
-    # tests/ is on sys.path.
+    # A real package (origin set), not a namespace package some folder on sys.path may form.
     spec = importlib.util.find_spec("vllm")
     if spec is not None and spec.origin is not None:
         return sys.executable
@@ -41,7 +40,7 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     python = _vllm_python()
     if python is None:
         pytest.skip(
-            "vLLM is not importable here; build its venv with `bash tests/vllm/make_venv.sh` "
+            "vLLM is not importable here; build its venv with `bash tests/vllm_plugin/make_venv.sh` "
             "and set FASTCKPT_VLLM_PYTHON=.vllm-venv/bin/python"
         )
     where = subprocess.run(
@@ -54,7 +53,7 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     )
     assert Path(where.stdout.strip()).resolve().is_relative_to(ROOT), (
         f"{python} imports fastckpt from {where.stdout.strip()}, not from this checkout {ROOT}; "
-        "rebuild the venv with tests/vllm/make_venv.sh"
+        "rebuild the venv with tests/vllm_plugin/make_venv.sh"
     )
     work = tmp_path_factory.mktemp("vllm-e2e")
     proc = subprocess.run(

