@@ -12,6 +12,7 @@ from typing import Any, Literal, overload
 
 from fastckpt.config import get_config
 from fastckpt.errors import DeviceError, FormatError
+from fastckpt.format.index import Index
 from fastckpt.format.reader import read_index
 from fastckpt.loader.executor import Executor
 from fastckpt.loader.plan import LoadPlan, plan_load
@@ -48,6 +49,7 @@ def load(
     engine: str | None = ...,
     verify: bool = ...,
     names: Iterable[str] | None = ...,
+    index: Index | None = ...,
     stats: Literal[False] = ...,
 ) -> dict[str, Any]: ...
 
@@ -60,6 +62,7 @@ def load(
     engine: str | None = ...,
     verify: bool = ...,
     names: Iterable[str] | None = ...,
+    index: Index | None = ...,
     stats: Literal[True],
 ) -> tuple[dict[str, Any], LoadStats]: ...
 
@@ -71,6 +74,7 @@ def load(
     engine: str | None = None,
     verify: bool = False,
     names: Iterable[str] | None = None,
+    index: Index | None = None,
     stats: bool = False,
 ) -> dict[str, Any] | tuple[dict[str, Any], LoadStats]:
     """Load a checkpoint's tensors onto ``device``.
@@ -87,6 +91,8 @@ def load(
         verify: check every chunk checksum inside the pipeline (fastckpt checkpoints only);
             a mismatch raises ``fastckpt.ChecksumError`` and nothing is returned.
         names: load only these tensors (stored or alias names); default all.
+        index: the checkpoint's index when the caller has read it already
+            (``fastckpt.read_index(path)``), so that it is not read twice.
         stats: also return a ``LoadStats``.
 
     Returns:
@@ -102,7 +108,8 @@ def load(
     """
     cfg = get_config(io_engine=engine)
     t_start = time.perf_counter()
-    index = read_index(path)
+    if index is None:
+        index = read_index(path)
     if verify and index.checksum_algorithm is None:
         raise FormatError(
             f"verify=True needs chunk checksums, and a {index.kind} checkpoint has none; "

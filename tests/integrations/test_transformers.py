@@ -19,6 +19,7 @@ import fastckpt
 import fastckpt.transformers as fck_transformers
 from fastckpt.errors import DeviceError, FormatError
 from fastckpt.integrations import transformers as integ
+from fastckpt.integrations.transformers import names, skeleton
 
 TF5 = int(transformers.__version__.split(".")[0]) >= 5
 DTYPE = "dtype" if TF5 else "torch_dtype"  # the from_pretrained keyword of this transformers
@@ -288,14 +289,14 @@ def test_device_map_is_translated_to_checkpoint_names(
     """A map in model names (LlamaModel) reaches the loader in checkpoint names."""
     tiny = tiny_factory("llama")
     index = fastckpt.read_index(tiny.fck)
-    with integ._parameters_on_meta():
+    with skeleton.parameters_on_meta():
         model = transformers.LlamaModel(transformers.LlamaConfig.from_pretrained(tiny.src))
-    slots = integ._model_slots(model)
+    slots = names.model_slots(model)
     shapes = {name: index.entry(name).shape for name in index.names()}
-    missing, unexpected, mismatched = integ._match(model, slots, shapes)
+    missing, unexpected, mismatched = names.match_names(model, slots, shapes)
     assert missing == [] and mismatched == [] and unexpected == ["lm_head.weight"]
     device_map = {"embed_tokens": "cuda:0", "layers.0": "cuda:0", "layers.1": "cuda:1", "": "cpu"}
-    out = integ._checkpoint_device_map(index, slots, device_map)
+    out = names.checkpoint_device_map(index, slots, device_map)
     assert out.keys() == set(index.tensors)
     assert out["model.embed_tokens.weight"] == "cuda:0"
     assert out["model.layers.0.mlp.up_proj.weight"] == "cuda:0"
