@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -415,14 +416,89 @@ def test_enable_routes_auto_and_concrete_classes(
     assert_same_model(model, transformers.BertModel.from_pretrained(bert.src))
 
 
-def test_other_paths_are_untouched(
-    tiny_factory: Callable[[str], Tiny], load_spy: list[Any], drop_in_off: None
+ARCH_PARAMS = [pytest.param(a, marks=pytest.mark.slow) if a != "llama" else a for a in ARCHS]
+
+
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
+def test_drop_in_serves_stock_folders(
+    arch: str, tiny_factory: Callable[[str], Tiny], load_spy: list[Any], drop_in_off: None
 ) -> None:
-    tiny = tiny_factory("llama")
+    """An ordinary save_pretrained folder goes through fastckpt, bitwise as transformers."""
+    tiny = tiny_factory(arch)
+    cls = getattr(transformers, tiny.cls_name)
+    ref = cls.from_pretrained(tiny.src)
     with fck_transformers.enabled():
-        model = AutoModelForCausalLM.from_pretrained(tiny.src)
+        model = cls.from_pretrained(tiny.src)
+    assert [c[0] for c in load_spy] == [tiny.src]
+    assert_same_model(model, ref)
+    assert_same_outputs(model, ref, causal=tiny.causal)
+    assert model.config.name_or_path == ref.config.name_or_path
+
+
+def test_drop_in_serves_sharded_stock_folders(
+    tmp_path: Path, tiny_factory: Callable[[str], Tiny], load_spy: list[Any], drop_in_off: None
+) -> None:
+    tiny = tiny_factory("llama_tied")
+    src = tmp_path / "sharded"
+    transformers.LlamaForCausalLM.from_pretrained(tiny.src).save_pretrained(
+        src, max_shard_size="20KB"
+    )
+    assert (src / "model.safetensors.index.json").is_file()
+    ref = AutoModelForCausalLM.from_pretrained(src)
+    with fck_transformers.enabled():
+        model = AutoModelForCausalLM.from_pretrained(src, device_map="cpu", dtype="auto")
+    assert [c[0] for c in load_spy] == [str(src)]
+    assert_same_model(model, ref)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def _copy_with_config(tiny: Tiny, dst: Path, **extra: Any) -> Path:
+    import json
+
+    shutil.copytree(tiny.src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config.update(extra)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_drop_in_leaves_what_it_cannot_serve_to_transformers(
+    tmp_path: Path,
+    tiny_factory: Callable[[str], Tiny],
+    load_spy: list[Any],
+    caplog: pytest.LogCaptureFixture,
+    drop_in_off: None,
+) -> None:
+    """Other weight formats, remote code, quantized configs: stock path, and a debug log why."""
+    tiny = tiny_factory("llama")
+    ref = _reference(tiny)
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    shutil.copy(Path(tiny.src) / "config.json", binary)
+    torch.save(ref.state_dict(), binary / "pytorch_model.bin")
+    remote = _copy_with_config(
+        tiny, tmp_path / "remote", auto_map={"AutoModelForCausalLM": "modeling.Custom"}
+    )
+    quantized = _copy_with_config(
+        tiny, tmp_path / "quantized", quantization_config={"quant_method": "no-such-method"}
+    )
+    logger = "fastckpt.integrations.transformers"
+    with fck_transformers.enabled(), caplog.at_level(logging.DEBUG, logger=logger):
+        from_bin = transformers.LlamaForCausalLM.from_pretrained(binary)
+        from_remote = transformers.LlamaForCausalLM.from_pretrained(remote)
+        # whatever transformers makes of an unknown quantization method is its business
+        with contextlib.suppress(Exception):
+            transformers.LlamaForCausalLM.from_pretrained(quantized)
+        with_variant = transformers.LlamaForCausalLM.from_pretrained(tiny.src, key_mapping={})
     assert load_spy == []
-    assert_same_model(model, _reference(tiny))
+    assert_same_model(from_bin, ref)
+    assert_same_model(from_remote, ref)
+    assert_same_model(with_variant, ref)
+    text = caplog.text
+    assert "another weight format" in text
+    assert "auto_map" in text
+    assert "quantization_config" in text
+    assert "key_mapping" in text
 
 
 @pytest.mark.parametrize("key", sorted({"torch_dtype", DTYPE}))

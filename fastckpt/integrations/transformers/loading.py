@@ -184,7 +184,9 @@ def load_model_with_report(
     verify: bool,
     kwargs: dict[str, Any],
     generation_config: Any = None,
+    index: Index | None = None,
 ) -> tuple[PreTrainedModel, Report]:
+    """``load_model``, also returning what was missing/unexpected; ``index`` when read already."""
     import copy
 
     import torch
@@ -227,7 +229,8 @@ def load_model_with_report(
 
     auto = isinstance(dtype, str) and dtype == "auto"
     target = config_dtype(config) if auto else as_dtype(dtype)
-    index = fastckpt.read_index(root)  # read once: shapes, dtypes, device map, then the load
+    if index is None:
+        index = fastckpt.read_index(root)  # read once: shapes, dtypes, device map, then the load
     build_dtype = target or config_dtype(config) or _first_float_dtype(index) or torch.float32
     if not build_dtype.is_floating_point or build_dtype.itemsize < 2:
         build_dtype = torch.float32

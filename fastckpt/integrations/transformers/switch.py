@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from fastckpt.errors import FastckptError
 from fastckpt.integrations.transformers.loading import (
+    ADAPTER_CONFIG_FILE,
+    CONFIG_FILE,
     is_fastckpt_checkpoint,
     load_model_with_report,
 )
@@ -27,6 +31,8 @@ from fastckpt.integrations.transformers.skeleton import transformers_major
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
+
+    from fastckpt.format.index import Index
 
 __all__ = ["disable", "enable", "enabled", "is_enabled"]
 
@@ -38,6 +44,9 @@ _PATCH_LOCK = threading.Lock()
 
 _original: Any = None  # the classmethod object replaced by enable()
 
+
+# The weight files of a stock model folder that fastckpt serves (single file or sharded).
+_STOCK_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 # from_pretrained kwargs that change nothing for a local fastckpt checkpoint.
 _IGNORED = frozenset(
@@ -91,18 +100,80 @@ _UNSUPPORTED: dict[str, tuple[Any, str]] = {
 
 
 def _local_checkpoint(name_or_path: Any, subfolder: Any) -> str | None:
+    """The local fastckpt checkpoint that ``name_or_path`` (and ``subfolder``) names, if any."""
+    root = _local_dir(name_or_path, subfolder)
+    return root if root is not None and is_fastckpt_checkpoint(root) else None
+
+
+def _local_dir(name_or_path: Any, subfolder: Any) -> str | None:
     if not isinstance(name_or_path, (str, os.PathLike)):
         return None
     root = os.fspath(name_or_path)
     if isinstance(subfolder, str) and subfolder:
         root = os.path.join(root, subfolder)
-    return root if is_fastckpt_checkpoint(root) else None
+    return root if os.path.isdir(root) else None
+
+
+def _stock_decline(
+    root: str, model_args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> tuple[Index | None, str | None]:
+    """For a local model folder that is not a fastckpt checkpoint: (its index, None) when
+    fastckpt serves it exactly as transformers would, else (None, why it is passed on)."""
+    import fastckpt
+
+    if not os.path.isfile(os.path.join(root, CONFIG_FILE)):
+        return None, f"no {CONFIG_FILE}"
+    if os.path.isfile(os.path.join(root, ADAPTER_CONFIG_FILE)):
+        return None, "a peft adapter folder"
+    if not any(os.path.isfile(os.path.join(root, f)) for f in _STOCK_WEIGHTS):
+        return None, "no model.safetensors or model.safetensors.index.json (another weight format)"
+    if model_args:
+        return None, "positional model arguments"
+    for name, (allowed, _) in _UNSUPPORTED.items():
+        value = kwargs.get(name, allowed)
+        if value is not allowed and value != allowed:
+            return None, f"{name}= is not supported by fastckpt"
+    if kwargs.get("use_safetensors", True) is False:
+        return None, "use_safetensors=False"
+    if "_adapter_model_path" in (kwargs.get("adapter_kwargs") or {}):
+        return None, "a peft adapter to load on top"
+    if isinstance(kwargs.get("dtype"), Mapping) or isinstance(kwargs.get("torch_dtype"), Mapping):
+        return None, "a dtype per sub-model"
+    config = kwargs.get("config")
+    if config is not None and getattr(config, "quantization_config", None) is not None:
+        return None, "the config passed has a quantization_config"
+    try:
+        with open(os.path.join(root, CONFIG_FILE), encoding="utf-8") as fh:
+            raw = json.load(fh)
+    except (OSError, ValueError) as exc:
+        return None, f"{CONFIG_FILE} is not readable JSON ({exc})"
+    if not isinstance(raw, dict):
+        return None, f"{CONFIG_FILE} is not a JSON object"
+    if raw.get("quantization_config") is not None:
+        return None, "the config has a quantization_config (a quantized checkpoint)"
+    if raw.get("auto_map"):
+        return None, "the config names custom (remote) code in auto_map"
+    try:
+        index = fastckpt.read_index(root)
+    except (FastckptError, OSError) as exc:
+        return None, f"fastckpt does not read these weights ({exc})"
+    if index.kind != "safetensors":
+        return None, f"a {index.kind} index in a stock folder"
+    fmt = index.metadata.get("format")
+    if fmt not in (None, "pt"):
+        return None, f"the safetensors metadata says format={fmt!r}, not 'pt'"
+    return index, None
 
 
 def _from_pretrained(
-    cls: type[PreTrainedModel], root: str, model_args: tuple[Any, ...], kwargs: dict[str, Any]
+    cls: type[PreTrainedModel],
+    root: str,
+    model_args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    index: Index | None = None,
 ) -> Any:
-    """``cls.from_pretrained(root, ...)`` for a local fastckpt checkpoint."""
+    """``cls.from_pretrained(root, ...)`` for a local fastckpt checkpoint (or a stock folder
+    that :func:`_stock_decline` accepted, with its index)."""
     import torch
 
     if model_args:
@@ -157,6 +228,7 @@ def _from_pretrained(
         verify=False,
         kwargs=kwargs,
         generation_config=generation_config,
+        index=index,
     )
     if output_loading_info:
         return model, report.as_loading_info()
@@ -188,10 +260,17 @@ def enable() -> None:
         def from_pretrained(
             cls: type[PreTrainedModel], pretrained_model_name_or_path: Any, *args: Any, **kw: Any
         ) -> Any:
-            root = _local_checkpoint(pretrained_model_name_or_path, kw.get("subfolder"))
+            root = _local_dir(pretrained_model_name_or_path, kw.get("subfolder"))
             if root is None:
                 return original_func(cls, pretrained_model_name_or_path, *args, **kw)
-            return _from_pretrained(cls, root, args, kw)
+            if is_fastckpt_checkpoint(root):
+                return _from_pretrained(cls, root, args, kw)
+            index, why = _stock_decline(root, args, kw)
+            if index is None:
+                logger.debug("from_pretrained(%r): left to transformers: %s", root, why)
+                return original_func(cls, pretrained_model_name_or_path, *args, **kw)
+            logger.debug("from_pretrained(%r): stock safetensors folder, loaded by fastckpt", root)
+            return _from_pretrained(cls, root, args, kw, index=index)
 
         from_pretrained.__fastckpt_patch__ = True  # type: ignore[attr-defined]
         PreTrainedModel.from_pretrained = classmethod(from_pretrained)  # type: ignore[assignment,method-assign]
