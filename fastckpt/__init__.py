@@ -43,6 +43,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "engine_info": ("fastckpt.io_engine", "engine_info"),
     "load_model": ("fastckpt.integrations.transformers", "load_model"),
     "load_lora": ("fastckpt.integrations.peft", "load_lora"),
+    "open": ("fastckpt.loader.lazy", "open"),
+    "iter_tensors": ("fastckpt.loader.stream", "iter_tensors"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,7 +57,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from fastckpt.integrations.transformers import load_model
     from fastckpt.io_engine import engine_info
     from fastckpt.loader.api import load
+    from fastckpt.loader.lazy import open
     from fastckpt.loader.stats import LoadStats, last_stats
+    from fastckpt.loader.stream import iter_tensors
 
 
 def __getattr__(name: str) -> Any:
@@ -94,10 +98,12 @@ __all__ = [
     "convert",
     "engine_info",
     "info",
+    "iter_tensors",
     "last_stats",
     "load",
     "load_lora",
     "load_model",
+    "open",
     "read_index",
     "save",
     "verify",

@@ -203,7 +203,7 @@ class LazyCheckpoint:
         if nbytes:
             runs = _runs(shape, box, itemsize)
             fd = self._fd(entry.partition)
-            view = memoryview(out.numpy()).cast("B")
+            view = memoryview(out.numpy()).cast("B")  # type: ignore[arg-type]
             pos = 0
             for start, length in runs:
                 self._pread(fd, view[pos : pos + length], entry.offset + start, entry)
