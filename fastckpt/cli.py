@@ -65,16 +65,16 @@ def register(
 _UNITS = {
     "": 1,
     "b": 1,
-    "k": 1 << 10,
+    "k": 10**3,
     "kib": 1 << 10,
     "kb": 10**3,
-    "m": 1 << 20,
+    "m": 10**6,
     "mib": 1 << 20,
     "mb": 10**6,
-    "g": 1 << 30,
+    "g": 10**9,
     "gib": 1 << 30,
     "gb": 10**9,
-    "t": 1 << 40,
+    "t": 10**12,
     "tib": 1 << 40,
     "tb": 10**12,
 }
@@ -82,7 +82,12 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_size(text: str) -> int:
-    """Parse ``4GiB``, ``512MB``, ``1.5G``, ``4096`` into bytes (K/M/G/T alone are binary)."""
+    """Parse ``4GiB``, ``512MB``, ``1.5G``, ``4096`` into bytes.
+
+    One convention for every command (the same as ``fastckpt bench`` and the sizes printed):
+    decimal units (``kB``/``K``, ``MB``/``M``, ``GB``/``G``, ``TB``/``T``: powers of 1000) unless
+    the unit says ``iB`` (``KiB``, ``MiB``, ``GiB``, ``TiB``: powers of 1024).
+    """
     match = _SIZE_RE.match(text)
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in _UNITS:
@@ -130,12 +135,34 @@ def parse_metadata(pairs: Sequence[str] | None) -> dict[str, str] | None:
     return out
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"  # pragma: no cover
+def format_bytes(n: float) -> str:
+    """Bytes for people, in the one convention of every command's output (as ``fastckpt info``
+    and ``fastckpt bench`` print them): decimal units, ``1 GB = 10**9 B``; rates in GB/s."""
+    if abs(n) < 1000:
+        return f"{n:.0f} B"
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"  # pragma: no cover
+
+
+def format_rate(nbytes: float, seconds: float) -> str:
+    return f"{nbytes / seconds / 1e9:.2f} GB/s" if seconds > 0 else "- GB/s"
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default where it has a meaningful one (not None/False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" not in text
+            and default not in (None, False, argparse.SUPPRESS)
+            and action.option_strings
+        ):
+            text += " (default: %(default)s)"
+        return text
 
 
 # --- convert ------------------------------------------------------------------------------------
@@ -150,7 +177,7 @@ def _add_convert_arguments(p: argparse.ArgumentParser) -> None:
         type=parse_size,
         metavar="SIZE",
         default=None,
-        help="size cap of one partition file, e.g. 4GiB (default: config partition_bytes)",
+        help="size cap of one partition file, e.g. 4GB or 4GiB (default: config partition_bytes)",
     )
     p.add_argument(
         "--device-map",
@@ -166,7 +193,11 @@ def _add_convert_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="metadata stored in the index (repeatable)",
     )
-    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="never show a progress bar (by default one is shown when stderr is a terminal)",
+    )
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -186,11 +217,11 @@ def _run_convert(args: argparse.Namespace) -> int:
     )
     elapsed = time.perf_counter() - start
     nbytes = index.nbytes
-    rate = f", {nbytes / elapsed / 1e9:.2f} GB/s" if elapsed > 0 else ""
+    rate = f", {format_rate(nbytes, elapsed)}" if elapsed > 0 else ""
     print(
         f"converted {args.src} -> {index.root}: {len(index.tensors)} tensors"
         f"{f' (+{len(index.aliases)} aliases)' if index.aliases else ''}, "
-        f"{_human_bytes(nbytes)} in {len(index.partitions)} partition(s), "
+        f"{format_bytes(nbytes)} in {len(index.partitions)} partition(s), "
         f"{len(index.files)} carried file(s); {elapsed:.2f} s{rate}"
     )
     return 0
@@ -237,13 +268,26 @@ def _jsonable(value: Any) -> Any:
 
 
 def _add_verify_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="fastckpt checkpoint directory")
+    p.add_argument(
+        "path",
+        help="a fastckpt checkpoint directory (every chunk checksum is checked); a .safetensors "
+        "file or a directory of shards is accepted too, but stores no checksums, so only its "
+        "structure is checked",
+    )
 
 
 def _run_verify(args: argparse.Namespace) -> int:
     from fastckpt.format.verify import verify
 
-    print(verify(args.path))
+    result = verify(args.path)
+    if result.checksums:
+        print(
+            f"{result.path}: OK, {result.chunks} chunk(s) in {result.partitions} partition(s), "
+            f"{format_bytes(result.nbytes)} in {result.seconds:.2f} s "
+            f"({format_rate(result.nbytes, result.seconds)})"
+        )
+    else:
+        print(result)
     return 0
 
 
@@ -251,7 +295,12 @@ register(
     "convert", "convert a checkpoint to the fastckpt format", _add_convert_arguments, _run_convert
 )
 register("info", "summarize a checkpoint", _add_info_arguments, _run_info)
-register("verify", "check every checksum of a checkpoint", _add_verify_arguments, _run_verify)
+register(
+    "verify",
+    "check every chunk checksum of a fastckpt checkpoint (names the first bad chunk)",
+    _add_verify_arguments,
+    _run_verify,
+)
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -306,16 +355,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for cmd in COMMANDS:
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        p = sub.add_parser(
+            cmd.name, help=cmd.help, description=cmd.help, formatter_class=_HelpFormatter
+        )
         cmd.add_arguments(p)
         p.set_defaults(_run=cmd.run)
     return parser
 
 
+# Python keyword arguments named in library messages, as the command line spells them.
+_CLI_WORDS = (
+    (re.compile(r"overwrite=True \(CLI: --overwrite\)"), "--overwrite"),
+    (re.compile(r"\boverwrite=True\b"), "--overwrite"),
+    (re.compile(r"\bpartition_bytes=?"), "--partition-size "),
+    (re.compile(r"\bdevice_map=?"), "--device-map "),
+)
+
+
+def _cli_words(message: str) -> str:
+    for pattern, words in _CLI_WORDS:
+        message = pattern.sub(words, message)
+    return message.replace("  ", " ")
+
+
 def _error_message(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
-        return f"{exc.filename}: {exc.strerror}"
-    return str(exc) or type(exc).__name__
+        return _cli_words(f"{exc.filename}: {exc.strerror}")
+    return _cli_words(str(exc) or type(exc).__name__)
 
 
 def _execute(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: str) -> int:
@@ -342,7 +408,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def convert_main(argv: Sequence[str] | None = None) -> int:
     """``fastckpt-convert SRC DST [options]`` (the same options as ``fastckpt convert``)."""
     parser = argparse.ArgumentParser(
-        prog="fastckpt-convert", description="Convert a checkpoint to the fastckpt format."
+        prog="fastckpt-convert",
+        description="Convert a checkpoint to the fastckpt format.",
+        formatter_class=_HelpFormatter,
     )
     _add_convert_arguments(parser)
     parser.set_defaults(_run=_run_convert)
@@ -355,6 +423,8 @@ __all__ = [
     "UsageError",
     "build_parser",
     "convert_main",
+    "format_bytes",
+    "format_rate",
     "main",
     "parse_device_map",
     "parse_metadata",

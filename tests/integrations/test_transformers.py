@@ -317,6 +317,14 @@ def test_generation_config_is_carried(tiny_factory: Callable[[str], Tiny]) -> No
 # --------------------------------------------------------------------------------------------
 
 
+def test_load_model_on_a_file_says_it_wants_a_folder(
+    tiny_factory: Callable[[str], Tiny],
+) -> None:
+    weights = Path(tiny_factory("llama").src) / "model.safetensors"
+    with pytest.raises(NotADirectoryError, match="model folder"):
+        fastckpt.load_model(weights)
+
+
 def test_missing_directory_and_config(tmp_path: Path, tiny_factory: Callable[[str], Tiny]) -> None:
     with pytest.raises(FileNotFoundError, match="not found"):
         fastckpt.load_model(tmp_path / "nope")

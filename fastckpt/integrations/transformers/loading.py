@@ -195,6 +195,14 @@ def load_model_with_report(
     import fastckpt
 
     root = os.fspath(path)
+    if os.path.isfile(root):
+        raise NotADirectoryError(
+            errno.ENOTDIR,
+            "load_model needs a model folder (config.json beside the weights: a fastckpt "
+            "checkpoint or a save_pretrained folder), not a file; for the tensors of a weights "
+            "file alone use fastckpt.load(path)",
+            root,
+        )
     if not os.path.isdir(root):
         raise FileNotFoundError(errno.ENOENT, "checkpoint directory not found", root)
     kwargs = dict(kwargs)
