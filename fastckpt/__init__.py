@@ -57,7 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fastckpt.integrations.transformers import load_model
     from fastckpt.io_engine import engine_info
     from fastckpt.loader.api import load
-    from fastckpt.loader.lazy import open
+    from fastckpt.loader.lazy import open as open
     from fastckpt.loader.stats import LoadStats, last_stats
     from fastckpt.loader.stream import iter_tensors
 
@@ -76,6 +76,8 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_LAZY])
 
 
+# ``open`` is public (``fastckpt.open``) but not in __all__: ``from fastckpt import *`` must not
+# shadow the builtin.
 __all__ = [
     "BadMagicError",
     "ChecksumError",
@@ -103,7 +105,6 @@ __all__ = [
     "load",
     "load_lora",
     "load_model",
-    "open",
     "read_index",
     "save",
     "verify",
