@@ -252,7 +252,7 @@ def _gpu(
                 free.append(s)
                 if last:
                     torch.cuda.current_stream(device).wait_event(event)
-                    raw.record_stream(torch.cuda.current_stream(device))
+                    raw.record_stream(stream)  # written on the side stream
                     yield from _deliver(item, index.root)
         finally:
             for pending in reading:
