@@ -1,7 +1,7 @@
 """Drop-in vs plain from_pretrained, and iter_tensors vs load, on the same stock folder.
 
     python measure.py make DIR            # a LLaMA-like bf16 model folder (~1.5 GB), random weights
-    python measure.py run DIR ROUNDS      # fresh process per measurement, order alternated
+    python measure.py run DIR ROUNDS [plain|load]   # fresh process each, order alternated
 
 Every measurement is one fresh process (imports untimed); the clock stops when every weight's
 pages have been read. Cold: the folder's files are dropped from the page cache first
@@ -48,6 +48,13 @@ def worker(kind: str, folder: str) -> None:
 
     import fastckpt
     import fastckpt.transformers as ft
+
+    # Untimed: the imports a first call pays in a fresh process (transformers imports each
+    # model's code on first use: seconds on a busy 2-core VM), the same for both paths.
+    config = transformers.AutoConfig.from_pretrained(folder)
+    getattr(transformers, config.architectures[0])
+    import fastckpt.loader.api
+    import fastckpt.loader.stream
 
     base = _rss_kb("VmRSS")
     _rss_reset()
@@ -97,11 +104,13 @@ def make(folder: str) -> None:
     print(sum(t.numel() * 2 for t in state.values()) / 1e9, "GB")
 
 
-def run(folder: str, rounds: int) -> None:
+def run(folder: str, rounds: int, which: str = "all") -> None:
     from fastckpt import io_engine
 
     files = [os.path.join(folder, f) for f in os.listdir(folder)]
     pairs = [("plain", "dropin"), ("load", "iter")]
+    if which != "all":
+        pairs = [p for p in pairs if which in p]
     results: dict[tuple[str, str], list[dict]] = {}
     for r in range(rounds):
         for scenario in ("cold", "warm"):
@@ -145,4 +154,4 @@ if __name__ == "__main__":
     elif sys.argv[1] == "make":
         make(sys.argv[2])
     else:
-        run(sys.argv[2], int(sys.argv[3]))
+        run(sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "all")
