@@ -52,7 +52,7 @@ def worker(kind: str, folder: str) -> None:
     # Untimed: the imports a first call pays in a fresh process (transformers imports each
     # model's code on first use: seconds on a busy 2-core VM), the same for both paths.
     config = transformers.AutoConfig.from_pretrained(folder)
-    getattr(transformers, config.architectures[0])
+    transformers.AutoModelForCausalLM._model_mapping[type(config)]  # imports the model code
     import fastckpt.loader.api
     import fastckpt.loader.stream
 
