@@ -43,6 +43,18 @@ def test_readme_test_command_is_what_ci_runs() -> None:
     assert ci[0] == _readme_test_command()
 
 
+def test_readme_demo_command_is_what_ci_runs() -> None:
+    readme = [
+        line
+        for block in _bash_blocks(README.read_text())
+        for line in block.splitlines()
+        if line.startswith("pip install") and "fastckpt demo" in line
+    ]
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    assert len(readme) == 1
+    assert readme[0] in ci
+
+
 def test_ci_installs_only_the_readme_prerequisites() -> None:
     ci = (README.parent / ".ci" / "run").read_text()
     apt = re.findall(r"^\s*apt-get install (.*)$", ci, re.M)
