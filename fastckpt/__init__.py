@@ -47,6 +47,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "engine_info": ("fastckpt.io_engine", "engine_info"),
     "load_model": ("fastckpt.integrations.transformers", "load_model"),
     "load_lora": ("fastckpt.integrations.peft", "load_lora"),
+    "open": ("fastckpt.loader.lazy", "open"),
+    "iter_tensors": ("fastckpt.loader.stream", "iter_tensors"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -59,8 +61,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from fastckpt.integrations.transformers import load_model
     from fastckpt.io_engine import engine_info
     from fastckpt.loader.api import load
+    from fastckpt.loader.lazy import open as open
     from fastckpt.loader.session import Loader
     from fastckpt.loader.stats import LoadStats, last_stats
+    from fastckpt.loader.stream import iter_tensors
 
 
 def __getattr__(name: str) -> Any:
@@ -77,6 +81,8 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_LAZY])
 
 
+# ``open`` is public (``fastckpt.open``) but not in __all__: ``from fastckpt import *`` must not
+# shadow the builtin.
 __all__ = [
     "BadMagicError",
     "ChecksumError",
@@ -103,6 +109,7 @@ __all__ = [
     "convert",
     "engine_info",
     "info",
+    "iter_tensors",
     "last_stats",
     "load",
     "load_lora",

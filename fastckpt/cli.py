@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -101,6 +102,21 @@ def parse_metadata(pairs: Sequence[str] | None) -> dict[str, str] | None:
     return out
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default where it has a meaningful one (not None/False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" not in text
+            and default not in (None, False, argparse.SUPPRESS)
+            and action.option_strings
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
 # --- convert ------------------------------------------------------------------------------------
 
 
@@ -113,7 +129,7 @@ def _add_convert_arguments(p: argparse.ArgumentParser) -> None:
         type=parse_size,
         metavar="SIZE",
         default=None,
-        help="size cap of one partition file, e.g. 4GiB (default: config partition_bytes)",
+        help="size cap of one partition file, e.g. 4GB or 4GiB (default: config partition_bytes)",
     )
     p.add_argument(
         "--device-map",
@@ -129,7 +145,11 @@ def _add_convert_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="metadata stored in the index (repeatable)",
     )
-    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="never show a progress bar (by default one is shown when stderr is a terminal)",
+    )
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -156,7 +176,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         return 143
     elapsed = time.perf_counter() - start
     nbytes = index.nbytes
-    rate = f", {nbytes / elapsed / 1e9:.2f} GB/s" if elapsed > 0 else ""
+    rate = f", {units.format_rate(nbytes, elapsed)}" if elapsed > 0 else ""
     print(
         f"converted {args.src} -> {index.root}: {len(index.tensors)} tensors"
         f"{f' (+{len(index.aliases)} aliases)' if index.aliases else ''}, "
@@ -207,13 +227,26 @@ def _jsonable(value: Any) -> Any:
 
 
 def _add_verify_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="fastckpt checkpoint directory")
+    p.add_argument(
+        "path",
+        help="a fastckpt checkpoint directory (every chunk checksum is checked); a .safetensors "
+        "file or a directory of shards is accepted too, but stores no checksums, so only its "
+        "structure is checked",
+    )
 
 
 def _run_verify(args: argparse.Namespace) -> int:
     from fastckpt.format.verify import verify
 
-    print(verify(args.path))
+    result = verify(args.path)
+    if result.checksums:
+        print(
+            f"{result.path}: OK, {result.chunks} chunk(s) in {result.partitions} partition(s), "
+            f"{units.format_bytes(result.nbytes)} in {result.seconds:.2f} s "
+            f"({units.format_rate(result.nbytes, result.seconds)})"
+        )
+    else:
+        print(result)
     return 0
 
 
@@ -221,7 +254,12 @@ register(
     "convert", "convert a checkpoint to the fastckpt format", _add_convert_arguments, _run_convert
 )
 register("info", "summarize a checkpoint", _add_info_arguments, _run_info)
-register("verify", "check every checksum of a checkpoint", _add_verify_arguments, _run_verify)
+register(
+    "verify",
+    "check every chunk checksum of a fastckpt checkpoint (names the first bad chunk)",
+    _add_verify_arguments,
+    _run_verify,
+)
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -353,16 +391,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for cmd in COMMANDS:
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        p = sub.add_parser(
+            cmd.name, help=cmd.help, description=cmd.help, formatter_class=_HelpFormatter
+        )
         cmd.add_arguments(p)
         p.set_defaults(_run=cmd.run)
     return parser
 
 
+# Python keyword arguments named in library messages, as the command line spells them.
+_CLI_WORDS = (
+    (re.compile(r"overwrite=True \(CLI: --overwrite\)"), "--overwrite"),
+    (re.compile(r"\boverwrite=True\b"), "--overwrite"),
+    (re.compile(r"\bpartition_bytes=?"), "--partition-size "),
+    (re.compile(r"\bdevice_map=?"), "--device-map "),
+)
+
+
+def _cli_words(message: str) -> str:
+    for pattern, words in _CLI_WORDS:
+        message = pattern.sub(words, message)
+    return message.replace("  ", " ")
+
+
 def _error_message(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
-        return f"{exc.filename}: {exc.strerror}"
-    return str(exc) or type(exc).__name__
+        return _cli_words(f"{exc.filename}: {exc.strerror}")
+    return _cli_words(str(exc) or type(exc).__name__)
 
 
 def _execute(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: str) -> int:
@@ -389,7 +444,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def convert_main(argv: Sequence[str] | None = None) -> int:
     """``fastckpt-convert SRC DST [options]`` (the same options as ``fastckpt convert``)."""
     parser = argparse.ArgumentParser(
-        prog="fastckpt-convert", description="Convert a checkpoint to the fastckpt format."
+        prog="fastckpt-convert",
+        description="Convert a checkpoint to the fastckpt format.",
+        formatter_class=_HelpFormatter,
     )
     _add_convert_arguments(parser)
     parser.set_defaults(_run=_run_convert)

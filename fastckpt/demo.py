@@ -46,12 +46,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
 
 
+def _check_device(device: str) -> None:
+    import torch
+
+    from fastckpt.errors import DeviceError
+    from fastckpt.loader.plan import resolve_device
+
+    dev = resolve_device(device)
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"--device {device}: CUDA is not available in this process "
+                f"(torch {torch.__version__}); use --device cpu"
+            )
+        if int(dev.split(":", 1)[1]) >= torch.cuda.device_count():
+            raise DeviceError(
+                f"--device {device}: this process sees {torch.cuda.device_count()} CUDA device(s)"
+            )
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     import fastckpt
 
     device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    _check_device(device)  # before generating anything
     work = args.workdir or tempfile.mkdtemp(prefix="fastckpt-demo-")
     os.makedirs(work, exist_ok=True)
     src = os.path.join(work, "pytorch_model.bin")

@@ -29,7 +29,12 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 
-from fastckpt import _core
+try:
+    from fastckpt import _core
+except ImportError as _exc:  # say what happened (usually: the source tree shadows the install)
+    from fastckpt._core_missing import explain
+
+    raise explain(_exc) from _exc
 from fastckpt.config import Config, get_config
 
 __all__ = [

@@ -5,8 +5,13 @@
     model = AutoModelForCausalLM.from_pretrained("/models/llama-fastckpt", device_map="cuda:0")
 
 With the drop-in enabled, ``from_pretrained`` of every transformers model class (Auto classes
-included) loads a local fastckpt checkpoint through :func:`fastckpt.load_model`; any other path
-is loaded by transformers unchanged. Implemented in ``fastckpt.integrations.transformers``.
+included) loads a local fastckpt checkpoint, and an ordinary local safetensors model folder (one
+``model.safetensors`` or sharded with ``model.safetensors.index.json``), through
+:func:`fastckpt.load_model`, bit for bit as transformers would. Anything else (hub names, other
+weight formats, quantization configs, custom code in ``auto_map``, options fastckpt does not
+support) is loaded by transformers unchanged, with a debug log on
+``fastckpt.integrations.transformers`` saying why. Implemented in
+``fastckpt.integrations.transformers``.
 """
 
 from __future__ import annotations

@@ -101,6 +101,7 @@ def test_existing_destination(tmp_path, src, capsys) -> None:
     code, out, err = run(["convert", str(src), str(dst)], capsys)
     assert code == 1 and out == ""
     assert err.startswith("fastckpt: error: ") and "--overwrite" in err
+    assert "overwrite=True" not in err  # the command line's words, not the API's
     assert "Traceback" not in err
     code, _, err = run(["convert", str(src), str(dst), "--overwrite"], capsys)
     assert code == 0, err
@@ -201,13 +202,13 @@ def test_register_a_command(capsys, monkeypatch) -> None:
     [
         ("4096", 4096),
         ("4KiB", 4096),
-        ("4k", 4096),
+        ("4k", 4000),
         ("4KB", 4000),
         ("1.5GiB", 3 << 29),
-        ("2G", 2 << 30),
+        ("2G", 2 * 10**9),
         ("512MB", 512 * 10**6),
         (" 1 MiB ", 1 << 20),
-        ("1T", 1 << 40),
+        ("1T", 10**12),
         ("1.1KB", 1100),
         ("0.1KB", 100),
     ],
@@ -258,3 +259,88 @@ def test_console_script_and_tool_subprocess(tmp_path, src) -> None:
         assert again.returncode == 1
         assert again.stderr.startswith("fastckpt: error: ") and "Traceback" not in again.stderr
     assert script is not None or os.environ.get("CI") is None
+
+
+def test_one_unit_convention_in_output(tmp_path, src, capsys) -> None:
+    """convert, info and verify print sizes in decimal units (as bench does), never KiB/GiB."""
+    dst = tmp_path / "ck"
+    code, out_convert, _ = run(["convert", str(src), str(dst), "--no-progress"], capsys)
+    assert code == 0
+    code, out_info, _ = run(["info", str(dst)], capsys)
+    assert code == 0
+    code, out_verify, _ = run(["verify", str(dst)], capsys)
+    assert code == 0
+    nbytes = read_index(dst).nbytes
+    assert cli.format_bytes(nbytes) in out_convert
+    assert cli.format_bytes(nbytes) in out_info
+    for out in (out_convert, out_info, out_verify):
+        assert "iB" not in out
+        assert " bytes in " not in out
+    assert "GB/s" in out_convert and "GB/s" in out_verify
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [(0, "0 B"), (999, "999 B"), (1000, "1.00 kB"), (1536, "1.54 kB"), (2 * 10**9, "2.00 GB")],
+)
+def test_format_bytes(n, text) -> None:
+    assert cli.format_bytes(n) == text
+
+
+def test_help_says_what_verify_accepts_and_shows_defaults(capsys) -> None:
+    assert cli.main(["verify", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "fastckpt checkpoint directory" in out and "safetensors" in out
+    assert "checksum" in out
+    assert cli.main(["bench", "--help"]) == 0
+    assert "(default:" in capsys.readouterr().out
+    assert cli.convert_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "terminal" in out  # --no-progress says when a bar is shown
+
+
+def test_demo_without_cuda_fails_before_generating(tmp_path, capsys) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("checks the no-CUDA error")
+    work = tmp_path / "demo"
+    code, _, err = run(["demo", "--device", "cuda:0", "--workdir", str(work)], capsys)
+    assert code == 1
+    assert "CUDA is not available" in err and "--device cpu" in err
+    assert not work.exists() or not any(work.iterdir())
+
+
+def test_convert_shows_progress_on_a_terminal(tmp_path, src) -> None:
+    """tqdm is a dependency: a plain install shows a bar when stderr is a terminal."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    # a terminal 80 columns wide (a fresh pty has none, and a bar then has no room)
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fastckpt.cli", "convert", str(src), str(tmp_path / "ck")],
+            stderr=follower,
+            stdout=subprocess.PIPE,
+            timeout=120,
+            check=False,
+        )
+        os.close(follower)
+        follower = -1
+        chunks = []
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        if follower >= 0:
+            os.close(follower)
+        os.close(leader)
+    assert proc.returncode == 0
+    assert "%|" in b"".join(chunks).decode(errors="replace")

@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterable
 from typing import Any, Literal, overload
 
+from fastckpt.format.index import Index
 from fastckpt.loader.plan import LoadPlan, plan_load
 from fastckpt.loader.session import Loader, default_loader
 from fastckpt.loader.stats import LoadStats, last_stats
@@ -26,6 +27,7 @@ def load(
     engine: str | None = ...,
     verify: bool = ...,
     names: Iterable[str] | None = ...,
+    index: Index | None = ...,
     stats: Literal[False] = ...,
     loader: Loader | None = ...,
     private_copy: bool | None = ...,
@@ -40,6 +42,7 @@ def load(
     engine: str | None = ...,
     verify: bool = ...,
     names: Iterable[str] | None = ...,
+    index: Index | None = ...,
     stats: Literal[True],
     loader: Loader | None = ...,
     private_copy: bool | None = ...,
@@ -53,6 +56,7 @@ def load(
     engine: str | None = None,
     verify: bool = False,
     names: Iterable[str] | None = None,
+    index: Index | None = None,
     stats: bool = False,
     loader: Loader | None = None,
     private_copy: bool | None = None,
@@ -71,6 +75,8 @@ def load(
         verify: check every chunk checksum inside the pipeline (fastckpt checkpoints only);
             a mismatch raises ``fastckpt.ChecksumError`` and nothing is returned.
         names: load only these tensors (stored or alias names); default all.
+        index: the checkpoint's index when the caller has read it already
+            (``fastckpt.read_index(path)``), so that it is not read twice.
         stats: also return a ``LoadStats``.
         loader: the ``fastckpt.Loader`` to load through (its engines, pool, tiers and
             settings); default: the current one (``Loader.use()``) or the process's default.
@@ -95,7 +101,7 @@ def load(
     """
     session = loader if loader is not None else default_loader()
     return session.load(
-        path,
+        index if index is not None else path,
         device,
         engine=engine,
         verify=verify,

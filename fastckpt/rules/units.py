@@ -1,10 +1,10 @@
 """Byte sizes: one parser and one formatter for every command and report (no torch).
 
-Parsing follows the coreutils convention, stated once here:
+One convention for every command and report, stated once here: decimal unless the unit says
+``iB``, the same units the sizes and rates are printed in.
 
-- ``KB``, ``MB``, ``GB``, ``TB`` are decimal: ``2GB`` = 2 * 10**9 bytes;
+- ``K``/``KB``, ``M``/``MB``, ``G``/``GB``, ``T``/``TB`` are decimal: ``2G`` = ``2GB`` = 2 * 10**9;
 - ``KiB``, ``MiB``, ``GiB``, ``TiB`` are binary: ``2GiB`` = 2 * 2**30 bytes;
-- ``K``, ``M``, ``G``, ``T`` alone are binary (``2G`` = ``2GiB``), as in ``dd`` and ``ls``;
 - ``B`` or no unit: bytes. Units are case-insensitive; blanks around the number are ignored.
 
 The number may have a fraction (``1.5GiB``) but the result must be a whole number of bytes,
@@ -29,13 +29,13 @@ _UNITS = {
     "mb": MB,
     "gb": GB,
     "tb": TB,
-    "k": KiB,
+    "k": KB,
     "kib": KiB,
-    "m": MiB,
+    "m": MB,
     "mib": MiB,
-    "g": GiB,
+    "g": GB,
     "gib": GiB,
-    "t": TiB,
+    "t": TB,
     "tib": TiB,
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
@@ -52,7 +52,7 @@ def parse_size(text: object) -> int:
     if match is None or unit not in _UNITS:
         raise SizeError(
             f"invalid size {text!r}: use a number with an optional unit, e.g. 4GiB, 512MB, 1G "
-            "(KB/MB/GB/TB are powers of 1000; K/M/G/T and KiB/MiB/GiB/TiB powers of 1024)"
+            "(K/M/G/T and KB/MB/GB/TB are powers of 1000; KiB/MiB/GiB/TiB powers of 1024)"
         )
     value = Fraction(match.group(1)) * _UNITS[unit]
     if value < 1 or value.denominator != 1:
@@ -80,6 +80,11 @@ def format_bytes(nbytes: float) -> str:
     return f"{value:.3g} TB"
 
 
+def format_rate(nbytes: float, seconds: float) -> str:
+    """A throughput in GB/s (decimal, as every benchmark reports it)."""
+    return f"{nbytes / seconds / 1e9:.2f} GB/s" if seconds > 0 else "- GB/s"
+
+
 __all__ = [
     "GB",
     "KB",
@@ -91,5 +96,7 @@ __all__ = [
     "SizeError",
     "TiB",
     "format_bytes",
+    "format_rate",
     "parse_size",
+    "size_arg",
 ]

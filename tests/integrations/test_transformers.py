@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ import fastckpt
 import fastckpt.transformers as fck_transformers
 from fastckpt.errors import DeviceError, FormatError
 from fastckpt.integrations import transformers as integ
+from fastckpt.integrations.transformers import names, skeleton
 
 TF5 = int(transformers.__version__.split(".")[0]) >= 5
 DTYPE = "dtype" if TF5 else "torch_dtype"  # the from_pretrained keyword of this transformers
@@ -288,14 +290,14 @@ def test_device_map_is_translated_to_checkpoint_names(
     """A map in model names (LlamaModel) reaches the loader in checkpoint names."""
     tiny = tiny_factory("llama")
     index = fastckpt.read_index(tiny.fck)
-    with integ._parameters_on_meta():
+    with skeleton.parameters_on_meta():
         model = transformers.LlamaModel(transformers.LlamaConfig.from_pretrained(tiny.src))
-    slots = integ._model_slots(model)
+    slots = names.model_slots(model)
     shapes = {name: index.entry(name).shape for name in index.names()}
-    missing, unexpected, mismatched = integ._match(model, slots, shapes)
+    missing, unexpected, mismatched = names.match_names(model, slots, shapes)
     assert missing == [] and mismatched == [] and unexpected == ["lm_head.weight"]
     device_map = {"embed_tokens": "cuda:0", "layers.0": "cuda:0", "layers.1": "cuda:1", "": "cpu"}
-    out = integ._checkpoint_device_map(index, slots, device_map)
+    out = names.checkpoint_device_map(index, slots, device_map)
     assert out.keys() == set(index.tensors)
     assert out["model.embed_tokens.weight"] == "cuda:0"
     assert out["model.layers.0.mlp.up_proj.weight"] == "cuda:0"
@@ -313,6 +315,14 @@ def test_generation_config_is_carried(tiny_factory: Callable[[str], Tiny]) -> No
 # --------------------------------------------------------------------------------------------
 # errors
 # --------------------------------------------------------------------------------------------
+
+
+def test_load_model_on_a_file_says_it_wants_a_folder(
+    tiny_factory: Callable[[str], Tiny],
+) -> None:
+    weights = Path(tiny_factory("llama").src) / "model.safetensors"
+    with pytest.raises(NotADirectoryError, match="model folder"):
+        fastckpt.load_model(weights)
 
 
 def test_missing_directory_and_config(tmp_path: Path, tiny_factory: Callable[[str], Tiny]) -> None:
@@ -414,14 +424,89 @@ def test_enable_routes_auto_and_concrete_classes(
     assert_same_model(model, transformers.BertModel.from_pretrained(bert.src))
 
 
-def test_other_paths_are_untouched(
-    tiny_factory: Callable[[str], Tiny], load_spy: list[Any], drop_in_off: None
+ARCH_PARAMS = [pytest.param(a, marks=pytest.mark.slow) if a != "llama" else a for a in ARCHS]
+
+
+@pytest.mark.parametrize("arch", ARCH_PARAMS)
+def test_drop_in_serves_stock_folders(
+    arch: str, tiny_factory: Callable[[str], Tiny], load_spy: list[Any], drop_in_off: None
 ) -> None:
-    tiny = tiny_factory("llama")
+    """An ordinary save_pretrained folder goes through fastckpt, bitwise as transformers."""
+    tiny = tiny_factory(arch)
+    cls = getattr(transformers, tiny.cls_name)
+    ref = cls.from_pretrained(tiny.src)
     with fck_transformers.enabled():
-        model = AutoModelForCausalLM.from_pretrained(tiny.src)
+        model = cls.from_pretrained(tiny.src)
+    assert [c[0] for c in load_spy] == [tiny.src]
+    assert_same_model(model, ref)
+    assert_same_outputs(model, ref, causal=tiny.causal)
+    assert model.config.name_or_path == ref.config.name_or_path
+
+
+def test_drop_in_serves_sharded_stock_folders(
+    tmp_path: Path, tiny_factory: Callable[[str], Tiny], load_spy: list[Any], drop_in_off: None
+) -> None:
+    tiny = tiny_factory("llama_tied")
+    src = tmp_path / "sharded"
+    transformers.LlamaForCausalLM.from_pretrained(tiny.src).save_pretrained(
+        src, max_shard_size="20KB"
+    )
+    assert (src / "model.safetensors.index.json").is_file()
+    ref = AutoModelForCausalLM.from_pretrained(src)
+    with fck_transformers.enabled():
+        model = AutoModelForCausalLM.from_pretrained(src, device_map="cpu", dtype="auto")
+    assert [c[0] for c in load_spy] == [str(src)]
+    assert_same_model(model, ref)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def _copy_with_config(tiny: Tiny, dst: Path, **extra: Any) -> Path:
+    import json
+
+    shutil.copytree(tiny.src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config.update(extra)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_drop_in_leaves_what_it_cannot_serve_to_transformers(
+    tmp_path: Path,
+    tiny_factory: Callable[[str], Tiny],
+    load_spy: list[Any],
+    caplog: pytest.LogCaptureFixture,
+    drop_in_off: None,
+) -> None:
+    """Other weight formats, remote code, quantized configs: stock path, and a debug log why."""
+    tiny = tiny_factory("llama")
+    ref = _reference(tiny)
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    shutil.copy(Path(tiny.src) / "config.json", binary)
+    torch.save(ref.state_dict(), binary / "pytorch_model.bin")
+    remote = _copy_with_config(
+        tiny, tmp_path / "remote", auto_map={"AutoModelForCausalLM": "modeling.Custom"}
+    )
+    quantized = _copy_with_config(
+        tiny, tmp_path / "quantized", quantization_config={"quant_method": "no-such-method"}
+    )
+    logger = "fastckpt.integrations.transformers"
+    with fck_transformers.enabled(), caplog.at_level(logging.DEBUG, logger=logger):
+        from_bin = transformers.LlamaForCausalLM.from_pretrained(binary)
+        from_remote = transformers.LlamaForCausalLM.from_pretrained(remote)
+        # whatever transformers makes of an unknown quantization method is its business
+        with contextlib.suppress(Exception):
+            transformers.LlamaForCausalLM.from_pretrained(quantized)
+        with_variant = transformers.LlamaForCausalLM.from_pretrained(tiny.src, key_mapping={})
     assert load_spy == []
-    assert_same_model(model, _reference(tiny))
+    assert_same_model(from_bin, ref)
+    assert_same_model(from_remote, ref)
+    assert_same_model(with_variant, ref)
+    text = caplog.text
+    assert "another weight format" in text
+    assert "auto_map" in text
+    assert "quantization_config" in text
+    assert "key_mapping" in text
 
 
 @pytest.mark.parametrize("key", sorted({"torch_dtype", DTYPE}))

@@ -71,7 +71,16 @@ def _configs() -> dict[str, tuple[str, Any, Any]]:
         "mistral": ("MistralForCausalLM", MistralConfig(**small, tie_word_embeddings=False), None),
         "gpt2": (
             "GPT2LMHeadModel",
-            GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+            GPT2Config(
+                vocab_size=VOCAB,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                n_positions=64,
+                # inside the tiny vocabulary (the defaults, 50256, make transformers warn)
+                bos_token_id=VOCAB - 1,
+                eos_token_id=VOCAB - 1,
+            ),
             None,
         ),
         "bert": (

@@ -1,4 +1,4 @@
-"""The size rule: KB/MB/GB/TB decimal, K/M/G/T and KiB/MiB/GiB/TiB binary; one formatter."""
+"""The size rule: K/M/G/T and KB/MB/GB/TB decimal, KiB/MiB/GiB/TiB binary; one formatter."""
 
 from __future__ import annotations
 
@@ -13,17 +13,17 @@ from fastckpt.rules.units import SizeError, format_bytes, parse_size
         ("4096", 4096),
         ("12B", 12),
         ("4KiB", 4096),
-        ("4k", 4096),
+        ("4k", 4000),
         ("4KB", 4000),
         ("2GB", 2 * 10**9),
         ("2 gb", 2 * 10**9),
         ("2GiB", 2 << 30),
-        ("2G", 2 << 30),
+        ("2G", 2 * 10**9),
         ("1.5GiB", 3 << 29),
         ("7.81GB", 7_810_000_000),
         ("512MB", 512 * 10**6),
         (" 1 MiB ", 1 << 20),
-        ("1T", 1 << 40),
+        ("1T", 10**12),
         ("1TB", 10**12),
         ("0.1KB", 100),
     ],
