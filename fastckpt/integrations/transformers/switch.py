@@ -71,8 +71,6 @@ _IGNORED = frozenset(
         "tqdm_class",
         "disable_mmap",
         "offload_state_dict",
-        "from_tf",
-        "from_flax",
     }
 )
 
