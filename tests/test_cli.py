@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from fastckpt import cli
 from fastckpt.format.reader import read_index
+from fastckpt.rules.units import format_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -271,20 +272,12 @@ def test_one_unit_convention_in_output(tmp_path, src, capsys) -> None:
     code, out_verify, _ = run(["verify", str(dst)], capsys)
     assert code == 0
     nbytes = read_index(dst).nbytes
-    assert cli.format_bytes(nbytes) in out_convert
-    assert cli.format_bytes(nbytes) in out_info
+    assert format_bytes(nbytes) in out_convert
+    assert format_bytes(nbytes) in out_info
     for out in (out_convert, out_info, out_verify):
         assert "iB" not in out
         assert " bytes in " not in out
     assert "GB/s" in out_convert and "GB/s" in out_verify
-
-
-@pytest.mark.parametrize(
-    ("n", "text"),
-    [(0, "0 B"), (999, "999 B"), (1000, "1.00 kB"), (1536, "1.54 kB"), (2 * 10**9, "2.00 GB")],
-)
-def test_format_bytes(n, text) -> None:
-    assert cli.format_bytes(n) == text
 
 
 def test_help_says_what_verify_accepts_and_shows_defaults(capsys) -> None:

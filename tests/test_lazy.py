@@ -40,8 +40,8 @@ KEYS: list[Any] = [
 def _torch_dtypes() -> list[Any]:
     out = []
     for d in dtypes.DTYPES.values():
-        if d.safetensors is None:
-            continue
+        if d.safetensors is None or d.name.startswith("float4"):
+            continue  # packed float4 (two values a byte) has shape rules of its own: test_hardening
         found = getattr(torch, d.name, None)
         if isinstance(found, torch.dtype):
             out.append(found)

@@ -41,7 +41,8 @@ def e2e(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     if python is None:
         pytest.skip(
             "vLLM is not importable here; build its venv with "
-            "`bash tests/vllm_plugin/make_venv.sh` and set FASTCKPT_VLLM_PYTHON=.vllm-venv/bin/python"
+            "`bash tests/vllm_plugin/make_venv.sh` and set "
+            "FASTCKPT_VLLM_PYTHON=.vllm-venv/bin/python"
         )
     where = subprocess.run(
         [python, "-c", "import fastckpt, vllm; print(fastckpt.__file__)"],
