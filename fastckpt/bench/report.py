@@ -250,11 +250,19 @@ def targets(data: dict[str, Any], rows: list[Row]) -> list[tuple[str, str, str]]
     return out
 
 
+def _clip(text: str, limit: int = 160) -> str:
+    """``text`` cut to at most ``limit`` characters at a word boundary, never mid-word."""
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit - 1)
+    return text[: cut if cut > 0 else limit - 1].rstrip(" ,;:") + "…"
+
+
 def _engine_text(info: Any) -> str:
     if isinstance(info, dict):
         reason = str(info.get("reason", ""))
-        return f"{info.get('name', '?')}: {reason[:160]}".replace("|", "/")
-    return str(info)[:160].replace("|", "/")
+        return f"{info.get('name', '?')}: {_clip(reason)}".replace("|", "/")
+    return _clip(str(info)).replace("|", "/")
 
 
 def _pct(value: float | None) -> str:

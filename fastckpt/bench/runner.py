@@ -496,7 +496,8 @@ class Runner:
         resident = "" if m.resident_before is None else f" resident {m.resident_before:.0%}"
         verdict = {None: "", True: " bitwise OK", False: f" MISMATCH: {m.mismatch}"}[m.bitwise]
         log(
-            f"{sc.name:5s} {name:16s} {m.seconds:8.3f} s {m.gbps or 0:7.2f} GB/s{resident}{verdict}"
+            f"round {r + 1}/{self.opts.repeats} {sc.name:5s} {name:16s} {m.seconds:8.3f} s "
+            f"{m.gbps or 0:7.2f} GB/s{resident}{verdict}"
         )
         return m
 

@@ -170,3 +170,14 @@ def test_write_all_and_rerender(tmp_path: Path) -> None:
     assert report.main([paths["json"], str(out)]) == 0
     assert (out / "results.md").read_text() == md
     assert report.main([]) == 2
+
+
+def test_long_notes_are_cut_at_a_word_boundary() -> None:
+    from fastckpt.bench.report import _engine_text
+
+    reason = "io_uring unavailable: " + " ".join(f"word{i:03d}" for i in range(60))
+    text = _engine_text({"name": "pread", "reason": reason})
+    assert len(text) <= len("pread: ") + 160
+    assert text.endswith("…")
+    last = text[len("pread: ") : -1].split()[-1]
+    assert last in reason.split(), f"{last!r} is a cut word"
