@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ def test_options_default_and_values(tmp_path: Path) -> None:
     assert parse_options({}) == VllmLoadOptions()
     got = parse_options({"engine": "pread", "verify": True, "checkpoint": tmp_path})
     assert got == VllmLoadOptions(engine="pread", verify=True, checkpoint=str(tmp_path))
+    assert parse_options({"server": "/run/fastckpt/sock"}).server == "/run/fastckpt/sock"
 
 
 @pytest.mark.parametrize(
@@ -39,6 +41,7 @@ def test_options_default_and_values(tmp_path: Path) -> None:
         ({"verify": "true"}, ["verify='true'", "JSON boolean"]),
         ({"checkpoint": ""}, ["checkpoint=''"]),
         ({"checkpoint": 3}, ["checkpoint=3"]),
+        ({"server": ""}, ["server=''", "fastckpt serve"]),
     ],
 )
 def test_options_refused_with_clear_message(extra: dict[str, Any], words: list[str]) -> None:
@@ -178,6 +181,21 @@ def test_iter_weights_stock_and_converted_equal_safetensors(tmp_path: Path) -> N
             assert torch.equal(
                 tensor.reshape(-1).view(torch.uint8), state[name].reshape(-1).view(torch.uint8)
             )
+
+
+def test_iter_weights_without_its_daemon_reads_the_files(tmp_path: Path) -> None:
+    """A named daemon that is not there: the weights still come, read from the files."""
+    torch = pytest.importorskip("torch")
+    st = pytest.importorskip("safetensors.torch")
+    from fastckpt.integrations.vllm.weights import iter_weights
+
+    state = {"w": torch.arange(12, dtype=torch.float32)}
+    st.save_file(state, str(tmp_path / "model.safetensors"))
+    opts = VllmLoadOptions(server=str(tmp_path / "no-daemon.sock"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback warns once per process
+        got = dict(iter_weights(tmp_path, opts))
+    assert torch.equal(got["w"], state["w"])
 
 
 def test_iter_weights_verify_on_stock_folder_is_refused(tmp_path: Path) -> None:

@@ -32,17 +32,23 @@ class VllmLoadOptions:
         checkpoint: read the weights from this path instead of the model folder (for example a
             converted copy kept beside the original folder, which still supplies config and
             tokenizer). ``None``: the model folder itself.
+        server: the socket of a ``fastckpt serve`` cache daemon to load through (a fresh vLLM
+            worker then maps a checkpoint the daemon holds instead of reading it; without a
+            reachable daemon it reads the files, with one warning). ``None``: the
+            ``FASTCKPT_SERVER`` setting, if any.
     """
 
     engine: str = "auto"
     verify: bool = False
     checkpoint: str | None = None
+    server: str | None = None
 
 
 _DOC = {
     "engine": f"one of {', '.join(ENGINES)}",
     "verify": "true or false",
     "checkpoint": "a path to a fastckpt or safetensors checkpoint",
+    "server": "the socket path of a fastckpt serve daemon",
 }
 
 
@@ -84,4 +90,9 @@ def parse_options(extra: Mapping[str, Any] | None) -> VllmLoadOptions:
                 f"{_DOC['checkpoint']}"
             )
         checkpoint = os.fspath(checkpoint)
-    return VllmLoadOptions(engine=engine, verify=verify, checkpoint=checkpoint)
+    server = extra.get("server")
+    if server is not None and (not isinstance(server, str) or not server):
+        raise VllmOptionsError(
+            f"--model-loader-extra-config: server={server!r}; expected {_DOC['server']}"
+        )
+    return VllmLoadOptions(engine=engine, verify=verify, checkpoint=checkpoint, server=server)

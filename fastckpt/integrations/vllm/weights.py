@@ -38,8 +38,11 @@ def iter_weights(
     has copied the last tensor that lives in it.
     """
     from fastckpt.loader.api import load
+    from fastckpt.loader.session import Loader
 
-    tensors = load(path, "cpu", engine=options.engine, verify=options.verify)
+    # with a daemon named, a Loader configured with it (it asks the daemon first)
+    loader = Loader(server=options.server) if options.server else None
+    tensors = load(path, "cpu", engine=options.engine, verify=options.verify, loader=loader)
     while tensors:
         name = next(iter(tensors))
         yield name, tensors.pop(name)
