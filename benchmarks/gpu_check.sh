@@ -239,11 +239,23 @@ if [ -n "$FCK_DIR" ] && [ "$TUNE_S" -gt 0 ]; then
   case $rc in 0) TUNE_STATUS=ok ;; 124) TUNE_STATUS="timed out (partial)" ;; *) TUNE_STATUS="exit $rc" ;; esac
   cat "$OUT/tune.log"
 fi
+# ------------------------------------------------------------- Loader tiers (dram / gpu)
+TIERS_STATUS=skipped
+TIERS_S=${FASTCKPT_GPU_CHECK_TIERS_S:-90}
+if [ -n "$FCK_DIR" ] && [ "$TIERS_S" -gt 0 ]; then
+  ts "tier scenarios on $FCK_DIR (${TIERS_S}s max each; log: tiers.log)"
+  TIERS_STATUS=ok
+  for sc in dram-tier gpu-tier; do
+    timeout "$TIERS_S" "$PY" -m fastckpt.bench.tiers_scenario "$sc" "$FCK_DIR" --repeats 3 \
+      --json "$OUT/$sc.json" >>"$OUT/tiers.log" 2>&1 || TIERS_STATUS="$sc failed"
+  done
+  cat "$OUT/tiers.log"
+fi
 rm -rf "$WORKDIR" 2>/dev/null
 
 # ---------------------------------------------------------------------------------- results
 echo
-ts "done: build $BUILD_STATUS; gpu tests $TESTS_STATUS; benchmark $BENCH_STATUS; sweep $TUNE_STATUS; files in \$OUT: $(ls "$OUT" | tr '\n' ' ')"
+ts "done: build $BUILD_STATUS; gpu tests $TESTS_STATUS; benchmark $BENCH_STATUS; sweep $TUNE_STATUS; tiers $TIERS_STATUS; files in \$OUT: $(ls "$OUT" | tr '\n' ' ')"
 echo
 if [ -f "$OUT/results.md" ]; then
   cat "$OUT/results.md"
