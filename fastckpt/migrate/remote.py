@@ -97,8 +97,21 @@ class TargetHost:
         self._reaper.start()
         return self
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop the reaper and every hosted target: uncommitted ones are aborted, committed ones
+        cancelled (where the target can be), and their decode threads waited for, so that a
+        server process exits with no generation still running on a thread."""
         self._stop.set()
+        with self._lock:
+            targets = list(self._targets.values())
+        for t in targets:
+            if t.committed:
+                cancel = getattr(t, "cancel", None)
+                if cancel is not None:
+                    cancel()
+            else:
+                t.abort()
+            t.result(timeout_s)
 
     def expire_due(self) -> list[str]:
         """Expire every uncommitted target silent for longer than the lease; returns their ids.
