@@ -1,8 +1,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+# test folders whose tests each get their own cache directory (machine profiles, SSD tiers)
+_PRIVATE_CACHE_DIRS = ("loader", "tiers")
 
 
 def _cuda_available() -> bool:
@@ -30,3 +34,17 @@ def _fastckpt_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
     patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
     yield
     patch.undo()
+
+
+@pytest.fixture(autouse=True)
+def _private_cache_dir(request: pytest.FixtureRequest) -> None:
+    """Machine profiles and SSD tiers of the loader and tier tests go to a fresh temporary
+    directory per test, never ~/.cache, and ignore the user's FASTCKPT_PROFILE_DIR and
+    FASTCKPT_SSD_TIER_DIR."""
+    if request.path.relative_to(Path(__file__).parent).parts[0] not in _PRIVATE_CACHE_DIRS:
+        return
+    root: Path = request.getfixturevalue("tmp_path_factory").mktemp("cache")
+    monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(root))
+    monkeypatch.delenv("FASTCKPT_PROFILE_DIR", raising=False)
+    monkeypatch.delenv("FASTCKPT_SSD_TIER_DIR", raising=False)

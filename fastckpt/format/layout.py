@@ -13,7 +13,7 @@ from typing import Any
 
 from fastckpt.errors import DeviceError
 from fastckpt.format import spec
-from fastckpt.rules.devices import device_for
+from fastckpt.rules.devices import check_device_map, device_for
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -77,31 +77,29 @@ def plan_layout(
     return Layout(tuple(placements), tuple(order), tuple(partitions))
 
 
+def _device_hint(key: str, value: object) -> str:
+    """A partition's device as a writer records it (FORMAT.md section 4: any non-empty string);
+    an int is a CUDA ordinal (as in accelerate)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DeviceError(
+            f"device_map[{key!r}] = {value!r}: expected a device string such as 'cuda:0'"
+        )
+    if isinstance(value, int):
+        if value < 0:
+            raise DeviceError(f"device_map[{key!r}] = {value}: a device ordinal is >= 0")
+        return f"cuda:{value}"
+    text = value.strip()
+    if not text:
+        raise DeviceError(f"device_map[{key!r}] is an empty device string")
+    return text
+
+
 def normalize_device_map(device_map: Mapping[str, Any] | None) -> dict[str, str] | None:
-    """Validate a device map; integer values mean CUDA ordinals (as in accelerate)."""
+    """Validate a device map (the shape every device map has, ``check_device_map``); values are
+    kept as the device strings the writer records, integers meaning CUDA ordinals."""
     if device_map is None:
         return None
-    if not isinstance(device_map, Mapping):
-        raise DeviceError(
-            f"device_map must map tensor-name prefixes to devices, got {type(device_map).__name__}"
-        )
-    out: dict[str, str] = {}
-    for key, value in device_map.items():
-        if not isinstance(key, str):
-            raise DeviceError(f"device_map key {key!r} is not a string (a tensor-name prefix)")
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise DeviceError(
-                f"device_map[{key!r}] = {value!r}: expected a device string such as 'cuda:0'"
-            )
-        if isinstance(value, int):
-            if value < 0:
-                raise DeviceError(f"device_map[{key!r}] = {value}: a device ordinal is >= 0")
-            value = f"cuda:{value}"
-        value = value.strip()
-        if not value:
-            raise DeviceError(f"device_map[{key!r}] is an empty device string")
-        out[key] = value
-    return out
+    return check_device_map(device_map, _device_hint)
 
 
 __all__ = ["Layout", "device_for", "normalize_device_map", "plan_layout"]

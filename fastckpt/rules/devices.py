@@ -13,7 +13,9 @@ longest key that equals the name or is a dotted prefix of it (``"model.layers.1"
 ``None`` is not a device: ``canonical_device(None)`` and a map value of ``None`` raise
 ``DeviceError`` (to leave a name without a device, leave it out of the map). So a normalised map
 holds only canonical strings, and ``device_for`` returns ``None`` only when no key covers the
-name (or there is no map).
+name (or there is no map). ``check_device_map`` is that shape alone (a mapping, string keys, no
+``None``) with the rule for values passed in: the loader's is ``canonical_device``; the writer
+(``fastckpt.format.layout``) keeps any non-empty string as a partition's device hint.
 """
 
 from __future__ import annotations
@@ -56,24 +58,31 @@ def canonical_device(value: object, *, current_cuda: Callable[[], int] | None = 
     )
 
 
-def canonical_device_map(
-    device_map: Mapping[object, object], *, current_cuda: Callable[[], int] | None = None
-) -> dict[str, str]:
-    """A device map with string keys and canonical device values; ``DeviceError`` otherwise."""
+def check_device_map(device_map: object, value: Callable[[str, object], str]) -> dict[str, str]:
+    """The shape every device map has: a mapping with string keys (name prefixes) and no
+    ``None`` value; each value becomes ``value(key, v)``, which raises ``DeviceError`` for a
+    value it does not accept. ``DeviceError`` otherwise."""
     if not isinstance(device_map, Mapping):
         raise DeviceError(
             f"device map must map name prefixes to devices, got {type(device_map).__name__}"
         )
     out: dict[str, str] = {}
-    for key, value in device_map.items():
+    for key, v in device_map.items():
         if not isinstance(key, str):
             raise DeviceError(f"device map key {key!r} is not a string (a name prefix)")
-        if value is None:
+        if v is None:
             raise DeviceError(
                 f"device map [{key!r}] is None: None is not a device (leave the key out instead)"
             )
-        out[key] = canonical_device(value, current_cuda=current_cuda)
+        out[key] = value(key, v)
     return out
+
+
+def canonical_device_map(
+    device_map: Mapping[object, object], *, current_cuda: Callable[[], int] | None = None
+) -> dict[str, str]:
+    """A device map with string keys and canonical device values; ``DeviceError`` otherwise."""
+    return check_device_map(device_map, lambda _, v: canonical_device(v, current_cuda=current_cuda))
 
 
 def device_for(name: str, device_map: Mapping[str, str] | None) -> str | None:
@@ -130,6 +139,7 @@ __all__ = [
     "canonical_device",
     "canonical_device_map",
     "check_cuda_visible",
+    "check_device_map",
     "device_for",
     "visible_device",
 ]

@@ -9,6 +9,8 @@ for every tier:
 - an item is in use while pinned (``pin``/``unpin`` nest) or while the tier says so
   (``_busy``: the GPU tier's buffers still referenced by a caller); it is never evicted;
 - ``get`` counts a hit (and makes the item most recently used) or a miss;
+- ``put`` of a key already held stores nothing (the first item stays) and makes that item most
+  recently used, unless the class sets ``_touch_held_on_put = False``;
 - ``used_bytes <= capacity_bytes`` after every operation.
 
 Thread-safe: one lock per tier; ``_release`` (freeing an item's memory) runs outside it.
@@ -39,6 +41,7 @@ class TierStats:
     evictions: int
     bypasses: int
     dropped_modified: int = 0
+    pinned_items: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,7 +99,10 @@ class _Item(Generic[V]):
 
 class LruTier(Tier[V]):
     """Whole-item LRU by bytes under a capacity. Subclasses free memory in ``_release`` and may
-    report items in use in ``_busy``."""
+    report items in use in ``_busy``. The serve daemon's store (``fastckpt.serve.store``) is one
+    too: this is the only LRU implementation in the package."""
+
+    _touch_held_on_put = True
 
     def __init__(self, capacity_bytes: int, name: str = "tier") -> None:
         if capacity_bytes < 0:
@@ -131,6 +137,10 @@ class LruTier(Tier[V]):
             return key in self._items
 
     def get(self, key: Hashable) -> V | None:
+        return self._get(key, pin=False)
+
+    def _get(self, key: Hashable, *, pin: bool) -> V | None:
+        """``get``, and pinned in the same step when ``pin`` (nothing can evict in between)."""
         with self._lock:
             item = self._items.get(key)
             if item is None:
@@ -139,6 +149,7 @@ class LruTier(Tier[V]):
             self._items.move_to_end(key)
             self._hits += 1
             self._out += item.nbytes
+            item.pins += int(pin)
             return item.value
 
     def put(self, key: Hashable, value: V, nbytes: int, *, pin: bool = False) -> bool:
@@ -149,7 +160,8 @@ class LruTier(Tier[V]):
             with self._lock:
                 if key in self._items:
                     # already held (another thread put it first): keep the existing item
-                    self._items.move_to_end(key)
+                    if self._touch_held_on_put:
+                        self._items.move_to_end(key)
                     return False
                 if nbytes > self._capacity:
                     self._bypasses += 1
@@ -218,6 +230,12 @@ class LruTier(Tier[V]):
                 raise KeyError(f"{self.name} tier: {key!r} is not pinned")
             item.pins -= 1
 
+    def pins(self, key: Hashable) -> int:
+        """How many pins ``key`` holds (0 when absent)."""
+        with self._lock:
+            item = self._items.get(key)
+            return 0 if item is None else item.pins
+
     def pinned(self, key: Hashable) -> bool:
         with self._lock:
             item = self._items.get(key)
@@ -256,6 +274,7 @@ class LruTier(Tier[V]):
                 evictions=self._evictions,
                 bypasses=self._bypasses,
                 dropped_modified=self._dropped,
+                pinned_items=sum(1 for it in self._items.values() if it.pins),
             )
 
     def _pop(self, key: Hashable) -> V:
