@@ -42,16 +42,15 @@ Adding a scenario: write ``fastckpt/bench/scenario_<name>.py`` with
   measurements; ``ctx.shared`` carries what ``plan`` or ``context`` noted);
 - optionally ``context(ctx)``: a context manager the harness enters after ``plan`` and leaves
   after the last measurement (a resource the measurements use, such as a daemon);
-- optionally ``measure_all(ctx) -> list[dict]``: for a scenario that runs its own processes (in
-  another interpreter, say): replaces the rounds over the plan (``plan`` then returns ``[]``);
-  each result as a worker's (``ok``, ``method``, ``state``, ``round``, ``seconds``, ``nbytes``,
-  ``error``, ``extra``);
+- or, instead of ``measure``, ``measure_all(ctx) -> list[dict]``: for a scenario that runs its
+  own processes (in another interpreter, say): replaces the rounds over the plan (``plan`` then
+  returns ``[]``); each result as a worker's (``ok``, ``method``, ``state``, ``round``,
+  ``seconds``, ``nbytes``, ``error``, ``extra``);
 
-``plan`` raises ``Skipped(reason)`` when the scenario cannot run here (no CUDA, no vLLM): the
-report then holds the reason and no rows, and the exit status is 0.
-
-then add its name and module to ``SCENARIOS`` below. ``tests/bench/test_harness.py`` smoke-runs
-every registered scenario at a tiny size, so a new one is covered once it is listed there.
+then add its name and module to ``SCENARIOS`` below. ``plan`` raises ``Skipped(reason)`` when the
+scenario cannot run here (no CUDA, no vLLM): the report then holds the reason and no rows, and
+the exit status is 0. ``tests/bench/test_harness.py`` smoke-runs every registered scenario at
+a tiny size, so a new one is covered once it is listed there.
 """
 
 from __future__ import annotations

@@ -121,7 +121,3 @@ def measure_all(ctx: Context) -> list[dict[str, Any]]:
         result = json.load(fh)
     ctx.shared.update(machine=result["machine"], model=result["model"])
     return results_from(result)
-
-
-def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    raise NotImplementedError("the vllm scenario measures in its own processes (measure_all)")
