@@ -52,11 +52,17 @@ def plan(ctx: Context) -> list[Measurement]:
 @contextlib.contextmanager
 def context(ctx: Context) -> Iterator[None]:
     """The daemon, running and holding the checkpoint, while the measurements run."""
+    from fastckpt.bench.runner import BenchError
     from fastckpt.serve.bench import serving
+    from fastckpt.serve.client import ServerRefused
 
     sock = ctx.shared["socket"]
     try:
-        with serving(ctx.shared["checkpoint"], sock) as info:
+        with contextlib.ExitStack() as stack:
+            try:
+                info = stack.enter_context(serving(ctx.shared["checkpoint"], sock))
+            except (RuntimeError, OSError, ServerRefused) as exc:
+                raise BenchError(f"the cache daemon did not start or fill: {exc}") from exc
             ctx.shared["daemon_fill_s"] = info["fill_s"]
             yield
     finally:

@@ -106,15 +106,19 @@ def measure_all(ctx: Context) -> list[dict[str, Any]]:
         "--json",
         out_json,
     ]
-    proc = subprocess.run(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        timeout=ctx.args.worker_timeout_s * max(1, ctx.args.repeats),
-        check=False,
-    )
+    limit = ctx.args.worker_timeout_s * max(1, ctx.args.repeats)
+    try:
+        proc = subprocess.run(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            timeout=limit,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"the vLLM bench ran past {limit:.0f} s") from None
     if proc.returncode != 0:
         raise BenchError(f"the vLLM bench exited with {proc.returncode}: {proc.stdout[-2000:]}")
     with open(out_json, encoding="utf-8") as fh:
