@@ -1,6 +1,6 @@
 """``fastckpt bench``: measure every loader on one checkpoint, the same way, beside the ceilings
 (``--scenario load``, the default), or run another scenario of ``fastckpt.bench.harness``
-(``engine``, ``load_model``, ``lora``, ``convert-memory``, ``gpu-sweep``).
+(its docstring lists them).
 
 ``add_arguments(parser)`` and ``run(args)`` plug into the ``fastckpt`` command;
 ``main(argv)`` (and ``benchmarks/bench_load.py``) run it on its own. Exit status: 0 when every

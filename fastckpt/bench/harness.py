@@ -9,7 +9,13 @@ or one of the scenarios registered here, chosen with ``--scenario``:
   ``fastckpt.load_model``, the drop-in switch);
 - ``lora``: time to attach a LoRA adapter (peft, peft low-memory, ``fastckpt.load_lora``);
 - ``convert-memory``: peak host memory of ``fastckpt.convert``;
-- ``gpu-sweep``: the loader's pipeline settings (ring, slots, streams, chunk) on one checkpoint.
+- ``gpu-sweep``: the loader's pipeline settings (ring, slots, streams, chunk) on one checkpoint;
+- ``dram-tier``, ``gpu-tier`` (CUDA): a hit of a ``fastckpt.Loader``'s DRAM / GPU tier (filled
+  by an untimed load in the same process) beside loads without a tier, cold and warm;
+- ``daemon``: a fresh process loading from a ``fastckpt serve`` daemon beside cold and warm loads;
+- ``iterator``: ``fastckpt.iter_tensors`` beside ``fastckpt.load`` (time and peak RSS);
+- ``vllm``: weight loading inside vLLM (``fastckpt.integrations.vllm.bench``, run by the
+  interpreter ``FASTCKPT_VLLM_PYTHON`` names; skipped with a note when it is unset or lacks vLLM).
 
 Every measurement runs in a fresh process (``python -m fastckpt.bench.worker measure``), which
 calls the scenario module's ``measure(spec)``; settings reach it through that process's
@@ -32,22 +38,32 @@ Adding a scenario: write ``fastckpt/bench/scenario_<name>.py`` with
 - ``measure(spec) -> dict``: runs in the fresh process, returns at least ``seconds`` and
   ``nbytes`` (``peak_rss_bytes`` is added by the worker), optionally ``extra`` (a dict shown
   in the JSON);
-- optionally ``describe(ctx) -> dict``: what the report says about the setup;
+- optionally ``describe(ctx) -> dict``: what the report says about the setup (called after the
+  measurements; ``ctx.shared`` carries what ``plan`` or ``context`` noted);
+- optionally ``context(ctx)``: a context manager the harness enters after ``plan`` and leaves
+  after the last measurement (a resource the measurements use, such as a daemon);
+- or, instead of ``measure``, ``measure_all(ctx) -> list[dict]``: for a scenario that runs its
+  own processes (in another interpreter, say): replaces the rounds over the plan (``plan`` then
+  returns ``[]``); each result as a worker's (``ok``, ``method``, ``state``, ``round``,
+  ``seconds``, ``nbytes``, ``error``, ``extra``);
 
-then add its name and module to ``SCENARIOS`` below. ``tests/bench/test_harness.py`` smoke-runs
-every registered scenario at a tiny size, so a new one is covered once it is listed there.
+then add its name and module to ``SCENARIOS`` below. ``plan`` raises ``Skipped(reason)`` when the
+scenario cannot run here (no CUDA, no vLLM): the report then holds the reason and no rows, and
+the exit status is 0. ``tests/bench/test_harness.py`` smoke-runs every registered scenario at
+a tiny size, so a new one is covered once it is listed there.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
 import platform
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -62,12 +78,21 @@ SCENARIOS: dict[str, str] = {
     "lora": "fastckpt.bench.scenario_load_model",
     "convert-memory": "fastckpt.bench.scenario_convert_memory",
     "gpu-sweep": "fastckpt.bench.scenario_gpu_sweep",
+    "dram-tier": "fastckpt.bench.scenario_tiers",
+    "gpu-tier": "fastckpt.bench.scenario_tiers",
+    "daemon": "fastckpt.bench.scenario_daemon",
+    "iterator": "fastckpt.bench.scenario_iterator",
+    "vllm": "fastckpt.bench.scenario_vllm",
 }
 """Scenario name -> module (see the module docstring for what a module provides)."""
 
 
 def module_of(name: str) -> ModuleType:
     return importlib.import_module(SCENARIOS[name])
+
+
+class Skipped(Exception):
+    """Raised by a scenario's ``plan``: it cannot run here; the message says why."""
 
 
 @dataclass
@@ -91,6 +116,7 @@ class Context:
     size_bytes: int
     device: str
     states: tuple[str, ...]
+    shared: dict[str, Any] = field(default_factory=dict)  # the scenario's own notes
 
     def option(self, name: str, default: Any = None) -> Any:
         return getattr(self.args, name, default)
@@ -98,6 +124,17 @@ class Context:
 
 def _peak_rss_note() -> str:
     return "peak RSS is the measuring process's VmHWM (imports included)"
+
+
+@contextlib.contextmanager
+def entered(module: ModuleType, ctx: Context) -> Iterator[None]:
+    """The scenario module's ``context(ctx)`` when it has one (see the module docstring)."""
+    hook = getattr(module, "context", None)
+    if hook is None:
+        yield
+        return
+    with hook(ctx):
+        yield
 
 
 def run_scenario(
@@ -109,12 +146,22 @@ def run_scenario(
     os.makedirs(workdir, exist_ok=True)
     ctx = Context(name, args, workdir, size_bytes, device, tuple(states))
     try:
-        plan = module.plan(ctx)
-        host = machine(workdir, device, args.python)
         results: list[dict[str, Any]] = []
         notes = [_peak_rss_note()]
+        skipped = False
         try:
-            _measure_rounds(name, module.__name__, plan, args, device, results)
+            plan = module.plan(ctx)
+        except Skipped as exc:
+            plan, notes, skipped = [], [f"skipped: {exc}"], True
+            log(f"{name}: skipped: {exc}")
+        host = machine(workdir, device, args.python)
+        try:
+            if not skipped:
+                with entered(module, ctx):
+                    if hasattr(module, "measure_all"):
+                        results.extend(module.measure_all(ctx))
+                    else:
+                        _measure_rounds(name, module.__name__, plan, args, device, results)
         except (KeyboardInterrupt, SystemExit):  # a time limit: report what was measured
             notes.append(f"stopped early after {len(results)} measurement(s)")
         rows = summarise(results, getattr(module, "BASELINES", {}).get(name))
@@ -273,8 +320,9 @@ def write_report(data: dict[str, Any], out_dir: str) -> dict[str, str]:
         f"{m.get('os')} ({platform.release()}), torch {m.get('torch')}; workdir on "
         f"{m.get('workdir_fs')}\n\n"
     )
+    lines = [head + table_markdown(data["rows"]), *(f"note: {n}" for n in data.get("notes", ()))]
     with open(paths["md"], "w", encoding="utf-8") as fh:
-        fh.write(head + table_markdown(data["rows"]) + "\n")
+        fh.write("\n".join(lines) + "\n")
     _plot(data["rows"], paths["png"], data["scenario"])
     return paths
 
@@ -312,6 +360,8 @@ __all__ = [
     "SCENARIOS",
     "Context",
     "Measurement",
+    "Skipped",
+    "entered",
     "machine",
     "module_of",
     "run_scenario",

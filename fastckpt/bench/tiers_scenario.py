@@ -14,8 +14,10 @@ so load + touch is the honest comparison).
   DRAM tier -> GPU), ``gpu-tier`` (buffers revived from the GPU tier).
 
 Run: ``python -m fastckpt.bench.tiers_scenario dram-tier CHECKPOINT [--repeats N] [--json F]``;
-``--generate BYTES`` first writes a synthetic checkpoint of that size to CHECKPOINT. Harness
-hook: ``SCENARIOS[name](path, repeats=N)`` returns a JSON-able dict (``rows``: variant -> stats).
+``--generate BYTES`` first writes a synthetic checkpoint of that size to CHECKPOINT.
+``SCENARIOS[name](path, repeats=N)`` returns a JSON-able dict (``rows``: variant -> stats).
+``fastckpt bench --scenario dram-tier|gpu-tier`` (``scenario_tiers.py``) measures the same
+variants (``loader_settings``, ``timed_load``), each in a fresh process of its own.
 """
 
 from __future__ import annotations
@@ -31,23 +33,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-PAGE = 4096
 
-
-def _touch(tensors: dict[str, Any]) -> None:
-    """Read one byte of every page of every tensor (faults mapped pages in)."""
-    import torch
-
-    seen: set[int] = set()
-    for t in tensors.values():
-        if t.numel() == 0 or id(t) in seen:
-            continue
-        seen.add(id(t))
-        flat = t.reshape(-1).view(torch.uint8)
-        flat[::PAGE].sum()
-
-
-def _drop(path: str) -> None:
+def drop(path: str) -> None:
+    """Drop the checkpoint's files from the page cache."""
     import fastckpt
     from fastckpt import io_engine
 
@@ -62,6 +50,43 @@ def _warm(path: str) -> None:
         with open(p.path, "rb") as f:
             while f.read(64 << 20):
                 pass
+
+
+def loader_settings(variant: str, nbytes: int) -> dict[str, Any]:
+    """``fastckpt.Loader`` keyword arguments of a variant: ``plain`` (no tier), ``copy`` (no tier,
+    page cache copied, not mapped), ``dram-tier`` or ``gpu-tier`` (room for the checkpoint)."""
+    no_tier: dict[str, Any] = {"dram_tier_bytes": 0, "gpu_tier_bytes": 0}
+    settings: dict[str, dict[str, Any]] = {
+        "plain": no_tier,
+        "copy": {**no_tier, "cpu_map_cached": False},
+        "dram-tier": {"dram_tier_bytes": nbytes + (1 << 20), "gpu_tier_bytes": 0},
+        "gpu-tier": {"gpu_tier_bytes": 2 * nbytes},
+    }
+    return settings[variant]
+
+
+def timed_load(loader: Any, path: str, device: str = "cpu") -> tuple[float, float, str]:
+    """One load by ``loader``: (load seconds, first-touch seconds, path taken). Done means
+    usable: a CPU result has every page touched once (mapped pages fault in on first touch), a
+    GPU load is synchronised."""
+    from fastckpt.bench.worker import touch_pages
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    tensors, stats = loader.load(path, device, stats=True)
+    if cuda:
+        torch.cuda.synchronize(device)
+    t1 = time.perf_counter()
+    if not cuda:
+        touch_pages(tensors)
+    t2 = time.perf_counter()
+    del tensors
+    gc.collect()
+    return t1 - t0, t2 - t1, str(stats.path_taken)
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -92,9 +117,9 @@ def run_dram_tier(path: str, *, repeats: int = 5) -> dict[str, Any]:
 
     path = os.fspath(path)
     nbytes = sum(p.nbytes for p in fastckpt.read_index(path).partitions)
-    plain = fastckpt.Loader(dram_tier_bytes=0, gpu_tier_bytes=0)
-    copying = fastckpt.Loader(dram_tier_bytes=0, gpu_tier_bytes=0, cpu_map_cached=False)
-    tiered = fastckpt.Loader(dram_tier_bytes=nbytes + (1 << 20))
+    plain = fastckpt.Loader(**loader_settings("plain", nbytes))
+    copying = fastckpt.Loader(**loader_settings("copy", nbytes))
+    tiered = fastckpt.Loader(**loader_settings("dram-tier", nbytes))
     largest = max(fastckpt.read_index(path).partitions, key=lambda p: p.nbytes).path
     probe = profile.probe(largest, plain.engine(), force=True)
     _warm(path)
@@ -105,7 +130,7 @@ def run_dram_tier(path: str, *, repeats: int = 5) -> dict[str, Any]:
 
     def variant(name: str) -> tuple[float, float, str]:
         if name == "cold":
-            _drop(path)
+            drop(path)
             loader = plain
         elif name == "warm":
             _warm(path)
@@ -115,14 +140,7 @@ def run_dram_tier(path: str, *, repeats: int = 5) -> dict[str, Any]:
             loader = copying
         else:
             loader = tiered
-        t0 = time.perf_counter()
-        tensors, stats = loader.load(path, stats=True)
-        t1 = time.perf_counter()
-        _touch(tensors)
-        t2 = time.perf_counter()
-        del tensors
-        gc.collect()
-        return t1 - t0, t2 - t1, stats.path_taken
+        return timed_load(loader, path)
 
     names = ["cold", "warm", "warm-copy", "dram-tier"]
     samples: dict[str, dict[str, list[float]]] = {
@@ -170,9 +188,9 @@ def run_gpu_tier(path: str, *, repeats: int = 5, device: str = "cuda:0") -> dict
         return {"scenario": "gpu-tier", "skipped": "CUDA is not available"}
     path = os.fspath(path)
     nbytes = sum(p.nbytes for p in fastckpt.read_index(path).partitions)
-    plain = fastckpt.Loader(dram_tier_bytes=0, gpu_tier_bytes=0)
-    dram = fastckpt.Loader(dram_tier_bytes=nbytes + (1 << 20), gpu_tier_bytes=0)
-    gpu = fastckpt.Loader(gpu_tier_bytes=2 * nbytes)
+    plain = fastckpt.Loader(**loader_settings("plain", nbytes))
+    dram = fastckpt.Loader(**loader_settings("dram-tier", nbytes))
+    gpu = fastckpt.Loader(**loader_settings("gpu-tier", nbytes))
     _warm(path)
     for loader in (plain, dram, gpu):  # first loads: pin the ring, fill the tiers
         t = loader.load(path, device)
@@ -184,14 +202,8 @@ def run_gpu_tier(path: str, *, repeats: int = 5, device: str = "cuda:0") -> dict
     for r in range(repeats):
         order = list(names) if r % 2 == 0 else list(names)[::-1]
         for n in order:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            tensors, stats = names[n].load(path, device, stats=True)
-            torch.cuda.synchronize()
-            samples[n].append(time.perf_counter() - t0)
-            paths[n] = stats.path_taken
-            del tensors
-            gc.collect()
+            load_s, _, paths[n] = timed_load(names[n], path, device)
+            samples[n].append(load_s)
     rows = {
         n: {
             "load_s": _summary(v),

@@ -15,7 +15,9 @@ full touch (reading one byte of every page of every tensor), since a mapping def
 until then. Medians and min–max of ``load_s`` and ``load_s + touch_s`` are reported, with the
 machine's load average (other work on the machine changes the figures).
 
-``run(...)`` returns the result as a dict: the hook for a benchmark harness scenario ``daemon``.
+``run(...)`` returns the result as a dict. ``fastckpt bench --scenario daemon``
+(``fastckpt/bench/scenario_daemon.py``) measures the same modes with ``serving`` and
+``load_and_touch``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 MODES = ("daemon", "warm", "cold")
@@ -53,38 +56,40 @@ def make_checkpoint(path: str, nbytes: int) -> None:
     fastckpt.save(sd, path, overwrite=True, progress=False)
 
 
-def _child(mode: str, path: str, sock: str) -> None:
+def load_and_touch(mode: str, path: str, device: str = "cpu") -> dict[str, Any]:
+    """One load in this process, as a fresh process does it: ``daemon`` asks the daemon that
+    ``FASTCKPT_SERVER`` names (the very call ``fastckpt.load`` makes first; an error when it does
+    not serve), other modes call ``fastckpt.load``. Then the first full touch (one byte of every
+    page of every CPU tensor; a GPU load is synchronised instead)."""
     import torch
 
     import fastckpt
+    from fastckpt.bench.worker import touch_pages
+    from fastckpt.config import get_config
     from fastckpt.serve.client import load_via_server
 
+    cuda = device.startswith("cuda")
     t0 = time.perf_counter()
-    if mode == "daemon":  # the very call fastckpt.load makes first when FASTCKPT_SERVER is set
-        served = load_via_server(path, stats=True, server=sock)
+    if mode == "daemon":
+        served = load_via_server(path, device, stats=True)
         if served is None:
-            raise SystemExit("the daemon did not serve the checkpoint")
+            raise SystemExit(f"the daemon at {get_config().server!r} did not serve {path}")
         tensors, stats = served
     else:
-        tensors, stats = fastckpt.load(path, stats=True)
+        tensors, stats = fastckpt.load(path, device, stats=True)
+    if cuda:
+        torch.cuda.synchronize(device)
     t1 = time.perf_counter()
-    acc = 0
-    for t in tensors.values():
-        flat = t.reshape(-1).view(torch.uint8)
-        acc += int(flat[::4096].sum())  # one byte per page: every page faulted in
+    check = 0 if cuda else touch_pages(tensors)
     t2 = time.perf_counter()
-    print(
-        json.dumps(
-            {
-                "mode": mode,
-                "load_s": t1 - t0,
-                "touch_s": t2 - t1,
-                "taken": stats.path_taken,
-                "nbytes": stats.nbytes,
-                "check": acc,
-            }
-        )
-    )
+    return {
+        "mode": mode,
+        "load_s": t1 - t0,
+        "touch_s": t2 - t1,
+        "taken": stats.path_taken,
+        "nbytes": stats.nbytes,
+        "check": check,
+    }
 
 
 def _partitions(path: str) -> list[str]:
@@ -94,6 +99,7 @@ def _partitions(path: str) -> list[str]:
 
 
 def _spawn(mode: str, path: str, sock: str) -> dict[str, Any]:
+    env = dict(os.environ, FASTCKPT_SERVER=sock if mode == "daemon" else "")
     if mode == "cold":
         from fastckpt.io_engine import drop_page_cache
 
@@ -105,7 +111,8 @@ def _spawn(mode: str, path: str, sock: str) -> dict[str, Any]:
                 while f.read(16 << 20):
                     pass
     out = subprocess.run(
-        [sys.executable, "-m", "fastckpt.serve.bench", "--child", mode, path, sock],
+        [sys.executable, "-m", "fastckpt.serve.bench", "--child", mode, path],
+        env=env,
         capture_output=True,
         text=True,
         check=True,
@@ -119,19 +126,16 @@ def _summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def run(path: str, rounds: int = 5, budget_bytes: int | None = None) -> dict[str, Any]:
-    """Start a daemon serving ``path``'s directory, prefetch, and time ``rounds`` rounds."""
-    from fastckpt.config import get_config
+@contextlib.contextmanager
+def serving(path: str, sock: str, budget_bytes: int | None = None) -> Iterator[dict[str, Any]]:
+    """A ``fastckpt serve`` daemon on ``sock`` (its directory is created ``0700``) whose root is
+    ``path``'s directory, with ``path`` prefetched; yields ``{"fill_s": ...}``, stops the daemon
+    on exit. ``budget_bytes``: the DRAM budget (default: the checkpoint plus 64 MiB)."""
     from fastckpt.format.reader import read_index
     from fastckpt.serve.client import Client
 
-    if get_config().server:
-        raise SystemExit("unset FASTCKPT_SERVER: the warm and cold loads must not use a daemon")
     path = os.path.realpath(path)
-    index = read_index(path)
-    nbytes = sum(p.nbytes for p in index.partitions)
-    run_dir = tempfile.mkdtemp(prefix="fastckpt-serve-bench-")
-    sock = os.path.join(run_dir, "run", "sock")
+    nbytes = sum(p.nbytes for p in read_index(path).partitions)
     budget = budget_bytes or nbytes + (64 << 20)
     daemon = subprocess.Popen(
         [
@@ -148,6 +152,7 @@ def run(path: str, rounds: int = 5, budget_bytes: int | None = None) -> dict[str
             "--log-level",
             "warning",
         ],
+        env=dict(os.environ, FASTCKPT_SERVER=""),
     )
     try:
         deadline = time.monotonic() + 60
@@ -163,17 +168,34 @@ def run(path: str, rounds: int = 5, budget_bytes: int | None = None) -> dict[str
         t0 = time.perf_counter()
         with Client(sock, timeout_s=60) as c:
             c.prefetch(path)
-        fill_s = time.perf_counter() - t0
-        rows: list[dict[str, Any]] = []
-        for r in range(rounds):
-            order = MODES[r % 3 :] + MODES[: r % 3]
-            for mode in order:
-                rows.append(_spawn(mode, path, sock))
-        with Client(sock) as c:
-            daemon_stats = c.stats()
+        yield {"fill_s": time.perf_counter() - t0}
     finally:
         daemon.terminate()
         daemon.wait(30)
+
+
+def run(path: str, rounds: int = 5, budget_bytes: int | None = None) -> dict[str, Any]:
+    """Start a daemon serving ``path``'s directory, prefetch, and time ``rounds`` rounds."""
+    from fastckpt.config import get_config
+    from fastckpt.format.reader import read_index
+    from fastckpt.serve.client import Client
+
+    if get_config().server:
+        raise SystemExit("unset FASTCKPT_SERVER: the warm and cold loads must not use a daemon")
+    path = os.path.realpath(path)
+    nbytes = sum(p.nbytes for p in read_index(path).partitions)
+    run_dir = tempfile.mkdtemp(prefix="fastckpt-serve-bench-")
+    sock = os.path.join(run_dir, "run", "sock")
+    try:
+        with serving(path, sock, budget_bytes) as served:
+            rows: list[dict[str, Any]] = []
+            for r in range(rounds):
+                order = MODES[r % 3 :] + MODES[: r % 3]
+                for mode in order:
+                    rows.append(_spawn(mode, path, sock))
+            with Client(sock) as c:
+                daemon_stats = c.stats()
+    finally:
         with contextlib.suppress(OSError):
             os.rmdir(os.path.dirname(sock))
             os.rmdir(run_dir)
@@ -181,7 +203,7 @@ def run(path: str, rounds: int = 5, budget_bytes: int | None = None) -> dict[str
         "checkpoint": path,
         "nbytes": nbytes,
         "rounds": rounds,
-        "daemon_fill_s": fill_s,
+        "daemon_fill_s": served["fill_s"],
         "loadavg_after": os.getloadavg(),
         "cpus": os.cpu_count(),
         "daemon_stats": daemon_stats,
@@ -222,10 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="2GiB", help="checkpoint size to generate")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
-    p.add_argument("--child", nargs=3, metavar=("MODE", "PATH", "SOCK"), help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        _child(*args.child)
+        print(json.dumps(load_and_touch(*args.child)))
         return 0
     from fastckpt.rules.units import size_arg as parse_size
 

@@ -22,6 +22,11 @@ TINY = {
     "lora": {"size": "2MB", "lora_size": "200KB", "torch_threads": 1},
     "convert-memory": {"size": "3MB", "tensor_bytes": "200KB", "shards": 2},
     "gpu-sweep": {"size": "2MB", "sweep_repeats": 1},
+    "dram-tier": {"size": "2MB"},
+    "gpu-tier": {"size": "2MB"},
+    "daemon": {"size": "2MB"},
+    "iterator": {"size": "2MB"},
+    "vllm": {"size": "2MB"},
 }
 
 
@@ -35,14 +40,14 @@ def _args(tmp_path: Path, scenario: str, **extra: Any) -> argparse.Namespace:
     return args
 
 
-def _context(tmp_path: Path, scenario: str) -> harness.Context:
+def _context(tmp_path: Path, scenario: str, device: str = "cpu") -> harness.Context:
     from fastckpt.rules.units import parse_size
 
     args = _args(tmp_path, scenario)
     workdir = tmp_path / "work" / scenario
     workdir.mkdir(parents=True)
     return harness.Context(
-        scenario, args, str(workdir), parse_size(args.size), "cpu", ("cold", "warm")
+        scenario, args, str(workdir), parse_size(args.size), device, ("cold", "warm")
     )
 
 
@@ -50,15 +55,26 @@ def test_every_scenario_is_registered_completely() -> None:
     assert set(TINY) == set(harness.SCENARIOS)
     for name in harness.SCENARIOS:
         module = harness.module_of(name)
-        for attr in ("HELP", "BASELINES", "add_arguments", "plan", "measure"):
+        for attr in ("HELP", "BASELINES", "add_arguments", "plan"):
             assert hasattr(module, attr), (name, attr)
+        assert hasattr(module, "measure") or hasattr(module, "measure_all"), name
 
 
 @pytest.mark.parametrize("scenario", sorted(TINY))
-def test_scenario_plans_and_measures_at_a_tiny_size(tmp_path: Path, scenario: str) -> None:
+def test_scenario_plans_and_measures_at_a_tiny_size(
+    tmp_path: Path, scenario: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each distinct method measured once, in this process (the fresh-process path is below)."""
-    ctx = _context(tmp_path, scenario)
-    plan = harness.module_of(scenario).plan(ctx)
+    monkeypatch.delenv("FASTCKPT_VLLM_PYTHON", raising=False)  # vllm: its skip path (below)
+    import torch
+
+    device = "cuda:0" if scenario == "gpu-tier" and torch.cuda.is_available() else "cpu"
+    ctx = _context(tmp_path, scenario, device)
+    try:
+        plan = harness.module_of(scenario).plan(ctx)
+    except harness.Skipped as exc:
+        assert scenario in ("gpu-tier", "vllm"), exc
+        pytest.skip(f"{scenario}: {exc}")
     assert plan, "a scenario measures something"
     seen = set()
     for m in plan:
@@ -68,7 +84,7 @@ def test_scenario_plans_and_measures_at_a_tiny_size(tmp_path: Path, scenario: st
         json.dumps(m.spec)  # specs cross a process boundary
         if m.env:  # settings go to the child's environment, so measure in a child
             continue
-        result = harness.module_of(scenario).measure({**m.spec, "device": "cpu"})
+        result = harness.module_of(scenario).measure({**m.spec, "device": device})
         assert result["seconds"] >= 0 and result["nbytes"] >= 0, (m.method, result)
 
 
