@@ -85,7 +85,7 @@ class Progress:
                     total=total,
                     unit="B",
                     unit_scale=True,
-                    unit_divisor=1024,
+                    unit_divisor=1000,  # decimal, as every size fastckpt prints
                     desc=desc,
                     file=sys.stderr,
                     leave=False,
