@@ -367,7 +367,9 @@ class Loader:
                 d for d in gpu_keys if any(b.index in revived for b in _bufs(plan, d))
             )
             # DRAM tier: hit, or may fill
-            dram_item, can_fill = self._dram_lookup(index, ident, plan, gpu_devices, verify, held)
+            dram_item, can_fill = self._dram_lookup(
+                index, ident, plan, gpu_devices, verify, held, maps_files=cfg.cpu_map_cached
+            )
             holdings = policy.Holdings(gpu_devices, dram_item is not None, can_fill)
             residency, prof = self._inputs(index, plan, holdings, cfg)
             decisions = policy.decide(
@@ -492,12 +494,24 @@ class Loader:
         gpu_devices: frozenset[str],
         verify: bool,
         held: list[tuple[Any, Hashable]],
+        *,
+        maps_files: bool = True,
     ) -> tuple[DramItem | None, bool]:
+        """The DRAM item to serve from (pinned for this load), or whether the tier may be
+        filled. Without ``maps_files`` (``private_copy=True``) an item holding the files' page
+        cache is not used for CPU buffers: the load reads into memory of its own instead."""
         if self.dram_tier.capacity_bytes == 0 or verify:
             return None, False
         if all(b.nbytes == 0 or b.device in gpu_devices for b in plan.buffers):
             return None, False  # nothing left to read
         item = self.dram_tier.get(ident)
+        if (
+            item is not None
+            and item.held
+            and not maps_files
+            and any(b.device == "cpu" and b.nbytes for b in plan.buffers)
+        ):
+            return None, False
         if item is not None and self.dram_tier.pin(ident):
             held.append((self.dram_tier, ident))
             return item, False
@@ -522,12 +536,13 @@ class Loader:
         its item even when the tier could not keep it (bypass): the bytes are read anyway.
 
         Without ``pinned`` (no GPU target), the item holds the partitions' own page cache,
-        locked in memory (``fastckpt.tiers.held``); if locking fails, or for GPU targets, the
-        partitions are read into memfd blocks from the pool."""
+        locked in memory (``fastckpt.tiers.held``); if locking fails, for GPU targets, or when
+        loads must not map files (``cpu_map_cached`` off: ``private_copy``), the partitions are
+        read into memfd blocks from the pool."""
 
         def work() -> DramItem:
             sizes = {i: p.nbytes for i, p in enumerate(index.partitions)}
-            if not pinned and self.dram_tier.page_locker is not None:
+            if not pinned and cfg.cpu_map_cached and self.dram_tier.page_locker is not None:
                 held = self._hold(index, files)
                 if held is not None:
                     return held
