@@ -163,3 +163,14 @@ def test_private_copy_never_maps_the_held_files(ck: tuple[Path, Any]) -> None:
         loaded, stats = loader.load(path, private_copy=True, stats=True)
         assert same(loaded, sd) and stats.path_taken == "dram-tier"
         assert loader.cache_info()["dram"]["held_items"] == 0
+
+
+@pytest.mark.gpu
+def test_gpu_load_from_a_held_item(ck: tuple[Path, Any]) -> None:
+    path, sd = ck
+    with fastckpt.Loader(dram_tier_bytes=1 << 20) as loader:
+        loader.load(path)  # a CPU load fills: the item holds the page cache
+        loaded, stats = loader.load(path, "cuda:0", stats=True)
+        assert same({k: v.cpu() for k, v in loaded.items()}, sd)
+        assert stats.path_taken == "dram-tier"
+        assert any("unpinned" in n for n in stats.notes)
