@@ -338,7 +338,7 @@ class Loader:
             verify=verify,
         )
         _check_devices(plan.devices)
-        ident = checkpoint_identity(index)
+        ident = checkpoint_identity(index, files)
         t_plan = time.perf_counter()
         settings = policy.Settings(
             mmap_min_resident=cfg.mmap_min_resident,
@@ -663,7 +663,7 @@ class Loader:
             tensors = self.load(path, device)
             del tensors
             with _open(path) as ck:
-                ident = checkpoint_identity(ck.index)
+                ident = checkpoint_identity(ck.index, ck.partitions)
             return any(k[:2] == ident for k in _tuple_keys(self.gpu_tier.keys()))
         cfg = self.config()
         with _open(path) as ck:
@@ -687,7 +687,7 @@ class Loader:
     def _prefetch_dram(
         self, index: Index, files: Sequence[OpenFile], cfg: Config, *, pinned: bool
     ) -> bool:
-        ident = checkpoint_identity(index)
+        ident = checkpoint_identity(index, files)
         if self.dram_tier.holds(ident):
             return True
         if sum(p.nbytes for p in index.partitions) > self.dram_tier.capacity_bytes:

@@ -174,3 +174,19 @@ def test_gpu_load_from_a_held_item(ck: tuple[Path, Any]) -> None:
         assert same({k: v.cpu() for k, v in loaded.items()}, sd)
         assert stats.path_taken == "dram-tier"
         assert any("unpinned" in n for n in stats.notes)
+
+
+def test_identity_is_of_the_files_opened(tmp_path: Path) -> None:
+    from fastckpt.format.reader import open_checkpoint
+    from fastckpt.loader.tiering import checkpoint_identity
+
+    path, _ = make_ckpt(tmp_path, "ck", 2)
+    with open_checkpoint(path) as ck:
+        before = checkpoint_identity(ck.index, ck.partitions)
+        assert before == checkpoint_identity(ck.index)  # nothing changed: the same key
+        _, _ = make_ckpt(tmp_path, "ck2", 3)
+        os.rename(path, tmp_path / "old")
+        os.rename(tmp_path / "ck2", path)
+        # the load reads the files it opened: it keys them as they are, not the new ones
+        assert checkpoint_identity(ck.index, ck.partitions) == before
+        assert checkpoint_identity(ck.index) != before
