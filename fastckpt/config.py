@@ -65,8 +65,9 @@ class Config:
         gpu_tier_bytes: device memory the GPU tier may keep after a caller dropped every tensor
             of a loaded checkpoint (0 = off). Kept buffers are freed on a budget overflow or
             when an allocation fails. Off by default: kept memory shows up as used.
-        dram_tier_bytes: host memory for the DRAM tier (0 = off): whole checkpoints in memfds,
-            pinned when a GPU is present. A hit maps them copy-on-write (CPU) or copies them
+        dram_tier_bytes: host memory for the DRAM tier (0 = off): whole checkpoints, as the
+            files' page cache locked in memory (CPU-only items) or in memfds, pinned when a GPU
+            is present. A hit maps them copy-on-write (CPU) or copies them
             (GPU) without touching storage.
         ssd_tier_bytes: disk budget of the SSD tier (0 = off): converted copies of slower
             sources (stock safetensors, network filesystems) in ``ssd_tier_dir``.

@@ -244,7 +244,8 @@ class Executor:
         return torch.frombuffer(mm, dtype=torch.uint8)
 
     def _map_dram(self, b: BufferPlan) -> torch.Tensor:
-        """A copy-on-write mapping of the DRAM-tier block holding ``b``'s partition."""
+        """A copy-on-write mapping of the DRAM-tier block holding ``b``'s partition (a memfd,
+        or the partition's own page cache that the tier keeps locked)."""
         block = self.sources.dram[b.partition]
         start = b.segments[0][0] - b.segments[0][0] % PAGE
         end = b.segments[-1][1]
@@ -355,6 +356,8 @@ class Executor:
         n = 0
         for b in bufs:
             block = self.sources.dram[b.partition]
+            if getattr(block, "held", False):  # page cache held for CPU loads: not pinned
+                self.timings.notes.add("dram-tier item holds page cache: unpinned GPU copies")
             assert block.buffer is not None
             host = torch.frombuffer(block.buffer, dtype=torch.uint8)
             dst = self.buffers[b.index]

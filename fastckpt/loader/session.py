@@ -43,6 +43,7 @@ from fastckpt.loader.tiering import SingleFlight, checkpoint_identity, plan_sign
 from fastckpt.rules.devices import check_cuda_visible
 from fastckpt.tiers.dram import DramItem, DramTier
 from fastckpt.tiers.gpu import GpuTier
+from fastckpt.tiers.held import PageLocker, lock_file_pages
 from fastckpt.tiers.pool import HostPool
 from fastckpt.tiers.ssd import SsdTier, source_identity
 
@@ -123,6 +124,10 @@ class Loader:
         open_partition: how a validated open partition file becomes what a read or a mapping
             needs (default
             ``fastckpt.loader.executor.open_partition``); a seam for tests.
+        page_locker: how the DRAM tier locks a partition's page cache for CPU-only items
+            (default ``mlock``, ``fastckpt.tiers.held.lock_file_pages``); None copies every
+            item into memfd blocks instead. When locking fails (``RLIMIT_MEMLOCK``) the item is
+            copied too, and the load's ``notes`` say so. A seam for tests.
         **settings: any other configuration field (``read_mode``, ``ring_bytes``...), fixed for
             this Loader. Settings not given are read from the environment at each load.
     """
@@ -137,6 +142,7 @@ class Loader:
         ssd_tier_dir: str | None = None,
         residency: Callable[[str], float] | None = None,
         open_partition: Callable[..., Any] | None = None,
+        page_locker: PageLocker | None = lock_file_pages,
         **settings: Any,
     ) -> None:
         self._overrides: dict[str, Any] = dict(settings)
@@ -158,7 +164,7 @@ class Loader:
         self.pool = HostPool(piece_bytes=cfg.pool_piece_bytes, retain_bytes=cfg.ring_bytes)
         self._pinning_ready = False
         self.gpu_tier = GpuTier(cfg.gpu_tier_bytes)
-        self.dram_tier = DramTier(cfg.dram_tier_bytes, self.pool)
+        self.dram_tier = DramTier(cfg.dram_tier_bytes, self.pool, page_locker=page_locker)
         self.ssd_tier: SsdTier | None = (
             SsdTier(cfg.ssd_tier_bytes, _ssd_dir(cfg)) if cfg.ssd_tier_bytes > 0 else None
         )
@@ -332,7 +338,7 @@ class Loader:
             verify=verify,
         )
         _check_devices(plan.devices)
-        ident = checkpoint_identity(index)
+        ident = checkpoint_identity(index, files)
         t_plan = time.perf_counter()
         settings = policy.Settings(
             mmap_min_resident=cfg.mmap_min_resident,
@@ -342,6 +348,7 @@ class Loader:
         )
         held: list[tuple[Any, Hashable]] = []  # (tier, key) pinned for this load
         unkept: DramItem | None = None  # a DRAM item read for this load alone
+        fill_notes: list[str] = []
         if any(d.startswith("cuda") for d in plan.devices):
             self._enable_pinning()
         try:
@@ -360,7 +367,9 @@ class Loader:
                 d for d in gpu_keys if any(b.index in revived for b in _bufs(plan, d))
             )
             # DRAM tier: hit, or may fill
-            dram_item, can_fill = self._dram_lookup(index, ident, plan, gpu_devices, verify, held)
+            dram_item, can_fill = self._dram_lookup(
+                index, ident, plan, gpu_devices, verify, held, maps_files=cfg.cpu_map_cached
+            )
             holdings = policy.Holdings(gpu_devices, dram_item is not None, can_fill)
             residency, prof = self._inputs(index, plan, holdings, cfg)
             decisions = policy.decide(
@@ -369,7 +378,15 @@ class Loader:
             flight = ""
             if any(d.source == "dram-fill" for d in decisions):
                 dram_item, led = self._fill_dram(
-                    index, files, ident, residency, prof, settings, cfg
+                    index,
+                    files,
+                    ident,
+                    residency,
+                    prof,
+                    settings,
+                    cfg,
+                    pinned=any(d.startswith("cuda") for d in plan.devices),
+                    notes=fill_notes,
                 )
                 flight = "leader" if led else "follower"
                 if isinstance(dram_item, _Unkept):
@@ -441,7 +458,7 @@ class Loader:
             tier_nbytes=by_tier,
             flight=flight,
             read_profile=prof.as_dict() if prof is not None else None,
-            notes=tuple(sorted(timings.notes)),
+            notes=tuple(sorted(timings.notes | set(fill_notes))),
         )
         record(result)
         return (tensors, result) if want_stats else tensors
@@ -477,12 +494,24 @@ class Loader:
         gpu_devices: frozenset[str],
         verify: bool,
         held: list[tuple[Any, Hashable]],
+        *,
+        maps_files: bool = True,
     ) -> tuple[DramItem | None, bool]:
+        """The DRAM item to serve from (pinned for this load), or whether the tier may be
+        filled. Without ``maps_files`` (``private_copy=True``) an item holding the files' page
+        cache is not used for CPU buffers: the load reads into memory of its own instead."""
         if self.dram_tier.capacity_bytes == 0 or verify:
             return None, False
         if all(b.nbytes == 0 or b.device in gpu_devices for b in plan.buffers):
             return None, False  # nothing left to read
         item = self.dram_tier.get(ident)
+        if (
+            item is not None
+            and item.held
+            and not maps_files
+            and any(b.device == "cpu" and b.nbytes for b in plan.buffers)
+        ):
+            return None, False
         if item is not None and self.dram_tier.pin(ident):
             held.append((self.dram_tier, ident))
             return item, False
@@ -498,13 +527,30 @@ class Loader:
         prof: policy.ReadProfile | None,
         settings: policy.Settings,
         cfg: Config,
+        *,
+        pinned: bool,
+        notes: list[str] | None = None,
     ) -> tuple[DramItem | None, bool]:
         """Read the whole checkpoint into a DRAM-tier item, once for concurrent callers. Returns
         (item pinned for the caller or None, whether this call did the reading). The leader gets
-        its item even when the tier could not keep it (bypass): the bytes are read anyway."""
+        its item even when the tier could not keep it (bypass): the bytes are read anyway.
+
+        Without ``pinned`` (no GPU target), the item holds the partitions' own page cache,
+        locked in memory (``fastckpt.tiers.held``); if locking fails, for GPU targets, or when
+        loads must not map files (``cpu_map_cached`` off: ``private_copy``), the partitions are
+        read into memfd blocks from the pool."""
 
         def work() -> DramItem:
             sizes = {i: p.nbytes for i, p in enumerate(index.partitions)}
+            if not pinned and cfg.cpu_map_cached and self.dram_tier.page_locker is not None:
+                held = self._hold(index, files)
+                if held is not None:
+                    return held
+                if notes is not None:
+                    notes.append(
+                        "dram-tier: could not lock the page cache "
+                        f"({self.dram_tier.last_lock_error}); copied into memory"
+                    )
             item = self.dram_tier.new_item(sizes)
             try:
                 modes = {
@@ -543,6 +589,19 @@ class Loader:
         if got is not None and self.dram_tier.pin(ident):
             return got, False
         return None, False
+
+    def _hold(self, index: Index, files: Sequence[OpenFile]) -> DramItem | None:
+        """A DRAM item keeping the partitions' page cache, through duplicates of the validated
+        descriptors (size checked again); None when locking failed."""
+        fds: dict[int, tuple[int, int]] = {}
+        try:
+            for i, part in enumerate(index.partitions):
+                fds[i] = (self._open_partition(index, i, files[i], direct=None), part.nbytes)
+        except BaseException:
+            for fd, _ in fds.values():
+                os.close(fd)
+            raise
+        return self.dram_tier.hold_files(fds)
 
     def _through_ssd(self, index: Index, source: str) -> tuple[OpenCheckpoint | None, str | None]:
         """The SSD tier's converted copy of a slower source (converted on first use)."""
@@ -604,7 +663,7 @@ class Loader:
             tensors = self.load(path, device)
             del tensors
             with _open(path) as ck:
-                ident = checkpoint_identity(ck.index)
+                ident = checkpoint_identity(ck.index, ck.partitions)
             return any(k[:2] == ident for k in _tuple_keys(self.gpu_tier.keys()))
         cfg = self.config()
         with _open(path) as ck:
@@ -618,20 +677,26 @@ class Loader:
                 if tier == "ssd":
                     return key is not None
                 use = converted or ck
-                return self._prefetch_dram(use.index, use.partitions, cfg)
+                return self._prefetch_dram(
+                    use.index, use.partitions, cfg, pinned=_wants_pinned(device)
+                )
             finally:
                 if converted is not None:
                     converted.close()
 
-    def _prefetch_dram(self, index: Index, files: Sequence[OpenFile], cfg: Config) -> bool:
-        ident = checkpoint_identity(index)
+    def _prefetch_dram(
+        self, index: Index, files: Sequence[OpenFile], cfg: Config, *, pinned: bool
+    ) -> bool:
+        ident = checkpoint_identity(index, files)
         if self.dram_tier.holds(ident):
             return True
         if sum(p.nbytes for p in index.partitions) > self.dram_tier.capacity_bytes:
             return False
         plan = plan_load(index, "cpu", chunk_bytes=cfg.ring_slot_bytes)
         residency, prof = self._inputs(index, plan, policy.Holdings(), cfg)
-        item, _ = self._fill_dram(index, files, ident, residency, prof, policy.Settings(), cfg)
+        item, _ = self._fill_dram(
+            index, files, ident, residency, prof, policy.Settings(), cfg, pinned=pinned
+        )
         if item is not None and not isinstance(item, _Unkept):
             self.dram_tier.unpin(ident)
         elif isinstance(item, _Unkept):
@@ -674,6 +739,8 @@ class Loader:
                 out[name] = None
                 continue
             info = tier.stats().as_dict()
+            if isinstance(tier, DramTier):
+                info.update(tier.describe())
             info["keys"] = [
                 {"key": list(k) if isinstance(k, tuple) else k, "nbytes": tier.size_of(k)}
                 for k in tier.keys()  # noqa: SIM118 - a tier, not a dict
@@ -698,6 +765,16 @@ class _Unkept(DramItem):
 
     def __init__(self, item: DramItem) -> None:
         super().__init__(item.blocks, item.nbytes)
+
+
+def _wants_pinned(device: Any) -> bool:
+    """Whether a DRAM-tier item for ``device`` should be pinnable memory (a visible GPU)."""
+    devices = device.values() if isinstance(device, Mapping) else [device]
+    if not any(str(d).startswith("cuda") for d in devices):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def _bufs(plan: LoadPlan, device: str) -> list[Any]:

@@ -6,20 +6,23 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
+from fastckpt.format.fsdir import OpenFile
 from fastckpt.format.index import Index
 from fastckpt.loader.plan import LoadPlan
 
 
-def checkpoint_identity(index: Index) -> tuple[str, str]:
+def checkpoint_identity(index: Index, files: Sequence[OpenFile] = ()) -> tuple[str, str]:
     """(root, fingerprint): the fingerprint changes when any partition file is replaced or
-    rewritten (inode, size, modification time)."""
+    rewritten (inode, size, modification time). With ``files`` (the partitions' validated open
+    files) the files the load reads are fingerprinted, not whatever the paths name now: a
+    checkpoint republished meanwhile cannot be cached under the new files' identity."""
     h = hashlib.sha256()
-    for part in index.partitions:
-        st = os.stat(part.path)
+    for i, part in enumerate(index.partitions):
+        st = os.fstat(files[i].fd) if i < len(files) else os.stat(part.path)
         h.update(f"{part.file}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     return os.path.realpath(index.root), h.hexdigest()[:24]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from fastckpt.tiers.base import LruTier, Tier, TierStats
 from fastckpt.tiers.dram import DramItem, DramTier
 from fastckpt.tiers.gpu import GpuItem, GpuTier
+from fastckpt.tiers.held import HeldFile, lock_file_pages
 from fastckpt.tiers.pool import HostBlock, HostPool
 from fastckpt.tiers.ssd import SsdTier
 
@@ -19,10 +20,12 @@ __all__ = [
     "DramTier",
     "GpuItem",
     "GpuTier",
+    "HeldFile",
     "HostBlock",
     "HostPool",
     "LruTier",
     "SsdTier",
     "Tier",
     "TierStats",
+    "lock_file_pages",
 ]

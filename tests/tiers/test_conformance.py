@@ -15,7 +15,15 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from fastckpt.tiers import DramTier, GpuItem, GpuTier, HostPool, LruTier, SsdTier
+from fastckpt.tiers import (
+    DramTier,
+    GpuItem,
+    GpuTier,
+    HostPool,
+    LruTier,
+    SsdTier,
+    lock_file_pages,
+)
 
 PAGE = 4096
 
@@ -150,6 +158,83 @@ class TestDramTier(TierTests):
         view = torch.frombuffer(block.map_private(0, 2 * PAGE), dtype=torch.uint8)
         view.add_(1)  # the caller's copy changes ...
         assert block.buffer[:3] == bytes([0, 1, 2])  # ... the cached bytes do not
+        assert view[:3].tolist() == [1, 2, 3]
+
+
+class TestDramTierHeldFiles(TierTests):
+    """DRAM-tier items that hold a file's page cache (locked) instead of memfd copies."""
+
+    @pytest.fixture(autouse=True)
+    def _dir(self, tmp_path: Path) -> None:
+        self.dir = tmp_path
+        self.n = 0
+
+    def make(self, capacity: int) -> LruTier[Any]:
+        return DramTier(capacity, HostPool())
+
+    def value(self, tier: LruTier[Any], key: Hashable, nbytes: int) -> Any:
+        assert isinstance(tier, DramTier)
+        self.n += 1
+        path = self.dir / f"part{self.n}"
+        path.write_bytes(bytes([self.n % 251]) * max(nbytes, 1))
+        item = tier.hold_files({0: (os.open(path, os.O_RDONLY), max(nbytes, 1))})
+        assert item is not None and item.held
+        return item
+
+    def test_evict_releases_the_lock_and_the_descriptor(self) -> None:
+        released: list[int] = []
+
+        def locker(fd: int, nbytes: int) -> Any:
+            release = lock_file_pages(fd, nbytes)
+            return lambda: (released.append(nbytes), release())
+
+        tier = DramTier(4 * PAGE, HostPool(), page_locker=locker)
+        path = self.dir / "p"
+        path.write_bytes(b"x" * PAGE)
+        item = tier.hold_files({0: (os.open(path, os.O_RDONLY), PAGE)})
+        assert item is not None
+        block = item.blocks[0]
+        fd = block.fd
+        assert fd is not None
+        tier.put("a", item, PAGE)
+        assert tier.evict("a") and block.closed and released == [PAGE]
+        with pytest.raises(OSError):
+            os.fstat(fd)  # the duplicate descriptor was closed
+
+    def test_a_failed_lock_closes_everything(self) -> None:
+        calls: list[int] = []
+
+        def locker(fd: int, nbytes: int) -> Any:
+            calls.append(fd)
+            if len(calls) == 2:
+                raise OSError(12, "over RLIMIT_MEMLOCK")
+            return lambda: calls.append(-1)
+
+        tier = DramTier(8 * PAGE, HostPool(), page_locker=locker)
+        paths = [self.dir / f"q{i}" for i in range(3)]
+        for p in paths:
+            p.write_bytes(b"y" * PAGE)
+        fds = [os.open(p, os.O_RDONLY) for p in paths]
+        assert tier.hold_files({i: (fd, PAGE) for i, fd in enumerate(fds)}) is None
+        assert calls[-1] == -1  # the first partition's lock was released
+        assert (tier.lock_failures, tier.held_items) == (1, 0)
+        assert "RLIMIT_MEMLOCK" in tier.last_lock_error
+        for fd in fds:
+            with pytest.raises(OSError):
+                os.fstat(fd)  # every descriptor handed over was closed
+
+    def test_private_mapping_is_copy_on_write(self) -> None:
+        tier = DramTier(4 * PAGE, HostPool())
+        path = self.dir / "cow"
+        data = bytes(range(256)) * (2 * PAGE // 256)
+        path.write_bytes(data)
+        item = tier.hold_files({0: (os.open(path, os.O_RDONLY), 2 * PAGE)})
+        assert item is not None
+        block = item.blocks[0]
+        view = torch.frombuffer(block.map_private(0, 2 * PAGE), dtype=torch.uint8)
+        view.add_(1)  # the caller's copy changes ...
+        assert bytes(block.map_private(0, 2 * PAGE)) == data  # ... the held pages do not
+        assert path.read_bytes() == data  # nor the file
         assert view[:3].tolist() == [1, 2, 3]
 
 
