@@ -402,17 +402,21 @@ class _IndexBuilder:
                     path=path,
                 )
             taken.add(name)
-            file_path = os.path.join(self.root, name)
-            try:
-                f = self.dir.open(name, error=MissingPartitionError, what="carried file")
-            except FileNotFoundError:
-                raise MissingPartitionError(
-                    "carried file listed in the index is missing (the checkpoint is incomplete)",
-                    path=file_path,
-                ) from None
-            self.opened.carried[name] = f
+            self._open_carried(name)
             out.append(name)
         return tuple(out)
+
+    def _open_carried(self, rel: str) -> None:
+        """Open a carried file (top-level or in the tree) beneath the checkpoint directory and
+        keep it with the index's open files."""
+        try:
+            f = self.dir.open(rel, error=MissingPartitionError, what="carried file")
+        except FileNotFoundError:
+            raise MissingPartitionError(
+                "carried file listed in the index is missing (the checkpoint is incomplete)",
+                path=os.path.join(self.root, rel),
+            ) from None
+        self.opened.carried[rel] = f
 
 
 # step 23 (format 1.1): carried files in sub-folders
@@ -429,15 +433,7 @@ def _check_tree(
                 f"tree entry {rel!r} is listed twice, or its folder is a carried file", path=path
             )
         taken.add(rel)
-        file_path = os.path.join(builder.root, rel)
-        try:
-            f = builder.dir.open(rel, error=MissingPartitionError, what="carried file")
-        except FileNotFoundError:
-            raise MissingPartitionError(
-                "carried file listed in the index is missing (the checkpoint is incomplete)",
-                path=file_path,
-            ) from None
-        builder.opened.carried[rel] = f
+        builder._open_carried(rel)
         out.append(rel)
     return tuple(out)
 

@@ -10,33 +10,10 @@ from typing import Any
 
 import pytest
 import torch
+from loader_helpers import make_ckpt, same
 
 import fastckpt
 from fastckpt.tiers.held import lock_file_pages
-
-PAGE = 4096
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(-1).view(torch.uint8)
-
-
-def same(loaded: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> bool:
-    return set(loaded) == set(ref) and all(
-        loaded[k].dtype == ref[k].dtype
-        and loaded[k].shape == ref[k].shape
-        and torch.equal(bits(loaded[k]), bits(ref[k]))
-        for k in ref
-    )
-
-
-def make_ckpt(root: Path, name: str, seed: int) -> tuple[Path, dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    sd = {f"layer{i}.w": torch.randn(3000 + 17 * i, generator=g) for i in range(6)}
-    sd["half"] = torch.randn(99, generator=g).to(torch.bfloat16)
-    path = root / name
-    fastckpt.save(sd, path, partition_bytes=32 << 10, metadata=None)
-    return path, sd
 
 
 def file_bytes(path: Path) -> dict[str, bytes]:

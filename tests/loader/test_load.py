@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from loader_helpers import bits
 from safetensors.torch import load_file, save_file
 
 import fastckpt
@@ -37,10 +38,6 @@ def random_tensor(dtype_name: str, shape: tuple[int, ...], gen: torch.Generator)
     if dtype_name == "bool":
         raw &= 1
     return raw.view(dt).reshape(shape)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
 
 
 def assert_same(loaded: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:

@@ -11,35 +11,12 @@ from typing import Any
 
 import pytest
 import torch
+from loader_helpers import PAGE, make_ckpt, same
 from safetensors.torch import save_file
 
 import fastckpt
 from fastckpt.loader.executor import open_partition
 from fastckpt.loader.session import default_loader
-
-PAGE = 4096
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(-1).view(torch.uint8)
-
-
-def same(loaded: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> bool:
-    return set(loaded) == set(ref) and all(
-        loaded[k].dtype == ref[k].dtype
-        and loaded[k].shape == ref[k].shape
-        and torch.equal(bits(loaded[k].cpu()), bits(ref[k]))
-        for k in ref
-    )
-
-
-def make_ckpt(root: Path, name: str, seed: int, n: int = 6, numel: int = 3000) -> tuple[Path, Any]:
-    g = torch.Generator().manual_seed(seed)
-    sd = {f"layer{i}.w": torch.randn(numel + 17 * i, generator=g) for i in range(n)}
-    sd["half"] = torch.randn(99, generator=g).to(torch.bfloat16)
-    path = root / name
-    fastckpt.save(sd, path, partition_bytes=32 << 10, metadata=None)
-    return path, sd
 
 
 def ckpt_bytes(path: Path) -> int:
