@@ -280,11 +280,14 @@ class Loader:
         if private_copy is not None:
             overrides["cpu_map_cached"] = not private_copy
         cfg = self.config(**overrides)
-        if cfg.server and not isinstance(path, Index):
+        # An Index read by the caller (load_model reads it once) still names its checkpoint:
+        # the daemon and the SSD tier serve it as they serve the path.
+        source = path.root if isinstance(path, Index) else os.fspath(path)
+        if cfg.server:
             from fastckpt.serve.client import load_via_server  # the cache daemon (docs/serve.md)
 
             served = load_via_server(
-                path,
+                source,
                 device,
                 names_=names,
                 verify=verify,
@@ -300,8 +303,8 @@ class Loader:
         with _open(path) as ck:
             ssd_key: str | None = None
             converted: OpenCheckpoint | None = None
-            if self.ssd_tier is not None and not isinstance(path, Index):
-                converted, ssd_key = self._through_ssd(ck.index, os.fspath(path))
+            if self.ssd_tier is not None:
+                converted, ssd_key = self._through_ssd(ck.index, source)
             try:
                 use = converted or ck
                 return self._load_index(

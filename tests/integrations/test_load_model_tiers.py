@@ -1,0 +1,74 @@
+"""load_model reads the index once and hands it to the load; the load must still go through the
+Loader's SSD tier and the node's cache daemon as a load by path does."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastckpt
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_load_model_keeps_a_converted_copy_in_the_ssd_tier(tiny_factory, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    tiny = tiny_factory("llama")
+    ref = AutoModelForCausalLM.from_pretrained(tiny.src)
+    with fastckpt.Loader(ssd_tier_bytes=1 << 30, ssd_tier_dir=str(tmp_path / "ssd")) as loader:
+        with loader.use():
+            first = fastckpt.load_model(tiny.src)
+        ssd = loader.cache_info()["ssd"]
+        assert len(ssd["keys"]) == 1 and ssd["misses"] == 1 and ssd["hits"] == 0
+        with loader.use():
+            second = fastckpt.load_model(tiny.src)
+        assert loader.cache_info()["ssd"]["hits"] == 1
+    _same_weights(first, ref)
+    _same_weights(second, ref)
+
+
+def test_load_model_is_served_by_the_cache_daemon(tiny_factory, tmp_path: Path) -> None:
+    tiny = tiny_factory("llama")
+    sock = str(tmp_path / "sock")
+    root = os.path.dirname(tiny.fck)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastckpt.cli", "serve", "--socket", sock, "--root", root,
+         "--dram-budget", "64MiB"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        from fastckpt.serve.client import Client
+
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock):
+            assert proc.poll() is None and time.monotonic() < deadline, "the daemon did not start"
+            time.sleep(0.05)
+        with fastckpt.Loader(server=sock) as loader, loader.use():
+            model = fastckpt.load_model(tiny.fck)
+        with Client(sock, timeout_s=10) as client:
+            entries = client.ls()["entries"]
+            served = client.stats()
+        assert [e["name"] for e in entries] == [os.path.basename(tiny.fck)]
+        assert served["misses"] == 1, served  # the load asked the daemon, which filled it
+        _same_weights(model, fastckpt.load_model(tiny.fck))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
