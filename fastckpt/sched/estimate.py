@@ -2,7 +2,9 @@
 
 Arithmetic (all of it; see docs/sched.md):
 
-- queue wait of a tier = queued loads x tier overhead + queued bytes / tier bandwidth;
+- queue wait of a tier = queued loads x tier overhead + queued bytes / tier bandwidth; on a
+  ``serial`` server (one load at a time, whatever the tier) the sum of that over every tier's
+  queue, each at its own tier's speed;
 - load time from a tier = queue wait + overhead + model bytes / bandwidth; the estimate uses the
   tier holding the model that gives the smallest load time ("fastest tier");
 - migration cost of an instance = a + b*tokens + c*tokens^2 (the recompute model);
@@ -19,7 +21,14 @@ import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from fastckpt.sched.model import Instance, ModelSpec, RecomputeModel, SchedError, Server
+from fastckpt.sched.model import (
+    Instance,
+    ModelSpec,
+    RecomputeModel,
+    SchedError,
+    Server,
+    TierQueue,
+)
 
 #: Above this many DP cells (candidates x GPUs to free) the plan is greedy (cheapest seconds per
 #: freed GPU first, then instances that turned out unnecessary are dropped, costliest first).
@@ -140,9 +149,12 @@ class StartEstimate:
 def load_estimates(server: Server, model: ModelSpec) -> list[LoadEstimate]:
     """One estimate per tier of ``server`` that holds ``model``, fastest first (ties: tier name)."""
     out = []
+    ahead = server.queues.values() if server.serial else None
     for tier in server.tiers_holding(model.name):
         q = server.queue(tier.name)
-        wait = q.loads * tier.overhead_s + q.nbytes / tier.bandwidth_bps
+        if ahead is not None:  # every load queued on the server, whatever its tier
+            q = TierQueue(sum(x.loads for x in ahead), sum(x.nbytes for x in ahead))
+        wait = server.queue_wait_s(tier.name)
         out.append(
             LoadEstimate(
                 server=server.name,

@@ -183,6 +183,9 @@ class Server:
         queues: tier name -> loads already waiting for that tier.
         running: instances that could be migrated away.
         everywhere: tiers that hold every model.
+        serial: loads on this server run one at a time whatever their tier (one loader per
+            server, as a Ray Serve multiplexed replica loads one model at a time): a new load
+            waits for every queued load of every tier. Otherwise each tier has its own queue.
     """
 
     name: str
@@ -193,9 +196,12 @@ class Server:
     queues: Mapping[str, TierQueue] = field(default_factory=dict)
     running: tuple[Instance, ...] = ()
     everywhere: frozenset[str] = frozenset()
+    serial: bool = False
 
     def __post_init__(self) -> None:
         _check_name("server name", self.name)
+        if not isinstance(self.serial, bool):
+            raise SchedError(f"server {self.name!r} serial must be a bool, got {self.serial!r}")
         names = [t.name for t in self.tiers]
         if len(set(names)) != len(names):
             raise SchedError(f"server {self.name!r} lists a tier twice: {names}")
@@ -241,6 +247,16 @@ class Server:
     def queue(self, tier: str) -> TierQueue:
         return self.queues.get(tier, TierQueue())
 
+    def queue_wait_s(self, tier: str) -> float:
+        """Seconds a new load from ``tier`` waits for the loads queued ahead of it: that tier's
+        queue, or, on a ``serial`` server, every tier's queue at its own tier's speed."""
+        waits = self.queues if self.serial else {tier: self.queue(tier)}
+        total = 0.0
+        for name in sorted(waits):
+            q, t = waits[name], self.tier(name)
+            total += q.loads * t.overhead_s + q.nbytes / t.bandwidth_bps
+        return total
+
 
 def make_server(
     name: str,
@@ -252,6 +268,7 @@ def make_server(
     queues: Mapping[str, TierQueue] | None = None,
     running: Iterable[Instance] = (),
     everywhere: Iterable[str] = (),
+    serial: bool = False,
 ) -> Server:
     """Build a ``Server`` from ordinary lists and dicts (free GPUs default to what is unused)."""
     run = tuple(running)
@@ -266,4 +283,5 @@ def make_server(
         queues=dict(queues or {}),
         running=run,
         everywhere=frozenset(everywhere),
+        serial=serial,
     )

@@ -7,7 +7,12 @@ Shape::
      "tiers": [{"name": "dram", "bandwidth_bps": 2.4e10, "overhead_s": 0.05}, ...],
      "holds": {"dram": ["llama-7b"]}, "everywhere": ["remote"],
      "queues": {"ssd": {"loads": 1, "nbytes": 1.4e10}},
-     "running": [{"id": "i3", "model": "llama-13b", "gpus": 2, "tokens": 900}]}
+     "running": [{"id": "i3", "model": "llama-13b", "gpus": 2, "tokens": 900}],
+     "serial": true}
+
+``serial`` (default false): the server runs one load at a time whatever its tier (see
+``fastckpt.sched.Server``). Keys not listed here are ignored, so a producer may add its own
+(a Ray Serve replica adds what it holds and what it is loading, for people and logs).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ def server_to_dict(server: Server) -> dict[str, Any]:
             {"id": i.id, "model": i.model, "gpus": i.gpus, "tokens": i.tokens}
             for i in server.running
         ],
+        "serial": server.serial,
     }
 
 
@@ -60,6 +66,9 @@ def server_from_dict(name: str, data: Mapping[str, Any]) -> Server:
         ]
         gpus = int(data["gpus"])
         free = data.get("free_gpus")
+        serial = data.get("serial", False)
+        if not isinstance(serial, bool):
+            raise SchedError(f"server {name!r}: serial must be true or false, got {serial!r}")
         return make_server(
             name,
             tiers,
@@ -69,6 +78,7 @@ def server_from_dict(name: str, data: Mapping[str, Any]) -> Server:
             queues=queues,
             running=running,
             everywhere=[str(t) for t in data.get("everywhere", [])],
+            serial=serial,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, SchedError):

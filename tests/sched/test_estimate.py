@@ -222,3 +222,22 @@ def test_pick_is_the_argmin_on_random_clusters() -> None:
         assert totals == sorted(totals)
         if ranked[0].feasible:
             assert Estimator(rc).pick(servers, model) == ranked[0]
+
+
+def test_serial_server_waits_for_every_tier_queue() -> None:
+    tiers = [TierSpeed("dram", 2 * GB, 0.5), TierSpeed("ssd", GB, 0.1)]
+    kw = {
+        "gpus": 1,
+        "holds": {"dram": ["a"], "ssd": ["b"]},
+        "queues": {"dram": TierQueue(1, 4 * GB), "ssd": TierQueue(2, GB)},
+    }
+    parallel = make_server("p", tiers, **kw)
+    serial = make_server("s", tiers, serial=True, **kw)
+    b = ModelSpec("b", GB, gpus=0)
+    # per tier: only the ssd queue (2 x 0.1 s + 1 GB / 1 GB/s) is ahead of an ssd load
+    assert load_estimates(parallel, b)[0].queue_wait_s == pytest.approx(1.2)
+    # one load at a time: the dram queue (0.5 s + 4 GB / 2 GB/s) is ahead too
+    est = load_estimates(serial, b)[0]
+    assert est.queue_wait_s == pytest.approx(1.2 + 2.5)
+    assert (est.queued_loads, est.queued_bytes) == (3, 5 * GB)
+    assert est.total_s == pytest.approx(3.7 + 0.1 + 1.0)

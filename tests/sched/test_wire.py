@@ -39,3 +39,12 @@ def test_malformed_state_names_the_server(data, match) -> None:
     with pytest.raises(SchedError, match=match) as exc:
         server_from_dict("replica-7", data)
     assert "replica-7" in str(exc.value) or "tier" in str(exc.value)
+
+
+def test_serial_roundtrips_and_must_be_a_bool() -> None:
+    srv = make_server("s", [TierSpeed("dram", 1e9)], gpus=1, serial=True)
+    data = json.loads(json.dumps(server_to_dict(srv)))
+    assert data["serial"] is True and server_from_dict("s", data) == srv
+    assert server_from_dict("s", {**data, "extra": [1]}) == srv  # producers may add fields
+    with pytest.raises(SchedError, match="serial must be true or false"):
+        server_from_dict("s", {**data, "serial": "yes"})
