@@ -6,14 +6,22 @@ routing decision *is* the placement of a model start. ``StartTimeRouter`` (a pub
 ``RequestRouter``) makes that decision with ``fastckpt.sched.Estimator``:
 
 - each replica reports its server's state as routing stats (``record_routing_stats`` returning
-  ``fastckpt.sched.wire.server_to_dict(...)``: tiers with calibrated speeds, which tier holds which
-  model, queued loads, GPUs, running instances);
-- replicas that already serve the model come first (no start needed), then every replica with
-  known state in the estimator's order (startup time, migrations, name), then replicas whose state
-  is not known yet.
+  the ``fastckpt.sched.wire`` dict: tiers with calibrated speeds, which tier holds which model,
+  queued loads; ``fastckpt.integrations.ray_serve`` builds it from a replica's real tiers);
+- replicas where the model is resident, loading or queued (Ray Serve's own model ids and the
+  stats' ``resident`` / ``loading`` / ``queued``), or where another router just reserved its
+  start, come first: no second start is needed;
+- otherwise every replica with known state in the estimator's order (startup time, migrations,
+  name), after adding the live reservations of other starts to their load queues; the router
+  reserves the start on the first one (``fastckpt.sched.reserve``: compare-and-set, so routers
+  that ranked on the same state do not all pick the same replica); then replicas whose state is
+  not known yet.
 
 Configure it with ``RequestRouterConfig(request_router_class=StartTimeRouter,
-request_router_kwargs={"models": {name: {"nbytes": ..., "gpus": ...}}, "recompute": {...}})``.
+request_router_kwargs={"models": {name: {"nbytes": ..., "gpus": ...}}, "recompute": {...},
+"reservations": "actor"})``. ``reservations`` is ``"actor"`` (default: one named Ray actor per
+deployment shared by every router, i.e. every proxy and handle), ``"local"`` (this router only) or
+``"off"``; ``reservation_ttl_s`` (default 3 s) should exceed the routing stats period.
 Each decision (with the estimate's explanation) is appended to ``fastckpt.sched.wire.DECISIONS``
 in the process that routes (the one holding the handle).
 Requires ``ray[serve]`` (the ``fastckpt[ray]`` extra).
@@ -21,9 +29,14 @@ Requires ``ray[serve]`` (the ``fastckpt[ray]`` extra).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+import ray
 from ray.serve.request_router import (
     FIFOMixin,
     PendingRequest,
@@ -34,13 +47,109 @@ from ray.serve.request_router import (
 from fastckpt.sched import wire
 from fastckpt.sched.estimate import Estimator
 from fastckpt.sched.model import ModelSpec, RecomputeModel, SchedError
+from fastckpt.sched.reserve import (
+    DEFAULT_TTL_S,
+    Claim,
+    ReservationBook,
+    apply_reservations,
+    starting,
+)
 from fastckpt.sched.wire import server_from_dict
 
 DECISIONS = wire.DECISIONS
+RESERVATION_MODES = ("actor", "local", "off")
+#: Longest wait for the shared reservation book; past it the router decides without it.
+BOOK_TIMEOUT_S = 2.0
+CLAIM_ATTEMPTS = 3
+NAMESPACE = "fastckpt"
+
+logger = logging.getLogger("fastckpt.sched.ray_serve")
 
 
 def replica_name(replica: RunningReplica) -> str:
     return str(replica.replica_id.unique_id)
+
+
+def reported_models(stats: Mapping[str, Any]) -> set[str]:
+    """Models a replica's routing stats show resident, loading or queued."""
+    out = {str(m) for m in stats.get("resident", ())}
+    for key in ("loading", "queued"):
+        for item in stats.get(key, ()):
+            if isinstance(item, Mapping) and "model" in item:
+                out.add(str(item["model"]))
+    return out
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class ReservationActor:
+    """A ``ReservationBook`` shared by every router of a deployment (one per name)."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.book = ReservationBook(ttl_s)
+
+    def snapshot(self) -> Claim:
+        return self.book.snapshot()
+
+    def claim(
+        self, server: str, model: str, tier: str, nbytes: int, version: int, owner: str
+    ) -> Claim:
+        return self.book.claim(server, model, tier, nbytes, version=version, owner=owner)
+
+    def release(self, server: str, model: str) -> bool:
+        return self.book.release(server, model)
+
+    def counts(self) -> dict[str, int]:
+        return {"claims": self.book.claims, "conflicts": self.book.conflicts}
+
+
+class _Book:
+    """The reservation book a router uses: in this process, in a shared actor, or none."""
+
+    def __init__(self, mode: str, ttl_s: float, name: str) -> None:
+        if mode not in RESERVATION_MODES:
+            raise SchedError(f"reservations={mode!r}: expected one of {RESERVATION_MODES}")
+        self.mode = mode
+        self.ttl_s = ttl_s
+        self.name = name
+        self.local = ReservationBook(ttl_s) if mode == "local" else None
+        self._actor: Any = None
+        self.owner = f"{os.getpid()}-{id(self):x}"
+
+    def _handle(self) -> Any:
+        if self._actor is None:
+            self._actor = ReservationActor.options(  # type: ignore[attr-defined]
+                name=self.name, namespace=NAMESPACE, get_if_exists=True
+            ).remote(self.ttl_s)
+        return self._actor
+
+    async def _remote(self, method: str, *args: Any) -> Claim | None:
+        try:
+            result: Claim = await asyncio.wait_for(
+                getattr(self._handle(), method).remote(*args), BOOK_TIMEOUT_S
+            )
+            return result
+        except Exception as exc:  # the book is an optimisation: route without it
+            logger.warning(
+                "reservation book %s unavailable (%r): routing without it", self.name, exc
+            )
+            self._actor = None
+            return None
+
+    async def snapshot(self) -> Claim | None:
+        if self.mode == "off":
+            return None
+        if self.local is not None:
+            return self.local.snapshot()
+        return await self._remote("snapshot")
+
+    async def claim(
+        self, server: str, model: str, tier: str, nbytes: int, version: int
+    ) -> Claim | None:
+        if self.mode == "off":
+            return None
+        if self.local is not None:
+            return self.local.claim(server, model, tier, nbytes, version=version, owner=self.owner)
+        return await self._remote("claim", server, model, tier, nbytes, version, self.owner)
 
 
 class StartTimeRouter(FIFOMixin, RequestRouter):
@@ -51,6 +160,9 @@ class StartTimeRouter(FIFOMixin, RequestRouter):
         models: Mapping[str, Mapping[str, int]] | None = None,
         recompute: Mapping[str, Any] | None = None,
         migrate: bool = True,
+        reservations: str = "actor",
+        reservation_ttl_s: float = DEFAULT_TTL_S,
+        reservations_name: str = "",
         **_: Any,
     ) -> None:
         self._models = {
@@ -59,6 +171,8 @@ class StartTimeRouter(FIFOMixin, RequestRouter):
         }
         rc = RecomputeModel.from_dict(recompute) if recompute else RecomputeModel()
         self._estimator = Estimator(rc, migrate=migrate)
+        name = reservations_name or f"start-reservations-{_deployment_key(self)}"
+        self._book = _Book(reservations, float(reservation_ttl_s), name)
 
     async def choose_replicas(
         self,
@@ -70,11 +184,59 @@ class StartTimeRouter(FIFOMixin, RequestRouter):
         if model is None:  # not a model start: Ray Serve's usual choice among all
             return [candidate_replicas]
         by_name = {replica_name(r): r for r in candidate_replicas}
-        warm = sorted(n for n, r in by_name.items() if model_id in r.multiplexed_model_ids)
+        visible: dict[str, set[str]] = {}
+        for name, r in by_name.items():
+            stats = r.routing_stats or {}
+            visible[name] = set(r.multiplexed_model_ids) | reported_models(stats)
+        warm = sorted(n for n in by_name if model_id in visible[n])
+        snap = await self._book.snapshot() if not warm else None
+        reserved = (
+            [n for n in starting(snap.reservations, model_id) if n in by_name] if snap else []
+        )
+        decision: dict[str, Any] = {
+            "model": model_id,
+            "warm": warm,
+            "underway": reserved,
+            "views": {n: _view(r.routing_stats or {}) for n, r in by_name.items()},
+        }
+        if warm or reserved:
+            first = warm + [n for n in reserved if n not in warm]
+            rest = sorted(n for n in by_name if n not in first)
+            decision.update(chosen=first[0], ranking=[], explain=[], unknown=[], errors={})
+            decision.update(complete=True, reserved=None)
+            _log(decision)
+            return (
+                [[by_name[n] for n in first], [by_name[n] for n in rest]]
+                if rest
+                else [[by_name[n] for n in first]]
+            )
+        order, tail, ranked, unknown, errors, claimed = await self._rank(
+            by_name, model, visible, snap
+        )
+        decision.update(
+            chosen=(order + tail)[0] if order or tail else None,
+            ranking=[(e.server, e.total_s) for e in ranked],
+            explain=[e.explain() for e in ranked],
+            unknown=unknown,
+            errors=errors,
+            complete=not unknown,
+            reserved=claimed,
+        )
+        _log(decision)
+        ranks = [[by_name[n]] for n in order]
+        if tail:
+            ranks.append([by_name[n] for n in tail])
+        return ranks
+
+    async def _rank(
+        self,
+        by_name: Mapping[str, RunningReplica],
+        model: ModelSpec,
+        visible: Mapping[str, Iterable[str]],
+        snap: Claim | None,
+    ) -> tuple[list[str], list[str], list[Any], list[str], dict[str, str], str | None]:
         servers, unknown, errors = [], [], {}
         for name, r in sorted(by_name.items()):
-            if name in warm:
-                continue
             stats = r.routing_stats
             if not stats:
                 unknown.append(name)
@@ -84,26 +246,52 @@ class StartTimeRouter(FIFOMixin, RequestRouter):
             except SchedError as exc:
                 errors[name] = str(exc)
                 unknown.append(name)
-        ranked = self._estimator.rank(servers, model) if servers else []
-        order = warm + [e.server for e in ranked if e.feasible]
+        ranked: list[Any] = []
+        claimed: str | None = None
+        for _ in range(CLAIM_ATTEMPTS):
+            view = apply_reservations(servers, snap.reservations, visible) if snap else servers
+            ranked = self._estimator.rank(view, model) if view else []
+            best = next((e for e in ranked if e.feasible), None)
+            if best is None or snap is None or best.load is None:
+                break
+            got = await self._book.claim(
+                best.server, model.name, best.load.tier, model.nbytes, snap.version
+            )
+            if got is None or got.ok:
+                claimed = best.server if got is not None else None
+                break
+            taken = [n for n in starting(got.reservations, model.name) if n in by_name]
+            if taken:  # another router reserved this very start meanwhile: join it
+                rest = [e.server for e in ranked if e.server != taken[0]]
+                return [taken[0]], rest + unknown, ranked, unknown, errors, None
+            snap = got
+        order = [e.server for e in ranked if e.feasible]
         tail = [e.server for e in ranked if not e.feasible] + unknown
-        # Ray may ship this class by value, with its own copy of module globals: look the log up
-        # through the imported module so that every router of the process shares one.
-        from fastckpt.sched import wire as shared
+        return order, tail, ranked, unknown, errors, claimed
 
-        shared.DECISIONS.append(
-            {
-                "model": model_id,
-                "chosen": (order + tail)[0] if order or tail else None,
-                "warm": warm,
-                "ranking": [(e.server, e.total_s) for e in ranked],
-                "explain": [e.explain() for e in ranked],
-                "unknown": unknown,
-                "errors": errors,
-                "complete": not unknown,
-            }
-        )
-        ranks = [[by_name[n]] for n in order]
-        if tail:
-            ranks.append([by_name[n] for n in tail])
-        return ranks
+
+def _deployment_key(router: Any) -> str:
+    """app-deployment of the router's deployment (Ray passes it to every router)."""
+    dep = getattr(router, "_deployment_id", None)
+    if dep is None:
+        return "default"
+    return f"{getattr(dep, 'app_name', '')}-{getattr(dep, 'name', '')}"
+
+
+def _view(stats: Mapping[str, Any]) -> dict[str, Any]:
+    """What a decision log keeps of one replica's stats: when, and what it held."""
+    return {
+        "at": stats.get("at"),
+        "resident": list(stats.get("resident", ())),
+        "holds": dict(stats.get("holds", {})),
+        "loading": [i.get("model") for i in stats.get("loading", ()) if isinstance(i, Mapping)],
+    }
+
+
+def _log(decision: dict[str, Any]) -> None:
+    # Ray may ship this class by value, with its own copy of module globals: look the log up
+    # through the imported module so that every router of the process shares one.
+    from fastckpt.sched import wire as shared
+
+    decision["at"] = time.time()
+    shared.DECISIONS.append(decision)

@@ -11,6 +11,7 @@ def test_sched_imports_neither_torch_nor_core_nor_migrate() -> None:
         "import sys\n"
         "import fastckpt.sched, fastckpt.sched.sim, fastckpt.sched.wire, fastckpt.sched.cli\n"
         "import fastckpt.sched.calibrate, fastckpt.sched.profile, fastckpt.sched.accuracy\n"
+        "import fastckpt.sched.reserve, fastckpt.sched.sim_serve\n"
         "bad = [m for m in ('torch', 'fastckpt._core', 'fastckpt.migrate', 'ray') "
         "if m in sys.modules]\n"
         "print(','.join(bad))\n"

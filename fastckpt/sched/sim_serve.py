@@ -1,0 +1,382 @@
+"""Simulator of a multiplexed Ray Serve deployment: the prediction a real run is checked against.
+
+``fastckpt.sched.sim`` models a large GPU cluster with instances, keep-alive and migration. A Ray
+Serve deployment of ``fastckpt.integrations.ray_serve`` works differently, and this module models
+exactly that (event-driven, pure Python, seeded):
+
+- replicas, one per node, each with ``slots`` resident models (Ray Serve's multiplexed LRU cache:
+  a start evicts the least recently used model when the cache is full, before it loads);
+- one load at a time per replica (Ray Serve's multiplexer holds a lock while loading), first
+  come first served; a load reads from the fastest tier holding the model (``dram``, ``ssd``,
+  else ``remote``) and takes ``overhead_s + bytes / bandwidth_bps`` of that tier;
+- after a load the replica's DRAM tier holds the checkpoint and, after a ``remote`` load, its
+  SSD tier holds the converted copy (each LRU under its byte budget; a checkpoint larger than a
+  budget bypasses it; hits refresh recency); a replica without tiers (``dram_bytes`` and
+  ``ssd_bytes`` 0, only a ``remote`` tier) keeps nothing;
+- a request to a replica whose model is resident gets its first token after the model's
+  ``first_token_s``; otherwise after the start it waits for (the load that is running or queued
+  for the model on that replica, or a new one) and then ``first_token_s``; it occupies the replica
+  until its last token (``per_token_s`` per further token);
+- routing, on the state at the request's arrival (real routers see reports up to one period
+  old): ``default`` is Ray Serve's own router for multiplexed requests (replicas whose model ids
+  include the model, else those with the fewest models, else all; two picked at random, the one
+  with fewer requests in flight wins; replicas at ``max_ongoing`` requests are skipped) and
+  ``start-time`` is ``StartTimeRouter`` (replicas with the model resident, loading or queued,
+  fewest requests in flight first; else the estimator's pick on each replica's tiers, holdings
+  and serial load queue).
+
+The result has each request's time to first token, whether it waited for a start, and the loads
+per tier, with mean, p50 and p99.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+import statistics
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from fastckpt.sched.estimate import Estimator
+from fastckpt.sched.model import ModelSpec, SchedError, Server, TierQueue, TierSpeed
+from fastckpt.sched.sim import TraceParams, make_trace
+
+POLICIES = ("default", "start-time")
+TIERS = ("dram", "ssd", "remote")
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """One replica: its tier speeds (``remote`` required), resident slots and tier budgets."""
+
+    name: str
+    tiers: tuple[TierSpeed, ...]
+    slots: int
+    dram_bytes: int = 0
+    ssd_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        names = {t.name for t in self.tiers}
+        if "remote" not in names or not names <= set(TIERS):
+            raise SchedError(f"replica {self.name!r}: tiers must include remote, within {TIERS}")
+        if self.slots < 1:
+            raise SchedError(f"replica {self.name!r}: slots must be >= 1")
+        if self.dram_bytes < 0 or self.ssd_bytes < 0:
+            raise SchedError(f"replica {self.name!r}: budgets must be >= 0")
+
+    def tier(self, name: str) -> TierSpeed:
+        return next(t for t in self.tiers if t.name == name)
+
+
+@dataclass(frozen=True)
+class ServeRequest:
+    t: float
+    model: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class ComputeCost:
+    """Seconds from a resident model to its first token, and per further token."""
+
+    first_token_s: float
+    per_token_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ServeSimResult:
+    policy: str
+    ttft_s: tuple[float, ...]
+    waited: tuple[bool, ...]
+    replica: tuple[str, ...]
+    loads: Mapping[str, int]
+    seed: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return summarise(self.ttft_s, self.waited, self.loads)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-quantile by the nearest-rank method (``q`` in (0, 1])."""
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+def summarise(
+    ttft: Sequence[float], waited: Sequence[bool], loads: Mapping[str, int]
+) -> dict[str, Any]:
+    return {
+        "requests": len(ttft),
+        "mean_ttft_s": statistics.fmean(ttft) if ttft else 0.0,
+        "p50_ttft_s": percentile(ttft, 0.5),
+        "p99_ttft_s": percentile(ttft, 0.99),
+        "waited": sum(bool(w) for w in waited),
+        "loads": {t: int(loads.get(t, 0)) for t in TIERS},
+    }
+
+
+@dataclass
+class _Rep:
+    spec: ReplicaSpec
+    resident: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    dram: OrderedDict[str, int] = field(default_factory=OrderedDict)
+    ssd: OrderedDict[str, int] = field(default_factory=OrderedDict)
+    queue: list[str] = field(default_factory=list)  # models waiting for the loader, in order
+    loading: str | None = None
+    load_tier: str = ""
+    load_start: float = 0.0
+    load_end: float = 0.0
+    waiters: dict[str, list[int]] = field(default_factory=dict)  # model -> request indices
+    ongoing: int = 0
+
+    def ids(self) -> set[str]:
+        """Ray Serve's model ids of the replica: resident, loading and queued."""
+        out = set(self.resident) | set(self.queue)
+        if self.loading is not None:
+            out.add(self.loading)
+        return out
+
+
+class ServeSimulation:
+    """One policy over one trace (see the module docstring)."""
+
+    def __init__(
+        self,
+        replicas: Sequence[ReplicaSpec],
+        models: Mapping[str, int],
+        trace: Sequence[ServeRequest],
+        policy: str,
+        compute: ComputeCost | Mapping[str, ComputeCost],
+        *,
+        max_ongoing: int = 8,
+        seed: int = 0,
+    ) -> None:
+        if policy not in POLICIES:
+            raise SchedError(f"unknown policy {policy!r} (known: {', '.join(POLICIES)})")
+        names = [r.name for r in replicas]
+        if not replicas or len(set(names)) != len(names):
+            raise SchedError("replicas must be non-empty with unique names")
+        unknown = sorted({r.model for r in trace} - set(models))
+        if unknown:
+            raise SchedError(f"the trace names models without a size: {unknown}")
+        self.reps = [_Rep(r) for r in replicas]
+        self.models = dict(models)
+        self.trace = list(trace)
+        self.policy = policy
+        self.compute = compute
+        self.max_ongoing = max_ongoing
+        self.seed = seed
+        self.rng = random.Random(f"serve-{seed}-{policy}")
+        self.estimator = Estimator(migrate=False)
+        self.events: list[tuple[float, int, str, Any]] = []
+        self.seq = itertools.count()
+        self.now = 0.0
+        self.ttft = [math.nan] * len(self.trace)
+        self.waited = [False] * len(self.trace)
+        self.where = [""] * len(self.trace)
+        self.loads = dict.fromkeys(TIERS, 0)
+
+    def _cost(self, model: str) -> ComputeCost:
+        if isinstance(self.compute, ComputeCost):
+            return self.compute
+        return self.compute[model]
+
+    def _push(self, t: float, kind: str, data: Any) -> None:
+        heapq.heappush(self.events, (t, next(self.seq), kind, data))
+
+    # ------------------------------------------------------------------ routing
+    def _pow2(self, cands: list[_Rep]) -> _Rep:
+        if len(cands) == 1:
+            return cands[0]
+        a, b = self.rng.sample(cands, 2)
+        return a if a.ongoing <= b.ongoing else b
+
+    def _route(self, model: str) -> _Rep:
+        free = [r for r in self.reps if r.ongoing < self.max_ongoing] or self.reps
+        warm = [r for r in free if model in r.ids()]
+        if self.policy == "default":
+            if warm:
+                return self._pow2(warm)
+            fewest = min(len(r.ids()) for r in free)
+            return self._pow2([r for r in free if len(r.ids()) == fewest])
+        if warm:
+            return min(warm, key=lambda r: (r.ongoing, r.spec.name))
+        ranked = self.estimator.rank(
+            [self._server(r) for r in free], ModelSpec(model, self.models[model], 0)
+        )
+        by_name = {r.spec.name: r for r in free}
+        return by_name[ranked[0].server]
+
+    def _server(self, r: _Rep) -> Server:
+        queues: dict[str, TierQueue] = {}
+
+        def add(tier: str, nbytes: int) -> None:
+            q = queues.get(tier, TierQueue())
+            queues[tier] = TierQueue(q.loads + 1, q.nbytes + nbytes)
+
+        if r.loading is not None:
+            speed = r.spec.tier(r.load_tier)
+            moved = max(0.0, self.now - r.load_start - speed.overhead_s) * speed.bandwidth_bps
+            add(r.load_tier, max(0, self.models[r.loading] - int(moved)))
+        for m in r.queue:
+            add(self._tier_for(r, m), self.models[m])
+        return Server(
+            name=r.spec.name,
+            tiers=r.spec.tiers,
+            gpus=r.spec.slots,
+            free_gpus=r.spec.slots,
+            holds={"dram": frozenset(r.dram), "ssd": frozenset(r.ssd)},
+            queues=queues,
+            everywhere=frozenset({"remote"}),
+            serial=True,
+        )
+
+    # ------------------------------------------------------------------ replicas
+    def _tier_for(self, r: _Rep, model: str) -> str:
+        if model in r.dram:
+            return "dram"
+        if model in r.ssd:
+            return "ssd"
+        return "remote"
+
+    def _keep(self, cache: OrderedDict[str, int], budget: int, model: str) -> None:
+        nbytes = self.models[model]
+        if nbytes > budget:
+            return
+        cache[model] = nbytes
+        cache.move_to_end(model)
+        while sum(cache.values()) > budget:
+            cache.popitem(last=False)
+
+    def _next_load(self, r: _Rep) -> None:
+        if r.loading is not None or not r.queue:
+            return
+        model = r.queue.pop(0)
+        if len(r.resident) >= r.spec.slots:
+            r.resident.popitem(last=False)  # Ray Serve evicts its LRU model before loading
+        tier = self._tier_for(r, model)
+        r.loading, r.load_tier, r.load_start = model, tier, self.now
+        r.load_end = self.now + r.spec.tier(tier).load_s(self.models[model])
+        self._push(r.load_end, "loaded", r)
+
+    def _serve(self, r: _Rep, i: int, arrived: float) -> None:
+        req = self.trace[i]
+        cost = self._cost(req.model)
+        first = self.now + cost.first_token_s
+        self.ttft[i] = first - arrived
+        self._push(first + max(0, req.tokens - 1) * cost.per_token_s, "done", r)
+
+    def run(self) -> ServeSimResult:
+        for i, req in enumerate(self.trace):
+            self._push(req.t, "arrive", i)
+        while self.events:
+            self.now, _, kind, data = heapq.heappop(self.events)
+            if kind == "arrive":
+                i = data
+                model = self.trace[i].model
+                r = self._route(model)
+                r.ongoing += 1
+                self.where[i] = r.spec.name
+                if model in r.resident:
+                    r.resident.move_to_end(model)
+                    self._serve(r, i, self.now)
+                    continue
+                self.waited[i] = True
+                r.waiters.setdefault(model, []).append(i)
+                if model != r.loading and model not in r.queue:
+                    r.queue.append(model)
+                    self._next_load(r)
+            elif kind == "loaded":
+                r = data
+                model, tier = r.loading, r.load_tier
+                assert model is not None
+                r.loading = None
+                self.loads[tier] += 1
+                r.resident[model] = None
+                if r.spec.dram_bytes:
+                    self._keep(r.dram, r.spec.dram_bytes, model)
+                if r.spec.ssd_bytes and tier != "dram":
+                    self._keep(r.ssd, r.spec.ssd_bytes, model)
+                elif model in r.ssd:
+                    r.ssd.move_to_end(model)
+                for i in r.waiters.pop(model, []):
+                    self._serve(r, i, self.trace[i].t)
+                self._next_load(r)
+            elif kind == "done":
+                data.ongoing -= 1
+        return ServeSimResult(
+            self.policy,
+            tuple(self.ttft),
+            tuple(self.waited),
+            tuple(self.where),
+            dict(self.loads),
+            self.seed,
+        )
+
+
+def trace_from(params: TraceParams, models: Sequence[str]) -> list[ServeRequest]:
+    """The cluster simulator's seeded bursty trace (``fastckpt.sched.sim.make_trace``: gamma
+    inter-arrival times, Zipf popularity, ``tokens_min..tokens_max`` output tokens) over
+    ``models``, ``models[k]`` being the k-th most popular. The trace's own model sizes are not
+    used (they are the cluster simulator's 7B-70B models)."""
+    if len(models) < 2 or len(set(models)) != len(models):
+        raise SchedError("a trace needs at least 2 distinct models")
+    p = replace(params, models_per_server=len(models) / params.servers)
+    specs, reqs = make_trace(p)
+    if len(specs) != len(models):  # rounding of models_per_server x servers
+        raise SchedError(f"the trace has {len(specs)} models, expected {len(models)}")
+    return [ServeRequest(r.t, models[r.model], r.tokens) for r in reqs]
+
+
+def simulate_serving(
+    replicas: Sequence[ReplicaSpec],
+    models: Mapping[str, int],
+    trace: Sequence[ServeRequest],
+    policy: str,
+    compute: ComputeCost | Mapping[str, ComputeCost],
+    *,
+    max_ongoing: int = 8,
+    seed: int = 0,
+) -> ServeSimResult:
+    return ServeSimulation(
+        replicas, models, trace, policy, compute, max_ongoing=max_ongoing, seed=seed
+    ).run()
+
+
+def predict(
+    replicas: Sequence[ReplicaSpec],
+    models: Mapping[str, int],
+    trace: Sequence[ServeRequest],
+    policy: str,
+    compute: ComputeCost | Mapping[str, ComputeCost],
+    *,
+    max_ongoing: int = 8,
+    seeds: int = 20,
+) -> dict[str, Any]:
+    """The summary averaged over ``seeds`` runs (the default router picks at random; the
+    start-time policy is deterministic, so one run is all of it), with each run's summary."""
+    n = seeds if policy == "default" else 1
+    runs = [
+        simulate_serving(
+            replicas, models, trace, policy, compute, max_ongoing=max_ongoing, seed=s
+        ).summary()
+        for s in range(n)
+    ]
+    out: dict[str, Any] = {
+        key: statistics.fmean(r[key] for r in runs)
+        for key in ("mean_ttft_s", "p50_ttft_s", "p99_ttft_s", "waited")
+    }
+    out["requests"] = len(trace)
+    out["loads"] = {t: statistics.fmean(r["loads"][t] for r in runs) for t in TIERS}
+    out["runs"] = n
+    out["spread"] = {
+        key: (min(r[key] for r in runs), max(r[key] for r in runs))
+        for key in ("mean_ttft_s", "p50_ttft_s", "p99_ttft_s")
+    }
+    return out

@@ -1,0 +1,90 @@
+"""The Ray Serve deployment simulator: its bookkeeping, Ray Serve's multiplexing, and routing."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastckpt.sched import SchedError, TierSpeed
+from fastckpt.sched.sim import TraceParams
+from fastckpt.sched.sim_serve import (
+    ComputeCost,
+    ReplicaSpec,
+    ServeRequest,
+    percentile,
+    predict,
+    simulate_serving,
+    trace_from,
+)
+
+MB = 10**6
+TIERS = (TierSpeed("dram", 1000 * MB, 0.01), TierSpeed("ssd", 100 * MB, 0.05),
+         TierSpeed("remote", 10 * MB, 0.5))  # fmt: skip
+MODELS = {"a": 50 * MB, "b": 50 * MB, "c": 50 * MB}
+COST = ComputeCost(0.1, 0.01)
+
+
+def _rep(name: str, slots: int = 1, dram: int = 60 * MB, ssd: int = 10**9) -> ReplicaSpec:
+    return ReplicaSpec(name, TIERS, slots, dram, ssd)
+
+
+def test_one_replica_loads_serially_through_its_tiers() -> None:
+    trace = [ServeRequest(0.0, "a", 1), ServeRequest(0.0, "b", 1), ServeRequest(20.0, "a", 1),
+             ServeRequest(30.0, "a", 1)]  # fmt: skip
+    res = simulate_serving([_rep("r")], MODELS, trace, "start-time", COST)
+    # a from remote (0.5 + 5 s); b waits for it, then remote too; a again: DRAM holds only
+    # the last 50 MB model (b), the SSD tier holds a; then a is resident
+    assert res.ttft_s[0] == pytest.approx(5.5 + 0.1)
+    assert res.ttft_s[1] == pytest.approx(11.0 + 0.1)
+    assert res.ttft_s[2] == pytest.approx(0.05 + 0.5 + 0.1)
+    assert res.ttft_s[3] == pytest.approx(0.1)
+    assert res.waited == (True, True, True, False)
+    assert res.loads == {"dram": 0, "ssd": 1, "remote": 2}
+    s = res.summary()
+    assert s["waited"] == 3 and s["loads"]["remote"] == 2 and s["requests"] == 4
+
+
+def test_requests_for_a_loading_model_join_its_start() -> None:
+    trace = [ServeRequest(0.0, "a", 1), ServeRequest(1.0, "a", 1), ServeRequest(1.0, "a", 1)]
+    for policy in ("default", "start-time"):
+        res = simulate_serving([_rep("r1"), _rep("r2")], MODELS, trace, policy, COST)
+        assert sum(res.loads.values()) == 1, policy
+        assert len(set(res.replica)) == 1
+        assert res.ttft_s[1] == pytest.approx(5.5 + 0.1 - 1.0)
+
+
+def test_start_time_routes_to_the_replica_whose_tier_holds_the_model() -> None:
+    # warm up: a on r1, b on r2 (each then in its replica's DRAM tier); c evicts both
+    warm = [ServeRequest(0.0, "a", 1), ServeRequest(0.0, "b", 1), ServeRequest(20, "c", 1),
+            ServeRequest(20, "c", 1)]  # fmt: skip
+    probe = [ServeRequest(60.0, "a", 1), ServeRequest(80.0, "b", 1)]
+    reps = [_rep("r1", dram=200 * MB), _rep("r2", dram=200 * MB)]
+    res = simulate_serving(reps, MODELS, warm + probe, "start-time", COST)
+    first = {m: r for m, r in zip([q.model for q in warm], res.replica, strict=False)}
+    assert res.replica[4] == first["a"] and res.replica[5] == first["b"]
+    assert res.ttft_s[4] == pytest.approx(0.01 + 0.05 + 0.1)
+
+
+def test_default_router_is_seeded_and_predict_averages_seeds() -> None:
+    params = TraceParams(
+        servers=2, duration_s=120, rate_per_server=0.2, tokens_min=1, tokens_max=4, seed=3
+    )
+    trace = trace_from(params, list(MODELS))
+    assert {r.model for r in trace} <= set(MODELS) and all(1 <= r.tokens <= 4 for r in trace)
+    reps = [_rep("r1", 2), _rep("r2", 2)]
+    one = simulate_serving(reps, MODELS, trace, "default", COST, seed=1)
+    assert one == simulate_serving(reps, MODELS, trace, "default", COST, seed=1)
+    pred = predict(reps, MODELS, trace, "default", COST, seeds=5)
+    assert pred["runs"] == 5 and pred["requests"] == len(trace)
+    lo, hi = pred["spread"]["mean_ttft_s"]
+    assert lo <= pred["mean_ttft_s"] <= hi
+    assert predict(reps, MODELS, trace, "start-time", COST)["runs"] == 1
+
+
+def test_invalid_inputs_are_refused() -> None:
+    with pytest.raises(SchedError, match="remote"):
+        ReplicaSpec("r", (TierSpeed("dram", 1e9),), 1)
+    with pytest.raises(SchedError, match="without a size"):
+        simulate_serving([_rep("r")], MODELS, [ServeRequest(0, "zz", 1)], "default", COST)
+    with pytest.raises(SchedError, match="unknown policy"):
+        simulate_serving([_rep("r")], MODELS, [], "random", COST)
+    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0 and percentile([], 0.9) == 0.0
