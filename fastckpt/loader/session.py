@@ -712,21 +712,23 @@ class Loader:
         roots = {os.path.realpath(os.fspath(path))}
         with contextlib.suppress(OSError, FormatError):
             roots.add(os.path.realpath(read_index(path).root))
+        skey: str | None = None
+        if self.ssd_tier is not None:
+            try:
+                index = read_index(path)
+                skey = source_identity([p.path for p in index.partitions], os.fspath(path))
+            except (OSError, FormatError):
+                skey = None
+            copy = self.ssd_tier.peek(skey) if skey is not None else None
+            if copy is not None:  # the GPU and DRAM tiers hold the converted copy's buffers
+                roots.add(os.path.realpath(copy))
         removed = 0
         for tier in (self.gpu_tier, self.dram_tier):
             for key in _tuple_keys(tier.keys()):
                 if key[0] in roots and tier.evict(key):
                     removed += 1
-        if self.ssd_tier is not None:
-            try:
-                index = read_index(path)
-                skey: str | None = source_identity(
-                    [p.path for p in index.partitions], os.fspath(path)
-                )
-            except (OSError, FormatError):
-                skey = None
-            if skey is not None and self.ssd_tier.evict(skey):
-                removed += 1
+        if skey is not None and self.ssd_tier is not None and self.ssd_tier.evict(skey):
+            removed += 1
         return removed
 
     def cache_info(self) -> dict[str, Any]:
