@@ -219,10 +219,8 @@ class LocalCluster:
         deadline = time.monotonic() + self.stop_timeout_s
         for node in reversed(self.nodes):
             left = max(0.1, deadline - time.monotonic())
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 node.proc.wait(left)
-            except subprocess.TimeoutExpired:
-                pass
             _signal_group(node.proc, signal.SIGKILL)  # whatever of the group is still there
             with contextlib.suppress(subprocess.TimeoutExpired):
                 node.proc.wait(10)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +46,7 @@ def fastckpt_load_fn(device: str = "cpu") -> LoadFn:
 
         t0 = time.perf_counter()
         tensors, stats = fastckpt.load(path, device, stats=True)
-        _make_usable(tensors, device)
+        make_usable(tensors.values(), device)
         seconds = time.perf_counter() - t0
         del tensors
         return int(stats.nbytes), seconds
@@ -54,17 +54,20 @@ def fastckpt_load_fn(device: str = "cpu") -> LoadFn:
     return load
 
 
-def _make_usable(tensors: Mapping[str, object], device: str) -> None:
+def make_usable(tensors: Iterable[object], device: str) -> None:
+    """Wait until loaded tensors can be used: on a GPU until the device has synchronized, on
+    CPU until one byte of every 4 KiB page has been read (a page-cached load is a lazy mapping
+    whose work happens on first touch)."""
     import torch
 
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
         return
     total = 0
-    for t in tensors.values():
+    for t in tensors:
         assert isinstance(t, torch.Tensor)
-        if t.numel():
-            flat = t.reshape(-1).view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)
+        if t.numel() and t.device.type == "cpu":
+            flat = t.detach().reshape(-1).view(torch.uint8)
             total += int(flat[::4096].sum())
     del total
 

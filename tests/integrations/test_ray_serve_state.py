@@ -130,7 +130,8 @@ def test_state_follows_a_start_and_reports_it_as_routing_stats() -> None:
     assert est.load.queue_wait_s == pytest.approx(1 * 0.5 + 2000 / 1e3)
     clock.t += 1.0
     view.dram["a"] = 4000
-    assert st.finish("a", ok=True) == pytest.approx(3.5) and view.refreshed == 1
+    seconds, seq = st.finish("a", ok=True)
+    assert seconds == pytest.approx(3.5) and seq == 1 and view.refreshed == 1
     assert st.request("a") is False
     rep = st.report()
     assert rep["resident"] == ["a"] and rep["loads"]["ssd"] == 1 and rep["holds"]["dram"] == ["a"]

@@ -57,16 +57,22 @@ ModelLoader = Callable[[ModelEntry, str, Any], Any]
 
 def load_transformers(entry: ModelEntry, device: str, loader: Any) -> Any:
     """A transformers model from ``entry.path`` through ``loader`` (``fastckpt.load_model``);
-    with ``loader=None``, transformers' own ``from_pretrained`` (no fastckpt)."""
+    with ``loader=None``, transformers' own ``from_pretrained`` (no fastckpt). Returns once
+    every page of the weights has been touched (``make_usable``)."""
+    from fastckpt.sched.calibrate import make_usable
+
     if loader is None:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(entry.path, device_map=device)
-        return model.eval()
-    import fastckpt
+        model = AutoModelForCausalLM.from_pretrained(entry.path, device_map=device).eval()
+    else:
+        import fastckpt
 
-    with loader.use():
-        return fastckpt.load_model(entry.path, device=device)
+        with loader.use():
+            model = fastckpt.load_model(entry.path, device=device)
+    # loaded means usable: a lazily mapped load pays its page faults here, not in a request
+    make_usable([*model.parameters(), *model.buffers()], device)
+    return model
 
 
 def decode_step(model: Any, ids: list[int], past: Any) -> tuple[int, Any]:
@@ -107,11 +113,13 @@ class Resident:
         tier: str,
         seconds: float,
         on_evict: Callable[[str], None],
+        load_id: str = "",
     ) -> None:
         self.name = name
         self.model = model
         self.tier = tier
         self.seconds = seconds
+        self.load_id = load_id
         self._on_evict: Callable[[str], None] | None = on_evict
         self._lock = threading.Lock()
 
@@ -225,11 +233,11 @@ class ModelHost:
             )
             ok = True
         finally:
-            seconds = self.state.finish(model_id, ok)
+            seconds, seq = self.state.finish(model_id, ok)
         if self._isolate:
             await loop.run_in_executor(self._load_pool, self._drop_pages, model_id)
         logger.info("%s: loaded %s from %s in %.3f s", self.name, model_id, tier, seconds)
-        return Resident(model_id, model, tier, seconds, self.state.evicted)
+        return Resident(model_id, model, tier, seconds, self.state.evicted, f"{self.name}:{seq}")
 
     async def get_model(self, model_id: str) -> Resident:
         raise NotImplementedError("make the deployment with deployment() (multiplexed loader)")
@@ -252,6 +260,7 @@ class ModelHost:
             "waited": waited,
             "tier": res.tier if waited else "resident",
             "load_s": res.seconds if waited else 0.0,
+            "load": res.load_id if waited else "",
         }
         loop = asyncio.get_running_loop()
         ids, past = list(prompt), None

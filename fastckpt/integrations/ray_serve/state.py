@@ -245,6 +245,7 @@ class HostState:
         self.loads = dict.fromkeys(TIERS, 0)
         self.load_seconds = dict.fromkeys(TIERS, 0.0)
         self.failed_loads = 0
+        self.load_seq = 0
         self.evictions = 0
         self.requests = 0
         self.waited = 0
@@ -281,21 +282,23 @@ class HostState:
             self.loading[model] = _Load(model, tier, self.catalog[model].nbytes, self._clock())
         return tier
 
-    def finish(self, model: str, ok: bool) -> float:
-        """The load of ``model`` ended; returns its seconds. A successful load makes the model
-        resident and refines the tier's speed from the time it took."""
+    def finish(self, model: str, ok: bool) -> tuple[float, int]:
+        """The load of ``model`` ended; returns its seconds and its number on this replica. A
+        successful load makes the model resident and refines the tier's speed from its time."""
         with self._lock:
             load = self.loading.pop(model)
             seconds = self._clock() - load.started
+            self.load_seq += 1
+            seq = self.load_seq
             if not ok:
                 self.failed_loads += 1
-                return seconds
+                return seconds, seq
             self.resident[model] = None
             self.loads[load.tier] += 1
             self.load_seconds[load.tier] += seconds
             self.speeds[load.tier] = self.speeds[load.tier].observe(load.nbytes, seconds)
         self.view.refresh()
-        return seconds
+        return seconds, seq
 
     def abandon(self, model: str) -> None:
         """A queued start will not happen (its request failed before the load began)."""
