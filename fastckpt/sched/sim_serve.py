@@ -16,7 +16,8 @@ exactly that (event-driven, pure Python, seeded):
 - a request to a replica whose model is resident gets its first token after the model's
   ``first_token_s``; otherwise after the start it waits for (the load that is running or queued
   for the model on that replica, or a new one) and then ``first_token_s``; it occupies the replica
-  until its last token (``per_token_s`` per further token);
+  until its last token (``per_token_s`` per further token); every request also pays
+  ``overhead_s``, the serving system's own cost (routing, calls, streaming);
 - routing, on the state at the request's arrival (real routers see reports up to one period
   old): ``default`` is Ray Serve's own router for multiplexed requests (replicas whose model ids
   include the model, else those with the fewest models, else all; two picked at random, the one
@@ -155,6 +156,7 @@ class ServeSimulation:
         compute: ComputeCost | Mapping[str, ComputeCost],
         *,
         max_ongoing: int = 8,
+        overhead_s: float = 0.0,
         seed: int = 0,
     ) -> None:
         if policy not in POLICIES:
@@ -171,6 +173,7 @@ class ServeSimulation:
         self.policy = policy
         self.compute = compute
         self.max_ongoing = max_ongoing
+        self.overhead_s = overhead_s
         self.seed = seed
         self.rng = random.Random(f"serve-{seed}-{policy}")
         self.estimator = Estimator(migrate=False)
@@ -269,7 +272,7 @@ class ServeSimulation:
         req = self.trace[i]
         cost = self._cost(req.model)
         first = self.now + cost.first_token_s
-        self.ttft[i] = first - arrived
+        self.ttft[i] = first - arrived + self.overhead_s
         self._push(first + max(0, req.tokens - 1) * cost.per_token_s, "done", r)
 
     def run(self) -> ServeSimResult:
@@ -342,10 +345,18 @@ def simulate_serving(
     compute: ComputeCost | Mapping[str, ComputeCost],
     *,
     max_ongoing: int = 8,
+    overhead_s: float = 0.0,
     seed: int = 0,
 ) -> ServeSimResult:
     return ServeSimulation(
-        replicas, models, trace, policy, compute, max_ongoing=max_ongoing, seed=seed
+        replicas,
+        models,
+        trace,
+        policy,
+        compute,
+        max_ongoing=max_ongoing,
+        overhead_s=overhead_s,
+        seed=seed,
     ).run()
 
 
@@ -357,6 +368,7 @@ def predict(
     compute: ComputeCost | Mapping[str, ComputeCost],
     *,
     max_ongoing: int = 8,
+    overhead_s: float = 0.0,
     seeds: int = 20,
 ) -> dict[str, Any]:
     """The summary averaged over ``seeds`` runs (the default router picks at random; the
@@ -364,7 +376,14 @@ def predict(
     n = seeds if policy == "default" else 1
     runs = [
         simulate_serving(
-            replicas, models, trace, policy, compute, max_ongoing=max_ongoing, seed=s
+            replicas,
+            models,
+            trace,
+            policy,
+            compute,
+            max_ongoing=max_ongoing,
+            overhead_s=overhead_s,
+            seed=s,
         ).summary()
         for s in range(n)
     ]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import logging
 import os
 import threading
@@ -152,6 +153,9 @@ class ModelHost:
             replica neither holds in its DRAM tier nor has resident (a node's memory holds what
             its tiers hold). Without it the machine's one page cache serves every "node".
         model_loader: ``(entry, device, loader) -> model``; default ``load_transformers``.
+        warm_up: before serving, import the catalog's model classes and load and run a tiny
+            model through ``model_loader`` (a fresh process's first load otherwise pays
+            seconds of imports and first-use costs).
     """
 
     max_models_per_replica = 0  # set by deployment()
@@ -169,6 +173,7 @@ class ModelHost:
         torch_threads: int | None = 1,
         isolate_page_cache: bool = False,
         model_loader: ModelLoader | None = None,
+        warm_up: bool = True,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: expected one of {MODES}")
@@ -216,6 +221,52 @@ class ModelHost:
         )
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="fastckpt-load")
         self._step_pool = ThreadPoolExecutor(2, thread_name_prefix="fastckpt-step")
+        if warm_up:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Pay a fresh process's one-time costs before the first request, not in its start:
+        import the catalog's model classes, and load and run a tiny model through the same
+        load function (no tiers, nothing kept)."""
+        import tempfile
+
+        import transformers
+
+        for entry in self.catalog.values():
+            config = os.path.join(entry.path, "config.json")
+            with contextlib.suppress(OSError, ValueError):
+                with open(config, encoding="utf-8") as fh:
+                    archs = json.load(fh).get("architectures") or []
+                for arch in archs:
+                    getattr(transformers, str(arch), None)
+        cfg = transformers.LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+        with tempfile.TemporaryDirectory(prefix="fastckpt-warm-up-") as tmp:
+            src = os.path.join(tmp, "model")
+            transformers.LlamaForCausalLM(cfg).save_pretrained(src)
+            loader = None
+            if self.loader is not None:  # a throwaway Loader with both tiers: every code path
+                import fastckpt
+
+                loader = fastckpt.Loader(
+                    dram_tier_bytes=64 << 20,
+                    ssd_tier_bytes=64 << 20,
+                    ssd_tier_dir=os.path.join(tmp, "ssd"),
+                    gpu_tier_bytes=0,
+                )
+            try:
+                for _ in range(2):  # a cold load (conversion, DRAM fill), then a DRAM hit
+                    model = self._model_loader(ModelEntry("warm-up", src, 1), self.device, loader)
+                    decode_step(model, [1, 2, 3], None)
+            finally:
+                if loader is not None:
+                    loader.close()
 
     # ------------------------------------------------------------------ Ray Serve hooks
     def record_routing_stats(self) -> dict[str, Any]:
@@ -270,6 +321,11 @@ class ModelHost:
             )
             yield nxt
             ids = [nxt]
+
+    async def ping(self) -> AsyncIterator[str]:
+        """Stream this replica's name: the way of a request through Ray Serve without a model
+        (what the serving system itself costs a request)."""
+        yield self.name
 
     async def __call__(self, request: Any) -> dict[str, Any]:
         body = await request.json()
