@@ -15,7 +15,10 @@ or one of the scenarios registered here, chosen with ``--scenario``:
 - ``daemon``: a fresh process loading from a ``fastckpt serve`` daemon beside cold and warm loads;
 - ``iterator``: ``fastckpt.iter_tensors`` beside ``fastckpt.load`` (time and peak RSS);
 - ``vllm``: weight loading inside vLLM (``fastckpt.integrations.vllm.bench``, run by the
-  interpreter ``FASTCKPT_VLLM_PYTHON`` names; skipped with a note when it is unset or lacks vLLM).
+  interpreter ``FASTCKPT_VLLM_PYTHON`` names; skipped with a note when it is unset or lacks vLLM);
+- ``serverless``: plain Ray Serve against fastckpt's deployment on a local 2-node Ray cluster,
+  time to first token over a bursty trace, beside the simulator's prediction (the small version
+  of ``fastckpt.bench.serverless``).
 
 Every measurement runs in a fresh process (``python -m fastckpt.bench.worker measure``), which
 calls the scenario module's ``measure(spec)``; settings reach it through that process's
@@ -83,6 +86,7 @@ SCENARIOS: dict[str, str] = {
     "daemon": "fastckpt.bench.scenario_daemon",
     "iterator": "fastckpt.bench.scenario_iterator",
     "vllm": "fastckpt.bench.scenario_vllm",
+    "serverless": "fastckpt.bench.scenario_serverless",
 }
 """Scenario name -> module (see the module docstring for what a module provides)."""
 

@@ -55,6 +55,7 @@ from fastckpt.rules.units import format_bytes, parse_size
 from fastckpt.sched.sim import TraceParams
 from fastckpt.sched.sim_serve import (
     ComputeCost,
+    Machine,
     ReplicaSpec,
     ServeRequest,
     predict,
@@ -236,6 +237,7 @@ class Calibration:
     tiers: dict[str, dict[str, Any]]  # tier -> fit (bandwidth_bps, overhead_s, ...) and samples
     compute: dict[str, ComputeCost]
     profile_path: str
+    background: float = 0.0  # runnable threads of other processes while calibrating
 
     def speeds(self) -> dict[str, Any]:
         from fastckpt.sched.model import TierSpeed
@@ -261,7 +263,22 @@ def calibrate(
     repeats: int,
     threads: int = 1,
 ) -> Calibration:
-    """Fit each tier of the deployment's load path (module docstring) and time first tokens."""
+    """Fit each tier of the deployment's load path (module docstring) and time first tokens,
+    noting the other tenants' load meanwhile."""
+    with BackgroundSampler() as sampler:
+        cal = _calibrate(paths, shapes, workdir, repeats=repeats, threads=threads)
+    cal.background = sampler.mean()
+    return cal
+
+
+def _calibrate(
+    paths: Mapping[str, str],
+    shapes: Sequence[ModelShape],
+    workdir: str,
+    *,
+    repeats: int,
+    threads: int,
+) -> Calibration:
     import torch
 
     import fastckpt
@@ -281,7 +298,6 @@ def calibrate(
         "ssd_tier_bytes": 8 << 30,
         "ssd_tier_dir": ssd_dir,
     }
-    warm = fastckpt.Loader(**settings)
 
     def timed(load: Callable[[], Any], name: str) -> tuple[int, float]:
         t0 = time.perf_counter()
@@ -291,50 +307,48 @@ def calibrate(
         return sizes[name], seconds
 
     def fresh(name: str) -> tuple[int, float]:
-        with fastckpt.Loader(**settings) as loader:  # empty DRAM tier, the SSD tier's copies
+        # a Loader of its own: an empty DRAM tier, the SSD tier's copies on disk; closing it
+        # unlocks what its DRAM tier held, so the next measurement's page-cache drop works
+        with fastckpt.Loader(**settings) as loader:
             return timed(lambda: load_transformers(entries[name], "cpu", loader), name)
 
     def copies() -> list[str]:
         return [os.path.join(ssd_dir, d) for d in os.listdir(ssd_dir) if not d.startswith(".")]
 
     def cold_remote(name: str) -> None:
-        warm.evict(paths[name])
+        with fastckpt.Loader(**settings) as loader:
+            loader.evict(paths[name])  # the SSD tier's copy
         _drop([paths[name]])
 
     def cold_ssd(name: str) -> None:
-        with fastckpt.Loader(**settings) as loader, loader.use():
+        with fastckpt.Loader(**settings) as loader:
             loader.prefetch(paths[name], tier="ssd").result()
         _drop([paths[name], *copies()])
 
-    def in_dram(name: str) -> None:
-        timed(lambda: load_transformers(entries[name], "cpu", warm), name)
-
     order = sorted(paths, key=lambda n: sizes[n])
     runs = {
-        "remote": measure_tier(
-            "remote",
-            lambda n: timed(lambda: load_transformers(entries[n], "cpu", warm), n),
-            order,
-            prepare=cold_remote,
-            repeats=repeats,
-        ),
+        "remote": measure_tier("remote", fresh, order, prepare=cold_remote, repeats=repeats),
         "ssd": measure_tier("ssd", fresh, order, prepare=cold_ssd, repeats=repeats),
-        "dram": measure_tier(
+    }
+    with fastckpt.Loader(**settings) as warm:
+
+        def in_dram(name: str) -> None:
+            timed(lambda: load_transformers(entries[name], "cpu", warm), name)
+
+        runs["dram"] = measure_tier(
             "dram",
             lambda n: timed(lambda: load_transformers(entries[n], "cpu", warm), n),
             order,
             prepare=in_dram,
             repeats=repeats,
-        ),
-        "plain": measure_tier(
-            "plain",
-            lambda n: timed(lambda: load_transformers(entries[n], "cpu", None), n),
-            order,
-            prepare=lambda n: _drop([paths[n]]),
-            repeats=repeats,
-        ),
-    }
-    warm.close()
+        )
+    runs["plain"] = measure_tier(
+        "plain",
+        lambda n: timed(lambda: load_transformers(entries[n], "cpu", None), n),
+        order,
+        prepare=lambda n: _drop([paths[n]]),
+        repeats=repeats,
+    )
     profile = profile_from_fits("cpu", {t: r.fit for t, r in runs.items() if t != "plain"})
     profile_path = os.path.join(workdir, "sched-profile.json")
     MachineProfile.save(profile, profile_path)
@@ -378,6 +392,7 @@ class RunResult:
     requests: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
     overhead_s: float = 0.0  # median time to the first item of a request without a model
+    background: float = 0.0  # mean runnable threads of other processes during the replay
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -447,9 +462,81 @@ def run_once(
         log(f"{run}: a request's way through Ray Serve takes {result.overhead_s * 1e3:.1f} ms")
         log(f"{run}: replaying {len(trace)} requests over {setup.duration_s:.0f} s")
         t0 = time.monotonic()
-        result.requests = asyncio.run(_replay(handle, trace, shapes, refs, setup))
+        with BackgroundSampler(lambda: [n.proc.pid for n in cluster.nodes]) as sampler:
+            result.requests = asyncio.run(_replay(handle, trace, shapes, refs, setup))
+        result.background = sampler.mean()
         result.wall_s = time.monotonic() - t0
+        log(f"{run}: other tenants kept {result.background:.1f} threads runnable on average")
     return result
+
+
+class BackgroundSampler:
+    """The load of other tenants of this machine while a phase runs: every ``interval_s`` the
+    kernel's count of runnable threads (``/proc/loadavg``) minus the runnable threads of this
+    process and of the process groups ``pgids()`` returns (a local cluster's nodes). Use as a
+    context manager; ``mean()`` is the average over the samples (0 where ``/proc`` is missing)."""
+
+    def __init__(self, pgids: Callable[[], Sequence[int]] = tuple, interval_s: float = 0.5) -> None:
+        import threading
+
+        self._pgids = pgids
+        self.interval_s = interval_s
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="background-sampler", daemon=True)
+        self._ours: list[int] = []
+        self._scanned = 0.0
+
+    def __enter__(self) -> BackgroundSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def mean(self) -> float:
+        return statistics.fmean(self.samples) if self.samples else 0.0
+
+    def _our_pids(self) -> list[int]:
+        now = time.monotonic()
+        if now - self._scanned < 5.0 and self._ours:
+            return self._ours
+        groups = set(self._pgids())
+        pids = [os.getpid()]
+        if groups:
+            for name in os.listdir("/proc"):
+                if name.isdigit():
+                    stat = _stat_fields(f"/proc/{name}/stat")
+                    if stat and int(stat[2]) in groups:
+                        pids.append(int(name))
+        self._ours, self._scanned = pids, now
+        return pids
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                with open("/proc/loadavg", encoding="ascii") as fh:
+                    running = int(fh.read().split()[3].split("/")[0])
+            except (OSError, ValueError, IndexError):
+                return
+            ours = 0
+            for pid in self._our_pids():
+                with contextlib.suppress(OSError):
+                    for tid in os.listdir(f"/proc/{pid}/task"):
+                        stat = _stat_fields(f"/proc/{pid}/task/{tid}/stat")
+                        ours += bool(stat and stat[0] == "R")
+            self.samples.append(max(0.0, float(running - ours)))
+
+
+def _stat_fields(path: str) -> list[str] | None:
+    """The fields of a /proc stat file after the command name (state first), or None."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    return text[text.rfind(")") + 2 :].split()
 
 
 async def _overhead(handle: Any, n: int = 15) -> float:
@@ -613,6 +700,7 @@ def plot(data: Mapping[str, Any], path: str) -> None:
 
 def run(setup: Setup, workdir: str, out: str, runs: Sequence[str] = RUNS) -> dict[str, Any]:
     """The whole benchmark (module docstring); returns the data written to ``out``."""
+    from fastckpt.integrations.ray_serve.host import STEP_THREADS
     from fastckpt.sched.sim_serve import simulate_serving
 
     os.makedirs(workdir, exist_ok=True)
@@ -651,12 +739,19 @@ def run(setup: Setup, workdir: str, out: str, runs: Sequence[str] = RUNS) -> dic
         log(f"run {name}")
         res = run_once(setup, name, catalog.as_dict(), trace, refs, workdir, cal.profile_path)
         reps = replicas_for(setup, name, cal)
-        kw: dict[str, Any] = {"max_ongoing": 8, "overhead_s": res.overhead_s}
+        machine_cpu = Machine(os.cpu_count() or 1, res.background, cal.background)
+        kw: dict[str, Any] = {
+            "max_ongoing": 8,
+            "overhead_s": res.overhead_s,
+            "machine": machine_cpu,
+            "step_workers": STEP_THREADS,
+        }
         pred = predict(reps, sizes, trace, POLICY[name], cal.compute, **kw)
         sim = simulate_serving(reps, sizes, trace, POLICY[name], cal.compute, **kw)
         data["runs"][name] = res.summary()
         data["runs"][name]["wall_s"] = res.wall_s
         data["runs"][name]["overhead_s"] = res.overhead_s
+        data["runs"][name]["background"] = res.background
         data["predicted"][name] = pred
         data["difference"][name] = compare(data["runs"][name], pred)
         data["requests"][name] = res.requests

@@ -23,7 +23,9 @@ request_router_kwargs={"models": {name: {"nbytes": ..., "gpus": ...}}, "recomput
 deployment shared by every router, i.e. every proxy and handle), ``"local"`` (this router only) or
 ``"off"``; ``reservation_ttl_s`` (default 3 s) should exceed the routing stats period.
 Each decision (with the estimate's explanation) is appended to ``fastckpt.sched.wire.DECISIONS``
-in the process that routes (the one holding the handle).
+in the process that routes (the one holding the handle), and each replica's latest stats as the
+router received them (when reported, when received, what it held) are in
+``fastckpt.sched.wire.VIEWS``.
 Requires ``ray[serve]`` (the ``fastckpt[ray]`` extra).
 """
 
@@ -37,12 +39,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import ray
-from ray.serve.request_router import (
-    FIFOMixin,
-    PendingRequest,
-    RequestRouter,
-    RunningReplica,
-)
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from fastckpt.sched import wire
 from fastckpt.sched.estimate import Estimator
@@ -152,8 +149,12 @@ class _Book:
         return await self._remote("claim", server, model, tier, nbytes, version, self.owner)
 
 
-class StartTimeRouter(FIFOMixin, RequestRouter):
-    """Routes each request to the replica where its model starts soonest (see module doc)."""
+class StartTimeRouter(RequestRouter):
+    """Routes each request to the replica where its model starts soonest (see module doc).
+
+    No ``FIFOMixin``: a replica chosen for a request goes to that very request (Ray Serve's
+    default matching), never to an older request of another model, so the start happens where
+    it was placed and reserved."""
 
     def initialize_state(
         self,
@@ -174,6 +175,27 @@ class StartTimeRouter(FIFOMixin, RequestRouter):
         name = reservations_name or f"start-reservations-{_deployment_key(self)}"
         self._book = _Book(reservations, float(reservation_ttl_s), name)
 
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        """Ray Serve hands the router its replicas whenever they or their stats change; keep
+        what each reported in ``fastckpt.sched.wire.VIEWS`` with the time it arrived."""
+        super().update_replicas(replicas)
+        from fastckpt.sched import wire as shared
+
+        now = time.time()
+        names = set()
+        for r in replicas:
+            name = replica_name(r)
+            names.add(name)
+            stats = r.routing_stats
+            if stats:
+                old = shared.VIEWS.get(name)
+                view = _view(stats)
+                if old is None or old["at"] != view["at"]:
+                    shared.VIEWS[name] = {**view, "received": now}
+        for name in getattr(self, "_viewed", set()) - names:
+            shared.VIEWS.pop(name, None)
+        self._viewed = names
+
     async def choose_replicas(
         self,
         candidate_replicas: list[RunningReplica],
@@ -193,12 +215,7 @@ class StartTimeRouter(FIFOMixin, RequestRouter):
         reserved = (
             [n for n in starting(snap.reservations, model_id) if n in by_name] if snap else []
         )
-        decision: dict[str, Any] = {
-            "model": model_id,
-            "warm": warm,
-            "underway": reserved,
-            "views": {n: _view(r.routing_stats or {}) for n, r in by_name.items()},
-        }
+        decision: dict[str, Any] = {"model": model_id, "warm": warm, "underway": reserved}
         if warm or reserved:
             first = warm + [n for n in reserved if n not in warm]
             rest = sorted(n for n in by_name if n not in first)
@@ -279,7 +296,7 @@ def _deployment_key(router: Any) -> str:
 
 
 def _view(stats: Mapping[str, Any]) -> dict[str, Any]:
-    """What a decision log keeps of one replica's stats: when, and what it held."""
+    """What ``VIEWS`` keeps of one replica's stats: when it reported, and what it held."""
     return {
         "at": stats.get("at"),
         "resident": list(stats.get("resident", ())),

@@ -13,11 +13,15 @@ exactly that (event-driven, pure Python, seeded):
   SSD tier holds the converted copy (each LRU under its byte budget; a checkpoint larger than a
   budget bypasses it; hits refresh recency); a replica without tiers (``dram_bytes`` and
   ``ssd_bytes`` 0, only a ``remote`` tier) keeps nothing;
-- a request to a replica whose model is resident gets its first token after the model's
-  ``first_token_s``; otherwise after the start it waits for (the load that is running or queued
-  for the model on that replica, or a new one) and then ``first_token_s``; it occupies the replica
-  until its last token (``per_token_s`` per further token); every request also pays
+- a request runs as token steps on its replica, first come first served over ``step_workers``
+  threads (unlimited by default): the prefill and first token (``first_token_s``), then one step
+  per further token (``per_token_s``), each step queued behind the steps of other requests
+  waiting then; a request whose model is not resident first waits for the start (the load that
+  is running or queued for the model on that replica, or a new one); every request also pays
   ``overhead_s``, the serving system's own cost (routing, calls, streaming);
+- the replicas share a ``Machine``'s cores: every running load and step progresses at
+  ``min(1, cores / (running jobs + background))`` of its calibrated speed (processor sharing;
+  off by default);
 - routing, on the state at the request's arrival (real routers see reports up to one period
   old): ``default`` is Ray Serve's own router for multiplexed requests (replicas whose model ids
   include the model, else those with the fewest models, else all; two picked at random, the one
@@ -32,8 +36,6 @@ per tier, with mean, p50 and p99.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import math
 import random
 import statistics
@@ -122,6 +124,45 @@ def summarise(
     }
 
 
+@dataclass(frozen=True)
+class Machine:
+    """The CPUs the replicas share (several emulated nodes on one machine, or one node's cores
+    shared by its replica's loads and token steps).
+
+    Every running job (a load, a token step) progresses at ``min(1, cores / (n + background))``
+    of its calibrated speed-at-full-core, ``n`` being the jobs of the simulation running at that
+    moment and ``background`` the runnable threads of everything else on the machine (processor
+    sharing, as the kernel's fair scheduler approximates). Calibration measured each job alone
+    beside ``calibration_background`` runnable threads: its time is converted to work at that
+    share. ``cores=None`` (default) means no sharing: every job runs at its calibrated speed.
+    """
+
+    cores: float | None = None
+    background: float = 0.0
+    calibration_background: float = 0.0
+
+    def share(self, n: int, background: float | None = None) -> float:
+        if self.cores is None or n <= 0:
+            return 1.0
+        bg = self.background if background is None else background
+        return min(1.0, self.cores / (n + bg))
+
+    def work(self, seconds: float) -> float:
+        """Work (seconds at a full core) of a job calibrated at ``seconds``."""
+        return seconds * self.share(1, self.calibration_background)
+
+
+@dataclass
+class _Job:
+    replica: _Rep
+    kind: str  # load | step
+    work: float
+    left: float
+    model: str = ""
+    request: int = -1
+    step: int = 0
+
+
 @dataclass
 class _Rep:
     spec: ReplicaSpec
@@ -129,18 +170,22 @@ class _Rep:
     dram: OrderedDict[str, int] = field(default_factory=OrderedDict)
     ssd: OrderedDict[str, int] = field(default_factory=OrderedDict)
     queue: list[str] = field(default_factory=list)  # models waiting for the loader, in order
-    loading: str | None = None
+    load: _Job | None = None
     load_tier: str = ""
-    load_start: float = 0.0
-    load_end: float = 0.0
     waiters: dict[str, list[int]] = field(default_factory=dict)  # model -> request indices
+    steps: list[tuple[int, int]] = field(default_factory=list)  # (request, step) waiting, FIFO
+    running_steps: int = 0
     ongoing: int = 0
+
+    @property
+    def loading(self) -> str | None:
+        return self.load.model if self.load is not None else None
 
     def ids(self) -> set[str]:
         """Ray Serve's model ids of the replica: resident, loading and queued."""
         out = set(self.resident) | set(self.queue)
-        if self.loading is not None:
-            out.add(self.loading)
+        if self.load is not None:
+            out.add(self.load.model)
         return out
 
 
@@ -157,6 +202,8 @@ class ServeSimulation:
         *,
         max_ongoing: int = 8,
         overhead_s: float = 0.0,
+        machine: Machine | None = None,
+        step_workers: int | None = None,
         seed: int = 0,
     ) -> None:
         if policy not in POLICIES:
@@ -167,6 +214,8 @@ class ServeSimulation:
         unknown = sorted({r.model for r in trace} - set(models))
         if unknown:
             raise SchedError(f"the trace names models without a size: {unknown}")
+        if step_workers is not None and step_workers < 1:
+            raise SchedError("step_workers must be >= 1 (or None: unlimited)")
         self.reps = [_Rep(r) for r in replicas]
         self.models = dict(models)
         self.trace = list(trace)
@@ -174,11 +223,13 @@ class ServeSimulation:
         self.compute = compute
         self.max_ongoing = max_ongoing
         self.overhead_s = overhead_s
+        self.machine = machine or Machine()
+        self.step_workers = step_workers
         self.seed = seed
         self.rng = random.Random(f"serve-{seed}-{policy}")
         self.estimator = Estimator(migrate=False)
-        self.events: list[tuple[float, int, str, Any]] = []
-        self.seq = itertools.count()
+        self.arrivals = sorted(range(len(self.trace)), key=lambda i: (self.trace[i].t, i))
+        self.jobs: list[_Job] = []
         self.now = 0.0
         self.ttft = [math.nan] * len(self.trace)
         self.waited = [False] * len(self.trace)
@@ -189,9 +240,6 @@ class ServeSimulation:
         if isinstance(self.compute, ComputeCost):
             return self.compute
         return self.compute[model]
-
-    def _push(self, t: float, kind: str, data: Any) -> None:
-        heapq.heappush(self.events, (t, next(self.seq), kind, data))
 
     # ------------------------------------------------------------------ routing
     def _pow2(self, cands: list[_Rep]) -> _Rep:
@@ -210,9 +258,8 @@ class ServeSimulation:
             return self._pow2([r for r in free if len(r.ids()) == fewest])
         if warm:
             return min(warm, key=lambda r: (r.ongoing, r.spec.name))
-        ranked = self.estimator.rank(
-            [self._server(r) for r in free], ModelSpec(model, self.models[model], 0)
-        )
+        spec = ModelSpec(model, self.models[model], 0)
+        ranked = self.estimator.rank([self._server(r) for r in free], spec)
         by_name = {r.spec.name: r for r in free}
         return by_name[ranked[0].server]
 
@@ -223,10 +270,9 @@ class ServeSimulation:
             q = queues.get(tier, TierQueue())
             queues[tier] = TierQueue(q.loads + 1, q.nbytes + nbytes)
 
-        if r.loading is not None:
-            speed = r.spec.tier(r.load_tier)
-            moved = max(0.0, self.now - r.load_start - speed.overhead_s) * speed.bandwidth_bps
-            add(r.load_tier, max(0, self.models[r.loading] - int(moved)))
+        if r.load is not None:
+            done = 1.0 - r.load.left / r.load.work if r.load.work > 0 else 1.0
+            add(r.load_tier, max(0, int(self.models[r.load.model] * (1.0 - done))))
         for m in r.queue:
             add(self._tier_for(r, m), self.models[m])
         return Server(
@@ -258,61 +304,95 @@ class ServeSimulation:
             cache.popitem(last=False)
 
     def _next_load(self, r: _Rep) -> None:
-        if r.loading is not None or not r.queue:
+        if r.load is not None or not r.queue:
             return
         model = r.queue.pop(0)
         if len(r.resident) >= r.spec.slots:
             r.resident.popitem(last=False)  # Ray Serve evicts its LRU model before loading
         tier = self._tier_for(r, model)
-        r.loading, r.load_tier, r.load_start = model, tier, self.now
-        r.load_end = self.now + r.spec.tier(tier).load_s(self.models[model])
-        self._push(r.load_end, "loaded", r)
+        work = self.machine.work(r.spec.tier(tier).load_s(self.models[model]))
+        r.load, r.load_tier = _Job(r, "load", work, work, model=model), tier
+        self.jobs.append(r.load)
 
-    def _serve(self, r: _Rep, i: int, arrived: float) -> None:
-        req = self.trace[i]
-        cost = self._cost(req.model)
-        first = self.now + cost.first_token_s
-        self.ttft[i] = first - arrived + self.overhead_s
-        self._push(first + max(0, req.tokens - 1) * cost.per_token_s, "done", r)
+    def _enqueue_step(self, r: _Rep, i: int, step: int) -> None:
+        r.steps.append((i, step))
+        self._next_steps(r)
+
+    def _next_steps(self, r: _Rep) -> None:
+        while r.steps and (self.step_workers is None or r.running_steps < self.step_workers):
+            i, step = r.steps.pop(0)
+            cost = self._cost(self.trace[i].model)
+            seconds = cost.first_token_s if step == 0 else cost.per_token_s
+            work = self.machine.work(seconds)
+            r.running_steps += 1
+            self.jobs.append(_Job(r, "step", work, work, request=i, step=step))
+
+    def _loaded(self, r: _Rep) -> None:
+        assert r.load is not None
+        model, tier = r.load.model, r.load_tier
+        r.load = None
+        self.loads[tier] += 1
+        r.resident[model] = None
+        if r.spec.dram_bytes:
+            self._keep(r.dram, r.spec.dram_bytes, model)
+        if r.spec.ssd_bytes and tier != "dram":
+            self._keep(r.ssd, r.spec.ssd_bytes, model)
+        elif model in r.ssd:
+            r.ssd.move_to_end(model)
+        for i in r.waiters.pop(model, []):
+            self._enqueue_step(r, i, 0)
+        self._next_load(r)
+
+    def _stepped(self, job: _Job) -> None:
+        r, i = job.replica, job.request
+        r.running_steps -= 1
+        if job.step == 0:
+            self.ttft[i] = self.now - self.trace[i].t + self.overhead_s
+        if job.step + 1 < max(1, self.trace[i].tokens):
+            r.steps.append((i, job.step + 1))
+        else:
+            r.ongoing -= 1
+        self._next_steps(r)
+
+    def _arrive(self, i: int) -> None:
+        model = self.trace[i].model
+        r = self._route(model)
+        r.ongoing += 1
+        self.where[i] = r.spec.name
+        if model in r.resident:
+            r.resident.move_to_end(model)
+            self._enqueue_step(r, i, 0)
+            return
+        self.waited[i] = True
+        r.waiters.setdefault(model, []).append(i)
+        if model != r.loading and model not in r.queue:
+            r.queue.append(model)
+            self._next_load(r)
 
     def run(self) -> ServeSimResult:
-        for i, req in enumerate(self.trace):
-            self._push(req.t, "arrive", i)
-        while self.events:
-            self.now, _, kind, data = heapq.heappop(self.events)
-            if kind == "arrive":
-                i = data
-                model = self.trace[i].model
-                r = self._route(model)
-                r.ongoing += 1
-                self.where[i] = r.spec.name
-                if model in r.resident:
-                    r.resident.move_to_end(model)
-                    self._serve(r, i, self.now)
-                    continue
-                self.waited[i] = True
-                r.waiters.setdefault(model, []).append(i)
-                if model != r.loading and model not in r.queue:
-                    r.queue.append(model)
-                    self._next_load(r)
-            elif kind == "loaded":
-                r = data
-                model, tier = r.loading, r.load_tier
-                assert model is not None
-                r.loading = None
-                self.loads[tier] += 1
-                r.resident[model] = None
-                if r.spec.dram_bytes:
-                    self._keep(r.dram, r.spec.dram_bytes, model)
-                if r.spec.ssd_bytes and tier != "dram":
-                    self._keep(r.ssd, r.spec.ssd_bytes, model)
-                elif model in r.ssd:
-                    r.ssd.move_to_end(model)
-                for i in r.waiters.pop(model, []):
-                    self._serve(r, i, self.trace[i].t)
-                self._next_load(r)
-            elif kind == "done":
-                data.ongoing -= 1
+        k = 0  # next arrival
+        eps = 1e-12
+        while k < len(self.arrivals) or self.jobs:
+            rate = self.machine.share(len(self.jobs))
+            t_job = self.now + min(j.left for j in self.jobs) / rate if self.jobs else math.inf
+            t_arr = self.trace[self.arrivals[k]].t if k < len(self.arrivals) else math.inf
+            t_next = max(self.now, min(t_job, t_arr))
+            dt = t_next - self.now
+            for j in self.jobs:
+                j.left -= dt * rate
+            self.now = t_next
+            done = [j for j in self.jobs if j.left <= eps * max(1.0, j.work)]
+            if done:
+                self.jobs = [j for j in self.jobs if j not in done]
+                for j in done:
+                    if j.kind == "load":
+                        self._loaded(j.replica)
+                    else:
+                        self._stepped(j)
+                continue
+            if t_arr <= t_next:
+                self._arrive(self.arrivals[k])
+                k += 1
         return ServeSimResult(
             self.policy,
             tuple(self.ttft),
@@ -346,6 +426,8 @@ def simulate_serving(
     *,
     max_ongoing: int = 8,
     overhead_s: float = 0.0,
+    machine: Machine | None = None,
+    step_workers: int | None = None,
     seed: int = 0,
 ) -> ServeSimResult:
     return ServeSimulation(
@@ -356,6 +438,8 @@ def simulate_serving(
         compute,
         max_ongoing=max_ongoing,
         overhead_s=overhead_s,
+        machine=machine,
+        step_workers=step_workers,
         seed=seed,
     ).run()
 
@@ -369,6 +453,8 @@ def predict(
     *,
     max_ongoing: int = 8,
     overhead_s: float = 0.0,
+    machine: Machine | None = None,
+    step_workers: int | None = None,
     seeds: int = 20,
 ) -> dict[str, Any]:
     """The summary averaged over ``seeds`` runs (the default router picks at random; the
@@ -383,6 +469,8 @@ def predict(
             compute,
             max_ongoing=max_ongoing,
             overhead_s=overhead_s,
+            machine=machine,
+            step_workers=step_workers,
             seed=s,
         ).summary()
         for s in range(n)

@@ -26,6 +26,10 @@ from fastckpt.sched.model import Instance, SchedError, Server, TierQueue, TierSp
 #: Recent placement decisions of routers in this process (fastckpt.sched.ray_serve): dicts with
 #: the model, the chosen replica, the ranking and each estimate's explanation.
 DECISIONS: collections.deque[dict[str, Any]] = collections.deque(maxlen=256)
+#: Replica name -> its latest routing stats as routers in this process received them: the
+#: report's own time ``at``, the arrival time ``received``, and what it held (resident models,
+#: tier holdings, loads in progress).
+VIEWS: dict[str, dict[str, Any]] = {}
 
 
 def server_to_dict(server: Server) -> dict[str, Any]:

@@ -27,6 +27,7 @@ TINY = {
     "daemon": {"size": "2MB"},
     "iterator": {"size": "2MB"},
     "vllm": {"size": "2MB"},
+    "serverless": {"size": "2MB"},
 }
 
 
@@ -75,7 +76,9 @@ def test_scenario_plans_and_measures_at_a_tiny_size(
     except harness.Skipped as exc:
         assert scenario in ("gpu-tier", "vllm"), exc
         pytest.skip(f"{scenario}: {exc}")
-    assert plan, "a scenario measures something"
+    if not plan:  # it runs its own processes (measure_all), smoke-run where that is done
+        assert hasattr(harness.module_of(scenario), "measure_all"), scenario
+        return
     seen = set()
     for m in plan:
         if m.method in seen:

@@ -8,6 +8,7 @@ from fastckpt.sched import SchedError, TierSpeed
 from fastckpt.sched.sim import TraceParams
 from fastckpt.sched.sim_serve import (
     ComputeCost,
+    Machine,
     ReplicaSpec,
     ServeRequest,
     percentile,
@@ -88,3 +89,30 @@ def test_invalid_inputs_are_refused() -> None:
     with pytest.raises(SchedError, match="unknown policy"):
         simulate_serving([_rep("r")], MODELS, [], "random", COST)
     assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0 and percentile([], 0.9) == 0.0
+
+
+def test_token_steps_queue_on_their_replica() -> None:
+    # a resident model: two requests at once on a replica with one step thread; the second's
+    # prefill waits for the first's prefill (steps interleave first come, first served)
+    warm = [ServeRequest(0.0, "a", 1)]
+    both = [ServeRequest(30.0, "a", 3), ServeRequest(30.0, "a", 1)]
+    res = simulate_serving([_rep("r")], MODELS, warm + both, "start-time", COST, step_workers=1)
+    assert res.ttft_s[1] == pytest.approx(0.1)
+    assert res.ttft_s[2] == pytest.approx(0.2)
+    free = simulate_serving([_rep("r")], MODELS, warm + both, "start-time", COST)
+    assert free.ttft_s[2] == pytest.approx(0.1)  # unlimited threads: no queue
+
+
+def test_machine_cores_are_shared_by_every_running_job() -> None:
+    trace = [ServeRequest(0.0, "a", 1), ServeRequest(0.0, "b", 1)]
+    reps = [_rep("r1"), _rep("r2")]
+    alone = simulate_serving(reps, MODELS, trace, "start-time", COST)
+    assert set(alone.replica) == {"r1", "r2"} and alone.ttft_s[0] == pytest.approx(5.6)
+    one_core = Machine(cores=1)
+    shared = simulate_serving(reps, MODELS, trace, "start-time", COST, machine=one_core)
+    # both loads (5.5 s of work each) run at half speed, then both prefills (0.1 s each)
+    assert shared.ttft_s[0] == pytest.approx(11.0 + 0.2)
+    # calibrated beside one background thread on one core: the work was half the time
+    busy = Machine(cores=1, background=1.0, calibration_background=1.0)
+    assert busy.work(2.0) == pytest.approx(1.0) and busy.share(2) == pytest.approx(1 / 3)
+    assert Machine().share(5) == 1.0 and Machine().work(2.0) == 2.0

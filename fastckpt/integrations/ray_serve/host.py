@@ -51,6 +51,8 @@ from fastckpt.integrations.ray_serve.state import (
 logger = logging.getLogger("fastckpt.integrations.ray_serve")
 
 MODES = ("fastckpt", "plain")
+#: Threads of a replica running token steps (each step on one torch thread by default).
+STEP_THREADS = 2
 TIER_SOURCES = ("loader", "daemon")
 
 ModelLoader = Callable[[ModelEntry, str, Any], Any]
@@ -220,7 +222,7 @@ class ModelHost:
             node=str(ray.get_runtime_context().get_node_id()),
         )
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="fastckpt-load")
-        self._step_pool = ThreadPoolExecutor(2, thread_name_prefix="fastckpt-step")
+        self._step_pool = ThreadPoolExecutor(STEP_THREADS, thread_name_prefix="fastckpt-step")
         if warm_up:
             self._warm_up()
 
