@@ -19,9 +19,9 @@ exactly that (event-driven, pure Python, seeded):
   waiting then; a request whose model is not resident first waits for the start (the load that
   is running or queued for the model on that replica, or a new one); every request also pays
   ``overhead_s``, the serving system's own cost (routing, calls, streaming);
-- the replicas share a ``Machine``'s cores: every running load and step progresses at
-  ``min(1, cores / (running jobs + background))`` of its calibrated speed (processor sharing;
-  off by default);
+- the replicas share a ``Machine``'s cores, and a replica's running jobs share its process (one
+  interpreter lock, one torch thread): processor sharing at both levels (off by default; see
+  ``Machine``);
 - routing, on the state at the request's arrival (real routers see reports up to one period
   old): ``default`` is Ray Serve's own router for multiplexed requests (replicas whose model ids
   include the model, else those with the fewest models, else all; two picked at random, the one
@@ -129,27 +129,32 @@ class Machine:
     """The CPUs the replicas share (several emulated nodes on one machine, or one node's cores
     shared by its replica's loads and token steps).
 
-    Every running job (a load, a token step) progresses at ``min(1, cores / (n + background))``
-    of its calibrated speed-at-full-core, ``n`` being the jobs of the simulation running at that
-    moment and ``background`` the runnable threads of everything else on the machine (processor
-    sharing, as the kernel's fair scheduler approximates). Calibration measured each job alone
-    beside ``calibration_background`` runnable threads: its time is converted to work at that
-    share. ``cores=None`` (default) means no sharing: every job runs at its calibrated speed.
+    Processor sharing at two levels. A replica is one process whose Python work (a load's
+    bookkeeping and copies, a small model's forward pass) runs under one interpreter lock and,
+    by default, one torch thread: it uses at most ``replica_cores`` cores, shared equally by its
+    running jobs. The machine's ``cores`` are shared by the replicas that have work and the
+    ``background`` runnable threads of everything else on the machine (as the kernel's fair
+    scheduler approximates): a replica gets ``min(replica_cores, cores / (busy replicas +
+    background))``. Calibration measured each job alone in one process beside
+    ``calibration_background`` runnable threads; its time is converted to work at that share.
+    ``cores=None`` (default) means no sharing: every job runs at its calibrated speed.
     """
 
     cores: float | None = None
     background: float = 0.0
     calibration_background: float = 0.0
+    replica_cores: float = 1.0
 
-    def share(self, n: int, background: float | None = None) -> float:
-        if self.cores is None or n <= 0:
-            return 1.0
+    def share(self, busy: int, background: float | None = None) -> float:
+        """Cores one busy replica gets while ``busy`` replicas have work."""
+        if self.cores is None or busy <= 0:
+            return self.replica_cores
         bg = self.background if background is None else background
-        return min(1.0, self.cores / (n + bg))
+        return min(self.replica_cores, self.cores / (busy + bg))
 
     def work(self, seconds: float) -> float:
-        """Work (seconds at a full core) of a job calibrated at ``seconds``."""
-        return seconds * self.share(1, self.calibration_background)
+        """Work (seconds at ``replica_cores``) of a job calibrated at ``seconds``."""
+        return seconds * self.share(1, self.calibration_background) / self.replica_cores
 
 
 @dataclass
@@ -369,17 +374,27 @@ class ServeSimulation:
             r.queue.append(model)
             self._next_load(r)
 
+    def _rates(self) -> dict[int, float]:
+        """Progress per second of each running job (see ``Machine``)."""
+        if self.machine.cores is None:
+            return {id(j): 1.0 for j in self.jobs}
+        per: dict[int, int] = {}
+        for j in self.jobs:
+            per[id(j.replica)] = per.get(id(j.replica), 0) + 1
+        share = self.machine.share(len(per)) / self.machine.replica_cores
+        return {id(j): share / per[id(j.replica)] for j in self.jobs}
+
     def run(self) -> ServeSimResult:
         k = 0  # next arrival
         eps = 1e-12
         while k < len(self.arrivals) or self.jobs:
-            rate = self.machine.share(len(self.jobs))
-            t_job = self.now + min(j.left for j in self.jobs) / rate if self.jobs else math.inf
+            rates = self._rates()
+            t_job = min((self.now + j.left / rates[id(j)] for j in self.jobs), default=math.inf)
             t_arr = self.trace[self.arrivals[k]].t if k < len(self.arrivals) else math.inf
             t_next = max(self.now, min(t_job, t_arr))
             dt = t_next - self.now
             for j in self.jobs:
-                j.left -= dt * rate
+                j.left -= dt * rates[id(j)]
             self.now = t_next
             done = [j for j in self.jobs if j.left <= eps * max(1.0, j.work)]
             if done:

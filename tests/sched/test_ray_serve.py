@@ -1,9 +1,11 @@
-"""The Ray Serve example on a small local Ray cluster: the start lands where the estimator says."""
+"""StartTimeRouter on a small local Ray cluster, on replica states given as data: the start lands
+where the estimator says, and starts under way are joined. (The real deployment, whose replicas
+report their own tiers, is tested on a 2-node cluster in tests/cluster.)"""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+import time
+from typing import Any
 
 import pytest
 
@@ -12,30 +14,92 @@ from fastckpt.sched.wire import server_from_dict
 
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'fastckpt[ray]')")
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ray_serve" / "app.py"
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from fastckpt.sched.ray_serve import StartTimeRouter
+
+GB = 10**9
+TIERS = [
+    {"name": "dram", "bandwidth_bps": 24 * GB, "overhead_s": 0.05},
+    {"name": "ssd", "bandwidth_bps": 4 * GB, "overhead_s": 0.1},
+    {"name": "remote", "bandwidth_bps": 1.25 * GB, "overhead_s": 0.5},
+]
+MODELS = {"llama-7b": {"nbytes": 14 * GB, "gpus": 1}, "probe": {"nbytes": 1, "gpus": 0}}
+#: One server state per replica rank (what each replica reports as its routing stats).
+SERVERS: list[dict[str, Any]] = [
+    # only remote storage holds llama-7b: 0.5 + 11.2 = 11.7 s
+    {"gpus": 1, "free_gpus": 1, "tiers": TIERS, "everywhere": ["remote"]},
+    # in DRAM, but three 26 GB loads are queued ahead: 3 x 0.05 + 3.25 + 0.05 + 0.58 = 4.03 s
+    {
+        "gpus": 1,
+        "free_gpus": 1,
+        "tiers": TIERS,
+        "everywhere": ["remote"],
+        "holds": {"dram": ["llama-7b"]},
+        "queues": {"dram": {"loads": 3, "nbytes": 78 * GB}},
+    },
+    # on local SSD with an idle queue: 0.1 + 3.5 = 3.6 s  <- the estimator's pick
+    {
+        "gpus": 1,
+        "free_gpus": 1,
+        "tiers": TIERS,
+        "everywhere": ["remote"],
+        "holds": {"ssd": ["llama-7b"]},
+    },
+]
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("fastckpt_ray_serve_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@serve.deployment(num_replicas=len(SERVERS), ray_actor_options={"num_cpus": 0})
+class StatedHost:
+    """A replica that reports a given state and loads nothing."""
+
+    def __init__(self, servers: list[dict[str, Any]]) -> None:
+        ctx = serve.get_replica_context()
+        rank = ctx.rank if isinstance(ctx.rank, int) else ctx.rank.rank
+        self.rank = rank
+        self.name = str(ctx.replica_id.unique_id)
+        self.state = servers[rank % len(servers)]
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        return self.state
+
+    async def __call__(self) -> dict[str, Any]:
+        return {"replica": self.name, "rank": self.rank, "model": serve.get_multiplexed_model_id()}
 
 
-def test_model_start_lands_on_the_replica_the_estimator_picks() -> None:
-    import ray
-    from ray import serve
+def _app(reservations: str) -> Any:
+    router = RequestRouterConfig(
+        request_router_class=StartTimeRouter,
+        request_router_kwargs={
+            "models": MODELS,
+            "recompute": {"a": 0.3, "b": 2e-4},
+            "reservations": reservations,
+            "reservations_name": f"test-reservations-{reservations}",
+        },
+        request_routing_stats_period_s=0.2,
+    )
+    return StatedHost.options(request_router_config=router).bind(SERVERS)
 
+
+def _wait_for_stats(handle: Any, timeout_s: float = 120.0) -> None:
     from fastckpt.sched.wire import DECISIONS
 
-    app = _example()
-    # the estimator's own answer from the same plain data, independent of Ray
-    servers = [server_from_dict(f"rank{k}", s) for k, s in enumerate(app.SERVERS)]
-    spec = app.MODELS["llama-7b"]
-    model = ModelSpec("llama-7b", spec["nbytes"], spec["gpus"])
-    expected = Estimator(RecomputeModel(0.3, 2e-4)).pick(servers, model).server
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        handle.options(multiplexed_model_id="probe").remote().result(timeout_s=timeout_s)
+        if DECISIONS and DECISIONS[-1]["model"] == "probe" and DECISIONS[-1]["complete"]:
+            return
+        time.sleep(0.2)
+    raise TimeoutError("the router never received every replica's routing stats")
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Any:
+    import ray
+
     ray.init(
+        address="local",  # a Ray instance of its own, never one another job started
         num_cpus=2,
         object_store_memory=80 * 1024 * 1024,
         include_dashboard=False,
@@ -43,15 +107,37 @@ def test_model_start_lands_on_the_replica_the_estimator_picks() -> None:
     )
     try:
         serve.start(proxy_location="Disabled")
-        handle = serve.run(app.build_app(), name="fastckpt-sched-test")
-        app.wait_for_routing_stats(handle, timeout_s=120)
-        out = handle.options(multiplexed_model_id="llama-7b").remote().result(timeout_s=120)
-        decision = DECISIONS[-1]
-        assert decision["model"] == "llama-7b" and decision["complete"]
-        assert out["replica"] == decision["chosen"]
-        assert f"rank{out['rank']}" == expected
-        ranking = [name for name, _ in decision["ranking"]]
-        assert ranking[0] == out["replica"] and len(ranking) == len(app.SERVERS)
+        yield
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.mark.parametrize("reservations", ["actor", "off"])
+def test_model_start_lands_on_the_replica_the_estimator_picks(ray_local, reservations) -> None:
+    from fastckpt.sched.wire import DECISIONS
+
+    # the estimator's own answer from the same plain data, independent of Ray
+    servers = [server_from_dict(f"rank{k}", s) for k, s in enumerate(SERVERS)]
+    spec = MODELS["llama-7b"]
+    model = ModelSpec("llama-7b", spec["nbytes"], spec["gpus"])
+    expected = Estimator(RecomputeModel(0.3, 2e-4)).pick(servers, model).server
+    handle = serve.run(_app(reservations), name=f"sched-{reservations}")
+    _wait_for_stats(handle)
+    out = handle.options(multiplexed_model_id="llama-7b").remote().result(timeout_s=120)
+    decision = DECISIONS[-1]
+    assert decision["model"] == "llama-7b" and decision["complete"]
+    assert out["replica"] == decision["chosen"]
+    assert f"rank{out['rank']}" == expected
+    ranking = [name for name, _ in decision["ranking"]]
+    assert ranking[0] == out["replica"] and len(ranking) == len(SERVERS)
+    if reservations == "actor":
+        # the start is reserved: the next request for the model joins it (the stated replicas
+        # never report it as loading, so only the reservation can say where it starts)
+        assert decision["reserved"] == out["replica"]
+        again = handle.options(multiplexed_model_id="llama-7b").remote().result(timeout_s=120)
+        assert again["replica"] == out["replica"]
+        assert DECISIONS[-1]["underway"] == [out["replica"]] and not DECISIONS[-1]["ranking"]
+    else:
+        assert decision["reserved"] is None
+    serve.delete(f"sched-{reservations}")

@@ -116,3 +116,14 @@ def test_machine_cores_are_shared_by_every_running_job() -> None:
     busy = Machine(cores=1, background=1.0, calibration_background=1.0)
     assert busy.work(2.0) == pytest.approx(1.0) and busy.share(2) == pytest.approx(1 / 3)
     assert Machine().share(5) == 1.0 and Machine().work(2.0) == 2.0
+
+
+def test_a_replica_shares_its_process_between_a_load_and_token_steps() -> None:
+    # a resident, b loading on the same replica: a's prefill shares the replica's core with
+    # the load (one interpreter lock) and takes twice as long
+    trace = [ServeRequest(0.0, "a", 1), ServeRequest(10.0, "b", 1), ServeRequest(10.0, "a", 1)]
+    res = simulate_serving([_rep("r", slots=2)], MODELS, trace, "start-time", COST,
+                           machine=Machine(cores=4))  # fmt: skip
+    assert res.replica == ("r", "r", "r")
+    assert res.ttft_s[2] == pytest.approx(0.2)
+    assert res.ttft_s[1] == pytest.approx(5.5 + 0.1 + 0.1)  # the load lost 0.1 s to the step
