@@ -19,6 +19,7 @@ from fastckpt.sched.estimate import (
     StartEstimate,
     load_estimates,
     plan_migration,
+    prefer_room,
 )
 from fastckpt.sched.model import (
     Instance,
@@ -61,4 +62,5 @@ __all__ = [
     "make_server",
     "observations_to_converge",
     "plan_migration",
+    "prefer_room",
 ]

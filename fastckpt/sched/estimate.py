@@ -369,3 +369,32 @@ class Estimator:
         if not best.feasible:
             raise SchedError(f"no server can start {model.name}: {best.reason}")
         return best
+
+
+#: Starts within this much of the fastest one count as equally fast for ``prefer_room``.
+NEAR_REL = 0.05
+NEAR_ABS_S = 0.05
+
+
+def prefer_room(
+    ranked: Sequence[StartEstimate],
+    servers: Sequence[Server],
+    *,
+    rel: float = NEAR_REL,
+    abs_s: float = NEAR_ABS_S,
+) -> list[StartEstimate]:
+    """``ranked`` (``Estimator.rank``'s order) with the starts that are nearly as fast as the
+    fastest (within ``rel`` of it plus ``abs_s``) reordered by free room first: most
+    ``free_gpus``, then estimate, then name. For servers that make room by evicting what they
+    hold (a multiplexed replica drops its least recently used model), a start where room is free
+    evicts nothing that a later request may need again; between starts that differ by more than
+    the tolerance, speed decides."""
+    feasible = [e for e in ranked if e.feasible]
+    if not feasible:
+        return list(ranked)
+    free = {s.name: s.free_gpus for s in servers}
+    limit = feasible[0].total_s * (1 + rel) + abs_s
+    near = [e for e in feasible if e.total_s <= limit]
+    near.sort(key=lambda e: (-free.get(e.server, 0), e.total_s, e.server))
+    rest = [e for e in ranked if e not in near]
+    return near + rest

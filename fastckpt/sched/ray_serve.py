@@ -12,7 +12,9 @@ routing decision *is* the placement of a model start. ``StartTimeRouter`` (a pub
   stats' ``resident`` / ``loading`` / ``queued``), or where another router just reserved its
   start, come first: no second start is needed;
 - otherwise every replica with known state in the estimator's order (startup time, migrations,
-  name), after adding the live reservations of other starts to their load queues; the router
+  name; starts within 5% + 50 ms of the fastest count as equally fast and go to the replica with
+  the most free model slots first, ``prefer_room``: it evicts nothing), after adding the live
+  reservations of other starts to their load queues; the router
   reserves the start on the first one (``fastckpt.sched.reserve``: compare-and-set, so routers
   that ranked on the same state do not all pick the same replica); then replicas whose state is
   not known yet.
@@ -42,7 +44,7 @@ import ray
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from fastckpt.sched import wire
-from fastckpt.sched.estimate import Estimator
+from fastckpt.sched.estimate import Estimator, prefer_room
 from fastckpt.sched.model import ModelSpec, RecomputeModel, SchedError
 from fastckpt.sched.reserve import (
     DEFAULT_TTL_S,
@@ -267,7 +269,7 @@ class StartTimeRouter(RequestRouter):
         claimed: str | None = None
         for _ in range(CLAIM_ATTEMPTS):
             view = apply_reservations(servers, snap.reservations, visible) if snap else servers
-            ranked = self._estimator.rank(view, model) if view else []
+            ranked = prefer_room(self._estimator.rank(view, model), view) if view else []
             best = next((e for e in ranked if e.feasible), None)
             if best is None or snap is None or best.load is None:
                 break

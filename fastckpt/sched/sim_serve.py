@@ -28,7 +28,7 @@ exactly that (event-driven, pure Python, seeded):
   with fewer requests in flight wins; replicas at ``max_ongoing`` requests are skipped) and
   ``start-time`` is ``StartTimeRouter`` (replicas with the model resident, loading or queued,
   fewest requests in flight first; else the estimator's pick on each replica's tiers, holdings
-  and serial load queue).
+  and serial load queue, nearly equal starts going where a slot is free: ``prefer_room``).
 
 The result has each request's time to first token, whether it waited for a start, and the loads
 per tier, with mean, p50 and p99.
@@ -44,7 +44,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from fastckpt.sched.estimate import Estimator
+from fastckpt.sched.estimate import Estimator, prefer_room
 from fastckpt.sched.model import ModelSpec, SchedError, Server, TierQueue, TierSpeed
 from fastckpt.sched.sim import TraceParams, make_trace
 
@@ -264,7 +264,8 @@ class ServeSimulation:
         if warm:
             return min(warm, key=lambda r: (r.ongoing, r.spec.name))
         spec = ModelSpec(model, self.models[model], 0)
-        ranked = self.estimator.rank([self._server(r) for r in free], spec)
+        servers = [self._server(r) for r in free]
+        ranked = prefer_room(self.estimator.rank(servers, spec), servers)
         by_name = {r.spec.name: r for r in free}
         return by_name[ranked[0].server]
 
@@ -284,7 +285,7 @@ class ServeSimulation:
             name=r.spec.name,
             tiers=r.spec.tiers,
             gpus=r.spec.slots,
-            free_gpus=r.spec.slots,
+            free_gpus=max(0, r.spec.slots - len(r.ids())),
             holds={"dram": frozenset(r.dram), "ssd": frozenset(r.ssd)},
             queues=queues,
             everywhere=frozenset({"remote"}),

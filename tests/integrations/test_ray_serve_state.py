@@ -135,6 +135,7 @@ def test_state_follows_a_start_and_reports_it_as_routing_stats() -> None:
     assert st.request("a") is False
     rep = st.report()
     assert rep["resident"] == ["a"] and rep["loads"]["ssd"] == 1 and rep["holds"]["dram"] == ["a"]
+    assert (rep["gpus"], rep["free_gpus"]) == (2, 1)  # one of two slots holds a
     assert rep["free_memory_bytes"] == 123 and rep["at"] == 5.0 and rep["waited"] == 1
     assert st.speeds["ssd"].observations == 1  # refined by the timed load
     st.evicted("a")

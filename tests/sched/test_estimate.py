@@ -241,3 +241,21 @@ def test_serial_server_waits_for_every_tier_queue() -> None:
     assert est.queue_wait_s == pytest.approx(1.2 + 2.5)
     assert (est.queued_loads, est.queued_bytes) == (3, 5 * GB)
     assert est.total_s == pytest.approx(3.7 + 0.1 + 1.0)
+
+
+def test_nearly_equal_starts_go_where_room_is_free() -> None:
+    from fastckpt.sched import prefer_room
+
+    tiers = [TierSpeed("remote", GB, 0.5)]
+    full = make_server("a", tiers, gpus=2, free_gpus=0, everywhere=["remote"])
+    roomy = make_server("b", tiers, gpus=2, free_gpus=1, everywhere=["remote"])
+    quick = make_server("c", [TierSpeed("remote", 2 * GB, 0.1)], gpus=2, free_gpus=0,
+                        everywhere=["remote"])  # fmt: skip
+    model = ModelSpec("m", GB, gpus=0)
+    est = Estimator(migrate=False)
+    ranked = est.rank([full, roomy], model)
+    assert [e.server for e in ranked] == ["a", "b"]  # equal estimates: by name
+    assert [e.server for e in prefer_room(ranked, [full, roomy])] == ["b", "a"]
+    # a start clearly faster elsewhere still wins (0.6 s against 1.5 s)
+    ranked = est.rank([full, roomy, quick], model)
+    assert [e.server for e in prefer_room(ranked, [full, roomy, quick])] == ["c", "a", "b"]

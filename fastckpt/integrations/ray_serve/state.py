@@ -348,8 +348,10 @@ class HostState:
                 queued.append({"model": model, "tier": tier, "nbytes": nbytes})
             stats: dict[str, Any] = {
                 # fastckpt.sched.wire: what the router's estimator reads
+                # model slots; a start never lacks room (Ray Serve evicts its LRU model), but
+                # nearly equal starts go where a slot is free (fastckpt.sched.prefer_room)
                 "gpus": self.slots,
-                "free_gpus": self.slots,  # Ray Serve evicts its LRU model for a new one
+                "free_gpus": max(0, self.slots - len(self._in_slots())),
                 "serial": True,  # the multiplexed cache loads one model at a time
                 "tiers": [
                     {"name": t, "bandwidth_bps": s.bandwidth_bps, "overhead_s": s.overhead_s}
@@ -379,7 +381,7 @@ class HostState:
             }
         return stats
 
-    def busy_models(self) -> set[str]:
-        """Models this replica reports resident, loading or queued (for reservations)."""
-        with self._lock:
-            return set(self.resident) | set(self.loading) | set(self.queued)
+    def _in_slots(self) -> set[str]:
+        """Models resident, loading or queued: what occupies Ray Serve's slots (the caller
+        holds the lock)."""
+        return set(self.resident) | set(self.loading) | set(self.queued)
