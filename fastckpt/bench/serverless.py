@@ -237,7 +237,7 @@ class Calibration:
     tiers: dict[str, dict[str, Any]]  # tier -> fit (bandwidth_bps, overhead_s, ...) and samples
     compute: dict[str, ComputeCost]
     profile_path: str
-    background: float = 0.0  # runnable threads of other processes while calibrating
+    background: float = 0.0  # other scheduling groups with runnable threads while calibrating
 
     def speeds(self) -> dict[str, Any]:
         from fastckpt.sched.model import TierSpeed
@@ -265,7 +265,7 @@ def calibrate(
 ) -> Calibration:
     """Fit each tier of the deployment's load path (module docstring) and time first tokens,
     noting the other tenants' load meanwhile."""
-    with BackgroundSampler() as sampler:
+    with BackgroundSampler(lambda: [os.getsid(0)]) as sampler:  # all but this process's group
         cal = _calibrate(paths, shapes, workdir, repeats=repeats, threads=threads)
     cal.background = sampler.mean()
     return cal
@@ -392,7 +392,7 @@ class RunResult:
     requests: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
     overhead_s: float = 0.0  # median time to the first item of a request without a model
-    background: float = 0.0  # mean runnable threads of other processes during the replay
+    background: float = 0.0  # other scheduling groups with runnable threads during the replay
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -462,30 +462,36 @@ def run_once(
         log(f"{run}: a request's way through Ray Serve takes {result.overhead_s * 1e3:.1f} ms")
         log(f"{run}: replaying {len(trace)} requests over {setup.duration_s:.0f} s")
         t0 = time.monotonic()
+        # the nodes run in sessions of their own (their pid): leave out what the simulator models
         with BackgroundSampler(lambda: [n.proc.pid for n in cluster.nodes]) as sampler:
             result.requests = asyncio.run(_replay(handle, trace, shapes, refs, setup))
         result.background = sampler.mean()
         result.wall_s = time.monotonic() - t0
-        log(f"{run}: other tenants kept {result.background:.1f} threads runnable on average")
+        log(f"{run}: other tenants: {result.background:.1f} runnable scheduling groups on average")
     return result
 
 
 class BackgroundSampler:
-    """The load of other tenants of this machine while a phase runs: every ``interval_s`` the
-    kernel's count of runnable threads (``/proc/loadavg``) minus the runnable threads of this
-    process and of the process groups ``pgids()`` returns (a local cluster's nodes). Use as a
-    context manager; ``mean()`` is the average over the samples (0 where ``/proc`` is missing)."""
+    """The load of other tenants of this machine while a phase runs, as the scheduler sees it.
 
-    def __init__(self, pgids: Callable[[], Sequence[int]] = tuple, interval_s: float = 0.5) -> None:
+    Linux's fair scheduler shares the CPUs between scheduling groups first: with autogroup on
+    (``/proc/sys/kernel/sched_autogroup_enabled``, the default of most kernels) every session
+    is one group, whatever its number of threads; without it every thread is. Every
+    ``interval_s`` this counts the groups with a runnable thread, leaving out the sessions
+    ``exclude()`` returns (the local cluster's nodes, whose work the simulator models) and this
+    sampler's own thread. Use as a context manager; ``mean()`` averages the samples (0 where
+    ``/proc`` is not readable)."""
+
+    def __init__(self, exclude: Callable[[], Sequence[int]] = tuple, interval_s: float = 0.5):
         import threading
 
-        self._pgids = pgids
+        self._exclude = exclude
         self.interval_s = interval_s
         self.samples: list[float] = []
+        self.by_session = _autogroups()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="background-sampler", daemon=True)
-        self._ours: list[int] = []
-        self._scanned = 0.0
+        self._tid = 0
 
     def __enter__(self) -> BackgroundSampler:
         self._thread.start()
@@ -498,35 +504,48 @@ class BackgroundSampler:
     def mean(self) -> float:
         return statistics.fmean(self.samples) if self.samples else 0.0
 
-    def _our_pids(self) -> list[int]:
-        now = time.monotonic()
-        if now - self._scanned < 5.0 and self._ours:
-            return self._ours
-        groups = set(self._pgids())
-        pids = [os.getpid()]
-        if groups:
-            for name in os.listdir("/proc"):
-                if name.isdigit():
-                    stat = _stat_fields(f"/proc/{name}/stat")
-                    if stat and int(stat[2]) in groups:
-                        pids.append(int(name))
-        self._ours, self._scanned = pids, now
-        return pids
+    def sample(self) -> float:
+        """Groups (or threads) with runnable threads now, other than the excluded ones."""
+        skip = set(self._exclude())
+        groups: set[int] = set()
+        threads = 0
+        try:
+            pids = [p for p in os.listdir("/proc") if p.isdigit()]
+        except OSError:
+            return 0.0
+        for pid in pids:
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tids:
+                if int(tid) == self._tid:
+                    continue
+                stat = _stat_fields(f"/proc/{pid}/task/{tid}/stat")
+                if not stat or stat[0] != "R" or int(stat[3]) in skip:  # state, ..., session
+                    continue
+                groups.add(int(stat[3]))
+                threads += 1
+        return float(len(groups) if self.by_session else threads)
 
     def _run(self) -> None:
+        self._tid = threading_native_id()
         while not self._stop.wait(self.interval_s):
-            try:
-                with open("/proc/loadavg", encoding="ascii") as fh:
-                    running = int(fh.read().split()[3].split("/")[0])
-            except (OSError, ValueError, IndexError):
-                return
-            ours = 0
-            for pid in self._our_pids():
-                with contextlib.suppress(OSError):
-                    for tid in os.listdir(f"/proc/{pid}/task"):
-                        stat = _stat_fields(f"/proc/{pid}/task/{tid}/stat")
-                        ours += bool(stat and stat[0] == "R")
-            self.samples.append(max(0.0, float(running - ours)))
+            self.samples.append(self.sample())
+
+
+def threading_native_id() -> int:
+    import threading
+
+    return int(threading.get_native_id())
+
+
+def _autogroups() -> bool:
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled", encoding="ascii") as fh:
+            return fh.read().strip() == "1"
+    except OSError:
+        return False
 
 
 def _stat_fields(path: str) -> list[str] | None:
@@ -718,7 +737,7 @@ def run(setup: Setup, workdir: str, out: str, runs: Sequence[str] = RUNS) -> dic
     cal = calibrate(paths, setup.models, workdir, repeats=setup.calib_repeats)
     for t, f in cal.tiers.items():
         log(f"  {t}: {f['bandwidth_bps'] / 1e6:.0f} MB/s + {f['overhead_s'] * 1e3:.0f} ms")
-    log(f"  other tenants kept {cal.background:.1f} threads runnable on average")
+    log(f"  other tenants: {cal.background:.1f} runnable scheduling groups on average")
     trace = trace_from(setup.trace_params(), [s.name for s in setup.models])
     data: dict[str, Any] = {
         "setup": {**asdict(setup), "models": [asdict(m) for m in setup.models]},

@@ -133,10 +133,12 @@ class Machine:
     bookkeeping and copies, a small model's forward pass) runs under one interpreter lock and,
     by default, one torch thread: it uses at most ``replica_cores`` cores, shared equally by its
     running jobs. The machine's ``cores`` are shared by the replicas that have work and the
-    ``background`` runnable threads of everything else on the machine (as the kernel's fair
-    scheduler approximates): a replica gets ``min(replica_cores, cores / (busy replicas +
-    background))``. Calibration measured each job alone in one process beside
-    ``calibration_background`` runnable threads; its time is converted to work at that share.
+    ``background`` scheduling groups of everything else that wants a CPU, as Linux's fair
+    scheduler shares them (with autogroup, each session is one group and each emulated node
+    runs in a session of its own; without it, each thread): a replica gets
+    ``min(replica_cores, cores / (busy replicas + background))``. Calibration measured each job
+    alone in one process beside ``calibration_background`` groups; its time is converted to
+    work at that share.
     ``cores=None`` (default) means no sharing: every job runs at its calibrated speed.
     """
 

@@ -157,7 +157,7 @@ def test_two_node_cluster_routes_by_tiers_and_reports_loads_and_evictions(tmp_pa
             ray_actor_options={"num_cpus": 0, "resources": {"fastckpt_replica": 1}},
             max_replicas_per_node=1,
         )
-        handle = serve.run(app, name="acceptance", _blocking=True)
+        handle = serve.run(app, name="acceptance")
         from fastckpt.sched.wire import DECISIONS, VIEWS
 
         # The replicas' first reports: each node's SSD tier copy is known to the router.

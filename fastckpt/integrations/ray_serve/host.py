@@ -271,8 +271,9 @@ class ModelHost:
                     loader.close()
 
     # ------------------------------------------------------------------ Ray Serve hooks
-    def record_routing_stats(self) -> dict[str, Any]:
-        return self.state.report()
+    async def record_routing_stats(self) -> dict[str, Any]:
+        # off the event loop: a daemon's listing may take up to its bound, and requests wait
+        return await asyncio.to_thread(self.state.report)
 
     async def _load_resident(self, model_id: str) -> Resident:
         """The body of the multiplexed loader (``deployment()`` wraps it)."""
