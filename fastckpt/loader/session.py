@@ -319,6 +319,11 @@ class Loader:
         """In a child process: engines' threads, pinned memory and CUDA state belong to the
         parent. Drop them without touching them (no joins, no CUDA calls) and start afresh."""
         cfg = self.config()
+        # Never destroyed here: an engine's destructor joins threads that do not exist in this
+        # process, and pinned memory would be unregistered through a CUDA context it cannot use.
+        _ABANDONED.append(
+            (self._engines, self._stages, self._ring, self.pool, self.gpu_tier, self.dram_tier)
+        )
         self._lock = threading.Lock()
         self._engines = {}
         self._stages = {}
@@ -656,8 +661,10 @@ def _bufs(plan: LoadPlan, device: str) -> list[Any]:
     return [b for b in plan.buffers if b.device == device]
 
 
-# Every Loader of the process, so that a forked child can reset them all.
+# Every Loader of the process, so that a forked child can reset them all; what they held in the
+# parent is kept (never freed) in the child.
 _LOADERS: weakref.WeakSet[Loader] = weakref.WeakSet()
+_ABANDONED: list[Any] = []
 
 
 def _reset_after_fork() -> None:
