@@ -6,7 +6,8 @@ The first cold load from a filesystem that has no profile yet runs a short probe
 is about to read: the same byte range read cold three times (O_DIRECT, buffered, and ``mixed``:
 buffered over the first half and O_DIRECT over the second, both in flight together), then mapped
 and every page touched once (``map``: what a CPU load that maps a cold file costs until its
-tensors are usable, as with safetensors), with the page cache dropped before each. The figures go to a small JSON file under the user's cache
+tensors are usable, as with safetensors), with the page cache dropped before each. The
+figures go to a small JSON file under the user's cache
 directory, keyed by device number and filesystem type; later loads read that file.
 
 The probe only runs when the file is cold (less than 5% in the page cache): dropping pages a
