@@ -121,7 +121,17 @@ def cache_info(loader: Loader) -> dict[str, Any]:
         "followers": loader.flights.followers,
     }
     ring = loader.current_ring
-    out["ring"] = None if ring is None else {"slots": ring.slots, "slot_bytes": ring.slot_bytes}
+    out["ring"] = (
+        None
+        if ring is None
+        else {
+            "slots": ring.total,
+            "max_slots": ring.max_slots,
+            "slot_bytes": ring.slot_bytes,
+            "pin_method": ring.method,
+            "pin_s": ring.pin_s,
+        }
+    )
     return out
 
 

@@ -44,7 +44,7 @@ from fastckpt.loader.policy import DramAction, Facts, Source
 from fastckpt.loader.sources import Sources
 from fastckpt.loader.sources import open_partition as _open_partition
 from fastckpt.loader.ssdconvert import through_ssd
-from fastckpt.loader.staging import StagingRing
+from fastckpt.loader.staging import StagingRing, pin_method, process_ring
 from fastckpt.loader.tiering import SingleFlight, checkpoint_identity, plan_signature
 from fastckpt.rules.devices import canonical_device, check_cuda_visible, check_device_map
 from fastckpt.tiers.dram import DramItem, DramTier
@@ -104,6 +104,23 @@ def check_single_device(loader: Loader, device: Any, verb: str) -> str:
                 f"cannot {verb} {dev}: this process sees {torch.cuda.device_count()} CUDA device(s)"
             )
     return str(dev)
+
+
+def cuda_ring(backend: Any, cfg: Config) -> StagingRing:
+    """The process's pinned staging ring for CUDA loads with ``cfg``'s slot size (made, with
+    the machine's fastest pinning method, on the first device load)."""
+    from fastckpt.config import profile_dir
+
+    slot = cfg.ring_slot_bytes
+
+    def make() -> StagingRing:
+        import torch
+
+        key = f"cuda-{torch.cuda.get_device_name(0)}"
+        method = pin_method(backend, cfg.pin_method, profile_dir(cfg), key)
+        return StagingRing(backend, slot, max(2, cfg.ring_bytes // slot), method=method)
+
+    return process_ring(slot, make)
 
 
 @dataclass
@@ -183,7 +200,6 @@ class Loader:
         self._lock = threading.Lock()
         self._engines: dict[tuple[str, int, int, int], io_engine.Engine] = {}
         self._stages: dict[str, Any] = {}
-        self._ring: StagingRing | None = None
         self.pool = HostPool(piece_bytes=cfg.pool_piece_bytes, retain_bytes=cfg.ring_bytes)
         self._pinning_ready = False
         self.gpu_tier = GpuTier(cfg.gpu_tier_bytes)
@@ -231,23 +247,6 @@ class Loader:
             self.pool.pinner, self.pool.unpinner = cuda_pinner()
             self._pinning_ready = True
 
-    def ring(self, slot_bytes: int, cfg: Config | None = None) -> StagingRing:
-        """The staging ring (made on first GPU load, slots pinned lazily, from the pool)."""
-        cfg = cfg or self.config()
-        self._enable_pinning()
-        with self._lock:
-            if self._ring is None or self._ring.slot_bytes < slot_bytes:
-                if self._ring is not None:
-                    self._ring.close()
-                slots = max(2, cfg.ring_bytes // slot_bytes)
-                pool = self.pool if cfg.pin_method in ("auto", "pool") else None
-                self._ring = StagingRing(slot_bytes, slots, cfg.pin_method, pool=pool)
-            return self._ring
-
-    @property
-    def current_ring(self) -> StagingRing | None:
-        return self._ring
-
     def stage(self, device: str, cfg: Config | None = None) -> Any:
         """The device stage of ``device`` (made on first use, reused by later loads)."""
         cfg = cfg or self.config()
@@ -260,11 +259,18 @@ class Loader:
             st = self._stage_factory(device, self)
         else:
             self._enable_pinning()
-            from fastckpt.loader.devstage import DeviceStage
+            from fastckpt.loader.devstage import CudaStage
 
-            st = DeviceStage(device, lambda slot: self.ring(slot, cfg), cfg.copy_streams)
+            st = CudaStage(device, cfg.copy_streams, lambda backend: cuda_ring(backend, cfg))
         with self._lock:
             return self._stages.setdefault(device, st)
+
+    @property
+    def current_ring(self) -> StagingRing | None:
+        """The staging ring this Loader's device loads use (None before the first one)."""
+        with self._lock:
+            stages = list(self._stages.values())
+        return stages[0].ring if stages else None
 
     @property
     def simulated_devices(self) -> bool:
@@ -306,8 +312,6 @@ class Loader:
             self._background.shutdown(wait=True)
         for tier in (self.gpu_tier, self.dram_tier):
             tier.clear()
-        if self._ring is not None:
-            self._ring.close()
         self.pool.close()
         with self._lock:
             engines, self._engines = list(self._engines.values()), {}
@@ -321,13 +325,10 @@ class Loader:
         cfg = self.config()
         # Never destroyed here: an engine's destructor joins threads that do not exist in this
         # process, and pinned memory would be unregistered through a CUDA context it cannot use.
-        _ABANDONED.append(
-            (self._engines, self._stages, self._ring, self.pool, self.gpu_tier, self.dram_tier)
-        )
+        _ABANDONED.append((self._engines, self._stages, self.pool, self.gpu_tier, self.dram_tier))
         self._lock = threading.Lock()
         self._engines = {}
         self._stages = {}
-        self._ring = None
         self._background = None
         self._pinning_ready = False
         self.pool = HostPool(piece_bytes=cfg.pool_piece_bytes, retain_bytes=cfg.ring_bytes)
