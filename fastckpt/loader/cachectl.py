@@ -36,11 +36,18 @@ def prefetch(loader: Loader, path: str, tier: str, device: Any) -> bool:
             return loader.ssd_tier.holds(ssd_key(index, path))
         ident = opened.ident
         tier_obj = loader.dram_tier
+        pinned = _wants_pinned(device)
         if tier_obj.holds(ident):
+            if pinned and tier_obj.pin(ident):  # held: make sure it is pinned for the device
+                try:
+                    item = tier_obj.peek(ident)
+                    if item is not None:
+                        dramfill.pin_item(item)
+                finally:
+                    tier_obj.unpin(ident)
             return True
         if sum(p.nbytes for p in opened.index.partitions) > tier_obj.capacity_bytes:
             return False
-        pinned = _wants_pinned(device)
         plan = plan_load(opened.index, "cpu", chunk_bytes=cfg.ring_slot_bytes)
         residency, prof = loader._inputs(opened.index, plan, frozenset(), False, cfg)
         item, _ = dramfill.fill(

@@ -189,25 +189,43 @@ class FakeStage(DeviceStage):
         return torch.empty(nbytes, dtype=torch.uint8)
 
 
-def fake_stage_factory(
-    *,
-    streams: int = 4,
-    delay_s: float = 0.0,
-    slot_bytes: int = 1 << 20,
-    slots: int = 8,
-    min_slots: int = 2,
-    backend: Any = None,
-) -> Callable[[str, Any], FakeStage]:
+class FakeDevice:
     """A ``Loader(device_stage=...)`` factory: every device is a ``FakeStage`` sharing one fake
-    backend and one ring of ``slots`` slots (``min_slots`` made first, the rest grown on
-    demand)."""
-    fake = backend if backend is not None else io_engine.FakeCopyBackend(streams, delay_s)
-    ring = StagingRing(fake, slot_bytes, slots, method="register", min_slots=min_slots)
+    backend and one ring of ``slots`` slots of ``slot_bytes`` (``min_slots`` made first, the rest
+    grown on demand). A forked child gets a backend and ring of its own (the parent's worker
+    threads do not exist there), as a real process gets a fresh CUDA stage."""
 
-    def make(device: str, loader: Any) -> FakeStage:
-        return FakeStage(device, fake, ring)
+    def __init__(
+        self,
+        *,
+        streams: int = 4,
+        delay_s: float = 0.0,
+        slot_bytes: int = 1 << 20,
+        slots: int = 8,
+        min_slots: int = 2,
+    ) -> None:
+        self._settings = (streams, delay_s, slot_bytes, slots, min_slots)
+        self._pid = -1
+        self._make()
 
-    make.backend = fake  # type: ignore[attr-defined]
-    make.ring = ring  # type: ignore[attr-defined]
-    return make
+    def _make(self) -> None:
+        import os
 
+        streams, delay_s, slot_bytes, slots, min_slots = self._settings
+        self._pid = os.getpid()
+        self.backend = io_engine.FakeCopyBackend(streams, delay_s)
+        self.ring = StagingRing(
+            self.backend, slot_bytes, slots, method="register", min_slots=min_slots
+        )
+
+    def __call__(self, device: str, loader: Any) -> FakeStage:
+        import os
+
+        if os.getpid() != self._pid:
+            self._make()
+        return FakeStage(device, self.backend, self.ring)
+
+
+def fake_stage_factory(**settings: Any) -> FakeDevice:
+    """``FakeDevice(**settings)``: see there."""
+    return FakeDevice(**settings)
