@@ -236,7 +236,16 @@ void bind_copy(py::module_& m) {
             py::gil_scoped_release nogil;
             b.drain();
           },
-          "Blocks until every enqueued copy has run.");
+          "Blocks until every enqueued copy has run.")
+      .def("_set_paused", &FakeCopyBackend::set_paused, "paused"_a,
+           "Test hook: no stream starts a command while paused.")
+      .def(
+          "_copy_async",
+          [](FakeCopyBackend& b, int stream, uint64_t dst, uint64_t src, uint64_t nbytes) {
+            b.copy_async(stream, dst, reinterpret_cast<const void*>(src), nbytes);
+          },
+          "stream"_a, "dst"_a, "src"_a, "nbytes"_a,
+          "Test hook: one copy, enqueued directly (shows the source check at work).");
 
   py::class_<CudaCopyBackend, CopyBackend, std::shared_ptr<CudaCopyBackend>>(m, "CudaCopyBackend")
       .def_property_readonly("device", &CudaCopyBackend::device);

@@ -128,11 +128,19 @@ void FakeCopyBackend::drain() {
   for (int i = 0; i < streams(); ++i) synchronize(record(i));
 }
 
+void FakeCopyBackend::set_paused(bool paused) {
+  paused_.store(paused);
+  for (auto& s : streams_) {
+    std::lock_guard<std::mutex> lock(s->m);  // a worker between its check and its wait sees it
+    s->cv.notify_all();
+  }
+}
+
 void FakeCopyBackend::run(Stream& s, int index) {
   std::unique_lock<std::mutex> lock(s.m);
   for (;;) {
-    s.cv.wait(lock, [&] { return s.stop || !s.queue.empty(); });
-    if (s.queue.empty()) return;  // stopped and drained
+    s.cv.wait(lock, [&] { return s.stop || (!paused_.load() && !s.queue.empty()); });
+    if (s.queue.empty()) return;  // stopped and drained (a pause ends at destruction)
     const Command c = s.queue.front();
     s.queue.pop_front();
     if (c.is_copy) {

@@ -60,6 +60,8 @@ class FakeCopyBackend final : public CopyBackend {
   FakeCopyStats stats() const;
   // Blocks until every enqueued command has run (tests).
   void drain();
+  // Test hook: while paused no stream starts a command (copies and events stay pending).
+  void set_paused(bool paused);
 
  private:
   struct Command {
@@ -86,6 +88,7 @@ class FakeCopyBackend final : public CopyBackend {
   std::vector<std::unique_ptr<Stream>> streams_;
   std::chrono::nanoseconds delay_;
   int64_t fail_after_copies_;
+  std::atomic<bool> paused_{false};
   mutable std::mutex stats_m_;  // guards stats_ and allocs_
   FakeCopyStats stats_;
   std::unordered_map<void*, std::unique_ptr<AlignedBuffer>> allocs_;
