@@ -381,7 +381,9 @@ def cuda_copy_backend(device_index: int, stream_handles: Sequence[int]) -> CopyB
     ``stream_handles`` are the streams to copy on, as integer handles
     (``torch.cuda.Stream(device).cuda_stream``); copies go round-robin over them. The backend
     retains the device's primary context (the one torch uses) and makes it current only around
-    its own calls, so the calling thread's current device is unchanged. Raises RuntimeError when
+    its own calls, so the calling thread's current device is unchanged. The streams must outlive
+    the backend (torch's own streams do: they come from a pool that is never freed). Raises
+    RuntimeError when
     the driver is missing ("CUDA driver libcuda.so.1 not found: ...") or a driver call fails
     (the message names the call and the CUDA error), ValueError for no streams or more than 64.
     """
@@ -468,7 +470,8 @@ class SlotSource(_core.SlotSource):
     """The staging slots of a ring, ``slot_nbytes`` each, lent to copy pipelines.
 
     ``add(buffer)`` carves a :class:`PinnedBuffer` into ``buffer.nbytes // slot_nbytes`` slots
-    (returns how many) and may be called while pipelines run: they pick the new slots up. A
+    (returns how many; a buffer joins one source only) and may be called while pipelines run:
+    they pick the new slots up. A
     pipeline gives a slot back only after the last copy out of it completed, so every slot in
     the source is safe to overwrite. ``total``, ``available`` (not lent), ``running`` (pipelines).
 

@@ -7,6 +7,7 @@
 // With the fake backend, pinning is a counted no-op and the memory is the same kind.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -39,6 +40,9 @@ class PinnedMemory {
   // Whether the memory was advised for transparent huge pages (register only).
   bool huge_pages() const noexcept { return anon_ != nullptr && anon_->huge_pages(); }
   const CopyBackend& backend() const noexcept { return *backend_; }
+  // Marks the memory as lent to a slot source; false when it already was (slots of two sources
+  // must never overlap).
+  bool claim() noexcept { return !claimed_.exchange(true); }
 
  private:
   std::shared_ptr<CopyBackend> backend_;
@@ -49,6 +53,7 @@ class PinnedMemory {
   void* map_ = nullptr;                  // memfd
   size_t map_len_ = 0;
   bool pinned_ = false;                  // register, memfd: pin() succeeded
+  std::atomic<bool> claimed_{false};
   double setup_s_ = 0;
 };
 

@@ -83,6 +83,7 @@ class Pipeline {
   bool host_blocked_ = false;
   Clock::time_point gate_since_{};  // when the read next in line started waiting on its gate
   Clock::time_point last_interrupt_check_{};
+  std::vector<bool> stream_busy_;  // recycle(): a stream whose oldest pending event is not done
   std::unordered_set<uint32_t> used_;
   PipelineResult res_;
 };
@@ -129,11 +130,12 @@ PipelineResult Pipeline::run() {
   for (size_t i = 0; i < ops_.size(); ++i)
     (ops_[i].kind == CopyOp::Kind::kRead ? read_ops_ : host_ops_).push_back(i);
   if (opts_.crc) res_.crcs.assign(ops_.size(), 0);
-  source_.begin_pipeline();  // CancelledError when closed
-  source_.subscribe(notifier_);
-  if (cancel_ != nullptr) cancel_->subscribe(notifier_);
+  stream_busy_.assign(static_cast<size_t>(be_.streams()), false);
   last_interrupt_check_ = t0;
+  source_.begin_pipeline();  // CancelledError when closed
   try {
+    source_.subscribe(notifier_);
+    if (cancel_ != nullptr) cancel_->subscribe(notifier_);
     loop();
     drain();
   } catch (...) {
@@ -188,11 +190,11 @@ void Pipeline::finish_copy(const Copying& c) {
 bool Pipeline::recycle() {
   // Events of one stream complete in order: after the first pending one, skip that stream.
   bool progress = false;
-  std::vector<bool> stream_busy(static_cast<size_t>(be_.streams()), false);
+  std::fill(stream_busy_.begin(), stream_busy_.end(), false);
   for (auto it = copying_.begin(); it != copying_.end();) {
     const auto s = static_cast<size_t>(it->event.stream);
-    if (stream_busy[s] || !be_.query(it->event)) {
-      stream_busy[s] = true;
+    if (stream_busy_[s] || !be_.query(it->event)) {
+      stream_busy_[s] = true;
       ++it;
       continue;
     }

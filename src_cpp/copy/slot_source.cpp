@@ -25,6 +25,8 @@ size_t SlotSource::add(std::shared_ptr<PinnedMemory> mem) {
     if (closed_) throw std::invalid_argument("the slot source is closed");
     if (all_.size() + n > std::numeric_limits<uint32_t>::max())
       throw std::invalid_argument("too many slots");
+    if (!mem->claim())
+      throw std::invalid_argument("this buffer already holds slots of a slot source");
     for (uint64_t i = 0; i < n; ++i) {
       Slot s;
       s.ptr = mem->data() + i * slot_nbytes_;

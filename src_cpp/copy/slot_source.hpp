@@ -33,7 +33,7 @@ class SlotSource {
 
   // Carves `mem` into floor(size / slot_nbytes) slots (the source keeps the memory alive) and
   // wakes waiting pipelines; returns how many slots were added. Throws std::invalid_argument
-  // when `mem` is smaller than one slot or the source is closed.
+  // when `mem` is smaller than one slot, already lent to a source, or the source is closed.
   size_t add(std::shared_ptr<PinnedMemory> mem);
 
   // ---- pipeline side ----

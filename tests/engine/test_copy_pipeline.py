@@ -646,7 +646,10 @@ def test_pinned_buffer_arguments() -> None:
     with pytest.raises(TypeError):
         PinnedBuffer(None, 4096)  # type: ignore[arg-type]
     slots = SlotSource(10_000)
-    assert slots.add(PinnedBuffer(backend, 35_000)) == 3  # the tail is not a slot
+    buf = PinnedBuffer(backend, 35_000)
+    assert slots.add(buf) == 3  # the tail is not a slot
+    with pytest.raises(ValueError, match="already holds slots"):  # never two overlapping slots
+        SlotSource(10_000).add(buf)
     with pytest.raises(ValueError, match="holds no slot"):
         slots.add(PinnedBuffer(backend, 9_999))
     with pytest.raises(ValueError):
