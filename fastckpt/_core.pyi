@@ -99,7 +99,13 @@ class CopyBackend:
 
 class FakeCopyBackend(CopyBackend):
     def __init__(
-        self, streams: int = 4, delay_s: float = 0.0, *, _fail_after_copies: int = -1
+        self,
+        streams: int = 4,
+        delay_s: float = 0.0,
+        *,
+        check: bool = True,
+        copy: bool = True,
+        _fail_after_copies: int = -1,
     ) -> None: ...
     def stats(self) -> dict[str, Any]: ...
     def drain(self) -> None: ...

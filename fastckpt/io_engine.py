@@ -382,10 +382,11 @@ def cuda_copy_backend(device_index: int, stream_handles: Sequence[int]) -> CopyB
     (``torch.cuda.Stream(device).cuda_stream``); copies go round-robin over them. The backend
     retains the device's primary context (the one torch uses) and makes it current only around
     its own calls, so the calling thread's current device is unchanged. The streams must outlive
-    the backend (torch's own streams do: they come from a pool that is never freed). Raises
-    RuntimeError when
-    the driver is missing ("CUDA driver libcuda.so.1 not found: ...") or a driver call fails
-    (the message names the call and the CUDA error), ValueError for no streams or more than 64.
+    the backend (torch's own streams do: they come from a pool that is never freed).
+
+    Raises RuntimeError when the driver is missing ("CUDA driver libcuda.so.1 not found: ...")
+    or a driver call fails (the message names the call and the CUDA error), ValueError for no
+    streams or more than 64.
     """
     return _core.cuda_copy_backend(device_index, [int(h) for h in stream_handles])
 
@@ -398,12 +399,24 @@ class FakeCopyBackend(_core.FakeCopyBackend):
     that landed when it ran; a difference (the source was overwritten, e.g. a staging slot reused,
     before the copy ran) counts in :attr:`violations`, the first few described in
     :attr:`violation_notes`. :attr:`max_in_flight` is the most copies enqueued and not yet run at
-    once, across streams. Pinning is a counted no-op. ``_fail_after_copies`` (test hook) makes
-    every copy after that many fail with RuntimeError.
+    once, across streams. Pinning is a counted no-op. Without ``check`` nothing is hashed;
+    without ``copy`` nothing is copied either (a device that costs nothing, so that a benchmark
+    sees only the pipeline's own overhead). ``_fail_after_copies`` (test hook) makes every copy
+    after that many fail with RuntimeError.
     """
 
-    def __init__(self, streams: int = 4, delay_s: float = 0.0, *, _fail_after_copies: int = -1):
-        super().__init__(streams, delay_s, _fail_after_copies=_fail_after_copies)
+    def __init__(
+        self,
+        streams: int = 4,
+        delay_s: float = 0.0,
+        *,
+        check: bool = True,
+        copy: bool = True,
+        _fail_after_copies: int = -1,
+    ) -> None:
+        super().__init__(
+            streams, delay_s, check=check, copy=copy, _fail_after_copies=_fail_after_copies
+        )
 
     @property
     def violations(self) -> int:
@@ -471,9 +484,9 @@ class SlotSource(_core.SlotSource):
 
     ``add(buffer)`` carves a :class:`PinnedBuffer` into ``buffer.nbytes // slot_nbytes`` slots
     (returns how many; a buffer joins one source only) and may be called while pipelines run:
-    they pick the new slots up. A
-    pipeline gives a slot back only after the last copy out of it completed, so every slot in
-    the source is safe to overwrite. ``total``, ``available`` (not lent), ``running`` (pipelines).
+    they pick the new slots up. A pipeline gives a slot back only after the last copy out of it
+    completed, so every slot in the source is safe to overwrite. ``total``, ``available`` (not
+    lent), ``running`` (pipelines).
 
     ``close(cancel_running=True, timeout_s=None)`` refuses new pipelines, stops running ones
     (unless ``cancel_running`` is False: then they finish), waits until every slot is back and

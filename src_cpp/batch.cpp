@@ -32,12 +32,14 @@ void BatchState::complete_empty_requests() {
 void BatchState::piece_finished(uint32_t req) {
   std::lock_guard<std::mutex> lock(m_);
   --outstanding_;
+  bool request_done = false;
   if (!cancelled_.load(std::memory_order_relaxed) && --remaining_[req] == 0) {
     ready_.push_back(tags_[req]);
     ++completed_;
+    request_done = true;
   }
   cv_.notify_all();
-  if (notifier_) notifier_->notify();
+  if (notifier_ && (request_done || outstanding_ == 0)) notifier_->notify();
 }
 
 void BatchState::piece_failed(int err, const std::string& message, const std::string& path) {

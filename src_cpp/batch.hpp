@@ -36,8 +36,8 @@ enum class WaitStatus { kReady, kTimeout, kStopped };
 
 class BatchState {
  public:
-  // `notifier` (optional) is signalled whenever a piece finishes, fails or is dropped, or the
-  // batch is cancelled: one waiter can then watch many batches at once.
+  // `notifier` (optional) is signalled when a request completes, a piece fails or is dropped,
+  // the last piece ends, or the batch is cancelled: one waiter can watch many batches at once.
   BatchState(std::vector<int64_t> tags, std::vector<std::shared_ptr<FileHandle>> files,
              std::shared_ptr<Notifier> notifier = nullptr);
 

@@ -203,15 +203,18 @@ void bind_copy(py::module_& m) {
 
   py::class_<FakeCopyBackend, CopyBackend, std::shared_ptr<FakeCopyBackend>>(m,
                                                                             "FakeCopyBackend")
-      .def(py::init([](int streams, double delay_s, int64_t fail_after_copies) {
+      .def(py::init([](int streams, double delay_s, bool check, bool copy,
+                       int64_t fail_after_copies) {
              if (std::isnan(delay_s) || delay_s < 0 || delay_s > 60)
                throw py::value_error("delay_s must be between 0 and 60, got " +
                                      std::to_string(delay_s));
              const auto delay = std::chrono::duration_cast<std::chrono::nanoseconds>(
                  std::chrono::duration<double>(delay_s));
-             return std::make_shared<FakeCopyBackend>(streams, delay, fail_after_copies);
+             return std::make_shared<FakeCopyBackend>(streams, delay, fail_after_copies, check,
+                                                      copy);
            }),
-           "streams"_a = 4, "delay_s"_a = 0.0, py::kw_only(), "_fail_after_copies"_a = -1)
+           "streams"_a = 4, "delay_s"_a = 0.0, py::kw_only(), "check"_a = true, "copy"_a = true,
+           "_fail_after_copies"_a = -1)
       .def("stats",
            [](const FakeCopyBackend& b) {
              const fastckpt::FakeCopyStats s = b.stats();

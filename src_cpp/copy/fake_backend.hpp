@@ -40,7 +40,10 @@ class FakeCopyBackend final : public CopyBackend {
  public:
   // `delay` is slept before each copy (a slow link); `fail_after_copies` >= 0 makes copy_async
   // throw DeviceError once that many copies were enqueued (a test hook for failed copies).
-  FakeCopyBackend(int streams, std::chrono::nanoseconds delay, int64_t fail_after_copies = -1);
+  // Without `check` no copy is hashed; without `copy` nothing is copied either (a device that
+  // costs nothing: what remains is the pipeline's own overhead, for benchmarks).
+  FakeCopyBackend(int streams, std::chrono::nanoseconds delay, int64_t fail_after_copies = -1,
+                  bool check = true, bool copy = true);
   ~FakeCopyBackend() override;
   FakeCopyBackend(const FakeCopyBackend&) = delete;
   FakeCopyBackend& operator=(const FakeCopyBackend&) = delete;
@@ -88,6 +91,8 @@ class FakeCopyBackend final : public CopyBackend {
   std::vector<std::unique_ptr<Stream>> streams_;
   std::chrono::nanoseconds delay_;
   int64_t fail_after_copies_;
+  bool check_;
+  bool copy_;
   std::atomic<bool> paused_{false};
   mutable std::mutex stats_m_;  // guards stats_ and allocs_
   FakeCopyStats stats_;

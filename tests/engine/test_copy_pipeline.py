@@ -187,6 +187,24 @@ def test_the_fake_device_catches_an_overwritten_source() -> None:
     assert "source changed" in backend.violation_notes[0]
 
 
+def test_the_fake_device_without_checks_or_copies(engine: Engine, f: File) -> None:
+    unchecked = FakeCopyBackend(streams=1, check=False)
+    src = np.arange(4096, dtype=np.uint8)
+    dst = np.zeros(4096, dtype=np.uint8)
+    unchecked._set_paused(True)
+    unchecked._copy_async(0, addr(dst), addr(src), src.size)
+    src[100] ^= 0xFF
+    unchecked._set_paused(False)
+    unchecked.drain()
+    assert unchecked.violations == 0 and np.array_equal(dst, src)  # copied, not checked
+    null = FakeCopyBackend(streams=2, copy=False)  # a device that costs nothing (benchmarks)
+    slots = make_slots(null, 2, 16 * KiB)
+    dst = np.zeros(64 * KiB, dtype=np.uint8)
+    result = run_copy_pipeline(engine, read_ops(f, dst, dst.size, 16 * KiB), slots, null)
+    assert result.copies == null.copies == 4 and not dst.any()
+    assert_clean(slots, null)
+
+
 def test_crcs_per_op(engine: Engine, f: File, data: np.ndarray) -> None:
     backend = FakeCopyBackend()
     slots = make_slots(backend, 3, 100_000)
