@@ -740,6 +740,29 @@ def test_cuda_copies_256_mib_through_4_streams(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
+def test_cuda_tiny_slots_are_reused_safely(tmp_path: Path) -> None:
+    # Three 64 KiB slots for 129 odd-sized reads: each slot is refilled dozens of times, only
+    # after its previous copy's event completed; any early reuse would corrupt the destination.
+    torch = _cuda()
+    size = 129 * 65_000 + 321
+    data = random_bytes(size, seed=13)
+    path = write_file(tmp_path / "odd.bin", data)
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    backend = cuda_copy_backend(0, [s.cuda_stream for s in streams])
+    slots = make_slots(backend, 3, 64 * KiB)
+    dst = torch.zeros(size, dtype=torch.uint8, device="cuda:0")
+    torch.cuda.synchronize()
+    with Engine() as engine, File(path) as f:
+        ops: list[CopyOp] = [
+            ("read", f, off, n, dst.data_ptr() + off, None) for off, n in split(size, 65_000)
+        ]
+        result = run_copy_pipeline(engine, ops, slots, backend)
+    assert result.copies == len(ops) and result.slots_used == 3
+    assert torch.equal(dst.cpu(), torch.from_numpy(data))
+    assert slots.available == slots.total == 3
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("method", ["register", "memfd", "alloc"])
 def test_cuda_pins_each_method(method: str) -> None:
     torch = _cuda()
