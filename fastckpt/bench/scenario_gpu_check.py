@@ -251,8 +251,8 @@ def _ceilings(env: _Env, files: list[str]) -> dict[str, Any]:
         del host, dst
     seconds, nbytes = _combined(env, files)
     out["combined_gbps"] = round(nbytes / seconds / 1e9, 2)
-    out["combined_what"] = (
-        "page cache -> pinned host on 16 threads" + ("" if env.fake else ", 4 streams to the GPU")
+    out["combined_what"] = "page cache -> pinned host on 16 threads" + (
+        "" if env.fake else ", 4 streams to the GPU"
     )
     return out
 
@@ -283,7 +283,7 @@ def _combined(env: _Env, files: list[str], threads: int = 16) -> tuple[float, in
                 fd = fds.get(f)
                 if fd is None:
                     fd = fds[f] = os.open(f, os.O_RDONLY)
-                n = os.preadv(fd, [memoryview(bufs[i].numpy())], off)
+                n = os.preadv(fd, [memoryview(bufs[i].numpy())], off)  # type: ignore[arg-type]
                 done += n
                 if dev is not None and dst is not None:
                     s = streams[tid % 4]
@@ -417,7 +417,7 @@ def _wait_pinned(loader: Any, timeout_s: float) -> float:
     frac = 0.0
     while time.monotonic() < deadline:
         total = pinned = 0
-        for key in loader.dram_tier.keys():
+        for key in loader.dram_tier.keys():  # noqa: SIM118 - a tier, not a dict
             item = loader.dram_tier.peek(key)
             if item is None:
                 continue
@@ -475,9 +475,7 @@ def _iterator(env: _Env, path: str) -> dict[str, Any]:
             del tensor  # a consumer that copies each weight elsewhere
         env.sync()
         seconds = time.perf_counter() - t0
-        peak = (
-            torch.cuda.max_memory_allocated(env.device) - base if not env.fake else None
-        )
+        peak = torch.cuda.max_memory_allocated(env.device) - base if not env.fake else None
         direct = engine.bytes_direct - direct0
         read = engine.bytes_read - read0
     return {

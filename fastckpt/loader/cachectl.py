@@ -13,6 +13,7 @@ from fastckpt.format.reader import read_index
 from fastckpt.loader import dramfill, policy
 from fastckpt.loader.plan import plan_load
 from fastckpt.loader.ssdconvert import ssd_key
+from fastckpt.loader.target import resolve_target
 from fastckpt.tiers.dram import DramTier
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,7 +37,9 @@ def prefetch(loader: Loader, path: str, tier: str, device: Any) -> bool:
             return loader.ssd_tier.holds(ssd_key(index, path))
         ident = opened.ident
         tier_obj = loader.dram_tier
-        pinned = _wants_pinned(device)
+        pinned = _wants_pinned(loader, device)
+        if pinned:  # the first device stage gives the pool its pinning
+            loader.stage(_first_device(device))
         if tier_obj.holds(ident):
             if pinned and tier_obj.pin(ident):  # held: make sure it is pinned for the device
                 try:
@@ -142,11 +145,19 @@ def cache_info(loader: Loader) -> dict[str, Any]:
     return out
 
 
-def _wants_pinned(device: Any) -> bool:
-    """Whether a DRAM-tier item for ``device`` should be pinnable memory (a visible GPU)."""
+def _first_device(device: Any) -> str:
+    target = resolve_target(device)
+    devices = target.values() if isinstance(target, dict) else [target]
+    return next(d for d in devices if d != "cpu")
+
+
+def _wants_pinned(loader: Loader, device: Any) -> bool:
+    """Whether a DRAM-tier item for ``device`` should be pinned memory (a device is there)."""
     devices = device.values() if isinstance(device, dict) else [device]
-    if not any(str(d).startswith("cuda") for d in devices):
+    if not any(str(d).startswith("cuda") or isinstance(d, int) for d in devices):
         return False
+    if loader.simulated_devices:
+        return True
     import torch
 
     return bool(torch.cuda.is_available())

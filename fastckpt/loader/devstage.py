@@ -148,9 +148,7 @@ def _pipeline_ops(ops: Sequence[StageOp], crc: bool) -> tuple[list[Any], list[in
 class CudaStage(DeviceStage):
     """A GPU (``cuda:N``): copies on ``streams`` torch streams through the CUDA driver."""
 
-    def __init__(
-        self, device: str, streams: int, ring_for: Callable[[Any], StagingRing]
-    ) -> None:
+    def __init__(self, device: str, streams: int, ring_for: Callable[[Any], StagingRing]) -> None:
         self._dev = torch.device(device)
         self.streams = [torch.cuda.Stream(device=self._dev) for _ in range(max(1, streams))]
         backend = io_engine.cuda_copy_backend(

@@ -45,8 +45,9 @@ from fastckpt.loader.sources import Sources
 from fastckpt.loader.sources import open_partition as _open_partition
 from fastckpt.loader.ssdconvert import through_ssd
 from fastckpt.loader.staging import StagingRing, pin_method, process_ring
+from fastckpt.loader.target import resolve_target
 from fastckpt.loader.tiering import SingleFlight, checkpoint_identity, plan_signature
-from fastckpt.rules.devices import canonical_device, check_cuda_visible, check_device_map
+from fastckpt.rules.devices import check_cuda_visible
 from fastckpt.tiers.dram import DramItem, DramTier
 from fastckpt.tiers.gpu import GpuTier
 from fastckpt.tiers.held import PageLocker, lock_file_pages
@@ -68,42 +69,6 @@ def _sampled_residency(path: str) -> float:
         return io_engine.residency(path, sample_windows=RESIDENCY_SAMPLES)
     except OSError:
         return 0.0
-
-
-def _current_cuda() -> int:
-    import torch
-
-    if not torch.cuda.is_available():
-        return 0
-    return int(torch.cuda.current_device())
-
-
-def resolve_target(device: Any) -> Any:
-    """A canonical device (``cpu``/``cuda:N``) or device map; bare ``"cuda"`` (or a
-    ``torch.device("cuda")``) is the current CUDA device of the calling thread."""
-    if isinstance(device, Mapping):
-        return check_device_map(device, lambda _k, v: resolve_target(v))
-    return canonical_device(device, current_cuda=_current_cuda)
-
-
-def check_single_device(loader: Loader, device: Any, verb: str) -> str:
-    """One canonical device for ``open``/``iter_tensors`` (no device map), available in this
-    process (unless ``loader`` simulates devices)."""
-    from fastckpt.errors import DeviceError
-
-    if isinstance(device, Mapping):
-        raise DeviceError(f"cannot {verb} a device map: pass one device")
-    dev = resolve_target(device)
-    if dev.startswith("cuda") and not loader.simulated_devices:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise DeviceError(f"cannot {verb} {dev}: CUDA is not available in this process")
-        if int(dev.split(":", 1)[1]) >= torch.cuda.device_count():
-            raise DeviceError(
-                f"cannot {verb} {dev}: this process sees {torch.cuda.device_count()} CUDA device(s)"
-            )
-    return str(dev)
 
 
 def cuda_ring(backend: Any, cfg: Config) -> StagingRing:
@@ -237,14 +202,13 @@ class Loader:
                 self._engines[key] = eng
             return eng
 
-    def _enable_pinning(self) -> None:
-        """Give the pool CUDA pinning the first time a GPU load needs pinned memory."""
+    def _enable_pinning(self, backend: Any) -> None:
+        """The pool (DRAM-tier blocks) pins through the first device stage's copy backend
+        (portable pinning: usable for every device)."""
         with self._lock:
-            if self._pinning_ready or self._stage_factory is not None:
+            if self._pinning_ready:
                 return
-            from fastckpt.tiers.pool import cuda_pinner
-
-            self.pool.pinner, self.pool.unpinner = cuda_pinner()
+            self.pool.pinner, self.pool.unpinner = backend.pin, backend.unpin
             self._pinning_ready = True
 
     def stage(self, device: str, cfg: Config | None = None) -> Any:
@@ -258,10 +222,10 @@ class Loader:
         if self._stage_factory is not None:
             st = self._stage_factory(device, self)
         else:
-            self._enable_pinning()
             from fastckpt.loader.devstage import CudaStage
 
             st = CudaStage(device, cfg.copy_streams, lambda backend: cuda_ring(backend, cfg))
+        self._enable_pinning(st.backend)
         with self._lock:
             return self._stages.setdefault(device, st)
 
@@ -460,6 +424,9 @@ class Loader:
             )
         if not self.simulated_devices:
             _check_devices(plan.devices)
+        for dev in plan.devices:
+            if dev != "cpu":
+                self.stage(dev, cfg)  # made once; a DRAM-tier fill pins through its backend
         t_plan = time.perf_counter()
         settings = policy.Settings(
             mmap_min_resident=cfg.mmap_min_resident,

@@ -48,6 +48,7 @@ class StagingRing:
         *,
         method: str = "register",
         min_slots: int = MIN_SLOTS,
+        make_buffer: Any = None,
     ) -> None:
         if slot_bytes <= 0 or slot_bytes % 4096:
             raise ValueError(f"slot_bytes={slot_bytes}: must be a positive multiple of 4096")
@@ -56,6 +57,10 @@ class StagingRing:
         self.max_slots = max(1, max_slots)
         self.min_slots = max(1, min(min_slots, self.max_slots))
         self.method = method
+        # nbytes -> pinned memory (a seam: tests make pinning fail)
+        self._make_buffer = make_buffer or (
+            lambda n: io_engine.PinnedBuffer(self.backend, n, self.method)
+        )
         self.slots = io_engine.SlotSource(slot_bytes)
         self._buffers: list[Any] = []
         self._lock = threading.Lock()
@@ -75,7 +80,7 @@ class StagingRing:
                 return False
         t0 = time.perf_counter()
         try:
-            buf = io_engine.PinnedBuffer(self.backend, self.slot_bytes, self.method)
+            buf = self._make_buffer(self.slot_bytes)
         except Exception as exc:  # out of pinnable memory (RLIMIT_MEMLOCK, driver): run with less
             with self._lock:
                 self.error = exc
@@ -184,7 +189,9 @@ def pin_method(backend: Any, forced: str, profile_dir: str, key: str) -> str:
             figures = measure_pin_methods(backend)
             method = min(figures, key=lambda m: figures[m])
             with contextlib.suppress(OSError):
-                _store(path, {"key": key, "seconds": figures, "best": method, "bytes": PIN_PROBE_BYTES})
+                _store(
+                    path, {"key": key, "seconds": figures, "best": method, "bytes": PIN_PROBE_BYTES}
+                )
         _pin_memo[key] = method
         return method
 
@@ -199,8 +206,10 @@ def _store(path: str, data: dict[str, Any]) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(
-                {k: (v if not isinstance(v, dict) else {m: _finite(x) for m, x in v.items()})
-                 for k, v in data.items()},
+                {
+                    k: (v if not isinstance(v, dict) else {m: _finite(x) for m, x in v.items()})
+                    for k, v in data.items()
+                },
                 f,
                 indent=1,
             )

@@ -148,11 +148,14 @@ def test_iter_tensors_to_the_device_in_windows(tmp_path: Path, window: int) -> N
     assert factory.backend.violations == 0
 
 
-def test_verify_checks_every_chunk_on_the_device_path(tmp_path: Path) -> None:
+def test_verify_checks_every_chunk_on_the_device_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     g = torch.Generator().manual_seed(3)
     sd = {f"w{i}": torch.randn(300_000, generator=g) for i in range(4)}
     path = tmp_path / "ck"
-    fastckpt.save(sd, path, checksum_chunk_bytes=256 << 10, metadata=None)
+    monkeypatch.setenv("FASTCKPT_CHECKSUM_CHUNK_BYTES", str(256 << 10))
+    fastckpt.save(sd, path, metadata=None)
     factory = fake_stage_factory(slot_bytes=MiB, slots=4)
     with _loader(factory, ring_slot_bytes=MiB) as loader:
         got, st = loader.load(path, "cuda:0", verify=True, stats=True)

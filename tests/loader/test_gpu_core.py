@@ -27,7 +27,7 @@ def _ckpt(root: Path, *, numel: int = 1 << 20, n: int = 6, seed: int = 0) -> tup
     sd["mask"] = torch.tensor([True, False] * 500)
     sd["tied"] = sd["layer1.w"]
     path = root / "ck"
-    fastckpt.save(sd, path, partition_bytes=8 * MiB, checksum_chunk_bytes=MiB, metadata=None)
+    fastckpt.save(sd, path, partition_bytes=8 * MiB, metadata=None)
     return path, sd
 
 
