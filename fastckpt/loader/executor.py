@@ -245,9 +245,7 @@ class Executor:
             return
         ops: list[Any] = []
         staged_dram = False
-        for r in self.plan.reads:
-            if r.buffer not in moving:
-                continue
+        for r in _split(self.plan.reads, moving, stage.ring.slot_bytes):
             dst = self.buffers[r.buffer]
             source = self.source_of(r.buffer)
             block = self.sources.dram.get(r.partition) if source is Source.DRAM_TIER else None
@@ -342,6 +340,23 @@ def _whole(crc: int, nbytes: int) -> Any:
         return crc
 
     return crc_of
+
+
+def _split(reads: Sequence[ReadOp], buffers: set[int], limit: int) -> list[ReadOp]:
+    """The reads of ``buffers``, each cut into pieces of at most ``limit`` bytes (a staging
+    slot). Pieces stay inside their read, so a verified read (one checksum chunk, or a part of
+    one) still lies inside one chunk."""
+    out: list[ReadOp] = []
+    for r in reads:
+        if r.buffer not in buffers:
+            continue
+        if r.nbytes <= limit:
+            out.append(r)
+            continue
+        for k in range(0, r.nbytes, limit):
+            n = min(limit, r.nbytes - k)
+            out.append(ReadOp(r.buffer, r.partition, r.file_offset + k, n, r.dest_offset + k))
+    return out
 
 
 def _run_parallel(jobs: Sequence[tuple[Any, tuple[Any, ...]]]) -> None:
