@@ -24,6 +24,7 @@ import os
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ from fastckpt.tiers.ssd import SsdTier
 RESIDENCY_SAMPLES = 256
 TIERS = ("gpu", "dram", "ssd")
 ENGINES = ("auto", "uring", "pread")
+PLANS_KEPT = 32  # plans remembered per Loader (a GPU-tier hit then makes views, little else)
 
 _current: contextvars.ContextVar[Loader | None] = contextvars.ContextVar(
     "fastckpt_loader", default=None
@@ -165,6 +167,7 @@ class Loader:
         self._lock = threading.Lock()
         self._engines: dict[tuple[str, int, int, int], io_engine.Engine] = {}
         self._stages: dict[str, Any] = {}
+        self._plans: OrderedDict[Hashable, tuple[weakref.ref[Index], LoadPlan]] = OrderedDict()
         self.pool = HostPool(piece_bytes=cfg.pool_piece_bytes, retain_bytes=cfg.ring_bytes)
         self._pinning_ready = False
         self.gpu_tier = GpuTier(cfg.gpu_tier_bytes)
@@ -415,13 +418,7 @@ class Loader:
                 path=index.root,
             )
         if plan is None:
-            plan = plan_load(
-                index,
-                target if not isinstance(target, Mapping) else dict(target),
-                names=names,
-                chunk_bytes=cfg.ring_slot_bytes,
-                verify=verify,
-            )
+            plan = self._plan(index, target, names, cfg.ring_slot_bytes, verify)
         if not self.simulated_devices:
             _check_devices(plan.devices)
         for dev in plan.devices:
@@ -547,6 +544,37 @@ class Loader:
         return tensors, result
 
     # ------------------------------------------------------------------ pieces
+    def _plan(
+        self,
+        index: Index,
+        target: Any,
+        names: Iterable[str] | None,
+        chunk_bytes: int,
+        verify: bool,
+    ) -> LoadPlan:
+        """``plan_load``, remembered for the very same ``Index`` object (a checkpoint loaded
+        again gets the same object from the reader while its index bytes are unchanged)."""
+        names_key = None if names is None else tuple(names)
+        target_key = tuple(sorted(target.items())) if isinstance(target, Mapping) else target
+        key = (id(index), target_key, names_key, chunk_bytes, verify)
+        with self._lock:
+            hit = self._plans.get(key)
+            if hit is not None and hit[0]() is index:
+                self._plans.move_to_end(key)
+                return hit[1]
+        plan = plan_load(
+            index,
+            dict(target) if isinstance(target, Mapping) else target,
+            names=names_key,
+            chunk_bytes=chunk_bytes,
+            verify=verify,
+        )
+        with self._lock:
+            self._plans[key] = (weakref.ref(index), plan)
+            while len(self._plans) > PLANS_KEPT:
+                self._plans.popitem(last=False)
+        return plan
+
     def _revive(
         self, ident: tuple[str, str], plan: LoadPlan, held: list[tuple[Any, Hashable]]
     ) -> tuple[dict[int, Any], dict[str, Hashable]]:
