@@ -10,7 +10,11 @@ cannot serve this load, and the caller then reads the files itself:
   not verify: None, silently (a normal outcome);
 - the daemon is unreachable, stalls, dies mid-load or answers nonsense: None, and one warning per
   process (``ServerUnavailableWarning``). Every socket wait is bounded by ``server_timeout_s``; a
-  fill that makes no progress for that long counts as a stall.
+  fill that makes no progress for that long counts as a stall, and one answer may take at most
+  ``server_fill_wait_s`` however its fill progresses;
+- the socket is served by a process of another user (not root, not ``server_uid``), or, with
+  ``verify=True``, the bytes received do not match the chunk checksums of the index this client
+  read itself: None, and a warning each time.
 
 A CPU load maps each received memfd privately: tensors are copy-on-write views of the daemon's
 sealed memory (no copy; writing to a tensor copies that page, never the cache). A GPU load maps
@@ -24,12 +28,14 @@ import fcntl
 import mmap
 import os
 import socket
+import stat
 import time
 import warnings
 from collections.abc import Iterable
 from typing import Any
 
 from fastckpt.config import get_config
+from fastckpt.rules import peers
 from fastckpt.serve import names, protocol
 
 _warned = False
@@ -48,6 +54,10 @@ class ServerRefused(Exception):
         self.fields = fields
 
 
+class ServedBytesError(protocol.ProtocolError):
+    """Bytes the daemon handed out do not match the checkpoint's chunk checksums."""
+
+
 def _warn_once(reason: str) -> None:
     global _warned
     if not _warned:
@@ -60,15 +70,48 @@ def _warn_once(reason: str) -> None:
         )
 
 
-class Client:
-    """One connection to the daemon. Every wait is bounded by ``timeout_s``."""
+def _warn_untrusted(reason: str) -> None:
+    """A daemon that is not who it should be, or that sent wrong bytes: said every time (the
+    warnings filter still shows one message once per place), never folded into the once-only
+    'unavailable' warning."""
+    warnings.warn(
+        f"fastckpt: the cache daemon was not used ({reason}); loading from the files directly",
+        ServerUnavailableWarning,
+        stacklevel=4,
+    )
 
-    def __init__(self, socket_path: str, timeout_s: float = 10.0) -> None:
+
+class Client:
+    """One connection to the daemon, after checking who runs it.
+
+    The daemon's credentials (``SO_PEERCRED``) are checked before anything is sent or read: it
+    must run as this user, as root, or as ``trust_uid`` (default: config ``server_uid``);
+    otherwise ``UntrustedPeerError`` (a ``PermissionError``). Every wait is bounded: each frame
+    by ``timeout_s``, a fill that stops progressing by ``timeout_s``, and one whole request,
+    however its fill progresses, by ``fill_wait_s`` (default: config ``server_fill_wait_s``).
+    """
+
+    def __init__(
+        self,
+        socket_path: str,
+        timeout_s: float = 10.0,
+        *,
+        trust_uid: int | None = None,
+        fill_wait_s: float | None = None,
+    ) -> None:
+        cfg = get_config()
         self.timeout_s = timeout_s
+        self.fill_wait_s = cfg.server_fill_wait_s if fill_wait_s is None else fill_wait_s
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.settimeout(timeout_s)
             self.sock.connect(socket_path)
+            self.peer = peers.trusted_server(
+                self.sock,
+                f"the cache daemon at {socket_path!r}",
+                cfg.server_uid if trust_uid is None else trust_uid,
+                knob="FASTCKPT_SERVER_UID",
+            )
         except BaseException:
             self.sock.close()
             raise
@@ -85,21 +128,42 @@ class Client:
         self.close()
 
     def request(
-        self, kind: int, fields: dict[str, Any] | None = None
+        self, kind: int, fields: dict[str, Any] | None = None, *, total: int | None = None
     ) -> tuple[dict[str, Any], list[int]]:
         """Send a request; return the OK reply's fields and the descriptors that came before it.
-        Raises ServerRefused on an ERROR reply, TimeoutError when a fill stops progressing."""
+
+        Raises ServerRefused on an ERROR reply, TimeoutError when a frame takes longer than
+        ``timeout_s``, a fill stops progressing for that long, or the whole answer takes longer
+        than ``fill_wait_s``, and ProtocolError on nonsense: progress whose ``total`` is not
+        ``total`` (when given) or changes, whose ``loaded`` goes back or passes ``total``."""
         protocol.send(self.sock, kind, fields)
         fds: list[int] = []
         last_loaded = -1
-        last_progress = time.monotonic()
+        seen_total = total
+        started = time.monotonic()
+        last_progress = started
+        deadline = started + self.fill_wait_s
         try:
             while True:
-                msg = self.reader.read()
+                now = time.monotonic()
+                if now >= deadline:
+                    raise TimeoutError(
+                        f"the cache daemon did not answer within server_fill_wait_s = "
+                        f"{self.fill_wait_s:g} s"
+                    )
+                msg = self.reader.read(deadline=min(deadline, now + self.timeout_s))
                 if msg.kind == protocol.PROGRESS:
-                    loaded = msg.fields.get("loaded")
-                    if not isinstance(loaded, int):
-                        raise protocol.ProtocolError("progress without a byte count")
+                    protocol.close_fds(msg.fds)
+                    loaded, got_total = msg.fields.get("loaded"), msg.fields.get("total")
+                    if type(loaded) is not int or type(got_total) is not int:
+                        raise protocol.ProtocolError("progress without byte counts")
+                    if seen_total is None:
+                        seen_total = got_total
+                    if got_total != seen_total or not max(last_loaded, 0) <= loaded <= got_total:
+                        raise protocol.ProtocolError(
+                            f"nonsense progress: {loaded} of {got_total} bytes after "
+                            f"{max(last_loaded, 0)} of {seen_total}"
+                        )
                     now = time.monotonic()
                     if loaded > last_loaded:
                         last_loaded, last_progress = loaded, now
@@ -146,9 +210,13 @@ class Client:
             )
         return where
 
-    def get(self, path: str | os.PathLike[str], identity: str) -> tuple[dict[str, Any], list[int]]:
+    def get(
+        self, path: str | os.PathLike[str], identity: str, *, total: int | None = None
+    ) -> tuple[dict[str, Any], list[int]]:
         root, name = self.locate(path)
-        return self.request(protocol.GET, {"root": root, "name": name, "identity": identity})
+        return self.request(
+            protocol.GET, {"root": root, "name": name, "identity": identity}, total=total
+        )
 
     def prefetch(self, path: str | os.PathLike[str]) -> dict[str, Any]:
         root, name = self.locate(path)
@@ -161,6 +229,9 @@ class Client:
     def evict_name(self, root: int, name: str) -> dict[str, Any]:
         return self.request(protocol.EVICT, {"root": root, "name": name})[0]
 
+    def release(self) -> dict[str, Any]:
+        return self.request(protocol.RELEASE)[0]
+
     def ls(self) -> dict[str, Any]:
         return self.request(protocol.LIST)[0]
 
@@ -170,12 +241,38 @@ class Client:
 
 def _check_memfd(fd: int, size: int) -> None:
     st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise protocol.ProtocolError("the daemon sent a descriptor that is not a memfd")
     if st.st_size != size:
         raise protocol.ProtocolError(f"memfd holds {st.st_size} bytes, the reply says {size}")
     seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     need = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
     if seals & need != need:
         raise protocol.ProtocolError("the daemon sent a memfd that is not sealed")
+
+
+def _verify_served(index: Any, plan: Any, fds: list[int]) -> None:
+    """Check every chunk of the partitions ``plan`` reads, as received, against the chunk
+    checksums of the index this client read itself (``verify=True``: the daemon's word that it
+    verified is not enough). Raises ``ServedBytesError`` naming the first bad chunk."""
+    from fastckpt.io_engine import crc32c
+
+    chunk = index.checksum_chunk_bytes
+    for j in sorted({b.partition for b in plan.buffers if b.nbytes}):
+        part = index.partitions[j]
+        if part.checksums is None or not chunk or not part.nbytes:
+            continue
+        with (
+            mmap.mmap(fds[j], part.nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as mm,
+            memoryview(mm) as mv,
+        ):
+            for k, expected in enumerate(part.checksums):
+                actual = crc32c(mv[k * chunk : (k + 1) * chunk])
+                if actual != expected:
+                    raise ServedBytesError(
+                        f"{part.file}: chunk {k} as served has CRC32C {actual:#010x}, the "
+                        f"index says {expected:#010x} (checksum mismatch)"
+                    )
 
 
 def load_via_server(
@@ -219,7 +316,7 @@ def load_via_server(
     try:
         with Client(socket_path, timeout) as client:
             try:
-                reply, fds = client.get(real, ident)
+                reply, fds = client.get(real, ident, total=sum(p.nbytes for p in index.partitions))
             except ServerRefused as exc:
                 if exc.code == "denied":
                     _warn_once("the daemon refused this user")
@@ -236,7 +333,12 @@ def load_via_server(
                 return None
             for fd, size in zip(fds, sizes, strict=True):
                 _check_memfd(fd, size)
+            if verify:
+                _verify_served(index, plan, fds)
             tensors, path_taken = _build(index, plan, fds)
+    except (peers.UntrustedPeerError, ServedBytesError) as exc:
+        _warn_untrusted(str(exc))
+        return None
     except (OSError, protocol.ProtocolError) as exc:  # TimeoutError is an OSError
         _warn_once(f"{type(exc).__name__}: {exc}")
         return None
