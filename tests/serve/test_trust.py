@@ -13,6 +13,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -199,3 +200,89 @@ def test_daemon_refuses_a_socket_directory_under_one_others_can_write(tmp_path: 
     os.chmod(outer, 0o755)
     prepare_socket_dir(str(outer / "run" / "sock"))
     assert os.stat(outer / "run").st_mode & 0o777 == 0o700
+
+
+# ------------------------------------------------------------------ what the daemon serves
+
+
+def test_hugging_face_cache_snapshots_and_single_files_are_served(
+    tmp_path: Path, daemon_factory: Any
+) -> None:
+    """Partitions that are links into ``../../blobs`` and a lone ``.safetensors`` file are opened
+    the way a load opens them, and served."""
+    import torch
+    from safetensors.torch import save_file
+
+    root = tmp_path / "models"
+    repo = root / "models--org--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    g = torch.Generator().manual_seed(93)
+    sd = {"w": torch.randn(300, 64, generator=g), "b": torch.randn(64, generator=g)}
+    save_file(sd, str(repo / "blobs" / "5f3e"))
+    (snap / "model.safetensors").symlink_to("../../blobs/5f3e")
+    single = {"x": torch.arange(5000, dtype=torch.float32)}
+    save_file(single, str(root / "lone.safetensors"))
+    d = daemon_factory(str(root), "8MiB")
+    got, st = load_via_server(snap, stats=True, server=d.socket)
+    assert st.path_taken == "server-map" and same(got, sd)
+    got, st = load_via_server(root / "lone.safetensors", stats=True, server=d.socket)
+    assert st.path_taken == "server-map" and same(got, single)
+
+
+def test_a_partition_rewritten_in_place_with_its_mtime_restored_is_not_served_stale(
+    tmp_path: Path, daemon_factory: Any
+) -> None:
+    root = tmp_path / "models"
+    save_ckpt(root / "a", seed=94)
+    d = daemon_factory(str(root), "8MiB", "--no-verify")
+    first = load_via_server(root / "a", server=d.socket)
+    assert first is not None
+    part = sorted(p for p in (root / "a").iterdir() if p.name != "fastckpt.index")[0]
+    st = part.stat()
+    data = bytearray(part.read_bytes())
+    data[4096 : 4096 + 64] = bytes(255 - b for b in data[4096 : 4096 + 64])
+    with open(part, "r+b") as f:  # same inode, same size
+        f.write(bytes(data))
+    os.utime(part, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert part.stat().st_mtime_ns == st.st_mtime_ns and part.stat().st_ino == st.st_ino
+    now = fastckpt.load(root / "a", private_copy=True)  # the files as they are
+    again, stats = load_via_server(root / "a", stats=True, server=d.socket)
+    assert stats.path_taken == "server-map"
+    assert same(again, now) and not same(again, first)
+
+
+def test_a_failed_get_pins_nothing_and_release_never_unpins_another_client(
+    tmp_path: Path, daemon_factory: Any
+) -> None:
+    """A GET whose fill fails (here: the daemon may not grow files, RLIMIT_FSIZE) must leave no
+    pin on its connection; the same checkpoint filled later for another client stays pinned by
+    that client after the first one sends RELEASE, so a third cannot evict it while in use."""
+    import resource
+
+    from fastckpt.serve import names, protocol
+    from fastckpt.serve.client import Client, ServerRefused
+
+    root = tmp_path / "models"
+    save_ckpt(root / "a", seed=95)
+    d = daemon_factory(str(root), "8MiB")
+    index, stamped = names.read_consistent(str((root / "a").resolve()))
+    ident = names.identity(index, stamped)
+    unlimited = resource.prlimit(d.pid, resource.RLIMIT_FSIZE)
+    with Client(d.socket) as a, Client(d.socket) as b, Client(d.socket) as c:
+        resource.prlimit(d.pid, resource.RLIMIT_FSIZE, (1024, unlimited[1]))
+        with pytest.raises(ServerRefused, match="load_failed"):
+            a.get(root / "a", ident)
+        resource.prlimit(d.pid, resource.RLIMIT_FSIZE, unlimited)
+        _, fds = b.get(root / "a", ident)  # same generation, filled now, pinned by b
+        try:
+            assert [e["pins"] for e in c.ls()["entries"]] == [1]
+            a.request(protocol.RELEASE)  # after its failed GET
+            assert [e["pins"] for e in c.ls()["entries"]] == [1]
+            assert c.evict(root / "a") == {"evicted": 0, "in_use": 1}
+        finally:
+            for fd in fds:
+                os.close(fd)
+        b.request(protocol.RELEASE)
+        assert c.evict(root / "a") == {"evicted": 1, "in_use": 0}
