@@ -29,7 +29,13 @@ from typing import Any
 from fastckpt import io_engine
 from fastckpt.config import Config, get_config
 from fastckpt.config import ssd_tier_dir as _ssd_dir
-from fastckpt.errors import FormatError
+from fastckpt.errors import (
+    ChecksumError,
+    CorruptDataError,
+    FormatError,
+    MissingPartitionError,
+    TruncatedError,
+)
 from fastckpt.format.fsdir import OpenFile
 from fastckpt.format.index import Index
 from fastckpt.format.reader import OpenCheckpoint, open_checkpoint, open_partitions, read_index
@@ -45,7 +51,10 @@ from fastckpt.tiers.dram import DramItem, DramTier
 from fastckpt.tiers.gpu import GpuTier
 from fastckpt.tiers.held import PageLocker, lock_file_pages
 from fastckpt.tiers.pool import HostPool
-from fastckpt.tiers.ssd import SsdTier, source_identity
+from fastckpt.tiers.ssd import SsdTier, source_files
+
+# A converted copy of the SSD tier that fails these is the copy's fault: it is dropped and rebuilt
+_COPY_FAULTS = (ChecksumError, CorruptDataError, MissingPartitionError, TruncatedError)
 
 # Windows sampled to estimate residency: an exact count costs ~4 ms per GiB, a sample ~0.1 ms.
 RESIDENCY_SAMPLES = 256
@@ -298,20 +307,26 @@ class Loader:
         # Every file is opened once, beneath the checkpoint directory, and read through those
         # descriptors only: a checkpoint republished meanwhile is never mixed in.
         with _open(path) as ck:
-            ssd_key: str | None = None
-            converted: OpenCheckpoint | None = None
-            if self.ssd_tier is not None and not isinstance(path, Index):
-                converted, ssd_key = self._through_ssd(ck.index, os.fspath(path))
-            try:
-                use = converted or ck
-                return self._load_index(
-                    use.index, use.partitions, device, cfg, verify, names, stats, t_start
-                )
-            finally:
-                if converted is not None:
-                    converted.close()
-                if ssd_key is not None and self.ssd_tier is not None:
-                    self.ssd_tier.unpin(ssd_key)
+            for attempt in (1, 2):
+                ssd_key: str | None = None
+                converted: OpenCheckpoint | None = None
+                if self.ssd_tier is not None and not isinstance(path, Index):
+                    converted, ssd_key = self._through_ssd(ck.index, os.fspath(path))
+                try:
+                    use = converted or ck
+                    return self._load_index(
+                        use.index, use.partitions, device, cfg, verify, names, stats, t_start
+                    )
+                except _COPY_FAULTS as exc:
+                    if ssd_key is None or self.ssd_tier is None or attempt == 2:
+                        raise
+                    self.ssd_tier.reject(ssd_key, str(exc))  # rebuilt on the second attempt
+                finally:
+                    if converted is not None:
+                        converted.close()
+                    if ssd_key is not None and self.ssd_tier is not None:
+                        self.ssd_tier.unpin(ssd_key)
+            raise AssertionError("unreachable")
 
     def _load_index(
         self,
@@ -604,7 +619,8 @@ class Loader:
         return self.dram_tier.hold_files(fds)
 
     def _through_ssd(self, index: Index, source: str) -> tuple[OpenCheckpoint | None, str | None]:
-        """The SSD tier's converted copy of a slower source (converted on first use)."""
+        """The SSD tier's converted copy of a slower source (keyed by content, checked, converted
+        on first use; the tier owns all of it: fastckpt.tiers.ssd)."""
         assert self.ssd_tier is not None
         try:
             _, fs_type = profile.fs_key(index.partitions[0].path) if index.partitions else ("", "")
@@ -612,37 +628,8 @@ class Loader:
             return None, None
         if not policy.is_slow_source(index.kind, fs_type) or not index.partitions:
             return None, None
-        tier = self.ssd_tier
-        files = [p.path for p in index.partitions]
-        key = source_identity(files, source)
-        converted = tier.get(key)
-        if converted is None:
-
-            def convert() -> bool:
-                from fastckpt.format.convert import convert as _convert
-
-                staged = tier.stage(key)
-                try:
-                    _convert(source, staged, progress=False)
-                    tier.record_source(staged, os.path.realpath(source))
-                except BaseException:
-                    import shutil
-
-                    shutil.rmtree(staged, ignore_errors=True)
-                    raise
-                from fastckpt.tiers.ssd import _du
-
-                return tier.put(key, staged, _du(staged))
-
-            self._flights.run(("ssd", key), convert)
-            converted = tier.peek(key)
-        if converted is None or not tier.pin(key):
-            return None, None
-        try:
-            return open_checkpoint(converted), key
-        except BaseException:
-            tier.unpin(key)
-            raise
+        got = self.ssd_tier.open_copy(source_files(index), source)
+        return (None, None) if got is None else got
 
     # ------------------------------------------------------------------ tiers API
     def prefetch(
@@ -715,15 +702,10 @@ class Loader:
                 if key[0] in roots and tier.evict(key):
                     removed += 1
         if self.ssd_tier is not None:
-            try:
+            with contextlib.suppress(OSError, FormatError):
                 index = read_index(path)
-                skey: str | None = source_identity(
-                    [p.path for p in index.partitions], os.fspath(path)
-                )
-            except (OSError, FormatError):
-                skey = None
-            if skey is not None and self.ssd_tier.evict(skey):
-                removed += 1
+                if self.ssd_tier.evict_source(source_files(index), os.fspath(path)):
+                    removed += 1
         return removed
 
     def cache_info(self) -> dict[str, Any]:
