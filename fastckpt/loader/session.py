@@ -22,6 +22,7 @@ import contextvars
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -180,6 +181,15 @@ class Loader:
         self._flights = SingleFlight()
         self._background: ThreadPoolExecutor | None = None
         self._closed = False
+        # a Loader dropped without close() still frees its tiers' items (locked memory,
+        # descriptors) and its pool when it is collected
+        self._free_tiers = weakref.finalize(
+            self, _free_tiers, self.gpu_tier, self.dram_tier, self.pool
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this fastckpt.Loader was closed; make a new one to load again")
 
     # ------------------------------------------------------------------ resources
     def config(self, **overrides: Any) -> Config:
@@ -190,6 +200,7 @@ class Loader:
 
     def engine(self, cfg: Config | None = None) -> io_engine.Engine:
         """An I/O engine for the settings (one per kind and settings, shared by loads)."""
+        self._check_open()
         cfg = cfg or self.config()
         threads = cfg.resolved_io_threads()
         key = (cfg.io_engine, cfg.queue_depth, threads, cfg.chunk_bytes)
@@ -217,6 +228,7 @@ class Loader:
 
     def ring(self, slot_bytes: int, cfg: Config | None = None) -> StagingRing:
         """The staging ring (made on first GPU load, slots pinned lazily, from the pool)."""
+        self._check_open()
         cfg = cfg or self.config()
         self._enable_pinning()
         with self._lock:
@@ -248,11 +260,9 @@ class Loader:
         self._closed = True
         if self._background is not None:
             self._background.shutdown(wait=True)
-        for tier in (self.gpu_tier, self.dram_tier):
-            tier.clear()
         if self._ring is not None:
             self._ring.close()
-        self.pool.close()
+        self._free_tiers()
         with self._lock:
             engines, self._engines = list(self._engines.values()), {}
         for eng in engines:
@@ -278,6 +288,7 @@ class Loader:
     ) -> Any:
         """Load a checkpoint; the arguments and result are those of ``fastckpt.load``. ``path``
         may also be an ``Index`` already read (its files are opened and checked again)."""
+        self._check_open()
         if isinstance(names, (str, bytes)):
             raise TypeError(
                 f"names={names!r} is a single string; pass a list of tensor names "
@@ -637,6 +648,7 @@ class Loader:
     ) -> Future[bool]:
         """Warm ``tier`` (``dram``, ``ssd`` or ``gpu``) with the checkpoint in the background;
         the future's result says whether the tier holds it afterwards."""
+        self._check_open()
         if tier not in TIERS:
             raise ValueError(f"tier {tier!r}: expected one of {', '.join(TIERS)}")
         with self._lock:
@@ -693,6 +705,7 @@ class Loader:
     def evict(self, path: str | os.PathLike[str]) -> int:
         """Remove the checkpoint at ``path`` (every version of it) from the GPU and DRAM tiers and
         its converted copy from the SSD tier, except what is in use; returns items removed."""
+        self._check_open()
         roots = {os.path.realpath(os.fspath(path))}
         with contextlib.suppress(OSError, FormatError):
             roots.add(os.path.realpath(read_index(path).root))
@@ -740,6 +753,13 @@ class Loader:
         ring = self._ring
         out["ring"] = None if ring is None else {"slots": ring.slots, "slot_bytes": ring.slot_bytes}
         return out
+
+
+def _free_tiers(gpu: GpuTier, dram: DramTier, pool: HostPool) -> None:
+    """What ``Loader.close`` and a collected Loader free (no reference to the Loader itself)."""
+    for tier in (gpu, dram):
+        tier.clear()
+    pool.close()
 
 
 class _Unkept(DramItem):
