@@ -4,6 +4,7 @@ and nobody checking who sends prefill/commit/cancel."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
@@ -259,6 +260,43 @@ def test_with_a_secret_only_its_holders_can_prefill_commit_or_cancel() -> None:
         server.shutdown()
 
 
+def _recording_proxy(target: tuple[str, int], recorded: list[bytes]) -> tuple[int, Any]:
+    """A TCP proxy on loopback to ``target`` that records what the client sends (someone on the
+    wire); returns its port and a function that stops it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+
+    def pump(src: socket.socket, dst: socket.socket, record: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if record:
+                    recorded.append(data)
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            upstream = socket.create_connection(target, timeout=5)
+            for a, b, rec in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=pump, args=(a, b, rec), daemon=True).start()
+        listener.close()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+
+    def close() -> None:
+        stop.set()
+        thread.join(5)
+
+    return listener.getsockname()[1], close
+
+
 def test_recorded_frames_replayed_on_a_new_connection_are_refused() -> None:
     made: dict[str, MemTarget] = {}
 
@@ -268,32 +306,22 @@ def test_recorded_frames_replayed_on_a_new_connection_are_refused() -> None:
 
     server = SocketServer(TargetHost(make).handle, secret=SECRET).start()
     recorded: list[bytes] = []
+    port, close_proxy = _recording_proxy((server.host, server.port), recorded)
     try:
-        tr = SocketTransport(server.host, server.port, timeout_s=5, secret=SECRET)
-        assert tr._sock is not None
-        real = tr._sock
-
-        class Tap:
-            def __getattr__(self, name: str) -> Any:
-                return getattr(real, name)
-
-            def sendall(self, data: bytes) -> None:
-                recorded.append(bytes(data))
-                real.sendall(data)
-
-        tr._sock = Tap()  # type: ignore[assignment]
-        RemoteTarget(tr, "a").commit(_state("a"))
-        tr.close()
+        with SocketTransport("127.0.0.1", port, timeout_s=5, secret=SECRET) as tr:
+            RemoteTarget(tr, "a").commit(_state("a"))
         assert recorded and made["a"].committed
         del made["a"]
         s = socket.create_connection((server.host, server.port), timeout=5)
         recv_frame(s)
-        s.sendall(b"".join(recorded))  # the handshake is bound to the old nonces: fails
-        s.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            s.sendall(b"".join(recorded))  # the handshake is bound to the old nonces: fails
+            s.shutdown(socket.SHUT_WR)
         assert _hung_up(s)
         s.close()
         assert "a" not in made
     finally:
+        close_proxy()
         server.shutdown()
 
 
