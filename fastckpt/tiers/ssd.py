@@ -233,18 +233,27 @@ class SsdTier(LruTier[str]):
                 if got is not None:
                     return got
             try:
-                key = content_key(files, self._hash_threads)
-                if stamp_key(files, source) != skey:
-                    return None  # written while it was hashed: not a copy of anything stable
+                shape = _shape(files)
+                key = None
+                if self._may_hold(shape):
+                    # a copy of the same sizes exists: the bytes may be the same (a touched or
+                    # copied source), so hash first and reuse it if they are
+                    key = content_key(files, self._hash_threads)
+                    if stamp_key(files, source) != skey:
+                        return None  # written while it was hashed: nothing stable to copy
+                    got = self._open_checked(key)
+                    if got is not None:
+                        self._add_alias(key, skey)
+                        return got
             except OSError:
                 return None
-            got = self._open_checked(key)
-            if got is None:
-                if not self._make(key, source, files, skey):
-                    return None
-                got = self._open_checked(key)
-            if got is not None:
-                self._add_alias(key, skey)
+            if key is None:
+                with self._lock:
+                    self._misses += 1  # not looked up: nothing of this shape is held
+            made = self._make(source, files, skey, shape, key)
+            got = None if made is None else self._open_checked(made)
+            if made is not None and got is not None:
+                self._add_alias(made, skey)
             return got
 
     def reject(self, key: str, reason: str) -> None:
@@ -348,9 +357,12 @@ class SsdTier(LruTier[str]):
         self.reject(key, problem)
         return None
 
-    def _make(self, key: str, source: str, files: Sequence[str], skey: str) -> bool:
-        """Convert ``source`` and publish it under ``key``; False when it could not be kept."""
-        staged = self.stage(key)
+    def _make(
+        self, source: str, files: Sequence[str], skey: str, shape: list[int], key: str | None
+    ) -> str | None:
+        """Convert ``source`` and publish it under its content key (``key``, or hashed on a
+        thread while the conversion runs); returns the key, or None when it could not be kept."""
+        staged = self.stage(skey)
         convert = self._convert
         if convert is None:
             from fastckpt.format.convert import convert as _convert
@@ -358,39 +370,59 @@ class SsdTier(LruTier[str]):
             def convert(src: str, dst: str) -> Any:
                 return _convert(src, dst, progress=False)
 
-        try:
-            convert(source, staged)
-            if stamp_key(files, source) != skey:
+        with ThreadPoolExecutor(1, thread_name_prefix="fastckpt-hash") as pool:
+            hashing = (
+                None if key is not None else pool.submit(content_key, files, self._hash_threads)
+            )
+            try:
+                try:
+                    convert(source, staged)
+                finally:
+                    if hashing is not None:
+                        key = hashing.result()  # waited for even when the conversion failed
+                assert key is not None
+                if stamp_key(files, source) != skey:
+                    self._discard(staged)
+                    return None  # the source changed while it was read
+                meta = {
+                    "version": META_VERSION,
+                    "source": os.path.realpath(source),
+                    "created": time.time(),
+                    "aliases": [skey],
+                    "shape": shape,
+                    "files": _copy_stamps(staged),
+                }
+                _write_json(os.path.join(staged, _META), meta)
+            except OSError as exc:
                 self._discard(staged)
-                return False  # the source changed during the conversion
-            meta = {
-                "version": META_VERSION,
-                "source": os.path.realpath(source),
-                "created": time.time(),
-                "aliases": [skey],
-                "files": _copy_stamps(staged),
-            }
-            _write_json(os.path.join(staged, _META), meta)
-        except OSError as exc:
-            self._discard(staged)
-            if exc.errno in _FULL:
-                self._say_once(
-                    "full",
-                    f"fastckpt: no space left for the SSD tier in {self.directory} ({exc}); "
-                    "loads read their sources instead (said once)",
-                )
-                return False
-            raise
-        except BaseException:
-            self._discard(staged)
-            raise
+                if exc.errno in _FULL:
+                    self._say_once(
+                        "full",
+                        f"fastckpt: no space left for the SSD tier in {self.directory} ({exc}); "
+                        "loads read their sources instead (said once)",
+                    )
+                    return None
+                raise
+            except BaseException:
+                self._discard(staged)
+                raise
         try:
-            return self.put(key, staged, _du(staged)) or self.holds(key)
+            kept = self.put(key, staged, _du(staged)) or self.holds(key)
         except OSError as exc:
             if exc.errno in _FULL:
                 self._say_once("full", f"fastckpt: no space left for the SSD tier ({exc})")
-                return False
+                return None
             raise
+        return key if kept else None
+
+    def _may_hold(self, shape: list[int]) -> bool:
+        """Whether a held copy was made from files of these sizes (then hashing first may find
+        it); one small read per copy held."""
+        for k in self.keys():
+            path = self.peek(k)
+            if path is not None and _read_meta(path).get("shape") == shape:
+                return True
+        return False
 
     def _discard(self, staged: str) -> None:
         """Remove a staged copy and anything the writer left beside it (nothing half-written
@@ -489,6 +521,10 @@ def _owner_gone(name: str) -> bool:
     except PermissionError:
         return False
     return False
+
+
+def _shape(files: Sequence[str]) -> list[int]:
+    return sorted(os.stat(f).st_size for f in files)
 
 
 def _copy_stamps(path: str) -> dict[str, list[int]]:
