@@ -311,6 +311,8 @@ class Loader:
                 stats=stats,
                 server=cfg.server,
                 timeout_s=cfg.server_timeout_s,
+                fill_wait_s=cfg.server_fill_wait_s,
+                trust_uid=cfg.server_uid,
             )
             if served is not None:
                 return served

@@ -284,9 +284,13 @@ def load_via_server(
     stats: bool = False,
     server: str | None = None,
     timeout_s: float | None = None,
+    fill_wait_s: float | None = None,
+    trust_uid: int | None = None,
 ) -> Any:
     """Load through the cache daemon: ``{name: tensor}`` (with a ``LoadStats`` when ``stats``),
-    or None when the caller should read the files itself (see the module docstring)."""
+    or None when the caller should read the files itself (see the module docstring).
+    ``fill_wait_s`` / ``trust_uid``: ``Client``'s (default: config ``server_fill_wait_s`` /
+    ``server_uid``)."""
     cfg = get_config()
     socket_path = server if server is not None else cfg.server
     if not socket_path:
@@ -314,7 +318,7 @@ def load_via_server(
     t_plan = time.perf_counter()
     fds: list[int] = []
     try:
-        with Client(socket_path, timeout) as client:
+        with Client(socket_path, timeout, fill_wait_s=fill_wait_s, trust_uid=trust_uid) as client:
             try:
                 reply, fds = client.get(real, ident, total=sum(p.nbytes for p in index.partitions))
             except ServerRefused as exc:

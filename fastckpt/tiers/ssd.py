@@ -465,9 +465,6 @@ class SsdTier(LruTier[str]):
             raise
         return True
 
-    def record_source(self, staged: str, source: str) -> None:
-        _write_json(os.path.join(staged, _META), {"source": source, "created": time.time()})
-
     def get(self, key: Hashable) -> str | None:
         return self._get(key, pin=False)
 

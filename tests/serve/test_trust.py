@@ -94,6 +94,15 @@ def test_a_daemon_of_another_user_is_not_trusted(tmp_path: Path, shared_dir: str
             issubclass(w.category, ServerUnavailableWarning) and "uid" in str(w.message)
             for w in caught
         )
+        # trusting that uid on purpose (FASTCKPT_SERVER_UID) uses it; verify=True still checks
+        nobody = os.stat(sock).st_uid
+        with fastckpt.Loader(server=sock, server_timeout_s=5, server_uid=nobody) as trusting:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                checked = trusting.load(root / "a", verify=True)
+            assert same(checked, sd) and any("checksum" in str(w.message) for w in caught)
+            taken = trusting.load(root / "a", stats=True)[1].path_taken
+            assert taken == "server-map"  # the configured trust is honoured
     finally:
         forger.kill()
         forger.wait(10)
