@@ -9,16 +9,22 @@ writes, shrinking and growing, so no client can change what others are served.
 What keeps it safe and honest:
 - peers are checked with ``SO_PEERCRED`` (the daemon's own uid, plus ``allow_uids`` /
   ``allow_gids``, the latter against the peer's primary gid); the socket's directory is created
-  ``0700`` and a directory writable by others is refused;
+  ``0700``, and one that others can write (a sticky one such as ``/tmp`` included) or that lies
+  under a non-sticky one others can write is refused (``fastckpt.rules.peers``);
 - every request is one size-limited frame, validated against a fixed schema
-  (``fastckpt.serve.protocol``); anything malformed closes that connection and nothing else;
+  (``fastckpt.serve.protocol``), that must arrive whole within ``idle_timeout_s``; anything
+  malformed or late closes that connection and nothing else;
 - the daemon reads only under its roots (names resolved with symlinks followed, every file of
-  the checkpoint checked to lie under the root) and validates with ``read_index``, as a load does;
-- entries are keyed by the checkpoint's identity (dev/inode/size/mtime of its files); each request
-  re-stats the files, and a partition whose open file does not match the identity the index was
-  read with fails the fill, so two generations are never mixed;
+  the checkpoint checked to lie under the root) and opens a checkpoint as a load does
+  (``open_checkpoint``: beneath its directory, Hugging Face cache snapshots and single files
+  included), filling from those very descriptors;
+- entries are keyed by the checkpoint's identity (dev/inode/size/mtime/ctime of its files); each
+  request re-stats the files, and a partition modified while it is read fails the fill, so two
+  generations are never mixed;
 - the store's budget holds; entries pinned by a live connection or being filled are never evicted;
-  a connection's pins go when it closes, however it closes (a client killed mid-load included).
+  a connection pins the entries it was handed (never a key: another entry later filled under the
+  same key is not its to unpin), only after its GET succeeded, and its pins go when it closes,
+  however it closes (a client killed mid-load included).
 
 Why one module of this size: connection handling, credentials and fills share the daemon's
 store, locks and stats; the protocol, names and store are modules of their own.
