@@ -59,6 +59,19 @@ def split(roots: list[str], path: str | os.PathLike[str]) -> tuple[int, str] | N
     return None
 
 
+def checkpoint_path(index: Index) -> str:
+    """The path that names ``index``'s checkpoint to the daemon: the file itself for a single
+    ``.safetensors`` file (whose ``root`` is the folder holding it), else its ``root``."""
+    single = index.source.get("path")
+    if (
+        index.kind == "safetensors"
+        and len(index.partitions) == 1
+        and single == index.partitions[0].path
+    ):
+        return str(single)
+    return index.root
+
+
 def files_of(index: Index) -> list[str]:
     """Every file whose identity makes up the checkpoint: the path itself, the index, partitions."""
     out = [index.root]

@@ -282,13 +282,14 @@ class SsdTier(LruTier[str]):
         else:
             self._remove(path)
 
-    def evict_source(self, files: Sequence[str], source: str) -> bool:
-        """Evict the copy the tier knows for this source as it is now (unless in use)."""
+    def key_of(self, files: Sequence[str], source: str) -> str | None:
+        """The key of the copy the tier knows for this source as it is now (its stamps; nothing
+        is hashed), or None."""
         try:
             key = self._alias(stamp_key(files, source))
         except OSError:
-            return False
-        return key is not None and self.evict(key)
+            return None
+        return key if key is not None and self.holds(key) else None
 
     def unpin(self, key: Hashable) -> None:
         """Undo one pin (of a copy dropped by ``reject`` while pinned too)."""

@@ -20,8 +20,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fastckpt.loader.api import load_via_server
 from fastckpt.serve import protocol
-from fastckpt.serve.client import Client, load_via_server
+from fastckpt.serve.client import Client
 
 from .conftest import same, save_ckpt
 
@@ -149,7 +150,7 @@ def test_a_well_behaved_client_is_served_among_hostile_peers(
         time.sleep(0.3)  # the peers are at it
         for _ in range(8):
             got, st = load_via_server(root / "a", stats=True, server=d.socket, timeout_s=2.0)
-            assert st.path_taken == "server-map" and same(got, sd)
+            assert st.path_taken == "daemon" and same(got, sd)
             del got
             time.sleep(0.1)
     finally:
