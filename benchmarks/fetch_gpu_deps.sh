@@ -36,8 +36,13 @@ rm -rf .gpu/debs .gpu/bin .gpu/whl .gpu/core
 mkdir -p .gpu/debs .gpu/bin .gpu/whl .gpu/core
 
 echo "== fastckpt core for cp312"
-PY312=${PY312:-$(command -v python3.12 || ls "$HOME"/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | head -1)}
-if [ -n "$PY312" ] && [ -x "$PY312" ]; then
+PY312=${PY312:-}
+if [ -z "$PY312" ]; then
+  for cand in "$HOME"/.pyenv/versions/3.12*/bin/python3.12 "$(command -v python3.12 || true)"; do
+    if [ -n "$cand" ] && [ -x "$cand" ] && "$cand" -c pass 2>/dev/null; then PY312=$cand; break; fi
+  done
+fi
+if [ -n "$PY312" ]; then
   wtmp=$(mktemp -d)
   "$PY312" -m pip wheel -q --no-deps -w "$wtmp" . >/dev/null
   (cd .gpu/core && unzip -q -o -j "$wtmp"/*.whl 'fastckpt/_core.*.so')

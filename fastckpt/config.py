@@ -82,6 +82,15 @@ class Config:
             none). Without a reachable daemon, loads read the files directly (one warning).
         server_timeout_s: longest wait on the daemon's socket (connect, each reply, a fill
             making no progress) before a load gives up on it and reads the files directly.
+        server_fill_wait_s: longest a load waits for one answer of the daemon however its fill
+            progresses (a fill slower than this is left to finish for later loads; this one
+            reads the files directly).
+        server_uid: a user id whose daemon clients trust besides their own uid and root (the
+            daemon's credentials are checked with ``SO_PEERCRED`` before anything it sends is
+            used). Root is always trusted, so the default 0 adds nobody.
+        migrate_secret_file: file holding the shared secret of the migration transport (at
+            least 16 bytes, readable by its owner only). When set, migration servers require
+            every frame to carry an HMAC made with it and clients add one (docs/migrate.md).
     """
 
     io_engine: str = "auto"
@@ -109,6 +118,9 @@ class Config:
     pool_piece_bytes: int = 64 * _MiB
     server: str = ""
     server_timeout_s: float = 10.0
+    server_fill_wait_s: float = 300.0
+    server_uid: int = 0
+    migrate_secret_file: str = ""
 
     def resolved_io_threads(self) -> int:
         if self.io_threads > 0:
@@ -123,7 +135,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "read_mode": ("auto", "direct", "buffered", "mixed", "map"),
 }
 
-_PATHS = ("profile_dir", "ssd_tier_dir", "server")
+_PATHS = ("profile_dir", "ssd_tier_dir", "server", "migrate_secret_file")
 
 
 def _parse(name: str, raw: str, kind: Any) -> Any:

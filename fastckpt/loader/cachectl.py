@@ -34,7 +34,7 @@ def prefetch(loader: Loader, path: str, tier: str, device: Any) -> bool:
             if loader.ssd_tier is None:
                 return False
             index = read_index(path)
-            return loader.ssd_tier.holds(ssd_key(index, path))
+            return ssd_key(loader.ssd_tier, index, path) is not None
         ident = opened.ident
         tier_obj = loader.dram_tier
         pinned = _wants_pinned(loader, device)
@@ -96,7 +96,8 @@ def evict(loader: Loader, path: str | os.PathLike[str]) -> int:
                 removed += 1
     if loader.ssd_tier is not None and index is not None:
         with contextlib.suppress(OSError):
-            if loader.ssd_tier.evict(ssd_key(index, os.fspath(path))):
+            skey = ssd_key(loader.ssd_tier, index, os.fspath(path))
+            if skey is not None and loader.ssd_tier.evict(skey):
                 removed += 1
     return removed
 

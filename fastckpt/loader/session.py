@@ -33,7 +33,13 @@ from typing import Any
 from fastckpt import io_engine
 from fastckpt.config import Config, get_config
 from fastckpt.config import ssd_tier_dir as _ssd_dir
-from fastckpt.errors import ChecksumError, FormatError
+from fastckpt.errors import (
+    ChecksumError,
+    CorruptDataError,
+    FormatError,
+    MissingPartitionError,
+    TruncatedError,
+)
 from fastckpt.format.fsdir import OpenFile
 from fastckpt.format.index import Index
 from fastckpt.format.reader import OpenCheckpoint, open_checkpoint, open_partitions
@@ -101,6 +107,7 @@ class Opened:
     ident: tuple[str, str]
     daemon: tuple[OpenFile, ...] = ()
     notes: list[str] = field(default_factory=list)
+    ssd_key: str | None = None  # the SSD tier's copy these files are, if they are one
     _close: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
@@ -178,6 +185,11 @@ class Loader:
         self.flights = SingleFlight()
         self._background: ThreadPoolExecutor | None = None
         self._closed = False
+        # a Loader dropped without close() still frees its tiers' items (locked memory,
+        # descriptors) and its pool when it is collected
+        self._free_tiers = weakref.finalize(
+            self, _free_tiers, self.gpu_tier, self.dram_tier, self.pool
+        )
         _LOADERS.add(self)
 
     # ------------------------------------------------------------------ resources
@@ -277,9 +289,7 @@ class Loader:
             self._closed = True
         if self._background is not None:
             self._background.shutdown(wait=True)
-        for tier in (self.gpu_tier, self.dram_tier):
-            tier.clear()
-        self.pool.close()
+        self._free_tiers()
         with self._lock:
             engines, self._engines = list(self._engines.values()), {}
             self._stages.clear()
@@ -304,6 +314,10 @@ class Loader:
             cfg.dram_tier_bytes, self.pool, page_locker=self.dram_tier.page_locker
         )
         self.flights = SingleFlight()
+        self._free_tiers.detach()  # the parent's tiers are abandoned, never freed here
+        self._free_tiers = weakref.finalize(
+            self, _free_tiers, self.gpu_tier, self.dram_tier, self.pool
+        )
 
     def __enter__(self) -> Loader:
         return self
@@ -334,16 +348,18 @@ class Loader:
         closers: list[Callable[[], None]] = [ck.close]
         try:
             use = ck
+            ssd_key: str | None = None
             if convert and self.ssd_tier is not None and not isinstance(path, Index):
-                converted, key = through_ssd(self.ssd_tier, self.flights, ck.index, os.fspath(path))
-                if converted is not None and key is not None:
-                    tier = self.ssd_tier
+                converted, ssd_key = through_ssd(self.ssd_tier, ck.index, os.fspath(path))
+                if converted is not None and ssd_key is not None:
+                    tier, key = self.ssd_tier, ssd_key
                     closers.append(lambda: tier.unpin(key))
                     closers.append(converted.close)
                     use = converted
             opened = Opened(
                 use.index, use.partitions, checkpoint_identity(use.index, use.partitions)
             )
+            opened.ssd_key = ssd_key
             opened._close = closers
             if daemon and cfg.server:
                 fds = fetch(opened.index, opened.files, cfg, verify=verify, notes=opened.notes)
@@ -385,11 +401,26 @@ class Loader:
         cfg = self.config(**overrides)
         t_start = time.perf_counter()
         target = resolve_target(device)
-        with self.open_source(path, cfg=cfg, verify=verify) as opened:
-            tensors, result = self.execute(
-                opened, target, names=names, verify=verify, cfg=cfg, tiers=True, t_start=t_start
-            )
-        return (tensors, result) if stats else tensors
+        for attempt in (1, 2):
+            with self.open_source(path, cfg=cfg, verify=verify) as opened:
+                try:
+                    tensors, result = self.execute(
+                        opened,
+                        target,
+                        names=names,
+                        verify=verify,
+                        cfg=cfg,
+                        tiers=True,
+                        t_start=t_start,
+                    )
+                except _COPY_FAULTS as exc:
+                    if opened.ssd_key is None or self.ssd_tier is None or attempt == 2:
+                        raise
+                    # the SSD tier's copy failed its checksums: dropped, rebuilt next attempt
+                    self.ssd_tier.reject(opened.ssd_key, str(exc))
+                    continue
+            return (tensors, result) if stats else tensors
+        raise AssertionError("unreachable")
 
     def execute(
         self,
@@ -656,6 +687,16 @@ def _check_devices(devices: Iterable[str]) -> None:
 def _bufs(plan: LoadPlan, device: str) -> list[Any]:
     return [b for b in plan.buffers if b.device == device]
 
+
+def _free_tiers(gpu: GpuTier, dram: DramTier, pool: HostPool) -> None:
+    """What ``Loader.close`` and a collected Loader free (no reference to the Loader itself)."""
+    for tier in (gpu, dram):
+        tier.clear()
+    pool.close()
+
+
+# A converted copy of the SSD tier that fails these is the copy's fault: it is dropped and rebuilt
+_COPY_FAULTS = (ChecksumError, CorruptDataError, MissingPartitionError, TruncatedError)
 
 # Every Loader of the process, so that a forked child can reset them all; what they held in the
 # parent is kept (never freed) in the child.
