@@ -17,9 +17,9 @@ from fastckpt.loader.plan import LoadPlan
 
 def checkpoint_identity(index: Index, files: Sequence[OpenFile] = ()) -> tuple[str, str]:
     """(root, fingerprint): the fingerprint changes when any partition file is replaced or
-    rewritten (inode, size, modification and change times: a rewrite in place that restores
-    the modification time still moves the change time). With ``files`` (the partitions' validated open
-    files) the files the load reads are fingerprinted, not whatever the paths name now: a
+    rewritten (inode, size, modification and change times: a rewrite in place that restores the
+    modification time still moves the change time). With ``files`` (the partitions' validated
+    open files) the files the load reads are fingerprinted, not whatever the paths name now: a
     checkpoint republished meanwhile cannot be cached under the new files' identity."""
     h = hashlib.sha256()
     for i, part in enumerate(index.partitions):
