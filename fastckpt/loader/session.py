@@ -50,7 +50,7 @@ from fastckpt.loader.plan import LoadPlan, plan_load
 from fastckpt.loader.policy import DramAction, Facts, Source
 from fastckpt.loader.sources import Sources
 from fastckpt.loader.sources import open_partition as _open_partition
-from fastckpt.loader.ssdconvert import through_ssd
+from fastckpt.loader.ssdconvert import convert_opened, through_ssd
 from fastckpt.loader.staging import StagingRing, pin_method, process_ring
 from fastckpt.loader.target import resolve_target
 from fastckpt.loader.tiering import SingleFlight, checkpoint_identity, plan_signature
@@ -100,12 +100,14 @@ def cuda_ring(backend: Any, cfg: Config) -> StagingRing:
 class Opened:
     """A checkpoint opened for reading through the core: the validated ``index`` and the open
     ``files`` it was validated against, its tier identity, the cache daemon's sealed copies
-    (``daemon``, one per partition, when it serves it), and what else must be released."""
+    (``daemon``, one per partition, when it serves it), the carried files it opened
+    (``carried``), and what else must be released."""
 
     index: Index
     files: Sequence[OpenFile]
     ident: tuple[str, str]
     daemon: tuple[OpenFile, ...] = ()
+    carried: Mapping[str, OpenFile] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     ssd_key: str | None = None  # the SSD tier's copy these files are, if they are one
     _close: list[Callable[[], None]] = field(default_factory=list)
@@ -350,14 +352,29 @@ class Loader:
             use = ck
             ssd_key: str | None = None
             if convert and self.ssd_tier is not None and not isinstance(path, Index):
-                converted, ssd_key = through_ssd(self.ssd_tier, ck.index, os.fspath(path))
+                # the copy is made by reading the source through this very core
+                src = Opened(
+                    ck.index,
+                    ck.partitions,
+                    checkpoint_identity(ck.index, ck.partitions),
+                    carried=ck.carried,
+                )
+                converted, ssd_key = through_ssd(
+                    self.ssd_tier,
+                    ck.index,
+                    os.fspath(path),
+                    convert=lambda _src, dst: convert_opened(self, src, dst),
+                )
                 if converted is not None and ssd_key is not None:
                     tier, key = self.ssd_tier, ssd_key
                     closers.append(lambda: tier.unpin(key))
                     closers.append(converted.close)
                     use = converted
             opened = Opened(
-                use.index, use.partitions, checkpoint_identity(use.index, use.partitions)
+                use.index,
+                use.partitions,
+                checkpoint_identity(use.index, use.partitions),
+                carried=use.carried,
             )
             opened.ssd_key = ssd_key
             opened._close = closers
