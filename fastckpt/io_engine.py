@@ -548,11 +548,13 @@ def run_copy_pipeline(
     backend: CopyBackend,
     *,
     crc: bool = False,
+    crc_threads: int = 4,
     cancel: CancelFlag | None = None,
     max_slots: int = 0,
     host_window: int = 16,
     gate_timeout_s: float | None = None,
     copy_poll_s: float = 1e-4,
+    _crc_delay_s: float = 0.0,
 ) -> CopyResult:
     """Runs every op through read -> host-to-device copy; returns when all copies completed.
 
@@ -561,7 +563,10 @@ def run_copy_pipeline(
     it, and its slot goes back once that event completed. Host ops are copied directly, at most
     ``host_window`` in flight. The loop blocks only when nothing can proceed (then on a read, or
     on the oldest copy; while reads and copies are both in flight, copies are polled every
-    ``copy_poll_s``). The GIL is released throughout; Ctrl-C on the main thread interrupts it.
+    ``copy_poll_s``). With ``crc``, ``crc_threads`` workers checksum each op's bytes while the
+    device copies them (0: the loop's own thread, about 10 GB/s); a slot goes back once both are
+    done (``_crc_delay_s``, a test hook, slows each worker checksum down). The GIL is released
+    throughout; Ctrl-C on the main thread interrupts it.
 
     Raises ValueError for a bad op (nothing runs; a read longer than a slot is refused), OSError
     for a failed read or gate, TimeoutError when a read waits on its gate longer than
@@ -575,11 +580,13 @@ def run_copy_pipeline(
         slots,
         backend,
         crc=crc,
+        crc_threads=crc_threads,
         cancel=cancel,
         max_slots=max_slots,
         host_window=host_window,
         gate_timeout_s=gate_timeout_s,
         copy_poll_s=copy_poll_s,
+        _crc_delay_s=_crc_delay_s,
     )
     raw["crcs"] = tuple(raw["crcs"])
     return CopyResult(**raw)
