@@ -820,7 +820,11 @@ def test_cuda_events_are_reused_across_runs() -> None:
 
 
 @pytest.mark.gpu
-def test_cuda_bad_device_index_is_named() -> None:
+def test_cuda_bad_arguments_are_named() -> None:
     torch = _cuda()
     with pytest.raises(RuntimeError, match="cuDeviceGet failed: CUDA_ERROR_INVALID_DEVICE"):
         cuda_copy_backend(torch.cuda.device_count() + 7, [0])
+    with pytest.raises(ValueError, match="needs 1 to 64 streams"):
+        cuda_copy_backend(0, [])
+    with pytest.raises(ValueError, match="device index must be >= 0"):
+        cuda_copy_backend(-1, [0])
