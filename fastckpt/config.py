@@ -116,7 +116,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "io_engine": ("auto", "uring", "pread"),
     "progress": ("auto", "always", "never"),
     "pin_method": ("auto", "pool", "alloc", "register"),
-    "read_mode": ("auto", "direct", "buffered", "mixed"),
+    "read_mode": ("auto", "direct", "buffered", "mixed", "map"),
 }
 
 _PATHS = ("profile_dir", "ssd_tier_dir", "server")

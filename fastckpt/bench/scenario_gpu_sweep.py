@@ -95,7 +95,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import fastckpt
-    from fastckpt.loader.session import peek_default
+    from fastckpt.loader.api import peek_default
 
     device = spec["device"]
     cuda = device.startswith("cuda")

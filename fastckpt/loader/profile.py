@@ -4,8 +4,10 @@ Whether O_DIRECT or buffered reads with readahead are faster depends on the stor
 between machines (and between runs of one machine), so the loader measures instead of assuming.
 The first cold load from a filesystem that has no profile yet runs a short probe on the file it
 is about to read: the same byte range read cold three times (O_DIRECT, buffered, and ``mixed``:
-buffered over the first half and O_DIRECT over the second, both in flight together), with the
-page cache dropped before each. The figures go to a small JSON file under the user's cache
+buffered over the first half and O_DIRECT over the second, both in flight together), then mapped
+and every page touched once (``map``: what a CPU load that maps a cold file costs until its
+tensors are usable, as with safetensors), with the page cache dropped before each. The
+figures go to a small JSON file under the user's cache
 directory, keyed by device number and filesystem type; later loads read that file.
 
 The probe only runs when the file is cold (less than 5% in the page cache): dropping pages a
@@ -77,6 +79,7 @@ def load_profile(cfg: Config, key: str) -> ReadProfile | None:
             direct_gbps=float(raw["direct_gbps"]),
             buffered_gbps=float(raw["buffered_gbps"]),
             mixed_gbps=float(raw.get("mixed_gbps", 0.0)),
+            map_gbps=float(raw.get("map_gbps", 0.0)),
             probe_bytes=int(raw["probe_bytes"]),
             measured_at=float(raw["measured_at"]),
             source=str(raw.get("source", "probe")),
@@ -181,13 +184,36 @@ def probe(
             figures["direct"] = 0.0  # the filesystem refused O_DIRECT: those were buffered reads
             figures["mixed"] = 0.0
     io_engine.drop_page_cache(path)
+    figures["map"] = _probe_map(path, n)
+    io_engine.drop_page_cache(path)
     return ReadProfile(
         key=key,
         fs_type=fs_type,
         direct_gbps=round(figures["direct"], 3),
         buffered_gbps=round(figures["buffered"], 3),
         mixed_gbps=round(figures["mixed"], 3),
+        map_gbps=round(figures["map"], 3),
         probe_bytes=n,
         measured_at=time.time(),
         source="probe",
     )
+
+
+def _probe_map(path: str, n: int) -> float:
+    """GB/s of mapping the first ``n`` bytes of a cold ``path`` privately and touching every
+    page once (page faults with the kernel's readahead)."""
+    import mmap
+
+    import numpy as np
+
+    with open(path, "rb") as f:
+        t0 = time.perf_counter()
+        mm = mmap.mmap(f.fileno(), n, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        try:
+            pages = np.frombuffer(mm, dtype=np.uint8)[::4096]
+            int(pages.sum())  # one read per page: every page faulted in
+            elapsed = time.perf_counter() - t0
+            del pages
+        finally:
+            mm.close()
+    return n / elapsed / 1e9
