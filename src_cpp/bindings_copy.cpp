@@ -208,7 +208,23 @@ void bind_copy(py::module_& m) {
 
   py::class_<CopyBackend, std::shared_ptr<CopyBackend>>(m, "CopyBackend")
       .def_property_readonly("name", [](const CopyBackend& b) { return std::string(b.name()); })
-      .def_property_readonly("streams", &CopyBackend::streams);
+      .def_property_readonly("streams", &CopyBackend::streams)
+      // Pin (page-lock for device copies) host memory that Python owns, e.g. a DRAM-tier block;
+      // the caller keeps it mapped until unpin. No-ops that count on the fake device.
+      .def(
+          "pin",
+          [](CopyBackend& b, uint64_t address, uint64_t nbytes) {
+            py::gil_scoped_release release;
+            b.pin(reinterpret_cast<void*>(static_cast<uintptr_t>(address)), nbytes);
+          },
+          "address"_a, "nbytes"_a)
+      .def(
+          "unpin",
+          [](CopyBackend& b, uint64_t address) {
+            py::gil_scoped_release release;
+            b.unpin(reinterpret_cast<void*>(static_cast<uintptr_t>(address)));
+          },
+          "address"_a);
 
   py::class_<FakeCopyBackend, CopyBackend, std::shared_ptr<FakeCopyBackend>>(m,
                                                                             "FakeCopyBackend")

@@ -12,8 +12,9 @@ from typing import Any, Literal, overload
 
 from fastckpt.format.index import Index
 from fastckpt.loader.plan import LoadPlan, plan_load
-from fastckpt.loader.session import Loader, _current, resolve_target
+from fastckpt.loader.session import Loader, _current
 from fastckpt.loader.stats import LoadStats, last_stats
+from fastckpt.loader.target import resolve_target
 
 __all__ = [
     "LoadPlan",

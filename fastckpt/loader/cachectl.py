@@ -13,6 +13,7 @@ from fastckpt.format.reader import read_index
 from fastckpt.loader import dramfill, policy
 from fastckpt.loader.plan import plan_load
 from fastckpt.loader.ssdconvert import ssd_key
+from fastckpt.loader.target import resolve_target
 from fastckpt.tiers.dram import DramTier
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,14 +34,23 @@ def prefetch(loader: Loader, path: str, tier: str, device: Any) -> bool:
             if loader.ssd_tier is None:
                 return False
             index = read_index(path)
-            return loader.ssd_tier.holds(ssd_key(index, path))
+            return ssd_key(loader.ssd_tier, index, path) is not None
         ident = opened.ident
         tier_obj = loader.dram_tier
+        pinned = _wants_pinned(loader, device)
+        if pinned:  # the first device stage gives the pool its pinning
+            loader.stage(_first_device(device))
         if tier_obj.holds(ident):
+            if pinned and tier_obj.pin(ident):  # held: make sure it is pinned for the device
+                try:
+                    item = tier_obj.peek(ident)
+                    if item is not None:
+                        dramfill.pin_item(item)
+                finally:
+                    tier_obj.unpin(ident)
             return True
         if sum(p.nbytes for p in opened.index.partitions) > tier_obj.capacity_bytes:
             return False
-        pinned = _wants_pinned(device)
         plan = plan_load(opened.index, "cpu", chunk_bytes=cfg.ring_slot_bytes)
         residency, prof = loader._inputs(opened.index, plan, frozenset(), False, cfg)
         item, _ = dramfill.fill(
@@ -86,7 +96,8 @@ def evict(loader: Loader, path: str | os.PathLike[str]) -> int:
                 removed += 1
     if loader.ssd_tier is not None and index is not None:
         with contextlib.suppress(OSError):
-            if loader.ssd_tier.evict(ssd_key(index, os.fspath(path))):
+            skey = ssd_key(loader.ssd_tier, index, os.fspath(path))
+            if skey is not None and loader.ssd_tier.evict(skey):
                 removed += 1
     return removed
 
@@ -121,15 +132,33 @@ def cache_info(loader: Loader) -> dict[str, Any]:
         "followers": loader.flights.followers,
     }
     ring = loader.current_ring
-    out["ring"] = None if ring is None else {"slots": ring.slots, "slot_bytes": ring.slot_bytes}
+    out["ring"] = (
+        None
+        if ring is None
+        else {
+            "slots": ring.total,
+            "max_slots": ring.max_slots,
+            "slot_bytes": ring.slot_bytes,
+            "pin_method": ring.method,
+            "pin_s": ring.pin_s,
+        }
+    )
     return out
 
 
-def _wants_pinned(device: Any) -> bool:
-    """Whether a DRAM-tier item for ``device`` should be pinnable memory (a visible GPU)."""
+def _first_device(device: Any) -> str:
+    target = resolve_target(device)
+    devices = target.values() if isinstance(target, dict) else [target]
+    return next(d for d in devices if d != "cpu")
+
+
+def _wants_pinned(loader: Loader, device: Any) -> bool:
+    """Whether a DRAM-tier item for ``device`` should be pinned memory (a device is there)."""
     devices = device.values() if isinstance(device, dict) else [device]
-    if not any(str(d).startswith("cuda") for d in devices):
+    if not any(str(d).startswith("cuda") or isinstance(d, int) for d in devices):
         return False
+    if loader.simulated_devices:
+        return True
     import torch
 
     return bool(torch.cuda.is_available())

@@ -9,7 +9,8 @@ then takes the bytes from there (``Source.DAEMON``): CPU buffers map the memfds 
 device buffers read them through the pinned ring; ``verify=True`` checks every chunk of them.
 
 Nothing here is required: no daemon, a refusal, a stall or nonsense all end in the files being
-read directly (one warning per process for failures, silence for normal refusals).
+read directly (one warning per process for failures, silence for normal refusals). A socket served
+by another user (not root, not ``FASTCKPT_SERVER_UID``) is never used, with a warning each time.
 """
 
 from __future__ import annotations
@@ -67,17 +68,25 @@ def fetch(
     ``()`` when it does not serve this checkpoint."""
     if not cfg.server or not index.partitions:
         return ()
+    from fastckpt.rules import peers
     from fastckpt.serve import protocol
-    from fastckpt.serve.client import Client, ServerRefused, check_memfd
+    from fastckpt.serve.client import Client, ServerRefused, ServerUnavailableWarning, check_memfd
 
     del verify  # the executor checks the bytes itself; the daemon's word is not needed
-    real = os.path.realpath(index.root)
+    from fastckpt.serve import names
+
+    real = os.path.realpath(names.checkpoint_path(index))  # a single file names itself
     fds: list[int] = []
     try:
         ident = identity_of(index, files)
-        with Client(cfg.server, cfg.server_timeout_s) as client:
+        with Client(
+            cfg.server,
+            cfg.server_timeout_s,
+            fill_wait_s=cfg.server_fill_wait_s,
+            trust_uid=cfg.server_uid,
+        ) as client:
             try:
-                reply, fds = client.get(real, ident)
+                reply, fds = client.get(real, ident, total=sum(p.nbytes for p in index.partitions))
             except ServerRefused as exc:
                 if exc.code == "denied":
                     warn_once("the daemon refused this user")
@@ -97,6 +106,13 @@ def fetch(
                 path = f"{index.partitions[i].path} (cache daemon copy)"
                 out.append(OpenFile(fd, path, size, st.st_dev, st.st_ino))
             fds = []
+    except peers.UntrustedPeerError as exc:  # another user's daemon: said every time
+        warnings.warn(
+            f"fastckpt: the cache daemon was not used ({exc}); loading from the files directly",
+            ServerUnavailableWarning,
+            stacklevel=4,
+        )
+        return ()
     except (OSError, protocol.ProtocolError) as exc:  # TimeoutError is an OSError
         warn_once(f"{type(exc).__name__}: {exc}")
         return ()

@@ -245,9 +245,7 @@ class Executor:
             return
         ops: list[Any] = []
         staged_dram = False
-        for r in self.plan.reads:
-            if r.buffer not in moving:
-                continue
+        for r in _split(self.plan.reads, moving, stage.ring.slot_bytes):
             dst = self.buffers[r.buffer]
             source = self.source_of(r.buffer)
             block = self.sources.dram.get(r.partition) if source is Source.DRAM_TIER else None
@@ -299,22 +297,26 @@ class Executor:
             self.files.close()
 
     def views(self) -> dict[str, torch.Tensor]:
-        """``{name: tensor}`` made from the filled buffers (aliases: their target's tensor)."""
+        """``{name: tensor}`` made from the filled buffers (aliases: their target's tensor).
+
+        Each tensor is one ``as_strided`` view of its buffer seen as its dtype (one typed view
+        per buffer and dtype), which keeps making views cheap for checkpoints of many tensors
+        (a GPU-tier hit is little else)."""
         out: dict[str, torch.Tensor] = {}
+        typed: dict[tuple[int, str], torch.Tensor] = {}
         for v in self.plan.views:
-            out[v.name] = self._view(v)
+            out[v.name] = self._view(v, typed)
         for alias, target in self.plan.aliases.items():
             out[alias] = out[target]
         return out
 
-    def _view(self, v: ViewPlan) -> torch.Tensor:
+    def _view(self, v: ViewPlan, typed: dict[tuple[int, str], torch.Tensor]) -> torch.Tensor:
         buf = self.buffers[v.buffer]
-        dt = dtypes.torch_dtype(v.dtype, tensor=v.name)
+        dt = _torch_dtype(v.dtype, v.name)
         if v.nbytes == 0:
             return torch.empty(v.shape, dtype=dt, device=buf.device)
         rel = v.file_offset - self.mapped[v.buffer] if v.buffer in self.mapped else v.rel_offset
-        raw = buf[rel : rel + v.nbytes]
-        if v.dtype == "bool" and bool((raw > 1).any()):  # FORMAT.md 3: one rule with convert
+        if v.dtype == "bool" and bool((buf[rel : rel + v.nbytes] > 1).any()):  # FORMAT.md 3
             raise CorruptDataError(
                 "bool tensor holds bytes other than 0 and 1",
                 path=self.index.partitions[v.partition].path,
@@ -324,9 +326,32 @@ class Executor:
         if rel % itemsize:
             # Not aligned for its dtype: cannot be a view; give it memory of its own.
             own = torch.empty(v.shape, dtype=dt, device=buf.device)
-            own.reshape(-1).view(torch.uint8).copy_(raw)
+            own.reshape(-1).view(torch.uint8).copy_(buf[rel : rel + v.nbytes])
             return own
-        return raw.view(dt).view(v.shape)
+        whole = typed.get((v.buffer, v.dtype))
+        if whole is None:
+            n = buf.numel() - buf.numel() % itemsize
+            whole = typed[(v.buffer, v.dtype)] = buf[:n].view(dt)
+        return whole.as_strided(
+            v.shape, _contiguous_strides(v.shape), whole.storage_offset() + rel // itemsize
+        )
+
+
+_DTYPES: dict[str, torch.dtype] = {}
+
+
+def _torch_dtype(name: str, tensor: str) -> torch.dtype:
+    dt = _DTYPES.get(name)
+    if dt is None:
+        dt = _DTYPES[name] = dtypes.torch_dtype(name, tensor=tensor)
+    return dt
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        out[i] = out[i + 1] * max(shape[i + 1], 1)
+    return tuple(out)
 
 
 def _whole(crc: int, nbytes: int) -> Any:
@@ -342,6 +367,23 @@ def _whole(crc: int, nbytes: int) -> Any:
         return crc
 
     return crc_of
+
+
+def _split(reads: Sequence[ReadOp], buffers: set[int], limit: int) -> list[ReadOp]:
+    """The reads of ``buffers``, each cut into pieces of at most ``limit`` bytes (a staging
+    slot). Pieces stay inside their read, so a verified read (one checksum chunk, or a part of
+    one) still lies inside one chunk."""
+    out: list[ReadOp] = []
+    for r in reads:
+        if r.buffer not in buffers:
+            continue
+        if r.nbytes <= limit:
+            out.append(r)
+            continue
+        for k in range(0, r.nbytes, limit):
+            n = min(limit, r.nbytes - k)
+            out.append(ReadOp(r.buffer, r.partition, r.file_offset + k, n, r.dest_offset + k))
+    return out
 
 
 def _run_parallel(jobs: Sequence[tuple[Any, tuple[Any, ...]]]) -> None:

@@ -83,7 +83,7 @@ def open(
         FileNotFoundError: no such checkpoint.
     """
     from fastckpt.loader.api import default_loader
-    from fastckpt.loader.session import check_single_device
+    from fastckpt.loader.target import check_single_device
 
     if framework not in ("pt", "torch"):
         raise ValueError(f"framework={framework!r}: fastckpt.open returns torch tensors ('pt')")

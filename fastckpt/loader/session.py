@@ -24,6 +24,7 @@ import os
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,7 +33,13 @@ from typing import Any
 from fastckpt import io_engine
 from fastckpt.config import Config, get_config
 from fastckpt.config import ssd_tier_dir as _ssd_dir
-from fastckpt.errors import ChecksumError, FormatError
+from fastckpt.errors import (
+    ChecksumError,
+    CorruptDataError,
+    FormatError,
+    MissingPartitionError,
+    TruncatedError,
+)
 from fastckpt.format.fsdir import OpenFile
 from fastckpt.format.index import Index
 from fastckpt.format.reader import OpenCheckpoint, open_checkpoint, open_partitions
@@ -44,9 +51,10 @@ from fastckpt.loader.policy import DramAction, Facts, Source
 from fastckpt.loader.sources import Sources
 from fastckpt.loader.sources import open_partition as _open_partition
 from fastckpt.loader.ssdconvert import through_ssd
-from fastckpt.loader.staging import StagingRing
+from fastckpt.loader.staging import StagingRing, pin_method, process_ring
+from fastckpt.loader.target import resolve_target
 from fastckpt.loader.tiering import SingleFlight, checkpoint_identity, plan_signature
-from fastckpt.rules.devices import canonical_device, check_cuda_visible, check_device_map
+from fastckpt.rules.devices import check_cuda_visible
 from fastckpt.tiers.dram import DramItem, DramTier
 from fastckpt.tiers.gpu import GpuTier
 from fastckpt.tiers.held import PageLocker, lock_file_pages
@@ -57,6 +65,7 @@ from fastckpt.tiers.ssd import SsdTier
 RESIDENCY_SAMPLES = 256
 TIERS = ("gpu", "dram", "ssd")
 ENGINES = ("auto", "uring", "pread")
+PLANS_KEPT = 32  # plans remembered per Loader (a GPU-tier hit then makes views, little else)
 
 _current: contextvars.ContextVar[Loader | None] = contextvars.ContextVar(
     "fastckpt_loader", default=None
@@ -70,40 +79,21 @@ def _sampled_residency(path: str) -> float:
         return 0.0
 
 
-def _current_cuda() -> int:
-    import torch
+def cuda_ring(backend: Any, cfg: Config) -> StagingRing:
+    """The process's pinned staging ring for CUDA loads with ``cfg``'s slot size (made, with
+    the machine's fastest pinning method, on the first device load)."""
+    from fastckpt.config import profile_dir
 
-    if not torch.cuda.is_available():
-        return 0
-    return int(torch.cuda.current_device())
+    slot = cfg.ring_slot_bytes
 
-
-def resolve_target(device: Any) -> Any:
-    """A canonical device (``cpu``/``cuda:N``) or device map; bare ``"cuda"`` (or a
-    ``torch.device("cuda")``) is the current CUDA device of the calling thread."""
-    if isinstance(device, Mapping):
-        return check_device_map(device, lambda _k, v: resolve_target(v))
-    return canonical_device(device, current_cuda=_current_cuda)
-
-
-def check_single_device(loader: Loader, device: Any, verb: str) -> str:
-    """One canonical device for ``open``/``iter_tensors`` (no device map), available in this
-    process (unless ``loader`` simulates devices)."""
-    from fastckpt.errors import DeviceError
-
-    if isinstance(device, Mapping):
-        raise DeviceError(f"cannot {verb} a device map: pass one device")
-    dev = resolve_target(device)
-    if dev.startswith("cuda") and not loader.simulated_devices:
+    def make() -> StagingRing:
         import torch
 
-        if not torch.cuda.is_available():
-            raise DeviceError(f"cannot {verb} {dev}: CUDA is not available in this process")
-        if int(dev.split(":", 1)[1]) >= torch.cuda.device_count():
-            raise DeviceError(
-                f"cannot {verb} {dev}: this process sees {torch.cuda.device_count()} CUDA device(s)"
-            )
-    return str(dev)
+        key = f"cuda-{torch.cuda.get_device_name(0)}"
+        method = pin_method(backend, cfg.pin_method, profile_dir(cfg), key)
+        return StagingRing(backend, slot, max(2, cfg.ring_bytes // slot), method=method)
+
+    return process_ring(slot, make)
 
 
 @dataclass
@@ -117,6 +107,7 @@ class Opened:
     ident: tuple[str, str]
     daemon: tuple[OpenFile, ...] = ()
     notes: list[str] = field(default_factory=list)
+    ssd_key: str | None = None  # the SSD tier's copy these files are, if they are one
     _close: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
@@ -183,7 +174,7 @@ class Loader:
         self._lock = threading.Lock()
         self._engines: dict[tuple[str, int, int, int], io_engine.Engine] = {}
         self._stages: dict[str, Any] = {}
-        self._ring: StagingRing | None = None
+        self._plans: OrderedDict[Hashable, tuple[weakref.ref[Index], LoadPlan]] = OrderedDict()
         self.pool = HostPool(piece_bytes=cfg.pool_piece_bytes, retain_bytes=cfg.ring_bytes)
         self._pinning_ready = False
         self.gpu_tier = GpuTier(cfg.gpu_tier_bytes)
@@ -194,6 +185,11 @@ class Loader:
         self.flights = SingleFlight()
         self._background: ThreadPoolExecutor | None = None
         self._closed = False
+        # a Loader dropped without close() still frees its tiers' items (locked memory,
+        # descriptors) and its pool when it is collected
+        self._free_tiers = weakref.finalize(
+            self, _free_tiers, self.gpu_tier, self.dram_tier, self.pool
+        )
         _LOADERS.add(self)
 
     # ------------------------------------------------------------------ resources
@@ -221,32 +217,14 @@ class Loader:
                 self._engines[key] = eng
             return eng
 
-    def _enable_pinning(self) -> None:
-        """Give the pool CUDA pinning the first time a GPU load needs pinned memory."""
+    def _enable_pinning(self, backend: Any) -> None:
+        """The pool (DRAM-tier blocks) pins through the first device stage's copy backend
+        (portable pinning: usable for every device)."""
         with self._lock:
-            if self._pinning_ready or self._stage_factory is not None:
+            if self._pinning_ready:
                 return
-            from fastckpt.tiers.pool import cuda_pinner
-
-            self.pool.pinner, self.pool.unpinner = cuda_pinner()
+            self.pool.pinner, self.pool.unpinner = backend.pin, backend.unpin
             self._pinning_ready = True
-
-    def ring(self, slot_bytes: int, cfg: Config | None = None) -> StagingRing:
-        """The staging ring (made on first GPU load, slots pinned lazily, from the pool)."""
-        cfg = cfg or self.config()
-        self._enable_pinning()
-        with self._lock:
-            if self._ring is None or self._ring.slot_bytes < slot_bytes:
-                if self._ring is not None:
-                    self._ring.close()
-                slots = max(2, cfg.ring_bytes // slot_bytes)
-                pool = self.pool if cfg.pin_method in ("auto", "pool") else None
-                self._ring = StagingRing(slot_bytes, slots, cfg.pin_method, pool=pool)
-            return self._ring
-
-    @property
-    def current_ring(self) -> StagingRing | None:
-        return self._ring
 
     def stage(self, device: str, cfg: Config | None = None) -> Any:
         """The device stage of ``device`` (made on first use, reused by later loads)."""
@@ -259,12 +237,19 @@ class Loader:
         if self._stage_factory is not None:
             st = self._stage_factory(device, self)
         else:
-            self._enable_pinning()
-            from fastckpt.loader.devstage import DeviceStage
+            from fastckpt.loader.devstage import CudaStage
 
-            st = DeviceStage(device, lambda slot: self.ring(slot, cfg), cfg.copy_streams)
+            st = CudaStage(device, cfg.copy_streams, lambda backend: cuda_ring(backend, cfg))
+        self._enable_pinning(st.backend)
         with self._lock:
             return self._stages.setdefault(device, st)
+
+    @property
+    def current_ring(self) -> StagingRing | None:
+        """The staging ring this Loader's device loads use (None before the first one)."""
+        with self._lock:
+            stages = list(self._stages.values())
+        return stages[0].ring if stages else None
 
     @property
     def simulated_devices(self) -> bool:
@@ -304,11 +289,7 @@ class Loader:
             self._closed = True
         if self._background is not None:
             self._background.shutdown(wait=True)
-        for tier in (self.gpu_tier, self.dram_tier):
-            tier.clear()
-        if self._ring is not None:
-            self._ring.close()
-        self.pool.close()
+        self._free_tiers()
         with self._lock:
             engines, self._engines = list(self._engines.values()), {}
             self._stages.clear()
@@ -321,13 +302,10 @@ class Loader:
         cfg = self.config()
         # Never destroyed here: an engine's destructor joins threads that do not exist in this
         # process, and pinned memory would be unregistered through a CUDA context it cannot use.
-        _ABANDONED.append(
-            (self._engines, self._stages, self._ring, self.pool, self.gpu_tier, self.dram_tier)
-        )
+        _ABANDONED.append((self._engines, self._stages, self.pool, self.gpu_tier, self.dram_tier))
         self._lock = threading.Lock()
         self._engines = {}
         self._stages = {}
-        self._ring = None
         self._background = None
         self._pinning_ready = False
         self.pool = HostPool(piece_bytes=cfg.pool_piece_bytes, retain_bytes=cfg.ring_bytes)
@@ -336,6 +314,10 @@ class Loader:
             cfg.dram_tier_bytes, self.pool, page_locker=self.dram_tier.page_locker
         )
         self.flights = SingleFlight()
+        self._free_tiers.detach()  # the parent's tiers are abandoned, never freed here
+        self._free_tiers = weakref.finalize(
+            self, _free_tiers, self.gpu_tier, self.dram_tier, self.pool
+        )
 
     def __enter__(self) -> Loader:
         return self
@@ -366,16 +348,18 @@ class Loader:
         closers: list[Callable[[], None]] = [ck.close]
         try:
             use = ck
+            ssd_key: str | None = None
             if convert and self.ssd_tier is not None and not isinstance(path, Index):
-                converted, key = through_ssd(self.ssd_tier, self.flights, ck.index, os.fspath(path))
-                if converted is not None and key is not None:
-                    tier = self.ssd_tier
+                converted, ssd_key = through_ssd(self.ssd_tier, ck.index, os.fspath(path))
+                if converted is not None and ssd_key is not None:
+                    tier, key = self.ssd_tier, ssd_key
                     closers.append(lambda: tier.unpin(key))
                     closers.append(converted.close)
                     use = converted
             opened = Opened(
                 use.index, use.partitions, checkpoint_identity(use.index, use.partitions)
             )
+            opened.ssd_key = ssd_key
             opened._close = closers
             if daemon and cfg.server:
                 fds = fetch(opened.index, opened.files, cfg, verify=verify, notes=opened.notes)
@@ -417,11 +401,26 @@ class Loader:
         cfg = self.config(**overrides)
         t_start = time.perf_counter()
         target = resolve_target(device)
-        with self.open_source(path, cfg=cfg, verify=verify) as opened:
-            tensors, result = self.execute(
-                opened, target, names=names, verify=verify, cfg=cfg, tiers=True, t_start=t_start
-            )
-        return (tensors, result) if stats else tensors
+        for attempt in (1, 2):
+            with self.open_source(path, cfg=cfg, verify=verify) as opened:
+                try:
+                    tensors, result = self.execute(
+                        opened,
+                        target,
+                        names=names,
+                        verify=verify,
+                        cfg=cfg,
+                        tiers=True,
+                        t_start=t_start,
+                    )
+                except _COPY_FAULTS as exc:
+                    if opened.ssd_key is None or self.ssd_tier is None or attempt == 2:
+                        raise
+                    # the SSD tier's copy failed its checksums: dropped, rebuilt next attempt
+                    self.ssd_tier.reject(opened.ssd_key, str(exc))
+                    continue
+            return (tensors, result) if stats else tensors
+        raise AssertionError("unreachable")
 
     def execute(
         self,
@@ -450,15 +449,12 @@ class Loader:
                 path=index.root,
             )
         if plan is None:
-            plan = plan_load(
-                index,
-                target if not isinstance(target, Mapping) else dict(target),
-                names=names,
-                chunk_bytes=cfg.ring_slot_bytes,
-                verify=verify,
-            )
+            plan = self._plan(index, target, names, cfg.ring_slot_bytes, verify)
         if not self.simulated_devices:
             _check_devices(plan.devices)
+        for dev in plan.devices:
+            if dev != "cpu":
+                self.stage(dev, cfg)  # made once; a DRAM-tier fill pins through its backend
         t_plan = time.perf_counter()
         settings = policy.Settings(
             mmap_min_resident=cfg.mmap_min_resident,
@@ -579,6 +575,37 @@ class Loader:
         return tensors, result
 
     # ------------------------------------------------------------------ pieces
+    def _plan(
+        self,
+        index: Index,
+        target: Any,
+        names: Iterable[str] | None,
+        chunk_bytes: int,
+        verify: bool,
+    ) -> LoadPlan:
+        """``plan_load``, remembered for the very same ``Index`` object (a checkpoint loaded
+        again gets the same object from the reader while its index bytes are unchanged)."""
+        names_key = None if names is None else tuple(names)
+        target_key = tuple(sorted(target.items())) if isinstance(target, Mapping) else target
+        key = (id(index), target_key, names_key, chunk_bytes, verify)
+        with self._lock:
+            hit = self._plans.get(key)
+            if hit is not None and hit[0]() is index:
+                self._plans.move_to_end(key)
+                return hit[1]
+        plan = plan_load(
+            index,
+            dict(target) if isinstance(target, Mapping) else target,
+            names=names_key,
+            chunk_bytes=chunk_bytes,
+            verify=verify,
+        )
+        with self._lock:
+            self._plans[key] = (weakref.ref(index), plan)
+            while len(self._plans) > PLANS_KEPT:
+                self._plans.popitem(last=False)
+        return plan
+
     def _revive(
         self, ident: tuple[str, str], plan: LoadPlan, held: list[tuple[Any, Hashable]]
     ) -> tuple[dict[int, Any], dict[str, Hashable]]:
@@ -660,6 +687,16 @@ def _check_devices(devices: Iterable[str]) -> None:
 def _bufs(plan: LoadPlan, device: str) -> list[Any]:
     return [b for b in plan.buffers if b.device == device]
 
+
+def _free_tiers(gpu: GpuTier, dram: DramTier, pool: HostPool) -> None:
+    """What ``Loader.close`` and a collected Loader free (no reference to the Loader itself)."""
+    for tier in (gpu, dram):
+        tier.clear()
+    pool.close()
+
+
+# A converted copy of the SSD tier that fails these is the copy's fault: it is dropped and rebuilt
+_COPY_FAULTS = (ChecksumError, CorruptDataError, MissingPartitionError, TruncatedError)
 
 # Every Loader of the process, so that a forked child can reset them all; what they held in the
 # parent is kept (never freed) in the child.

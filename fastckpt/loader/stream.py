@@ -72,7 +72,7 @@ def iter_tensors(
         DeviceError: the device is unknown or unavailable. KeyError: an unknown name.
     """
     from fastckpt.loader.api import default_loader
-    from fastckpt.loader.session import check_single_device
+    from fastckpt.loader.target import check_single_device
 
     session = loader if loader is not None else default_loader()
     cfg = session.config(io_engine=engine)

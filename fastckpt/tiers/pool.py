@@ -195,21 +195,3 @@ class HostPool:
             blocks, self._free = self._free, []
         for b in blocks:
             b.close(self.unpinner)
-
-
-def cuda_pinner() -> tuple[Pinner, Callable[[int], None]]:
-    """(pin, unpin) through ``cudaHostRegister``/``cudaHostUnregister`` (imports torch)."""
-    import torch
-
-    cudart = torch.cuda.cudart()
-
-    def pin(address: int, nbytes: int) -> None:
-        err = cudart.cudaHostRegister(address, nbytes, 0)
-        if int(getattr(err, "value", err)) != 0:
-            raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed: {err}")
-
-    def unpin(address: int) -> None:
-        with contextlib.suppress(Exception):  # at shutdown CUDA may be gone
-            cudart.cudaHostUnregister(address)
-
-    return pin, unpin
