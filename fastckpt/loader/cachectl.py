@@ -89,16 +89,20 @@ def evict(loader: Loader, path: str | os.PathLike[str]) -> int:
     with contextlib.suppress(OSError, FormatError):
         index = read_index(path)
         roots.add(os.path.realpath(index.root))
+    skey: str | None = None
+    if loader.ssd_tier is not None and index is not None:
+        with contextlib.suppress(OSError):
+            skey = ssd_key(loader.ssd_tier, index, os.fspath(path))
+        copy = loader.ssd_tier.peek(skey) if skey is not None else None
+        if copy is not None:  # a load of a converted source left the copy's buffers in tiers
+            roots.add(os.path.realpath(copy))
     removed = 0
     for tier in (loader.gpu_tier, loader.dram_tier):
         for key in _tuple_keys(tier.keys()):
             if key[0] in roots and tier.evict(key):
                 removed += 1
-    if loader.ssd_tier is not None and index is not None:
-        with contextlib.suppress(OSError):
-            skey = ssd_key(loader.ssd_tier, index, os.fspath(path))
-            if skey is not None and loader.ssd_tier.evict(skey):
-                removed += 1
+    if skey is not None and loader.ssd_tier is not None and loader.ssd_tier.evict(skey):
+        removed += 1
     return removed
 
 

@@ -351,8 +351,9 @@ class Loader:
         try:
             use = ck
             ssd_key: str | None = None
-            if convert and self.ssd_tier is not None and not isinstance(path, Index):
-                # the copy is made by reading the source through this very core
+            if convert and self.ssd_tier is not None:
+                # the copy is made by reading the source through this very core; an Index read
+                # by the caller (load_model reads it once) names its checkpoint by its root
                 src = Opened(
                     ck.index,
                     ck.partitions,
@@ -362,7 +363,7 @@ class Loader:
                 converted, ssd_key = through_ssd(
                     self.ssd_tier,
                     ck.index,
-                    os.fspath(path),
+                    path.root if isinstance(path, Index) else os.fspath(path),
                     convert=lambda _src, dst: convert_opened(self, src, dst),
                 )
                 if converted is not None and ssd_key is not None:

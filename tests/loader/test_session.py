@@ -208,6 +208,23 @@ def test_ssd_tier_budget_evicts_lru(tmp_path: Path) -> None:
         assert loader.cache_info()["ssd"]["evictions"] >= 1
 
 
+def test_evict_of_a_converted_source_drops_the_copys_dram_item(tmp_path: Path) -> None:
+    # the load reads the SSD tier's copy, so the DRAM tier keys its item by the copy's root
+    sd = {"w": torch.arange(5000, dtype=torch.float32)}
+    src = tmp_path / "m.safetensors"
+    save_file(sd, str(src))
+    with fastckpt.Loader(
+        dram_tier_bytes=1 << 20, ssd_tier_bytes=1 << 20, ssd_tier_dir=str(tmp_path / "ssd")
+    ) as loader:
+        assert same(loader.load(src), sd)
+        info = loader.cache_info()
+        assert len(info["dram"]["keys"]) == 1 and len(info["ssd"]["keys"]) == 1
+        assert loader.evict(src) == 2
+        info = loader.cache_info()
+        assert info["dram"]["keys"] == [] and info["ssd"]["keys"] == []
+        assert same(loader.load(src), sd)
+
+
 # ------------------------------------------------------------------ default Loader
 
 
