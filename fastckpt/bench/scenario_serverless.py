@@ -80,7 +80,7 @@ def measure_all(ctx: Context) -> list[dict[str, Any]]:
     out = os.path.abspath(ctx.args.out)
     data = serverless.run(setup, ctx.workdir, out)
     ctx.shared["serverless"] = {
-        "table": serverless.table(data),
+        "table": serverless.report.table(data),
         "difference": data["difference"],
         "report": os.path.join(out, "serverless.md"),
     }

@@ -185,3 +185,46 @@ def test_resident_reports_its_eviction_once() -> None:
     res.__del__()  # what Ray Serve calls when it evicts the model
     del res  # and the garbage collector later
     assert seen == ["a"]
+
+
+def test_daemon_view_follows_the_daemons_listing(tiny_factory, tmp_path) -> None:
+    import os
+    import signal
+    import time
+
+    from fastckpt.integrations.ray_serve.state import DaemonTiers
+    from fastckpt.serve.client import Client
+
+    tiny = tiny_factory("llama")
+    cat = Catalog.from_dict({"models": {"fck": {"path": tiny.fck}}})
+    sock = str(tmp_path / "sock")
+    view = DaemonTiers(sock, cat)
+    assert view.held() == {"dram": {}} and "Error" in view.error  # no daemon yet: nothing held
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastckpt.cli", "serve", "--socket", sock,
+         "--root", os.path.dirname(tiny.fck), "--dram-budget", "64MiB"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(sock):
+            assert proc.poll() is None and time.monotonic() < deadline, "the daemon did not start"
+            time.sleep(0.05)
+        assert view.held() == {"dram": {}} and view.error == ""
+        with fastckpt.Loader(server=sock) as loader, loader.use():
+            fastckpt.load_model(tiny.fck)  # the daemon fills its copy
+        held = view.held()
+        assert list(held["dram"]) == ["fck"] and held["dram"]["fck"] == cat["fck"].nbytes
+        st = HostState("r", cat, view, 1)
+        assert st.report()["holds"] == {"dram": ["fck"]} and st.tier_of("fck") == "dram"
+        with Client(sock, timeout_s=10) as client:
+            client.evict(tiny.fck)
+        assert view.held() == {"dram": {}}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)

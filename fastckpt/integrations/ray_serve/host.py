@@ -41,6 +41,7 @@ from ray import serve
 
 from fastckpt.integrations.ray_serve.catalog import Catalog, ModelEntry
 from fastckpt.integrations.ray_serve.state import (
+    STEP_THREADS,
     DaemonTiers,
     HostState,
     LoaderTiers,
@@ -51,8 +52,6 @@ from fastckpt.integrations.ray_serve.state import (
 logger = logging.getLogger("fastckpt.integrations.ray_serve")
 
 MODES = ("fastckpt", "plain")
-#: Threads of a replica running token steps (each step on one torch thread by default).
-STEP_THREADS = 2
 TIER_SOURCES = ("loader", "daemon")
 
 ModelLoader = Callable[[ModelEntry, str, Any], Any]

@@ -35,6 +35,8 @@ from fastckpt.integrations.ray_serve.catalog import Catalog
 from fastckpt.sched.profile import MachineProfile, TierProfile
 
 TIERS = ("dram", "ssd", "remote")
+#: Threads of a replica running token steps (each step on one torch thread by default).
+STEP_THREADS = 2
 #: Where a profile's tier comes from when the tier itself is absent (``fastckpt calibrate``
 #: measures ``dram`` and ``disk``: the SSD tier's converted copies are read like any local file).
 PROFILE_FALLBACK = {"ssd": "disk"}
