@@ -5,6 +5,7 @@ what their tiers hold, and are chosen per request by the start-time router.
 Run on a local Ray instance (pip install "fastckpt[ray,hf]")::
 
     python examples/ray_serve/app.py                       # two tiny random models
+    python examples/ray_serve/app.py --nodes 2             # on a local 2-node Ray cluster
     python examples/ray_serve/app.py --catalog models.toml # your models (see models.toml)
 
 On a cluster, start the nodes with their own tiers (``FASTCKPT_DRAM_TIER_BYTES``,
@@ -16,8 +17,10 @@ docs/serverless.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
+from typing import Any
 
 
 def tiny_models(root: str) -> dict[str, dict[str, str]]:
@@ -45,6 +48,27 @@ def tiny_models(root: str) -> dict[str, dict[str, str]]:
     return {"models": models}
 
 
+def local_cluster(nodes: int, root: str) -> Any:
+    """``nodes`` Ray nodes on this machine (``ray start --head`` and workers), each with its own
+    DRAM- and SSD-tier budgets and SSD directory in its environment, one replica slot each."""
+    from fastckpt.bench.ray_cluster import LocalCluster, NodeSpec
+
+    specs = [
+        NodeSpec(
+            f"node{k}",
+            1,
+            {"fastckpt_replica": 1},
+            {
+                "FASTCKPT_DRAM_TIER_BYTES": str(256 << 20),
+                "FASTCKPT_SSD_TIER_BYTES": str(1 << 30),
+                "FASTCKPT_SSD_TIER_DIR": os.path.join(root, f"node{k}", "ssd"),
+            },
+        )
+        for k in range(nodes)
+    ]
+    return LocalCluster(specs, start_timeout_s=240)
+
+
 def main() -> None:
     import ray
     from ray import serve
@@ -53,43 +77,57 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--catalog", help="a models.toml / .json (default: two tiny models)")
-    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="1: a local Ray instance, replicas sharing one Loader setting; N > 1: a local "
+        "cluster of N nodes, each with its own tiers and one replica",
+    )
+    ap.add_argument("--replicas", type=int, default=2, help="replicas (with --nodes 1)")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         catalog = Catalog.of(args.catalog) if args.catalog else Catalog.of(tiny_models(tmp))
-        ray.init(address="local", num_cpus=2, include_dashboard=False)  # a new local instance
-        try:
-            serve.start(proxy_location="Disabled")
-            app = build_app(
-                catalog,
-                num_replicas=args.replicas,
-                max_models_per_replica=1,
-                loader_settings={  # tiers of each replica's Loader
+        options: dict[str, Any] = {}
+        if args.nodes > 1:
+            cluster = stack.enter_context(local_cluster(args.nodes, tmp))
+            cluster.connect(log_to_driver=False)
+            options = {
+                "num_replicas": args.nodes,
+                "ray_actor_options": {"num_cpus": 0, "resources": {"fastckpt_replica": 1}},
+                "max_replicas_per_node": 1,
+            }  # each node's tiers come from its environment
+        else:
+            ray.init(address="local", num_cpus=2, include_dashboard=False)  # a new instance
+            stack.callback(ray.shutdown)
+            options = {
+                "num_replicas": args.replicas,
+                "loader_settings": {  # tiers of each replica's Loader
                     "dram_tier_bytes": 256 << 20,
                     "ssd_tier_bytes": 1 << 30,
                     "ssd_tier_dir": os.path.join(tmp, "ssd"),
                 },
+            }
+        serve.start(proxy_location="Disabled")
+        stack.callback(serve.shutdown)
+        app = build_app(catalog, max_models_per_replica=1, **options)
+        handle = serve.run(app, name="fastckpt-serverless")
+        for model in [*catalog, *catalog]:
+            gen = handle.options(multiplexed_model_id=model, stream=True).generate
+            header, tokens = None, []
+            for item in gen.remote([1, 2, 3, 4], 6):
+                if isinstance(item, dict):
+                    header = item
+                else:
+                    tokens.append(item)
+            assert header is not None
+            print(
+                f"{model}: replica {header['replica']} ({'started from ' + header['tier']}"
+                f" in {header['load_s']:.3f} s)"
+                if header["waited"]
+                else f"{model}: replica {header['replica']} (resident)",
+                tokens,
             )
-            handle = serve.run(app, name="fastckpt-serverless")
-            for model in [*catalog, *catalog]:
-                gen = handle.options(multiplexed_model_id=model, stream=True).generate
-                header, tokens = None, []
-                for item in gen.remote([1, 2, 3, 4], 6):
-                    if isinstance(item, dict):
-                        header = item
-                    else:
-                        tokens.append(item)
-                assert header is not None
-                print(
-                    f"{model}: replica {header['replica']} ({'started from ' + header['tier']}"
-                    f" in {header['load_s']:.3f} s)"
-                    if header["waited"]
-                    else "(resident)",
-                    tokens,
-                )
-        finally:
-            serve.shutdown()
-            ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -102,7 +102,13 @@ class ReservationActor:
 
 
 class _Book:
-    """The reservation book a router uses: in this process, in a shared actor, or none."""
+    """The reservation book a router uses: a shared actor (``actor``), this router's own
+    (``local``), or none (``off``).
+
+    The shared book is asked only once its actor answered a first call, made when the router
+    starts (``warm``); until then, and after a call that failed or took longer than
+    ``BOOK_TIMEOUT_S``, the router keeps its own book, so that a burst arriving while the actor
+    starts (seconds on a busy machine) is still spread, and no decision waits on it."""
 
     def __init__(self, mode: str, ttl_s: float, name: str) -> None:
         if mode not in RESERVATION_MODES:
@@ -110,8 +116,10 @@ class _Book:
         self.mode = mode
         self.ttl_s = ttl_s
         self.name = name
-        self.local = ReservationBook(ttl_s) if mode == "local" else None
+        self.local = ReservationBook(ttl_s) if mode != "off" else None
         self._actor: Any = None
+        self._warming: Any = None  # a concurrent.futures.Future of the actor's first answer
+        self.shared_ready = False
         self.owner = f"{os.getpid()}-{id(self):x}"
 
     def _handle(self) -> Any:
@@ -121,34 +129,64 @@ class _Book:
             ).remote(self.ttl_s)
         return self._actor
 
+    def warm(self) -> None:
+        """Create (or find) the shared actor and ask it once, without waiting for the answer."""
+        if self.mode != "actor" or self._warming is not None:
+            return
+        try:
+            self._warming = self._handle().counts.remote().future()
+        except Exception as exc:  # no Ray here: the router's own book
+            logger.warning("reservation book %s not started (%r)", self.name, exc)
+
+    def _shared(self) -> bool:
+        """Whether the shared book answers now (never waits)."""
+        if self.shared_ready or self.mode != "actor":
+            return self.shared_ready
+        if self._warming is None:
+            self.warm()
+            return False
+        if not self._warming.done():
+            return False
+        if self._warming.exception() is None:
+            self.shared_ready = True
+        else:
+            self._warming, self._actor = None, None  # asked again on the next decision
+        return self.shared_ready
+
     async def _remote(self, method: str, *args: Any) -> Claim | None:
         try:
             result: Claim = await asyncio.wait_for(
                 getattr(self._handle(), method).remote(*args), BOOK_TIMEOUT_S
             )
             return result
-        except Exception as exc:  # the book is an optimisation: route without it
+        except Exception as exc:  # the book is an optimisation: route on this router's own
             logger.warning(
-                "reservation book %s unavailable (%r): routing without it", self.name, exc
+                "reservation book %s unavailable (%r): this router's own book until it answers",
+                self.name,
+                exc,
             )
-            self._actor = None
+            self.shared_ready, self._warming, self._actor = False, None, None
             return None
 
-    async def snapshot(self) -> Claim | None:
-        if self.mode == "off":
-            return None
-        if self.local is not None:
-            return self.local.snapshot()
-        return await self._remote("snapshot")
+    async def snapshot(self) -> tuple[Claim | None, bool]:
+        """The reservations now and whether they come from the shared book (claim there)."""
+        if self.local is None:
+            return None, False
+        if self._shared():
+            snap = await self._remote("snapshot")
+            if snap is not None:
+                return snap, True
+        return self.local.snapshot(), False
 
     async def claim(
-        self, server: str, model: str, tier: str, nbytes: int, version: int
+        self, server: str, model: str, tier: str, nbytes: int, version: int, shared: bool
     ) -> Claim | None:
-        if self.mode == "off":
+        """Claim a start in the book the snapshot came from (None: that book is gone)."""
+        if self.local is None:
             return None
-        if self.local is not None:
-            return self.local.claim(server, model, tier, nbytes, version=version, owner=self.owner)
-        return await self._remote("claim", server, model, tier, nbytes, version, self.owner)
+        if shared:
+            return await self._remote("claim", server, model, tier, nbytes, version, self.owner)
+        return self.local.claim(server, model, tier, nbytes, version=version, owner=self.owner)
 
 
 class StartTimeRouter(RequestRouter):
@@ -176,6 +214,7 @@ class StartTimeRouter(RequestRouter):
         self._estimator = Estimator(rc, migrate=migrate)
         name = reservations_name or f"start-reservations-{_deployment_key(self)}"
         self._book = _Book(reservations, float(reservation_ttl_s), name)
+        self._book.warm()  # the shared actor starts now, not in the first burst's decisions
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         """Ray Serve hands the router its replicas whenever they or their stats change; keep
@@ -213,11 +252,12 @@ class StartTimeRouter(RequestRouter):
             stats = r.routing_stats or {}
             visible[name] = set(r.multiplexed_model_ids) | reported_models(stats)
         warm = sorted(n for n in by_name if model_id in visible[n])
-        snap = await self._book.snapshot() if not warm else None
+        snap, shared = await self._book.snapshot() if not warm else (None, False)
         reserved = (
             [n for n in starting(snap.reservations, model_id) if n in by_name] if snap else []
         )
         decision: dict[str, Any] = {"model": model_id, "warm": warm, "underway": reserved}
+        decision["book"] = "shared" if shared else ("local" if snap is not None else "none")
         if warm or reserved:
             first = warm + [n for n in reserved if n not in warm]
             rest = sorted(n for n in by_name if n not in first)
@@ -230,7 +270,7 @@ class StartTimeRouter(RequestRouter):
                 else [[by_name[n] for n in first]]
             )
         order, tail, ranked, unknown, errors, claimed = await self._rank(
-            by_name, model, visible, snap
+            by_name, model, visible, snap, shared
         )
         decision.update(
             chosen=(order + tail)[0] if order or tail else None,
@@ -253,6 +293,7 @@ class StartTimeRouter(RequestRouter):
         model: ModelSpec,
         visible: Mapping[str, Iterable[str]],
         snap: Claim | None,
+        shared: bool,
     ) -> tuple[list[str], list[str], list[Any], list[str], dict[str, str], str | None]:
         servers, unknown, errors = [], [], {}
         for name, r in sorted(by_name.items()):
@@ -274,7 +315,7 @@ class StartTimeRouter(RequestRouter):
             if best is None or snap is None or best.load is None:
                 break
             got = await self._book.claim(
-                best.server, model.name, best.load.tier, model.nbytes, snap.version
+                best.server, model.name, best.load.tier, model.nbytes, snap.version, shared
             )
             if got is None or got.ok:
                 claimed = best.server if got is not None else None

@@ -1,5 +1,6 @@
-"""examples/ray_serve/app.py runs as written: two tiny models on a local Ray instance, each
-request answered, the second request of each model served resident or from a tier."""
+"""examples/ray_serve/app.py runs as written: two tiny models on a local 2-node Ray cluster
+started by the script itself (each node with its own tiers), each request answered, the first
+one started from the store."""
 
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ray_serve" / "app.
 
 def test_example_runs() -> None:
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=900, check=False
+        [sys.executable, str(EXAMPLE), "--nodes", "2"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("llama-tiny", "qwen-tiny"))]

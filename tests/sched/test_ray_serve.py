@@ -124,6 +124,12 @@ def test_model_start_lands_on_the_replica_the_estimator_picks(ray_local, reserva
     expected = Estimator(RecomputeModel(0.3, 2e-4)).pick(servers, model).server
     handle = serve.run(_app(reservations), name=f"sched-{reservations}")
     _wait_for_stats(handle)
+    if reservations == "actor":  # the shared book answers once its actor has started
+        deadline = time.monotonic() + 120
+        while DECISIONS[-1].get("book") != "shared":
+            assert time.monotonic() < deadline, DECISIONS[-1]
+            time.sleep(0.2)
+            handle.options(multiplexed_model_id="probe").remote().result(timeout_s=120)
     out = handle.options(multiplexed_model_id="llama-7b").remote().result(timeout_s=120)
     decision = DECISIONS[-1]
     assert decision["model"] == "llama-7b" and decision["complete"]
@@ -141,3 +147,71 @@ def test_model_start_lands_on_the_replica_the_estimator_picks(ray_local, reserva
     else:
         assert decision["reserved"] is None
     serve.delete(f"sched-{reservations}")
+
+
+class _FakeActor:
+    """A reservation actor's methods over a plain book; ``fail`` makes its calls raise."""
+
+    def __init__(self, first: Any) -> None:
+        from fastckpt.sched.reserve import ReservationBook
+
+        self.book = ReservationBook(3.0)
+        self.first = first
+        self.fail = False
+        outer = self
+
+        class Method:
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def remote(self, *args: Any) -> Any:
+                if self.name == "counts":
+                    return type("Ref", (), {"future": lambda _self: outer.first})()
+                return outer._call(self.name, *args)
+
+        self.counts = Method("counts")
+        self.snapshot = Method("snapshot")
+        self.claim = Method("claim")
+
+    async def _call(self, name: str, *args: Any) -> Any:
+        if self.fail:
+            raise ConnectionError("the actor died")
+        if name == "snapshot":
+            return self.book.snapshot()
+        server, model, tier, nbytes, version, owner = args
+        return self.book.claim(server, model, tier, nbytes, version=version, owner=owner)
+
+
+def test_router_keeps_its_own_book_until_the_shared_one_answers() -> None:
+    import asyncio
+    from concurrent.futures import Future
+
+    from fastckpt.sched.ray_serve import _Book
+
+    first: Future[Any] = Future()
+    actor = _FakeActor(first)
+    book = _Book("actor", 3.0, "test-book")
+    book._handle = lambda: actor  # type: ignore[method-assign]
+    book.warm()
+
+    async def scenario() -> None:
+        # the actor has not answered yet: the router's own book, without waiting
+        snap, shared = await book.snapshot()
+        assert snap is not None and not shared and snap.reservations == ()
+        got = await book.claim("a", "m", "remote", 10, snap.version, shared)
+        assert got is not None and got.ok
+        snap, shared = await book.snapshot()
+        assert not shared and [r.server for r in snap.reservations] == ["a"]
+        # it answered: the shared book from now on
+        first.set_result({"claims": 0, "conflicts": 0})
+        snap, shared = await book.snapshot()
+        assert shared and snap.reservations == ()
+        got = await book.claim("b", "m", "remote", 10, snap.version, shared)
+        assert got is not None and got.ok
+        assert [r.server for r in actor.book.snapshot().reservations] == ["b"]
+        # it fails: back to the router's own book (its reservation still there)
+        actor.fail = True
+        snap, shared = await book.snapshot()
+        assert not shared and [r.server for r in snap.reservations] == ["a"]
+
+    asyncio.run(scenario())
