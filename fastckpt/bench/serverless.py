@@ -74,10 +74,12 @@ RUNS = report.RUNS
 class Setup:
     models: tuple[ModelShape, ...] = FULL_MODELS
     nodes: int = 3
-    slots: int = 2  # models resident per replica (Ray Serve's max_num_models_per_replica)
+    # models resident per replica (Ray Serve's max_num_models_per_replica): one, so that six
+    # models on three replicas restart often and a restart's tier matters
+    slots: int = 1
     dram_bytes: int = 600 * 10**6
     ssd_bytes: int = 4 * 10**9
-    duration_s: float = 240.0
+    duration_s: float = 150.0  # the whole run then takes about 11 minutes on 2 cores
     rate_per_node: float = 0.25
     burst_cv: float = 4.0
     zipf: float = 1.0
@@ -85,7 +87,7 @@ class Setup:
     tokens_max: int = 16
     seed: int = 0
     stats_period_s: float = 1.0
-    calib_repeats: int = 3
+    calib_repeats: int = 2
     node_cpus: float = 1.0
     request_timeout_s: float = 600.0
 
@@ -348,7 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, help="requests per second per node (mean)")
     ap.add_argument("--dram-budget", help="DRAM tier per node (e.g. 320MB)")
     ap.add_argument("--seed", type=int)
-    ap.add_argument("--calib-repeats", type=int, help="measured rounds per tier (default 3)")
+    ap.add_argument("--calib-repeats", type=int, help="measured rounds per tier (default 2)")
+    ap.add_argument("--slots", type=int, help="models resident per replica (default 1)")
     ap.add_argument("--runs", default=",".join(RUNS), help="plain,fastckpt")
     a = ap.parse_args(argv)
     if a.repredict:
@@ -366,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("seed", a.seed),
         ("dram_bytes", parse_size(a.dram_budget) if a.dram_budget else None),
         ("calib_repeats", a.calib_repeats),
+        ("slots", a.slots),
     ):
         if value is not None:
             overrides[key] = value

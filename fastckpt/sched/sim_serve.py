@@ -6,9 +6,14 @@ exactly that (event-driven, pure Python, seeded):
 
 - replicas, one per node, each with ``slots`` resident models (Ray Serve's multiplexed LRU cache:
   a start evicts the least recently used model when the cache is full, before it loads);
-- one load at a time per replica (Ray Serve's multiplexer holds a lock while loading), first
-  come first served; a load reads from the fastest tier holding the model (``dram``, ``ssd``,
-  else ``remote``) and takes ``overhead_s + bytes / bandwidth_bps`` of that tier;
+- Ray Serve's multiplexer, request by request: a request whose model is resident runs at once;
+  any other waits for the replica's model lock, first come first served, and when its turn
+  comes takes the model if it is resident by then (a load another request made), else evicts
+  the least recently used model when the cache is full and loads its own: so requests for a
+  model that is loading join that load only if no other model's load comes between them (with
+  one slot, requests alternating between two models reload both, as Ray Serve does). A load
+  reads from the fastest tier holding the model (``dram``, ``ssd``, else ``remote``) and takes
+  ``overhead_s + bytes / bandwidth_bps`` of that tier;
 - after a load the replica's DRAM tier holds the checkpoint and, after a ``remote`` load, its
   SSD tier holds the converted copy (each LRU under its byte budget; a checkpoint larger than a
   budget bypasses it; hits refresh recency); a replica without tiers (``dram_bytes`` and
@@ -16,9 +21,8 @@ exactly that (event-driven, pure Python, seeded):
 - a request runs as token steps on its replica, first come first served over ``step_workers``
   threads (unlimited by default): the prefill and first token (``first_token_s``), then one step
   per further token (``per_token_s``), each step queued behind the steps of other requests
-  waiting then; a request whose model is not resident first waits for the start (the load that
-  is running or queued for the model on that replica, or a new one); every request also pays
-  ``overhead_s``, the serving system's own cost (routing, calls, streaming);
+  waiting then; every request also pays ``overhead_s``, the serving system's own cost
+  (routing, calls, streaming);
 - the replicas share a ``Machine``'s cores, and a replica's running jobs share its process (one
   interpreter lock, one torch thread): processor sharing at both levels (off by default; see
   ``Machine``);
@@ -176,10 +180,10 @@ class _Rep:
     resident: OrderedDict[str, None] = field(default_factory=OrderedDict)
     dram: OrderedDict[str, int] = field(default_factory=OrderedDict)
     ssd: OrderedDict[str, int] = field(default_factory=OrderedDict)
-    queue: list[str] = field(default_factory=list)  # models waiting for the loader, in order
+    # requests waiting for the model lock, in order: (model, request index)
+    queue: list[tuple[str, int]] = field(default_factory=list)
     load: _Job | None = None
     load_tier: str = ""
-    waiters: dict[str, list[int]] = field(default_factory=dict)  # model -> request indices
     steps: list[tuple[int, int]] = field(default_factory=list)  # (request, step) waiting, FIFO
     running_steps: int = 0
     ongoing: int = 0
@@ -190,7 +194,7 @@ class _Rep:
 
     def ids(self) -> set[str]:
         """Ray Serve's model ids of the replica: resident, loading and queued."""
-        out = set(self.resident) | set(self.queue)
+        out = set(self.resident) | {m for m, _ in self.queue}
         if self.load is not None:
             out.add(self.load.model)
         return out
@@ -281,8 +285,9 @@ class ServeSimulation:
         if r.load is not None:
             done = 1.0 - r.load.left / r.load.work if r.load.work > 0 else 1.0
             add(r.load_tier, max(0, int(self.models[r.load.model] * (1.0 - done))))
-        for m in r.queue:
-            add(self._tier_for(r, m), self.models[m])
+        for m in dict.fromkeys(m for m, _ in r.queue):  # each model waiting, once
+            if m not in r.resident and m != r.loading:
+                add(self._tier_for(r, m), self.models[m])
         return Server(
             name=r.spec.name,
             tiers=r.spec.tiers,
@@ -312,15 +317,21 @@ class ServeSimulation:
             cache.popitem(last=False)
 
     def _next_load(self, r: _Rep) -> None:
-        if r.load is not None or not r.queue:
-            return
-        model = r.queue.pop(0)
-        if len(r.resident) >= r.spec.slots:
-            r.resident.popitem(last=False)  # Ray Serve evicts its LRU model before loading
-        tier = self._tier_for(r, model)
-        work = self.machine.work(r.spec.tier(tier).load_s(self.models[model]))
-        r.load, r.load_tier = _Job(r, "load", work, work, model=model), tier
-        self.jobs.append(r.load)
+        """The model lock passes to the next waiting request: it takes its model if resident,
+        else starts its load."""
+        while r.load is None and r.queue:
+            model, i = r.queue.pop(0)
+            if model in r.resident:  # loaded by a request ahead of it, not evicted since
+                r.resident.move_to_end(model)
+                self._enqueue_step(r, i, 0)
+                continue
+            if len(r.resident) >= r.spec.slots:
+                r.resident.popitem(last=False)  # Ray Serve evicts its LRU model before loading
+            tier = self._tier_for(r, model)
+            work = self.machine.work(r.spec.tier(tier).load_s(self.models[model]))
+            r.load = _Job(r, "load", work, work, model=model, request=i)
+            r.load_tier = tier
+            self.jobs.append(r.load)
 
     def _enqueue_step(self, r: _Rep, i: int, step: int) -> None:
         r.steps.append((i, step))
@@ -337,7 +348,7 @@ class ServeSimulation:
 
     def _loaded(self, r: _Rep) -> None:
         assert r.load is not None
-        model, tier = r.load.model, r.load_tier
+        model, tier, i = r.load.model, r.load_tier, r.load.request
         r.load = None
         self.loads[tier] += 1
         r.resident[model] = None
@@ -347,8 +358,7 @@ class ServeSimulation:
             self._keep(r.ssd, r.spec.ssd_bytes, model)
         elif model in r.ssd:
             r.ssd.move_to_end(model)
-        for i in r.waiters.pop(model, []):
-            self._enqueue_step(r, i, 0)
+        self._enqueue_step(r, i, 0)
         self._next_load(r)
 
     def _stepped(self, job: _Job) -> None:
@@ -372,10 +382,8 @@ class ServeSimulation:
             self._enqueue_step(r, i, 0)
             return
         self.waited[i] = True
-        r.waiters.setdefault(model, []).append(i)
-        if model != r.loading and model not in r.queue:
-            r.queue.append(model)
-            self._next_load(r)
+        r.queue.append((model, i))
+        self._next_load(r)
 
     def _rates(self) -> dict[int, float]:
         """Progress per second of each running job (see ``Machine``)."""

@@ -53,6 +53,19 @@ def test_requests_for_a_loading_model_join_its_start() -> None:
         assert res.ttft_s[1] == pytest.approx(5.5 + 0.1 - 1.0)
 
 
+def test_requests_alternating_between_two_models_reload_them_as_ray_serve_does() -> None:
+    # one slot: a loads; b and a wait for the model lock in that order; b's load evicts a, so
+    # the second a loads again (Ray Serve's multiplexer checks its cache only when a request
+    # gets the lock; it does not join a load that another model's load came between)
+    trace = [ServeRequest(0.0, "a", 1), ServeRequest(0.1, "b", 1), ServeRequest(0.2, "a", 1)]
+    res = simulate_serving([_rep("r", dram=0, ssd=0)], MODELS, trace, "default", COST)
+    assert res.loads == {"dram": 0, "ssd": 0, "remote": 3}
+    assert res.ttft_s[2] == pytest.approx(3 * 5.5 + 0.1 - 0.2)
+    # two slots: b evicts nothing, so the second a finds a resident when its turn comes
+    two = simulate_serving([_rep("r", slots=2, dram=0, ssd=0)], MODELS, trace, "default", COST)
+    assert two.loads["remote"] == 2 and two.ttft_s[2] == pytest.approx(11.0 + 0.1 - 0.2)
+
+
 def test_start_time_routes_to_the_replica_whose_tier_holds_the_model() -> None:
     # warm up: a on r1, b on r2 (each then in its replica's DRAM tier); c evicts both
     warm = [ServeRequest(0.0, "a", 1), ServeRequest(0.0, "b", 1), ServeRequest(20, "c", 1),
