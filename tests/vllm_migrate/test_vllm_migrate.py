@@ -1,0 +1,554 @@
+"""Migrations between two vLLM engines in two processes: this one (the source, stepped by the
+tests, and the client) and a target server (``python -m fastckpt.migrate.serve --engine vllm``).
+
+A migrated generation must give the client exactly the tokens of an unmigrated one, each once,
+for every migration point and round count, while another request keeps running on the source;
+greedy and position-keyed sampling continue exactly, vLLM's own seeded sampling continues with
+the right distribution; failures leave one side decoding and nothing lost or doubled.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+pytest.importorskip(
+    "vllm",
+    reason="vLLM is not importable here: build its venv with "
+    "`bash tests/vllm_plugin/make_venv.sh`, then run "
+    "`.vllm-venv/bin/python -m pytest -q tests/vllm_migrate`",
+)
+
+from migrate_helpers import Client, FaultyTarget, MappedSource, pace
+from vllm_migrate_helpers import BLOCK, LEASE_S, ks_critical, ks_uniform, probability_transform
+
+from fastckpt.migrate import (
+    LeaseExpiredError,
+    ModelMismatchError,
+    Outcome,
+    RemoteTarget,
+    SamplingParams,
+    SocketTransport,
+    StopCriteria,
+    migrate,
+)
+
+PROMPT = tuple((7 * i + 3) % 509 for i in range(70))  # 70 tokens: two full KV blocks of 32
+N = 24
+STOP = StopCriteria(max_new_tokens=N)
+THRESHOLD = 3
+# tokens the source decodes after each catch-up round, for 0, 1 and several rounds
+PACES = {0: [], 1: [2], 3: [4, 4, 1]}
+GREEDY = SamplingParams()
+POSITION = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, seed=1234)  # rng="position"
+BYSTANDER_PROMPT = tuple(range(100, 140))
+BYSTANDER_STOP = StopCriteria(max_new_tokens=48)
+
+_reference: dict[tuple[Any, ...], list[int]] = {}
+_ids = iter(range(10**6))
+
+
+def reference(
+    engine: Any,
+    sampling: SamplingParams,
+    prompt: tuple[int, ...] = PROMPT,
+    stop: StopCriteria = STOP,
+) -> list[int]:
+    key = (sampling, prompt, stop)
+    if key not in _reference:
+        _reference[key] = engine.generate(prompt, sampling=sampling, stop=stop)
+    return _reference[key]
+
+
+def begin_at(point: str, rounds: int) -> int:
+    """Tokens the source has decoded when the migration starts, for the migration point."""
+    during = sum(PACES[rounds])
+    return {"start": 0, "middle": N // 2 - during // 2, "end": N - 1 - during}[point]
+
+
+class Run:
+    """One migration's pieces, for the assertions."""
+
+    def __init__(self) -> None:
+        self.client = Client()
+        self.bystander_client = Client()
+        self.report: Any = None
+        self.src: Any = None
+        self.remote: Any = None
+        self.target_result: dict[str, Any] = {}
+        self.bystander_during = 0
+
+
+def run_migration(
+    engine: Any,
+    server: Any,
+    sampling: SamplingParams,
+    begin: int,
+    rounds: int,
+    *,
+    wrap_target: Any = None,
+    wrap_source: Any = None,
+    hook: Any = None,
+    **kw: Any,
+) -> Run:
+    """Start a bystander and the request on the source, decode ``begin`` tokens, migrate with
+    the source decoding ``PACES[rounds]`` tokens between rounds, then finish everything."""
+    run = Run()
+    rid = f"req-{next(_ids)}"
+    bystander = engine.start(
+        f"{rid}-bystander", BYSTANDER_PROMPT, stop=BYSTANDER_STOP, emit=run.bystander_client.emit
+    )
+    run.src = src = engine.start(rid, PROMPT, sampling=sampling, stop=STOP, emit=run.client.emit)
+    src.run(begin)
+    before = len(bystander.generated)
+    with SocketTransport(server.host, server.port) as transport:
+        run.remote = remote = RemoteTarget(transport, rid)
+        target = wrap_target(remote) if wrap_target else remote
+        source = wrap_source(src) if wrap_source else src
+        kw.setdefault("threshold_tokens", THRESHOLD)
+        if rounds == 0:
+            kw.setdefault("max_rounds", 0)
+        after_round = hook(src) if hook else pace(src, PACES[rounds])
+        run.report = migrate(source, target, after_round=after_round, **kw)
+        run.bystander_during = len(bystander.generated) - before
+        if run.report.outcome is Outcome.COMMITTED:
+            reply, _ = transport.request({"op": "result", "request_id": rid, "timeout_s": 120})
+            assert reply["ok"] and reply["finished"], reply
+            run.target_result = reply
+            run.client.add(reply["tokens"])
+        else:
+            src.run()  # the source goes on as if nothing happened
+    engine.run(until=lambda: bystander.finished)
+    assert run.bystander_client.output() == reference(
+        engine, GREEDY, BYSTANDER_PROMPT, BYSTANDER_STOP
+    ), "the request that stayed on the source was disturbed"
+    return run
+
+
+def check_prefix_cache(run: Run) -> None:
+    """Each prefill and the commit found in vLLM's prefix cache at least the full KV blocks of
+    what this migration had prefilled before: only the tokens after them were computed."""
+    covered = 0
+    for r in run.target_result["rounds"]:
+        total = covered + r["tokens"]
+        assert r["cached_tokens"] >= min(covered, total - 1) // BLOCK * BLOCK, run.target_result
+        covered = total
+    context = run.report.context_tokens
+    assert covered == context
+    assert run.target_result["commit_cached_tokens"] >= (context - 1) // BLOCK * BLOCK
+
+
+@pytest.mark.parametrize("rounds", [0, 1, 3])
+@pytest.mark.parametrize("point", ["start", "middle", "end"])
+def test_greedy_migration_equals_unmigrated(
+    source_engine: Any, target_server: Any, rounds: int, point: str
+) -> None:
+    expected = reference(source_engine, GREEDY)
+    begin = begin_at(point, rounds)
+    run = run_migration(source_engine, target_server, GREEDY, begin, rounds)
+    report = run.report
+    assert report.outcome is Outcome.COMMITTED, report
+    assert report.rounds == rounds
+    assert report.context_tokens == len(PROMPT) + begin + sum(PACES[rounds])
+    if rounds:
+        assert report.tokens_per_round[0] == len(PROMPT) + begin
+        assert list(report.tokens_per_round[1:]) == PACES[rounds][: rounds - 1]
+        assert run.bystander_during == sum(PACES[rounds])  # it decoded in the same steps
+    assert report.final_tokens == (PACES[rounds][-1] if rounds else report.context_tokens)
+    assert run.client.output() == expected
+    assert len(run.src.emitted) == begin + sum(PACES[rounds])  # the rest came from the target
+    assert run.src.released
+    check_prefix_cache(run)
+
+
+@pytest.mark.parametrize("rounds", [1, 3])
+@pytest.mark.parametrize("point", ["start", "middle", "end"])
+def test_position_sampling_continues_exactly(
+    source_engine: Any, target_server: Any, rounds: int, point: str
+) -> None:
+    expected = reference(source_engine, POSITION)
+    assert expected != reference(source_engine, GREEDY)  # it does sample
+    run = run_migration(source_engine, target_server, POSITION, begin_at(point, rounds), rounds)
+    assert run.report.outcome is Outcome.COMMITTED, run.report
+    assert run.client.output() == expected
+
+
+def test_position_sampling_other_seed_diverges(source_engine: Any, target_server: Any) -> None:
+    """Negative control: a target keyed by another seed continues differently, so the test
+    above passes because the draws are keyed by (seed, position), not by luck."""
+    from dataclasses import replace
+
+    expected = reference(source_engine, POSITION)
+    run = run_migration(
+        source_engine,
+        target_server,
+        POSITION,
+        begin_at("middle", 1),
+        1,
+        wrap_source=lambda s: MappedSource(
+            s, lambda st: st.replace(sampling=replace(st.sampling, seed=st.sampling.seed + 1))
+        ),
+    )
+    out = run.client.output()
+    switch = run.report.context_tokens - len(PROMPT)
+    assert out[:switch] == expected[:switch]
+    assert out[switch:] != expected[switch:]
+
+
+def test_position_sampling_matches_the_reference_engine(
+    source_engine: Any, vllm_model: Any
+) -> None:
+    """vLLM with the PositionSampler draws the same tokens as ``ReferenceEngine`` (transformers)
+    on the same weights: the position it uses is the absolute one, the rule is the same."""
+    import torch
+    import transformers
+
+    from fastckpt.migrate import ReferenceEngine
+
+    model = transformers.LlamaForCausalLM.from_pretrained(vllm_model, dtype=torch.float32)
+    ref = ReferenceEngine(model, fingerprint="transformers")
+    want = ref.generate(PROMPT, sampling=POSITION, stop=STOP)
+    assert reference(source_engine, POSITION) == want
+
+
+def test_engine_seeded_sampling_continues_with_the_right_distribution(
+    source_engine: Any, target_server: Any, vllm_model: Any
+) -> None:
+    """vLLM's own seeded sampling (rng="engine") cannot continue the source's draws: the state
+    says so, and the token drawn on the target right after the switch must follow the model's
+    distribution. Over many seeds, the probability transform of those tokens is uniform
+    (Kolmogorov-Smirnov at level 0.001); the greedy choice at the same contexts is not."""
+    import torch
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(vllm_model, dtype=torch.float32)
+    k = 6  # tokens made on the source
+    stop = StopCriteria(max_new_tokens=k + 1)
+    batch, batches = 16, 8
+    contexts: list[tuple[int, ...]] = []
+    after_switch: list[int] = []
+    with SocketTransport(target_server.host, target_server.port) as transport:
+        for b in range(batches):
+            clients = [Client() for _ in range(batch)]
+            seeds = [1000 + b * batch + i for i in range(batch)]
+            srcs = [
+                source_engine.start(
+                    f"engine-rng-{next(_ids)}",
+                    PROMPT,
+                    sampling=SamplingParams(temperature=1.0, seed=seeds[i], rng="engine"),
+                    stop=stop,
+                    emit=clients[i].emit,
+                )
+                for i in range(batch)
+            ]
+            source_engine.run(until=lambda srcs=srcs: all(len(s.generated) >= k for s in srcs))
+            for src, client in zip(srcs, clients, strict=True):
+                state = src.snapshot()
+                assert state.sampling.rng == "engine" and len(state.generated_ids) == k
+                remote = RemoteTarget(transport, src.request_id)
+                report = migrate(src, remote, max_rounds=0)
+                assert report.outcome is Outcome.COMMITTED, report
+                client.add(remote.result(timeout_s=60)["tokens"])
+                out = client.output()
+                assert out[:k] == list(state.generated_ids)
+                contexts.append(state.tokens)
+                after_switch.append(out[k])
+    with torch.inference_mode():
+        probs = [
+            torch.softmax(model(torch.tensor([list(c)])).logits[0, -1].double(), -1).tolist()
+            for c in contexts
+        ]
+    n = len(after_switch)
+    u = probability_transform(probs, after_switch)
+    assert ks_uniform(u) < ks_critical(n), "tokens after the switch do not follow the model"
+    greedy = [max(range(len(p)), key=p.__getitem__) for p in probs]
+    assert ks_uniform(probability_transform(probs, greedy)) > ks_critical(n)  # the test has power
+
+
+# --- failure injection: the client gets every token once, the output equals unmigrated ---------
+
+
+def _status(server: Any, rid: str) -> dict[str, Any]:
+    with SocketTransport(server.host, server.port) as t:
+        return RemoteTarget(t, rid).status()
+
+
+@pytest.mark.parametrize("at", [1, 3])
+def test_target_fails_mid_round(source_engine: Any, target_server: Any, at: int) -> None:
+    expected = reference(source_engine, POSITION)
+    faulty: list[FaultyTarget] = []
+
+    def wrap(t: Any) -> FaultyTarget:
+        faulty.append(FaultyTarget(t, fail_prefill_at=at))
+        return faulty[0]
+
+    run = run_migration(
+        source_engine, target_server, POSITION, begin_at("start", 3), 3, wrap_target=wrap
+    )
+    assert run.report.outcome is Outcome.TARGET_FAILED
+    assert "mid-round" in (run.report.error or "")
+    assert faulty[0].aborts == [True]
+    assert _status(target_server, run.remote.request_id)["status"] == "unknown"  # freed
+    assert not run.src.released and run.src.finished
+    assert run.client.output() == expected
+
+
+def test_target_fails_at_commit(source_engine: Any, target_server: Any) -> None:
+    expected = reference(source_engine, GREEDY)
+    run = run_migration(
+        source_engine,
+        target_server,
+        GREEDY,
+        6,
+        1,
+        commit_retries=0,
+        wrap_target=lambda t: FaultyTarget(t, commit="before"),
+    )
+    assert run.report.outcome is Outcome.TARGET_FAILED
+    assert run.report.downtime_s is not None  # frozen, then rolled back
+    assert _status(target_server, run.remote.request_id)["status"] == "unknown"
+    assert run.client.output() == expected
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_commit_reply_lost(source_engine: Any, target_server: Any, retries: int) -> None:
+    """The target committed but its reply was lost: a retry (idempotent) or the abort that it
+    refuses shows the commit happened, so the source does not decode a second copy."""
+    expected = reference(source_engine, POSITION)
+    run = run_migration(
+        source_engine,
+        target_server,
+        POSITION,
+        6,
+        1,
+        commit_retries=retries,
+        wrap_target=lambda t: FaultyTarget(t, commit="after"),
+    )
+    assert run.report.outcome is Outcome.COMMITTED
+    assert run.report.commit_attempts == min(retries, 1) + 1
+    assert run.src.released
+    assert run.client.output() == expected
+
+
+def test_duplicate_commit(source_engine: Any, target_server: Any) -> None:
+    expected = reference(source_engine, GREEDY)
+    run = run_migration(
+        source_engine,
+        target_server,
+        GREEDY,
+        begin_at("middle", 3),
+        3,
+        wrap_target=lambda t: FaultyTarget(t, commit="twice"),
+    )
+    assert run.report.outcome is Outcome.COMMITTED and run.report.rounds == 3
+    assert run.client.output() == expected
+
+
+def test_generation_finishes_mid_migration(source_engine: Any, target_server: Any) -> None:
+    expected = reference(source_engine, GREEDY)
+    run = run_migration(
+        source_engine,
+        target_server,
+        GREEDY,
+        N - 4,
+        1,
+        hook=lambda src: lambda info: src.run(),  # the source ends during round 1
+    )
+    assert run.report.outcome is Outcome.FINISHED_ON_SOURCE, run.report
+    assert run.report.rounds == 1
+    assert _status(target_server, run.remote.request_id)["status"] == "unknown"  # target freed
+    assert run.src.finished and not run.src.released
+    assert run.client.output() == expected
+
+
+def test_source_lost_target_frees_after_lease(source_engine: Any, target_server: Any) -> None:
+    """The source side vanishes mid-migration (its connection drops, no abort is sent): the
+    target keeps the reservation for the lease, then frees it and refuses the request."""
+    expected = reference(source_engine, GREEDY)
+    client = Client()
+    rid = f"lost-{next(_ids)}"
+    src = source_engine.start(rid, PROMPT, sampling=GREEDY, stop=STOP, emit=client.emit)
+    src.run(5)
+    transport = SocketTransport(target_server.host, target_server.port)
+    covered = RemoteTarget(transport, rid).prefill(src.snapshot())
+    assert covered == len(PROMPT) + 5
+    transport.close()  # the source is gone
+    assert _status(target_server, rid)["status"] == "prefilling"
+    deadline = time.monotonic() + 10 * LEASE_S
+    while _status(target_server, rid)["status"] != "expired":
+        assert time.monotonic() < deadline, "the target never freed the silent migration"
+        time.sleep(LEASE_S / 4)
+    with (
+        SocketTransport(target_server.host, target_server.port) as t,
+        pytest.raises(LeaseExpiredError),
+    ):
+        RemoteTarget(t, rid).prefill(src.snapshot())
+    src.run()  # the source (its engine still alive here) finishes; nothing was lost or doubled
+    assert client.output() == expected
+
+
+def test_wrong_model_is_refused(source_engine: Any, target_server: Any) -> None:
+    client = Client()
+    src = source_engine.start(f"other-{next(_ids)}", PROMPT, stop=STOP, emit=client.emit)
+    src.run(3)
+    wrong = MappedSource(src, lambda s: s.replace(model_fingerprint="ckpt-sha256:other"))
+    with SocketTransport(target_server.host, target_server.port) as t:
+        with pytest.raises(ModelMismatchError):
+            RemoteTarget(t, src.request_id).prefill(wrong.snapshot())
+        report = migrate(wrong, RemoteTarget(t, src.request_id))
+    assert report.outcome is Outcome.TARGET_FAILED
+    assert "ModelMismatchError" in (report.error or "")
+    src.run()
+    assert client.output() == reference(source_engine, GREEDY)
+
+
+def test_unsupported_requests_are_refused(source_engine: Any, target_server: Any) -> None:
+    """What cannot move exactly is refused before it runs, with the reason."""
+    with pytest.raises(ValueError, match="stop strings"):
+        source_engine.start("s1", PROMPT, stop=StopCriteria(max_new_tokens=4, stop_strings=("x",)))
+    with pytest.raises(ValueError, match="generator"):
+        sampled = SamplingParams(temperature=1.0, rng="generator")
+        source_engine.start("s2", PROMPT, sampling=sampled, stop=STOP)
+    with pytest.raises(ValueError, match="max_model_len"):
+        source_engine.start("s3", PROMPT, stop=StopCriteria(max_new_tokens=10_000))
+
+
+# --- the source engine stepping on its own thread ----------------------------------------------
+
+
+@pytest.fixture
+def background(source_engine: Any) -> Any:
+    source_engine.start_background()
+    try:
+        yield source_engine
+    finally:
+        source_engine.stop_background()
+
+
+def _migrate_in_background(engine: Any, server: Any, sampling: SamplingParams) -> Any:
+    client = Client()
+    rid = f"bg-{next(_ids)}"
+    src = engine.start(rid, PROMPT, sampling=sampling, stop=STOP, emit=client.emit)
+    while len(src.generated) < 4 and not src.finished:
+        time.sleep(0.005)
+    with SocketTransport(server.host, server.port) as t:
+        remote = RemoteTarget(t, rid)
+        report = migrate(src, remote)  # default threshold: rounds follow the decoding speed
+        if report.outcome is Outcome.COMMITTED:
+            client.add(remote.result(timeout_s=120)["tokens"])
+        else:
+            assert report.outcome is Outcome.FINISHED_ON_SOURCE, report
+            src.wait(120)
+    return client.output()
+
+
+def test_background_source_migrates_while_decoding(background: Any, target_server: Any) -> None:
+    """The real mode: the source engine steps on its own thread during the rounds; whatever
+    the timing, the client gets the unmigrated output exactly once."""
+    for sampling in (GREEDY, POSITION):
+        expected = reference(background, sampling)
+        assert _migrate_in_background(background, target_server, sampling) == expected
+
+
+def test_concurrent_migrations_while_the_target_decodes(
+    background: Any, target_server: Any
+) -> None:
+    """A long generation is moved first and keeps decoding on the target while two more move
+    there at the same time: every output is exact, and the first one advanced on the target
+    while the others were prefilled (vLLM batched them)."""
+    long_stop = StopCriteria(max_new_tokens=240)
+    expected_long = reference(background, GREEDY, BYSTANDER_PROMPT, long_stop)
+    expected = {0: reference(background, GREEDY), 1: reference(background, POSITION)}
+    client = Client()
+    rid = f"long-{next(_ids)}"
+    src = background.start(rid, BYSTANDER_PROMPT, stop=long_stop, emit=client.emit)
+    with SocketTransport(target_server.host, target_server.port) as t:
+        remote = RemoteTarget(t, rid)
+        assert migrate(src, remote).outcome is Outcome.COMMITTED
+        first = remote.result(timeout_s=0)
+        assert not first["finished"]
+        before = len(first["tokens"])
+        outputs: dict[int, list[int]] = {}
+        threads = [
+            threading.Thread(
+                target=lambda i=i, s=s: outputs.__setitem__(
+                    i, _migrate_in_background(background, target_server, s)
+                )
+            )
+            for i, s in enumerate((GREEDY, POSITION))
+        ]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(300)
+        progressed = len(remote.result(timeout_s=0)["tokens"]) - before
+        client.add(remote.result(timeout_s=300)["tokens"])
+    assert outputs == expected
+    assert progressed > 0
+    assert client.output() == expected_long
+
+
+class StepsSourceFirst:
+    """A target whose prefill and commit first let the source engine run ``steps`` steps: the
+    source's batch goes on during the downtime, and the frozen request must not emit."""
+
+    def __init__(self, inner: Any, engine: Any, steps: int) -> None:
+        self.inner, self.engine, self.steps = inner, engine, steps
+
+    def prefill(self, state: Any) -> int:
+        self.engine.run(max_steps=self.steps)
+        return int(self.inner.prefill(state))
+
+    def commit(self, state: Any) -> None:
+        self.engine.run(max_steps=self.steps)
+        self.inner.commit(state)
+
+    def abort(self) -> bool:
+        return bool(self.inner.abort())
+
+
+@pytest.mark.parametrize("rounds", [0, 1])
+def test_frozen_source_emits_nothing_while_its_engine_steps(
+    source_engine: Any, target_server: Any, rounds: int
+) -> None:
+    expected = reference(source_engine, POSITION)
+    run = run_migration(
+        source_engine,
+        target_server,
+        POSITION,
+        5,
+        rounds,
+        wrap_target=lambda t: StepsSourceFirst(t, source_engine, 3),
+    )
+    assert run.report.outcome is Outcome.COMMITTED
+    assert len(run.src.emitted) == run.report.context_tokens - len(PROMPT)
+    assert run.client.output() == expected
+
+
+def test_unfreeze_delivers_what_was_held_back(source_engine: Any) -> None:
+    """A rolled-back migration leaves the stream as if it had never been tried: tokens vLLM
+    made while the request was frozen arrive, in order, after unfreeze."""
+    expected = reference(source_engine, POSITION)
+    client = Client()
+    src = source_engine.start(
+        f"held-{next(_ids)}", PROMPT, sampling=POSITION, stop=STOP, emit=client.emit
+    )
+    src.run(4)
+    frozen = src.freeze()
+    source_engine.run(max_steps=5)
+    assert src.snapshot() == frozen and len(client.tokens) == 4
+    src.unfreeze()
+    assert len(client.tokens) == 9  # the five held back
+    src.run()
+    assert client.output() == expected
+    # released after a freeze: vLLM's request is aborted and nothing more is emitted
+    other = source_engine.start(f"gone-{next(_ids)}", PROMPT, stop=STOP)
+    other.run(2)
+    other.freeze()
+    other.release()
+    assert other.vllm_id is None
+    assert source_engine.run(max_steps=3) == 0  # vLLM has nothing left to do
+    assert len(other.emitted) == 2
