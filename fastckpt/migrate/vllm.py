@@ -51,10 +51,12 @@ import contextlib
 import itertools
 import math
 import os
+import queue
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 from fastckpt.migrate.errors import LeaseExpiredError, SourceStateError, TargetStateError
@@ -224,29 +226,51 @@ def _finish_reason(output: Any) -> str | None:
 class VllmEngine:
     """One in-process vLLM engine whose requests can migrate in and out.
 
+    The engine lives on a thread of its own: it is built there and every call into vLLM (add,
+    abort, step) runs there, between steps. vLLM's CPU kernels size their work by the OpenMP
+    threads of the thread that set them up, so one thread must drive the engine throughout.
+    Outputs are handed to their requests on that thread too (emit callbacks run there).
+
     Args:
-        engine: a vLLM V1 ``LLMEngine`` whose engine core runs in this process
-            (``multiprocess_mode=False``); ``from_args`` builds one.
+        make_engine: builds a vLLM V1 ``LLMEngine`` whose engine core runs in this process
+            (``multiprocess_mode=False``); called once, on the engine thread. ``from_args``
+            passes one.
         fingerprint: identity used to accept token states (``from_args``: the checkpoint's).
         request_timeout_s: how long a target's prefill waits for vLLM before it fails.
+        startup_timeout_s: how long to wait for ``make_engine``.
 
-    The engine is stepped either by ``start_background()`` (a thread that steps while any
-    request is unfinished) or by the caller (``step``/``run``, and ``VllmSource.run``). Calls
-    into vLLM are serialised; outputs are handed to their requests between steps.
+    The engine steps by itself after ``start_background()`` (whenever a request is
+    unfinished), or when asked (``step``/``run``, and ``VllmSource.run``).
     """
 
     def __init__(
         self,
-        engine: Any,
+        make_engine: Callable[[], Any],
         *,
         fingerprint: str,
         request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
+        startup_timeout_s: float = 1800.0,
     ) -> None:
         if request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s}")
-        self._engine = engine
         self.fingerprint = fingerprint
         self.request_timeout_s = request_timeout_s
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._streams: dict[str, _Stream] = {}  # vLLM request id -> receiver (engine thread)
+        self._background = False
+        self._failed: BaseException | None = None
+        self._closed = False
+        self._ids = itertools.count()
+        self._engine: Any = None
+        built: Future[None] = Future()
+        self._thread = threading.Thread(
+            target=self._serve, args=(make_engine, built), name="vllm-migrate-engine", daemon=True
+        )
+        self._thread.start()
+        built.result(startup_timeout_s)  # re-raises what make_engine raised
+        engine: Any = self._engine
         config = engine.vllm_config
         self.max_model_len: int = int(config.model_config.max_model_len)
         self.block_size: int = int(config.cache_config.block_size)
@@ -256,14 +280,6 @@ class VllmEngine:
             p == POSITION_SAMPLER or getattr(p, "__name__", None) == "PositionSampler"
             for p in procs
         )
-        self._lock = threading.Lock()  # held while calling into vLLM
-        self._gate = threading.Condition()  # callers waiting for the engine, and wake-ups
-        self._waiting = 0
-        self._streams: dict[str, _Stream] = {}
-        self._thread: threading.Thread | None = None
-        self._stop_loop = threading.Event()
-        self._failed: BaseException | None = None
-        self._ids = itertools.count()
 
     @classmethod
     def from_args(
@@ -302,20 +318,82 @@ class VllmEngine:
                     "on every engine serving this model)"
                 )
             fingerprint = checkpoint_fingerprint(model, f"vllm:{config.model_config.dtype}")
-        engine = LLMEngine(
-            vllm_config=config,
-            executor_class=Executor.get_class(config),
-            log_stats=False,
-            multiprocess_mode=False,
-        )
-        return cls(engine, fingerprint=fingerprint, request_timeout_s=request_timeout_s)
+
+        def make() -> Any:
+            return LLMEngine(
+                vllm_config=config,
+                executor_class=Executor.get_class(config),
+                log_stats=False,
+                multiprocess_mode=False,
+            )
+
+        return cls(make, fingerprint=fingerprint, request_timeout_s=request_timeout_s)
+
+    # --- the engine thread -----------------------------------------------------------------
+
+    def _serve(self, make_engine: Callable[[], Any], built: Future[None]) -> None:
+        try:
+            self._engine = make_engine()
+        except BaseException as e:
+            built.set_exception(e)
+            return
+        built.set_result(None)
+        while True:
+            busy = self._background and self._failed is None and self._has_work()
+            try:
+                job = self._jobs.get_nowait() if busy else self._jobs.get()
+            except queue.Empty:
+                with contextlib.suppress(BaseException):  # a failure is kept in _failed
+                    self._step_here()
+                continue
+            if job is None:  # close()
+                return
+            fn, done = job
+            try:
+                done.set_result(fn())
+            except BaseException as e:
+                done.set_exception(e)
+
+    def _has_work(self) -> bool:
+        return bool(self._engine.has_unfinished_requests())
+
+    def _call(self, fn: Callable[[], Any], timeout_s: float | None = None) -> Any:
+        """Run ``fn`` on the engine thread (between two steps) and return its result."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        if self._closed:
+            raise RuntimeError("the vLLM engine was closed")
+        done: Future[Any] = Future()
+        self._jobs.put((fn, done))
+        return done.result(timeout_s)
+
+    def _check_alive(self) -> None:
+        if self._failed is not None:
+            raise RuntimeError(f"the vLLM engine failed: {self._failed}") from self._failed
+
+    def _step_here(self) -> bool:
+        """One engine step and its outputs handed out (on the engine thread)."""
+        self._check_alive()
+        if not self._has_work():
+            return False
+        try:
+            outputs = self._engine.step()
+        except BaseException as e:
+            self._failed = e
+            failed = list(self._streams.values())
+            self._streams.clear()
+            for stream in failed:
+                stream.on_error(e)
+            raise RuntimeError(f"the vLLM engine failed: {e}") from e
+        for out in outputs:
+            receiver = self._streams.get(out.request_id)
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+            if receiver is not None:
+                receiver.on_output(out)
+        return True
 
     # --- stepping ------------------------------------------------------------------------
-
-    @property
-    def llm_engine(self) -> Any:
-        """The vLLM ``LLMEngine`` (call into it only through this object while it runs)."""
-        return self._engine
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -332,59 +410,12 @@ class VllmEngine:
                     found.append(t)
         return tuple(found)
 
-    @contextlib.contextmanager
-    def _use(self) -> Iterator[Any]:
-        """The vLLM engine, between two steps (the stepping thread yields to waiting callers)."""
-        with self._gate:
-            self._waiting += 1
-        try:
-            with self._lock:
-                self._check_alive()
-                yield self._engine
-        finally:
-            with self._gate:
-                self._waiting -= 1
-                self._gate.notify_all()
-
-    def _check_alive(self) -> None:
-        if self._failed is not None:
-            raise RuntimeError(f"the vLLM engine failed: {self._failed}") from self._failed
-
-    def _step(self) -> bool:
-        """One engine step; hand the outputs to their requests. False when nothing is left."""
-        routed: list[tuple[_Stream, Any]] = []
-        failed: list[_Stream] = []
-        with self._lock:
-            self._check_alive()
-            if not self._engine.has_unfinished_requests():
-                return False
-            try:
-                outputs = self._engine.step()
-            except BaseException as e:
-                self._failed = e
-                failed = list(self._streams.values())
-                self._streams.clear()
-                outputs = []
-            for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if out.finished:
-                    self._streams.pop(out.request_id, None)
-                if stream is not None:
-                    routed.append((stream, out))
-        # outside the engine lock: a request's lock is taken before the engine's, never after
-        for stream in failed:
-            stream.on_error(self._failed)  # type: ignore[arg-type]
-        self._check_alive()
-        for stream, out in routed:
-            stream.on_output(out)
-        return True
-
     def step(self) -> bool:
-        """Run one engine step in the calling thread (not while ``start_background`` runs).
-        Returns False when vLLM had nothing to do."""
-        if self._thread is not None:
+        """Run one engine step (not while ``start_background`` runs). Returns False when vLLM
+        had nothing to do."""
+        if self._background:
             raise RuntimeError("the engine is stepped by its background thread")
-        return self._step()
+        return bool(self._call(self._step_here))
 
     def run(self, until: Callable[[], bool] | None = None, max_steps: int | None = None) -> int:
         """Step until ``until()`` is true, ``max_steps`` steps ran, or nothing is left; returns
@@ -397,61 +428,44 @@ class VllmEngine:
         return n
 
     def start_background(self) -> VllmEngine:
-        """Step on a daemon thread whenever a request is unfinished, until
-        ``stop_background()`` or ``close()``."""
-        with self._gate:
-            if self._thread is not None:
-                return self
-            stop = threading.Event()
+        """Step whenever a request is unfinished, until ``stop_background()`` or ``close()``."""
 
-            def loop() -> None:
-                while True:
-                    with self._gate:
-                        while self._waiting and not stop.is_set():
-                            self._gate.wait(0.05)
-                        if stop.is_set():
-                            return
-                    try:
-                        worked = self._step()
-                    except BaseException:
-                        return  # recorded in _failed; every waiting request was told
-                    if not worked:
-                        with self._gate:
-                            if not stop.is_set():
-                                self._gate.wait(0.05)
+        def on() -> None:
+            self._background = True
 
-            self._stop_loop = stop
-            self._thread = threading.Thread(target=loop, name="vllm-migrate-engine", daemon=True)
-            self._thread.start()
+        self._call(on)
         return self
 
-    def stop_background(self, timeout_s: float = 30.0) -> None:
-        """Stop the background thread (after its current step); the caller steps from now on."""
-        with self._gate:
-            thread, self._thread = self._thread, None
-            self._stop_loop.set()
-            self._gate.notify_all()
-        if thread is not None:
-            thread.join(timeout_s)
-            if thread.is_alive():
-                raise RuntimeError(f"the engine thread did not stop within {timeout_s} s")
+    def stop_background(self) -> None:
+        """Stop stepping by itself (after the current step); the caller steps from now on."""
+
+        def off() -> None:
+            self._background = False
+
+        if not self._closed:
+            self._call(off)
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Stop the background thread, abort what is still running (its waiters are told)."""
-        self.stop_background(timeout_s)
-        with self._lock:
+        """Abort what is still running (its waiters are told) and stop the engine thread."""
+        if self._closed:
+            return
+
+        def shut() -> list[_Stream]:
+            self._background = False
             streams = dict(self._streams)
             self._streams.clear()
             if streams and self._failed is None:
                 with contextlib.suppress(Exception):
                     self._engine.abort_request(list(streams))
-        closed = RuntimeError("the vLLM engine was closed")
-        for s in streams.values():
-            s.on_error(closed)
+            return list(streams.values())
 
-    def _wake(self) -> None:
-        with self._gate:
-            self._gate.notify_all()
+        streams = self._call(shut, timeout_s)
+        self._closed = True
+        self._jobs.put(None)
+        self._thread.join(timeout_s)
+        closed = RuntimeError("the vLLM engine was closed")
+        for s in streams:
+            s.on_error(closed)
 
     # --- requests ------------------------------------------------------------------------
 
@@ -467,23 +481,33 @@ class VllmEngine:
         *,
         final_only: bool = False,
     ) -> None:
+        """Add a request to vLLM; its outputs go to ``stream``. Never call it holding a
+        request's lock: the engine thread takes those locks to hand out outputs."""
         from vllm.sampling_params import RequestOutputKind
         from vllm.sampling_params import SamplingParams as VllmSamplingParams
 
         kind = RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA
         sp = VllmSamplingParams(**params, output_kind=kind)
-        with self._use() as engine:
+
+        def add() -> None:
+            self._check_alive()
             if vllm_id in self._streams:
                 raise ValueError(f"request id {vllm_id!r} is already running on this engine")
-            (prompt,) = engine.renderer.render_cmpl([{"prompt_token_ids": list(tokens)}])
-            engine.add_request(vllm_id, prompt, sp)
+            (prompt,) = self._engine.renderer.render_cmpl([{"prompt_token_ids": list(tokens)}])
+            self._engine.add_request(vllm_id, prompt, sp)
             self._streams[vllm_id] = stream
-        self._wake()
+
+        self._call(add)
 
     def _abort(self, vllm_id: str) -> None:
-        with self._use() as engine:
-            if self._streams.pop(vllm_id, None) is not None:
-                engine.abort_request([vllm_id])
+        """Abort a vLLM request (no more outputs reach its stream). Same rule as ``_submit``."""
+
+        def abort() -> None:
+            if self._streams.pop(vllm_id, None) is not None and self._failed is None:
+                self._engine.abort_request([vllm_id])
+
+        if not self._closed:
+            self._call(abort)
 
     def check_request(self, state: TokenState) -> dict[str, Any]:
         """Raise ``ValueError`` if this engine cannot run ``state``; else the vLLM sampling
@@ -523,7 +547,7 @@ class VllmEngine:
         """Generate without migrating (the reference output), stepping the engine if no
         background thread does."""
         src = self.start(f"local-{uuid.uuid4().hex[:8]}", prompt_ids, sampling=sampling, stop=stop)
-        if self._thread is None:
+        if not self._background:
             self.run(until=lambda: src.finished)
         src.wait(timeout_s)
         return list(src.generated)
@@ -743,6 +767,7 @@ class VllmTarget(_Generation):
         self._covered: tuple[int, ...] = ()
         self._committed_state: TokenState | None = None
         self._inflight: _Prefill | None = None
+        self._committing = False
         self.rounds: list[dict[str, Any]] = []
         self.commit_cached_tokens: int | None = None
 
@@ -786,6 +811,7 @@ class VllmTarget(_Generation):
 
     def prefill(self, state: TokenState) -> int:
         with self.lock:
+            self.lock.wait_for(lambda: not self._committing)
             self._check_open()
             if self._committed_state is not None:
                 raise TargetStateError(f"request {self.request_id!r} is already committed")
@@ -830,6 +856,7 @@ class VllmTarget(_Generation):
 
     def commit(self, state: TokenState) -> None:
         with self.lock:
+            self.lock.wait_for(lambda: not self._committing)
             done = self._committed_state
             if done is not None:
                 if done == state:
@@ -841,22 +868,31 @@ class VllmTarget(_Generation):
             if self._inflight is not None:
                 raise TargetStateError(f"request {self.request_id!r}: a prefill is running")
             params = self._check_state(state)
+            # ready to receive vLLM's tokens before the request exists there
             self.prompt = state.prompt_ids
             self.generated = list(state.generated_ids)
             self.delivered = state.delivered
             self.sampling = state.sampling
             self.stop = state.stop
-            vllm_id = self.engine._new_id("continue", self.request_id)
-            self.vllm_id = vllm_id
-            try:
-                self.engine._submit(self, vllm_id, state.tokens, params)
-            except BaseException:
+            self.vllm_id = self.engine._new_id("continue", self.request_id)
+            self._committing = True
+            vllm_id = self.vllm_id
+        try:
+            self.engine._submit(self, vllm_id, state.tokens, params)
+        except BaseException:
+            with self.lock:
+                self._committing = False
                 self.vllm_id = None
-                raise
+                self.generated, self.delivered = [], 0
+                self.lock.notify_all()
+            raise
+        with self.lock:
+            self._committing = False
             self._covered = state.tokens
             self._committed_state = state
             self._status = "committed"
-            self._deliver()  # generated[delivered:] first, then vLLM's tokens as they come
+            self._deliver()  # generated[delivered:] first (if vLLM's tokens did not already)
+            self.lock.notify_all()
 
     def on_output(self, output: Any) -> None:
         tokens = list(output.outputs[0].token_ids) if output.outputs else []
@@ -867,29 +903,28 @@ class VllmTarget(_Generation):
                 self.commit_cached_tokens = output.num_cached_tokens
             self._take(tokens, _finish_reason(output))
 
-    def _stop_inflight(self) -> None:
-        job = self._inflight
-        if job is not None:
-            job.error = TargetStateError(f"request {self.request_id!r} was {self._status}")
-            job.done.set()
-            self.engine._abort(job.vllm_id)
-
-    def abort(self) -> bool:
+    def _close(self, status: str) -> bool:
+        """Abort or expire: free what was reserved unless committed; False when committed."""
         with self.lock:
+            self.lock.wait_for(lambda: not self._committing)
             if self._committed_state is not None:
                 return False
             if self._status not in ("aborted", "expired"):
-                self._status = "aborted"
-            self._stop_inflight()
+                self._status = status
+            job = self._inflight
+            if job is not None:  # the waiting prefill fails at once
+                job.error = TargetStateError(f"request {self.request_id!r} was {self._status}")
+                job.done.set()
             self._covered = ()
-            return True
+        if job is not None:
+            self.engine._abort(job.vllm_id)
+        return True
+
+    def abort(self) -> bool:
+        return self._close("aborted")
 
     def expire(self) -> None:
-        with self.lock:
-            if self._committed_state is None:
-                self._status = "expired"
-                self._stop_inflight()
-                self._covered = ()
+        self._close("expired")
 
     def cancel(self) -> None:
         """Stop a committed generation early (the client went away)."""

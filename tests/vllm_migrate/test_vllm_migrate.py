@@ -214,6 +214,22 @@ def test_position_sampling_matches_the_reference_engine(
     assert reference(source_engine, POSITION) == want
 
 
+ENGINE_SEEDED = SamplingParams(temperature=1.0, seed=4321, rng="engine")
+
+
+def test_engine_seeded_sampling_is_exact_from_the_start(
+    source_engine: Any, target_server: Any
+) -> None:
+    """What vLLM's own seeded sampling does reproduce on another engine: a request's draws from
+    its first token on (the same seed starts the same stream). Moved before its first token, it
+    continues exactly; moved later, see the next test."""
+    expected = reference(source_engine, ENGINE_SEEDED)
+    assert expected != reference(source_engine, GREEDY)
+    run = run_migration(source_engine, target_server, ENGINE_SEEDED, 0, 0)
+    assert run.report.outcome is Outcome.COMMITTED and len(run.src.emitted) == 0
+    assert run.client.output() == expected
+
+
 def test_engine_seeded_sampling_continues_with_the_right_distribution(
     source_engine: Any, target_server: Any, vllm_model: Any
 ) -> None:
