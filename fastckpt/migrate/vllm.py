@@ -1,9 +1,10 @@
 """Live migration between vLLM engines: both migration sides over vLLM's ``LLMEngine``.
 
-``VllmEngine`` owns one in-process vLLM engine (the V1 ``LLMEngine``, its engine core in this
-process) and steps it, on a background thread or when told. Every request it runs is served by
-continuous batching as usual; ``start()`` begins one that is also a ``MigrationSource``,
-``target()`` makes a ``MigrationTarget`` that continues one, ``host()`` a ``TargetHost``.
+``VllmEngine`` owns one vLLM V1 ``LLMEngine`` with its engine core in this process, on a thread
+of its own that builds it and makes every call into it; it steps by itself or when told. Every
+request it runs is served by continuous batching as usual; ``start()`` begins one that is also
+a ``MigrationSource``, ``target()`` makes a ``MigrationTarget`` that continues one, ``host()`` a
+``TargetHost``. See docs/migrate.md ("vLLM engines").
 
 How it maps onto vLLM (0.32, public engine API: ``add_request``, ``abort_request``, ``step``,
 ``RequestOutput``, prefix caching, custom logits processors):
@@ -12,10 +13,11 @@ How it maps onto vLLM (0.32, public engine API: ``add_request``, ``abort_request
   rest of the batch). ``freeze`` stops delivering at once: tokens vLLM makes after it are held
   back, not sent; ``unfreeze`` sends them and goes on, so a migration that is rolled back leaves
   the stream exactly as if it had never been tried. ``release`` aborts the request in vLLM.
-- Target. ``prefill`` runs the state's tokens through vLLM as a one-token request and drops it:
-  with prefix caching on, its full KV blocks stay in vLLM's cache, so the next round computes
-  only the tokens after the last full block it already has (``rounds`` records what vLLM
-  reported as cached). ``commit`` adds the request again with all its tokens as the prompt and
+- Target. ``prefill`` runs the state's tokens up to the last KV block boundary through vLLM as
+  a one-token request and drops it: with prefix caching on, those blocks stay in vLLM's cache,
+  so each round computes only the blocks its new tokens complete (a partial block would not be
+  cached, so it is left to the commit; ``rounds`` records what vLLM reported as cached).
+  ``commit`` adds the request again with all its tokens as the prompt and
   the generation budget that is left; vLLM finds the blocks in its cache, computes the tail and
   continues, and the target emits ``generated[delivered:]`` and then vLLM's new tokens under
   their indices in the whole generation.
@@ -32,9 +34,10 @@ Sampling (what continues exactly on another engine):
   from ``step_seed(seed, p)`` on the raw logits and vLLM takes it greedily.
 - ``rng="engine"``: vLLM's own sampler with ``SamplingParams.seed``; its per-request generator
   is seeded once and advanced at every step, and vLLM offers no way to start a request at a
-  given generator position. The continuation is seeded with ``step_seed(seed, position of the
-  switch)``: a fresh stream, so the tokens after the switch are a sample of the same
-  distribution, not the tokens an unmigrated run would have drawn.
+  given generator position. Moved before its first token it continues exactly (the same seed
+  starts the same stream); moved later, the continuation is seeded with ``step_seed(seed,
+  position of the switch)``: a fresh stream, so the tokens after the switch are a sample of the
+  same distribution, not the tokens an unmigrated run would have drawn.
 - ``rng="generator"`` and stop strings are refused (no generator state to export; vLLM checks
   stop strings only in newly generated text, so one spanning the switch would be missed).
 
@@ -757,14 +760,17 @@ class VllmTarget(_Generation):
     """The receiving side of one migration on a ``VllmEngine`` (``MigrationTarget``, and a
     ``HostedTarget`` for ``TargetHost``). Made by ``VllmEngine.target``.
 
-    ``rounds`` lists, per prefill, ``{"tokens": new tokens, "cached_tokens": what vLLM found in
-    its prefix cache, "s": seconds}``; ``commit_cached_tokens`` is the same for the commit.
+    ``rounds`` lists, per prefill, ``{"tokens": new tokens taken, "computed_to": tokens whose KV
+    blocks vLLM has computed for it}``, and when it ran a vLLM request, ``"cached_tokens"``
+    (what vLLM found in its prefix cache) and ``"s"`` (seconds); ``commit_cached_tokens`` is
+    what vLLM found cached for the commit.
     """
 
     def __init__(self, engine: VllmEngine, request_id: str, emit: Emit | None) -> None:
         super().__init__(engine, request_id, emit)
         self._status = "empty"
-        self._covered: tuple[int, ...] = ()
+        self._covered: tuple[int, ...] = ()  # tokens taken from the source
+        self._computed = 0  # of which vLLM computed (whole KV blocks) in prefill requests
         self._committed_state: TokenState | None = None
         self._inflight: _Prefill | None = None
         self._committing = False
@@ -810,6 +816,12 @@ class VllmTarget(_Generation):
         return self.engine.check_request(state)
 
     def prefill(self, state: TokenState) -> int:
+        """Take the state's new tokens; compute the KV blocks they complete.
+
+        vLLM's prefix cache keeps whole KV blocks only, so a partial last block computed now
+        would be computed again by the next request: the target computes up to the last block
+        boundary (one vLLM request, waited for) and leaves the rest to the next round or the
+        commit. Returns the tokens taken, which the source need not send again."""
         with self.lock:
             self.lock.wait_for(lambda: not self._committing)
             self._check_open()
@@ -820,7 +832,10 @@ class VllmTarget(_Generation):
             self._check_state(state)
             self._status = "prefilling"
             new = len(state.tokens) - len(self._covered)
-            if new == 0:
+            upto = len(state.tokens) // self.engine.block_size * self.engine.block_size
+            if upto <= self._computed:  # no new whole block: nothing worth computing now
+                self._covered = state.tokens
+                self.rounds.append({"tokens": new, "computed_to": self._computed})
                 return len(self._covered)
             job = _Prefill(self.engine._new_id("prefill", self.request_id))
             self._inflight = job
@@ -829,7 +844,7 @@ class VllmTarget(_Generation):
             self.engine._submit(
                 job,
                 job.vllm_id,
-                state.tokens,
+                state.tokens[:upto],
                 {"max_tokens": 1, "temperature": 0.0, "detokenize": False},
                 final_only=True,
             )
@@ -849,8 +864,14 @@ class VllmTarget(_Generation):
                     f"request {self.request_id!r}: prefill failed: {job.error}"
                 ) from job.error
             self._covered = state.tokens
+            self._computed = upto
             self.rounds.append(
-                {"tokens": new, "cached_tokens": job.cached_tokens, "s": time.monotonic() - t0}
+                {
+                    "tokens": new,
+                    "computed_to": upto,
+                    "cached_tokens": job.cached_tokens,
+                    "s": time.monotonic() - t0,
+                }
             )
             return len(self._covered)
 
@@ -915,7 +936,7 @@ class VllmTarget(_Generation):
             if job is not None:  # the waiting prefill fails at once
                 job.error = TargetStateError(f"request {self.request_id!r} was {self._status}")
                 job.done.set()
-            self._covered = ()
+            self._covered, self._computed = (), 0
         if job is not None:
             self.engine._abort(job.vllm_id)
         return True

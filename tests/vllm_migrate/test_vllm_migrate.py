@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -22,12 +23,12 @@ pytest.importorskip(
     "`.vllm-venv/bin/python -m pytest -q tests/vllm_migrate`",
 )
 
-from migrate_helpers import Client, FaultyTarget, MappedSource, pace
+import migrate_scenarios as scenarios
+from migrate_helpers import Client, MappedSource, pace
+from migrate_scenarios import Pair, Run
 from vllm_migrate_helpers import BLOCK, LEASE_S, ks_critical, ks_uniform, probability_transform
 
 from fastckpt.migrate import (
-    LeaseExpiredError,
-    ModelMismatchError,
     Outcome,
     RemoteTarget,
     SamplingParams,
@@ -69,17 +70,9 @@ def begin_at(point: str, rounds: int) -> int:
     return {"start": 0, "middle": N // 2 - during // 2, "end": N - 1 - during}[point]
 
 
-class Run:
-    """One migration's pieces, for the assertions."""
-
-    def __init__(self) -> None:
-        self.client = Client()
-        self.bystander_client = Client()
-        self.report: Any = None
-        self.src: Any = None
-        self.remote: Any = None
-        self.target_result: dict[str, Any] = {}
-        self.bystander_during = 0
+@dataclass
+class VllmRun(Run):
+    bystander_during: int = 0  # tokens the request that stayed on the source made meanwhile
 
 
 def run_migration(
@@ -93,74 +86,91 @@ def run_migration(
     wrap_source: Any = None,
     hook: Any = None,
     **kw: Any,
-) -> Run:
+) -> VllmRun:
     """Start a bystander and the request on the source, decode ``begin`` tokens, migrate with
-    the source decoding ``PACES[rounds]`` tokens between rounds, then finish everything."""
-    run = Run()
+    the source decoding ``PACES[rounds]`` tokens between rounds, then finish everything; the
+    bystander, which stayed on the source, must end with its unmigrated tokens."""
     rid = f"req-{next(_ids)}"
+    client, bystander_client = Client(), Client()
     bystander = engine.start(
-        f"{rid}-bystander", BYSTANDER_PROMPT, stop=BYSTANDER_STOP, emit=run.bystander_client.emit
+        f"{rid}-bystander", BYSTANDER_PROMPT, stop=BYSTANDER_STOP, emit=bystander_client.emit
     )
-    run.src = src = engine.start(rid, PROMPT, sampling=sampling, stop=STOP, emit=run.client.emit)
+    src = engine.start(rid, PROMPT, sampling=sampling, stop=STOP, emit=client.emit)
     src.run(begin)
     before = len(bystander.generated)
     with SocketTransport(server.host, server.port) as transport:
-        run.remote = remote = RemoteTarget(transport, rid)
+        remote = RemoteTarget(transport, rid)
         target = wrap_target(remote) if wrap_target else remote
         source = wrap_source(src) if wrap_source else src
         kw.setdefault("threshold_tokens", THRESHOLD)
         if rounds == 0:
             kw.setdefault("max_rounds", 0)
         after_round = hook(src) if hook else pace(src, PACES[rounds])
-        run.report = migrate(source, target, after_round=after_round, **kw)
-        run.bystander_during = len(bystander.generated) - before
-        if run.report.outcome is Outcome.COMMITTED:
+        report = migrate(source, target, after_round=after_round, **kw)
+        run = VllmRun(
+            report, client, src, remote, bystander_during=len(bystander.generated) - before
+        )
+        if report.outcome is Outcome.COMMITTED:
             reply, _ = transport.request({"op": "result", "request_id": rid, "timeout_s": 120})
             assert reply["ok"] and reply["finished"], reply
             run.target_result = reply
-            run.client.add(reply["tokens"])
+            client.add(reply["tokens"])
         else:
             src.run()  # the source goes on as if nothing happened
     engine.run(until=lambda: bystander.finished)
-    assert run.bystander_client.output() == reference(
+    assert bystander_client.output() == reference(
         engine, GREEDY, BYSTANDER_PROMPT, BYSTANDER_STOP
     ), "the request that stayed on the source was disturbed"
     return run
 
 
-def check_prefix_cache(run: Run) -> None:
-    """Each prefill and the commit found in vLLM's prefix cache at least the full KV blocks of
-    what this migration had prefilled before: only the tokens after them were computed."""
-    covered = 0
+@pytest.fixture
+def pair(source_engine: Any, target_server: Any) -> Pair:
+    return Pair(
+        server=target_server,
+        start=lambda rid, sampling, client: source_engine.start(
+            rid, PROMPT, sampling=sampling, stop=STOP, emit=client.emit
+        ),
+        run_migration=lambda sampling, begin, rounds, **kw: run_migration(
+            source_engine, target_server, sampling, begin, rounds, **kw
+        ),
+        reference=lambda sampling: reference(source_engine, sampling),
+        prompt_len=len(PROMPT),
+        max_new_tokens=N,
+        lease_s=LEASE_S,
+    )
+
+
+def check_prefix_cache(run: VllmRun) -> None:
+    """Each prefill ran a vLLM request only when its new tokens completed a KV block, and then
+    computed only the new blocks (vLLM found the earlier ones in its prefix cache); the commit
+    found every block the rounds computed."""
+    covered = computed = 0
     for r in run.target_result["rounds"]:
-        total = covered + r["tokens"]
-        assert r["cached_tokens"] >= min(covered, total - 1) // BLOCK * BLOCK, run.target_result
-        covered = total
-    context = run.report.context_tokens
-    assert covered == context
-    assert run.target_result["commit_cached_tokens"] >= (context - 1) // BLOCK * BLOCK
+        covered += r["tokens"]
+        whole = covered // BLOCK * BLOCK
+        assert r["computed_to"] == max(computed, whole), run.target_result["rounds"]
+        if "cached_tokens" in r:  # a vLLM request ran
+            assert whole > computed and r["cached_tokens"] >= computed
+        else:
+            assert whole <= computed
+        computed = r["computed_to"]
+    assert covered == run.report.context_tokens
+    assert run.target_result["commit_cached_tokens"] >= computed
 
 
 @pytest.mark.parametrize("rounds", [0, 1, 3])
 @pytest.mark.parametrize("point", ["start", "middle", "end"])
 def test_greedy_migration_equals_unmigrated(
-    source_engine: Any, target_server: Any, rounds: int, point: str
+    pair: Pair, source_engine: Any, rounds: int, point: str
 ) -> None:
-    expected = reference(source_engine, GREEDY)
     begin = begin_at(point, rounds)
-    run = run_migration(source_engine, target_server, GREEDY, begin, rounds)
-    report = run.report
-    assert report.outcome is Outcome.COMMITTED, report
-    assert report.rounds == rounds
-    assert report.context_tokens == len(PROMPT) + begin + sum(PACES[rounds])
+    run = pair.run_migration(GREEDY, begin, rounds)
+    scenarios.check_migrated(pair, run, PACES[rounds], begin, rounds)
+    assert run.client.output() == reference(source_engine, GREEDY)
+    assert isinstance(run, VllmRun) and run.src.released
     if rounds:
-        assert report.tokens_per_round[0] == len(PROMPT) + begin
-        assert list(report.tokens_per_round[1:]) == PACES[rounds][: rounds - 1]
         assert run.bystander_during == sum(PACES[rounds])  # it decoded in the same steps
-    assert report.final_tokens == (PACES[rounds][-1] if rounds else report.context_tokens)
-    assert run.client.output() == expected
-    assert len(run.src.emitted) == begin + sum(PACES[rounds])  # the rest came from the target
-    assert run.src.released
     check_prefix_cache(run)
 
 
@@ -287,138 +297,34 @@ def test_engine_seeded_sampling_continues_with_the_right_distribution(
 # --- failure injection: the client gets every token once, the output equals unmigrated ---------
 
 
-def _status(server: Any, rid: str) -> dict[str, Any]:
-    with SocketTransport(server.host, server.port) as t:
-        return RemoteTarget(t, rid).status()
-
-
 @pytest.mark.parametrize("at", [1, 3])
-def test_target_fails_mid_round(source_engine: Any, target_server: Any, at: int) -> None:
-    expected = reference(source_engine, POSITION)
-    faulty: list[FaultyTarget] = []
-
-    def wrap(t: Any) -> FaultyTarget:
-        faulty.append(FaultyTarget(t, fail_prefill_at=at))
-        return faulty[0]
-
-    run = run_migration(
-        source_engine, target_server, POSITION, begin_at("start", 3), 3, wrap_target=wrap
-    )
-    assert run.report.outcome is Outcome.TARGET_FAILED
-    assert "mid-round" in (run.report.error or "")
-    assert faulty[0].aborts == [True]
-    assert _status(target_server, run.remote.request_id)["status"] == "unknown"  # freed
-    assert not run.src.released and run.src.finished
-    assert run.client.output() == expected
+def test_target_fails_mid_round(pair: Pair, at: int) -> None:
+    scenarios.target_fails_mid_round(pair, POSITION, at)
 
 
-def test_target_fails_at_commit(source_engine: Any, target_server: Any) -> None:
-    expected = reference(source_engine, GREEDY)
-    run = run_migration(
-        source_engine,
-        target_server,
-        GREEDY,
-        6,
-        1,
-        commit_retries=0,
-        wrap_target=lambda t: FaultyTarget(t, commit="before"),
-    )
-    assert run.report.outcome is Outcome.TARGET_FAILED
-    assert run.report.downtime_s is not None  # frozen, then rolled back
-    assert _status(target_server, run.remote.request_id)["status"] == "unknown"
-    assert run.client.output() == expected
+def test_target_fails_at_commit(pair: Pair) -> None:
+    scenarios.target_fails_at_commit(pair, GREEDY)
 
 
 @pytest.mark.parametrize("retries", [0, 2])
-def test_commit_reply_lost(source_engine: Any, target_server: Any, retries: int) -> None:
-    """The target committed but its reply was lost: a retry (idempotent) or the abort that it
-    refuses shows the commit happened, so the source does not decode a second copy."""
-    expected = reference(source_engine, POSITION)
-    run = run_migration(
-        source_engine,
-        target_server,
-        POSITION,
-        6,
-        1,
-        commit_retries=retries,
-        wrap_target=lambda t: FaultyTarget(t, commit="after"),
-    )
-    assert run.report.outcome is Outcome.COMMITTED
-    assert run.report.commit_attempts == min(retries, 1) + 1
-    assert run.src.released
-    assert run.client.output() == expected
+def test_commit_reply_lost(pair: Pair, retries: int) -> None:
+    scenarios.commit_reply_lost(pair, POSITION, retries)
 
 
-def test_duplicate_commit(source_engine: Any, target_server: Any) -> None:
-    expected = reference(source_engine, GREEDY)
-    run = run_migration(
-        source_engine,
-        target_server,
-        GREEDY,
-        begin_at("middle", 3),
-        3,
-        wrap_target=lambda t: FaultyTarget(t, commit="twice"),
-    )
-    assert run.report.outcome is Outcome.COMMITTED and run.report.rounds == 3
-    assert run.client.output() == expected
+def test_duplicate_commit(pair: Pair) -> None:
+    scenarios.duplicate_commit(pair, GREEDY, begin_at("middle", 3))
 
 
-def test_generation_finishes_mid_migration(source_engine: Any, target_server: Any) -> None:
-    expected = reference(source_engine, GREEDY)
-    run = run_migration(
-        source_engine,
-        target_server,
-        GREEDY,
-        N - 4,
-        1,
-        hook=lambda src: lambda info: src.run(),  # the source ends during round 1
-    )
-    assert run.report.outcome is Outcome.FINISHED_ON_SOURCE, run.report
-    assert run.report.rounds == 1
-    assert _status(target_server, run.remote.request_id)["status"] == "unknown"  # target freed
-    assert run.src.finished and not run.src.released
-    assert run.client.output() == expected
+def test_generation_finishes_mid_migration(pair: Pair) -> None:
+    scenarios.generation_finishes_mid_migration(pair, GREEDY)
 
 
-def test_source_lost_target_frees_after_lease(source_engine: Any, target_server: Any) -> None:
-    """The source side vanishes mid-migration (its connection drops, no abort is sent): the
-    target keeps the reservation for the lease, then frees it and refuses the request."""
-    expected = reference(source_engine, GREEDY)
-    client = Client()
-    rid = f"lost-{next(_ids)}"
-    src = source_engine.start(rid, PROMPT, sampling=GREEDY, stop=STOP, emit=client.emit)
-    src.run(5)
-    transport = SocketTransport(target_server.host, target_server.port)
-    covered = RemoteTarget(transport, rid).prefill(src.snapshot())
-    assert covered == len(PROMPT) + 5
-    transport.close()  # the source is gone
-    assert _status(target_server, rid)["status"] == "prefilling"
-    deadline = time.monotonic() + 10 * LEASE_S
-    while _status(target_server, rid)["status"] != "expired":
-        assert time.monotonic() < deadline, "the target never freed the silent migration"
-        time.sleep(LEASE_S / 4)
-    with (
-        SocketTransport(target_server.host, target_server.port) as t,
-        pytest.raises(LeaseExpiredError),
-    ):
-        RemoteTarget(t, rid).prefill(src.snapshot())
-    src.run()  # the source (its engine still alive here) finishes; nothing was lost or doubled
-    assert client.output() == expected
+def test_source_lost_target_frees_after_lease(pair: Pair) -> None:
+    scenarios.source_lost_target_frees_after_lease(pair, GREEDY, f"lost-{next(_ids)}")
 
 
-def test_wrong_model_is_refused(source_engine: Any, target_server: Any) -> None:
-    client = Client()
-    src = source_engine.start(f"other-{next(_ids)}", PROMPT, stop=STOP, emit=client.emit)
-    src.run(3)
-    wrong = MappedSource(src, lambda s: s.replace(model_fingerprint="ckpt-sha256:other"))
-    with SocketTransport(target_server.host, target_server.port) as t:
-        with pytest.raises(ModelMismatchError):
-            RemoteTarget(t, src.request_id).prefill(wrong.snapshot())
-        report = migrate(wrong, RemoteTarget(t, src.request_id))
-    assert report.outcome is Outcome.TARGET_FAILED
-    assert "ModelMismatchError" in (report.error or "")
-    src.run()
-    assert client.output() == reference(source_engine, GREEDY)
+def test_wrong_model_is_refused(pair: Pair) -> None:
+    scenarios.wrong_model_is_refused(pair, GREEDY, f"other-{next(_ids)}")
 
 
 def test_unsupported_requests_are_refused(source_engine: Any, target_server: Any) -> None:
