@@ -108,14 +108,18 @@ def measure_prefill(
         raise ValueError(f"clock must be one of {sorted(_CLOCKS)}, got {clock!r}")
     now = _CLOCKS[clock]
     rng = random.Random(0)
-    side.prefill([1, 2, 3])  # warm-up
     samples: dict[int, list[float]] = {n: [] for n in counts}
-    for r in range(repeats):
-        for n in counts if r % 2 == 0 else counts[::-1]:
-            ids = [rng.randrange(side.vocab) for _ in range(n)]
-            t0 = now()
-            side.prefill(ids)
-            samples[n].append(now() - t0)
+    side.prefilling(True)
+    try:
+        side.prefill([1, 2, 3])  # warm-up
+        for r in range(repeats):
+            for n in counts if r % 2 == 0 else counts[::-1]:
+                ids = [rng.randrange(side.vocab) for _ in range(n)]
+                t0 = now()
+                side.prefill(ids)
+                samples[n].append(now() - t0)
+    finally:
+        side.prefilling(False)
     return [(n, min(samples[n])) for n in counts], samples
 
 
@@ -269,6 +273,9 @@ class Side:
     def prefill(self, ids: list[int]) -> None:
         raise NotImplementedError
 
+    def prefilling(self, on: bool) -> None:
+        """Before (True) and after (False) a series of ``prefill`` calls."""
+
     def start(self, rid: str, prompt: list[int], **kw: Any) -> Any:
         raise NotImplementedError
 
@@ -343,27 +350,14 @@ class VllmSide(Side):
             "device": "cpu",
             "dtype": "float32",
         }
-        self._ids = 0
 
     def prefill(self, ids: list[int]) -> None:
-        from fastckpt.migrate.state import SamplingParams, StopCriteria, TokenState
+        self.engine.prefill(ids)
 
-        self._ids += 1
-        rid = f"cost-{self._ids}"
-        state = TokenState(
-            request_id=rid,
-            model_fingerprint=self.engine.fingerprint,
-            prompt_ids=tuple(ids),
-            generated_ids=(),
-            sampling=SamplingParams(),
-            stop=StopCriteria(max_new_tokens=1),
-        )
-        target = self.engine.target(rid)
-        self.engine.start_background()
-        try:
-            target.prefill(state)
-        finally:
-            target.abort()
+    def prefilling(self, on: bool) -> None:
+        if on:
+            self.engine.start_background()
+        else:
             self.engine.stop_background()
 
     def start(self, rid: str, prompt: list[int], **kw: Any) -> Any:

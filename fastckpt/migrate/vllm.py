@@ -555,6 +555,14 @@ class VllmEngine:
         src.wait(timeout_s)
         return list(src.generated)
 
+    def prefill(self, tokens: Sequence[int]) -> int:
+        """Compute the KV cache of ``tokens`` as a one-token request and drop it (its whole
+        blocks stay in the prefix cache); returns how many tokens vLLM found cached. The engine
+        must be stepping (``start_background``). The recompute benchmark times this."""
+        job = _Prefill(self._new_id("prefill", "measure"))
+        job.run(self, tokens)
+        return int(job.cached_tokens or 0)
+
     def target(self, request_id: str, *, emit: Emit | None = None) -> VllmTarget:
         """A target for request ``request_id`` (needs prefix caching; see the module docstring)."""
         if not self.prefix_caching:
@@ -755,6 +763,22 @@ class _Prefill(_Stream):
         self.error = error
         self.done.set()
 
+    def run(self, engine: VllmEngine, tokens: Sequence[int]) -> None:
+        """Add the request, wait until vLLM finished it (or it was stopped); raises what went
+        wrong."""
+        engine._submit(
+            self,
+            self.vllm_id,
+            tokens,
+            {"max_tokens": 1, "temperature": 0.0, "detokenize": False},
+            final_only=True,
+        )
+        if not self.done.wait(engine.request_timeout_s):
+            engine._abort(self.vllm_id)
+            raise TimeoutError(f"vLLM did not finish the prefill in {engine.request_timeout_s} s")
+        if self.error is not None:
+            raise self.error
+
 
 class VllmTarget(_Generation):
     """The receiving side of one migration on a ``VllmEngine`` (``MigrationTarget``, and a
@@ -841,28 +865,16 @@ class VllmTarget(_Generation):
             self._inflight = job
         t0 = time.monotonic()
         try:
-            self.engine._submit(
-                job,
-                job.vllm_id,
-                state.tokens[:upto],
-                {"max_tokens": 1, "temperature": 0.0, "detokenize": False},
-                final_only=True,
-            )
-            if not job.done.wait(self.engine.request_timeout_s):
-                self.engine._abort(job.vllm_id)
-                raise TargetStateError(
-                    f"request {self.request_id!r}: vLLM did not finish the prefill in "
-                    f"{self.engine.request_timeout_s} s"
-                )
+            job.run(self.engine, state.tokens[:upto])
+        except Exception as e:
+            with self.lock:
+                self._check_open()  # aborted or expired while vLLM worked: say that
+            raise TargetStateError(f"request {self.request_id!r}: prefill failed: {e}") from e
         finally:
             with self.lock:
                 self._inflight = None
         with self.lock:
             self._check_open()  # aborted or expired while vLLM worked
-            if job.error is not None:
-                raise TargetStateError(
-                    f"request {self.request_id!r}: prefill failed: {job.error}"
-                ) from job.error
             self._covered = state.tokens
             self._computed = upto
             self.rounds.append(
