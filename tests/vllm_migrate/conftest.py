@@ -9,8 +9,8 @@ These tests need vLLM in the interpreter that runs pytest: the venv of
 
 Elsewhere (the main suite) they are skipped. Both engines run vLLM's CPU build with its engine
 core and model in one process each (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: vLLM's single-process
-executor, which skips a worker process and a second vLLM import per engine) and each is bound to
-its own core when the machine has two (``VLLM_CPU_OMP_THREADS_BIND``).
+executor, which skips a worker process and a second vLLM import per engine), on one OpenMP
+thread each (below).
 """
 
 from __future__ import annotations
@@ -28,21 +28,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "migrate"))
 
 from vllm_migrate_helpers import ENGINE_ARGS, LEASE_S, build_llama
 
-
-def _cores() -> tuple[str, str]:
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) >= 2:
-        return str(cpus[0]), str(cpus[1])
-    return str(cpus[0]), str(cpus[0])
-
-
-def engine_env(core: str) -> dict[str, str]:
-    return {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_OMP_THREADS_BIND": core,
-        "VLLM_LOGGING_STREAM": "ext://sys.stderr",  # stdout carries the server's one line
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+# Read by vLLM, and by OpenMP when torch loads: set before anything imports them. One OpenMP
+# thread per engine, not pinned to a core (on a shared machine the pinned core may be the busy
+# one; pinned, the same steps took ten times longer on this project's VM).
+ENGINE_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "OMP_NUM_THREADS": "1",
+    "VLLM_LOGGING_STREAM": "ext://sys.stderr",  # stdout carries the server's one line
+    "TOKENIZERS_PARALLELISM": "false",
+}
+for _key, _value in ENGINE_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 
 @pytest.fixture(scope="session")
@@ -60,7 +57,6 @@ def vllm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def source_engine(vllm_model: Path) -> Iterator[Any]:
     from fastckpt.migrate.vllm import VllmEngine
 
-    os.environ.update(engine_env(_cores()[0]))  # read by vLLM when the engine is made
     engine = VllmEngine.from_args(vllm_model, **ENGINE_ARGS)
     try:
         yield engine
@@ -75,8 +71,7 @@ def target_server(vllm_model: Path) -> Iterator[Any]:
     extra = ["--engine", "vllm", "--exit-on-stdin-eof"]
     for key, value in ENGINE_ARGS.items():
         extra += ["--vllm-arg", f"{key}={json.dumps(value)}"]
-    env = dict(os.environ, **engine_env(_cores()[1]))
-    server = start_server(vllm_model, lease_s=LEASE_S, extra=tuple(extra), env=env)
+    server = start_server(vllm_model, lease_s=LEASE_S, extra=tuple(extra), env=dict(os.environ))
     try:
         yield server
     finally:
