@@ -293,7 +293,8 @@ class VllmEngine:
         self.prefix_caching: bool = bool(config.cache_config.enable_prefix_caching)
         procs = config.model_config.logits_processors or []
         self.position_sampling: bool = any(
-            p == POSITION_SAMPLER or getattr(p, "__name__", None) == "PositionSampler"
+            p == POSITION_SAMPLER
+            or (isinstance(p, type) and f"{p.__module__}:{p.__qualname__}" == POSITION_SAMPLER)
             for p in procs
         )
 
@@ -478,7 +479,8 @@ class VllmEngine:
         streams = self._call(shut, timeout_s)
         self._closed = True
         self._jobs.put(None)
-        self._thread.join(timeout_s)
+        if threading.current_thread() is not self._thread:  # closed from an emit callback
+            self._thread.join(timeout_s)
         closed = RuntimeError("the vLLM engine was closed")
         for s in streams:
             s.on_error(closed)
