@@ -665,12 +665,15 @@ class _Generation(_Stream):
     def result(self, timeout_s: float | None = None) -> dict[str, Any]:
         self.wait(timeout_s)
         with self.lock:
-            return {
+            out: dict[str, Any] = {
                 "tokens": [list(p) for p in self.emitted],
                 "finished": self.finished,
                 "finish_reason": self.finish_reason,
                 "emit_times": list(self.emit_times),
             }
+            if self.error is not None:  # the generation failed here (finish_reason "error")
+                out["error"] = f"{type(self.error).__name__}: {self.error}"
+            return out
 
 
 class VllmSource(_Generation):
@@ -837,7 +840,7 @@ class VllmTarget(_Generation):
     def status(self) -> str:
         with self.lock:
             if self._status == "committed" and self.finished:
-                return "finished"
+                return "failed" if self.error is not None else "finished"
             return self._status
 
     def _check_open(self) -> None:

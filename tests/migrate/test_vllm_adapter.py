@@ -337,3 +337,17 @@ def test_requests_the_target_cannot_run_are_refused() -> None:
         no_cache.close()
     finally:
         engine.close()
+
+
+def test_a_committed_target_whose_engine_fails_is_failed(engines: Any) -> None:
+    src_engine, _, tgt_engine, tgt_fake = engines
+    src = src_engine.start("r", FAKE_PROMPT, stop=FAKE_STOP)
+    src.run(2)
+    host = tgt_engine.host()
+    remote = RemoteTarget(LocalTransport(host), "r")
+    tgt_fake.fail_next_step = True
+    assert migrate(src, remote, max_rounds=0).outcome is Outcome.COMMITTED
+    result = remote.result(timeout_s=30)
+    assert result["finished"] and result["finish_reason"] == "error"
+    assert "injected: the engine failed" in result["error"]
+    assert remote.status()["status"] == "failed"
