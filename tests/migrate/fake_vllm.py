@@ -40,6 +40,7 @@ class FakeLLMEngine:
         self.threads: set[int] = set()
         self.steps = 0
         self.fail_next_step = False
+        self.fail_with: str | None = None  # fail a step that runs a request id containing this
         self.added: list[str] = []
 
     def _touch(self) -> None:
@@ -81,7 +82,9 @@ class FakeLLMEngine:
     def step(self) -> list[Any]:
         self._touch()
         self.steps += 1
-        if self.fail_next_step:
+        if self.fail_next_step or (
+            self.fail_with is not None and any(self.fail_with in rid for rid in self.requests)
+        ):
             raise RuntimeError("injected: the engine failed")
         outputs = []
         b = self.block_size

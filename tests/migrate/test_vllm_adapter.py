@@ -345,7 +345,7 @@ def test_a_committed_target_whose_engine_fails_is_failed(engines: Any) -> None:
     src.run(2)
     host = tgt_engine.host()
     remote = RemoteTarget(LocalTransport(host), "r")
-    tgt_fake.fail_next_step = True
+    tgt_fake.fail_with = "@continue"  # the step that continues the committed request
     assert migrate(src, remote, max_rounds=0).outcome is Outcome.COMMITTED
     result = remote.result(timeout_s=30)
     assert result["finished"] and result["finish_reason"] == "error"
