@@ -26,7 +26,7 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
 from fastckpt.migrate.sampling import choose_token
-from fastckpt.migrate.vllm import (
+from fastckpt.migrate.vllm_params import (
     POSITION_SAMPLER,
     SAMPLING_KEY,
     PositionRows,

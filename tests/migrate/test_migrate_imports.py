@@ -10,7 +10,7 @@ CODE = """
 import sys
 import fastckpt.migrate as m
 from fastckpt.migrate import costmodel, driver, fingerprint, protocol, remote, sampling, serve
-from fastckpt.migrate import state, transport, vllm
+from fastckpt.migrate import state, transport, vllm, vllm_params, vllm_sides
 m.RemoteTarget, m.SocketTransport, m.RecomputeCostModel, m.checkpoint_fingerprint
 m.VllmEngine
 bad = [
