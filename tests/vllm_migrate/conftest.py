@@ -15,6 +15,7 @@ thread each (below).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -38,8 +39,11 @@ ENGINE_ENV = {
     "VLLM_LOGGING_STREAM": "ext://sys.stderr",  # stdout carries the server's one line
     "TOKENIZERS_PARALLELISM": "false",
 }
-for _key, _value in ENGINE_ENV.items():
-    os.environ.setdefault(_key, _value)
+# Only where these tests run: the main suite imports this file too, and its other tests (and the
+# processes they start) must not inherit one OpenMP thread or vLLM's single-process mode.
+if importlib.util.find_spec("vllm") is not None:
+    for _key, _value in ENGINE_ENV.items():
+        os.environ.setdefault(_key, _value)
 
 
 @pytest.fixture(scope="session")
