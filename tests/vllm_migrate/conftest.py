@@ -16,7 +16,6 @@ thread each (below).
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "migrate"))
 
-from vllm_migrate_helpers import ENGINE_ARGS, LEASE_S, build_llama
+from vllm_migrate_helpers import ENGINE_ARGS, build_llama, start_vllm_target
 
 # Read by vLLM, and by OpenMP when torch loads: set before anything imports them. One OpenMP
 # thread per engine, not pinned to a core (on a shared machine the pinned core may be the busy
@@ -70,12 +69,7 @@ def source_engine(vllm_model: Path) -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def target_server(vllm_model: Path) -> Iterator[Any]:
-    from migrate_helpers import start_server
-
-    extra = ["--engine", "vllm", "--exit-on-stdin-eof"]
-    for key, value in ENGINE_ARGS.items():
-        extra += ["--vllm-arg", f"{key}={json.dumps(value)}"]
-    server = start_server(vllm_model, lease_s=LEASE_S, extra=tuple(extra), env=dict(os.environ))
+    server = start_vllm_target(vllm_model)
     try:
         yield server
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,14 @@ pytest.importorskip(
 import migrate_scenarios as scenarios
 from migrate_helpers import Client, MappedSource, pace
 from migrate_scenarios import Pair, Run
-from vllm_migrate_helpers import BLOCK, LEASE_S, ks_critical, ks_uniform, probability_transform
+from vllm_migrate_helpers import (
+    BLOCK,
+    LEASE_S,
+    ks_critical,
+    ks_uniform,
+    probability_transform,
+    start_vllm_target,
+)
 
 from fastckpt.migrate import (
     Outcome,
@@ -325,6 +333,73 @@ def test_source_lost_target_frees_after_lease(pair: Pair) -> None:
 
 def test_wrong_model_is_refused(pair: Pair) -> None:
     scenarios.wrong_model_is_refused(pair, GREEDY, f"other-{next(_ids)}")
+
+
+@pytest.fixture
+def doomed_server(vllm_model: Any) -> Iterator[Any]:
+    """A target server of its own, for a test that kills it."""
+    server = start_vllm_target(vllm_model)
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.stop()
+        else:
+            assert server.proc.stdin is not None
+            server.proc.stdin.close()
+
+
+def kill(server: Any) -> None:
+    server.proc.kill()  # SIGKILL: no goodbye, the connection just breaks
+    server.proc.wait(timeout=30)
+
+
+def test_target_process_killed_between_rounds(source_engine: Any, doomed_server: Any) -> None:
+    """The target's process dies after the first round: the next prefill cannot reach it, nor
+    can the abort, so the outcome is target_failed; the source was never frozen and finishes
+    with the unmigrated tokens while the bystander goes on (``run_migration`` checks it)."""
+
+    def hook(src: Any) -> Any:
+        def after(info: Any) -> None:
+            if info.round == 1:
+                kill(doomed_server)
+            src.run(PACES[3][info.round - 1])
+
+        return after
+
+    run = run_migration(source_engine, doomed_server, GREEDY, begin_at("middle", 3), 3, hook=hook)
+    assert run.report.outcome is Outcome.TARGET_FAILED, run.report
+    assert run.report.rounds == 1 and "cannot connect" in (run.report.error or "")
+    assert not run.src.released and run.src.finished
+    assert run.client.output() == reference(source_engine, GREEDY)
+
+
+def test_target_process_killed_before_commit(source_engine: Any, doomed_server: Any) -> None:
+    """The target dies while the source is frozen and nothing is left to prefill: the commit and
+    the abort both fail, so nobody knows whether the target committed (commit_unknown) and the
+    source stays frozen, emitting nothing while its engine steps. The caller, knowing the target
+    is gone, unfreezes it: the tokens held back arrive and the output is the unmigrated one."""
+    expected = reference(source_engine, POSITION)
+    client = Client()
+    rid = f"doomed-{next(_ids)}"
+    src = source_engine.start(rid, PROMPT, sampling=POSITION, stop=STOP, emit=client.emit)
+    src.run(5)
+    with SocketTransport(doomed_server.host, doomed_server.port) as transport:
+        report = migrate(
+            src,
+            RemoteTarget(transport, rid),
+            threshold_tokens=THRESHOLD,
+            after_round=lambda info: kill(doomed_server),  # no token decoded after round 1
+        )
+    assert report.outcome is Outcome.COMMIT_UNKNOWN, report
+    assert report.rounds == 1 and report.final_tokens == 0 and report.commit_attempts == 3
+    assert src.frozen and not src.released
+    source_engine.run(max_steps=4)  # vLLM decodes on, the frozen request delivers nothing
+    assert len(client.tokens) == 5
+    src.unfreeze()
+    assert len(client.tokens) == 9
+    src.run()
+    assert client.output() == expected
 
 
 def test_unsupported_requests_are_refused(source_engine: Any, target_server: Any) -> None:

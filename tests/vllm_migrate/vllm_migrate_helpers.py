@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from migrate_helpers import build_tiny_llama
+from migrate_helpers import Server, build_tiny_llama, start_server
 
 LEASE_S = 2.0
 BLOCK = 32
@@ -38,6 +40,15 @@ def build_llama(root: Path) -> Path:
         num_key_value_heads=1,
         max_position_embeddings=512,
     )
+
+
+def start_vllm_target(model: Path) -> Server:
+    """A target server process, ``python -m fastckpt.migrate.serve --engine vllm``, with the
+    engine arguments of the source; it exits when its standard input closes or on SIGTERM."""
+    extra = ["--engine", "vllm", "--exit-on-stdin-eof"]
+    for key, value in ENGINE_ARGS.items():
+        extra += ["--vllm-arg", f"{key}={json.dumps(value)}"]
+    return start_server(model, lease_s=LEASE_S, extra=tuple(extra), env=dict(os.environ))
 
 
 def probability_transform(
