@@ -37,6 +37,7 @@ PURE = [
     "fastckpt.rules.devices",
     "fastckpt.rules.units",
     "fastckpt.rules.carried",
+    "fastckpt.rules.host",
     "fastckpt.sched",
 ]
 

@@ -165,21 +165,6 @@ def mount_of(path: str) -> Mount:
 MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "hugetlbfs"})
 
 
-def meminfo() -> dict[str, int]:
-    """/proc/meminfo in bytes (empty where unavailable)."""
-    out: dict[str, int] = {}
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as fh:
-            for line in fh:
-                key, _, rest = line.partition(":")
-                fields = rest.split()
-                if fields and fields[0].isdigit():
-                    out[key] = int(fields[0]) * (1024 if len(fields) > 1 else 1)
-    except OSError:
-        pass
-    return out
-
-
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:

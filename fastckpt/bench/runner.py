@@ -32,11 +32,11 @@ from fastckpt.bench import scenarios as scen
 from fastckpt.bench.common import (
     cpu_model,
     log,
-    meminfo,
     mount_of,
 )
 from fastckpt.bench.generate import CheckpointSet
 from fastckpt.bench.loaders import LOADERS
+from fastckpt.rules.host import meminfo
 from fastckpt.rules.units import format_bytes
 
 

@@ -21,12 +21,12 @@ from fastckpt.bench.common import (
     MEMORY_FILESYSTEMS,
     drop_from_page_cache,
     log,
-    meminfo,
     mount_of,
     read_through,
     resident_fraction,
 )
 from fastckpt.bench.generate import CheckpointSet
+from fastckpt.rules.host import meminfo
 from fastckpt.rules.units import MiB, format_bytes
 
 NAMES = ("cold", "warm", "tmpfs")

@@ -14,8 +14,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from fastckpt.bench.common import cpu_model, meminfo
+from fastckpt.bench.common import cpu_model
 from fastckpt.integrations.ray_serve.state import STEP_THREADS
+from fastckpt.rules.host import meminfo
 from fastckpt.rules.units import format_bytes
 from fastckpt.sched.model import TierSpeed
 from fastckpt.sched.sim_serve import (

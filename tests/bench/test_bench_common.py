@@ -65,5 +65,7 @@ def test_mount_of_root_and_shm() -> None:
 
 
 def test_machine_helpers() -> None:
-    assert common.meminfo().get("MemTotal", 0) > 0
+    from fastckpt.rules.host import meminfo
+
+    assert meminfo().get("MemTotal", 0) > 0
     assert common.cpu_model()

@@ -199,7 +199,7 @@ class _Load:
 
 def free_memory_bytes() -> int:
     """MemAvailable of this machine (0 where /proc/meminfo is not available)."""
-    from fastckpt.bench.common import meminfo
+    from fastckpt.rules.host import meminfo
 
     return int(meminfo().get("MemAvailable", 0))
 
