@@ -111,9 +111,7 @@ def _repository_text_files() -> list[Path]:
         paths = [ROOT / p.decode() for p in listed if p]
     except (OSError, subprocess.CalledProcessError):  # not a git checkout (an sdist)
         skip = {".git", ".venv", ".vllm-venv", "build", "__pycache__", ".mypy_cache"}
-        paths = [
-            p for p in ROOT.rglob("*") if not skip.intersection(p.relative_to(ROOT).parts)
-        ]
+        paths = [p for p in ROOT.rglob("*") if not skip.intersection(p.relative_to(ROOT).parts)]
     out = []
     for path in paths:
         if not path.is_file() or path.is_symlink():

@@ -10,7 +10,9 @@ import pytest
 from fastckpt.sched import Estimator, ModelSpec, RecomputeModel
 from fastckpt.sched.wire import server_from_dict
 
-pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install '.[ray]' from the clone)")
+pytest.importorskip(
+    "ray.serve", reason="ray[serve] is not installed (pip install '.[ray]' from the clone)"
+)
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ray_serve" / "app.py"
 
