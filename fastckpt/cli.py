@@ -420,6 +420,31 @@ def _error_message(exc: BaseException) -> str:
     return _cli_words(str(exc) or type(exc).__name__)
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe or socket whose reading end is closed."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's capture)
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def _discard_stdout() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 def _execute(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: str) -> int:
     try:
         args = parser.parse_args(argv)
@@ -427,7 +452,16 @@ def _execute(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: 
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     try:
         status: int = args._run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
         return status
+    except BrokenPipeError as exc:
+        if not _stdout_reader_gone():  # another pipe or socket (the daemon's): an error
+            print(f"{prog}: error: {_error_message(exc)}", file=sys.stderr)
+            return 1
+        # The reader closed the pipe (`fastckpt info X --json | head -1`): it has what it wanted,
+        # a normal end. Output still buffered goes nowhere, so that exit does not fail again.
+        _discard_stdout()
+        return 0
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -41,6 +41,7 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
+
 def test_convert_info_verify(tmp_path, src, capsys) -> None:
     dst = tmp_path / "ck"
     code, out, err = run(["convert", str(src), str(dst), "--no-progress"], capsys)
@@ -337,3 +338,38 @@ def test_convert_shows_progress_on_a_terminal(tmp_path, src) -> None:
         os.close(leader)
     assert proc.returncode == 0
     assert "%|" in b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.parametrize(
+    "argv", [["info", "{ck}", "--json"], ["cache", "profile", "--json"]], ids=["info", "profile"]
+)
+def test_a_closed_pipe_is_a_normal_end(tmp_path, src, argv) -> None:
+    """`fastckpt info X --json | head -1`: the reader is gone before the output is written."""
+    ck = tmp_path / "ck"
+    assert cli.main(["convert", str(src), str(ck)]) == 0
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader left before anything was written: every write is EPIPE
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "fastckpt.cli", *[a.replace("{ck}", str(ck)) for a in argv]],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+
+
+def test_a_broken_pipe_elsewhere_is_an_error(capsys, monkeypatch) -> None:
+    """A broken connection that is not standard output (the cache daemon's) stays an error."""
+    monkeypatch.setattr(cli, "COMMANDS", list(cli.COMMANDS))
+
+    def broken(args: argparse.Namespace) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    cli.register("pipe", "fails", lambda p: None, broken)
+    code, _, err = run(["pipe"], capsys)
+    assert code == 1 and err == "fastckpt: error: [Errno 32] Broken pipe\n"
