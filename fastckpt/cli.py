@@ -309,11 +309,16 @@ def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     from fastckpt.serve.cli import add_daemon_actions
     from fastckpt.tiers.cli import add_arguments
 
-    parser.add_argument(
-        "--server", metavar="PATH", help="cache daemon socket (default: FASTCKPT_SERVER)"
-    )
+    server_help = "cache daemon socket (default: FASTCKPT_SERVER)"
+    parser.add_argument("--server", metavar="PATH", help=server_help)
     parser.add_argument("--json", action="store_true", help="print JSON")
-    add_daemon_actions(add_arguments(parser))
+    actions = add_arguments(parser)
+    add_daemon_actions(actions)
+    # --server and --json work before the action and after it (`cache stats --server S`)
+    for name in ("ls", *_DAEMON_ACTIONS):
+        actions.choices[name].add_argument(
+            "--server", metavar="PATH", default=argparse.SUPPRESS, help=server_help
+        )
 
 
 def _run_cache(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -373,3 +374,24 @@ def test_a_broken_pipe_elsewhere_is_an_error(capsys, monkeypatch) -> None:
     cli.register("pipe", "fails", lambda p: None, broken)
     code, _, err = run(["pipe"], capsys)
     assert code == 1 and err == "fastckpt: error: [Errno 32] Broken pipe\n"
+
+
+def _sub_parsers(parser: argparse.ArgumentParser, path: str = "fastckpt"):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield f"{path} {name}", sub
+                yield from _sub_parsers(sub, f"{path} {name}")
+
+
+def test_every_command_and_action_says_what_it_does() -> None:
+    """`fastckpt X --help` and `fastckpt cache Y --help` open with a description, and no option
+    repeats its default."""
+    found = list(_sub_parsers(cli.build_parser()))
+    names = {path for path, _ in found}
+    assert {"fastckpt cache stats", "fastckpt cache profile", "fastckpt cache prefetch"} <= names
+    missing = [path for path, sub in found if not (sub.description or "").strip()]
+    assert not missing, f"no description in --help: {missing}"
+    for path, sub in found:
+        text = " ".join(sub.format_help().split())
+        assert not re.search(r"\(([^()]+)\) \(default: \1\)", text), path
