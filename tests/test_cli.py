@@ -42,7 +42,6 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-
 def test_convert_info_verify(tmp_path, src, capsys) -> None:
     dst = tmp_path / "ck"
     code, out, err = run(["convert", str(src), str(dst), "--no-progress"], capsys)

@@ -133,6 +133,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def add_daemon_actions(sub: Any) -> None:
     """Add the daemon's actions to ``fastckpt cache``'s subparsers (``ls`` is shared with the SSD
     tier: ``fastckpt cache --server PATH ls`` lists the daemon's entries)."""
+
     def action(name: str, text: str) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text)
         return parser
