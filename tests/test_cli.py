@@ -394,3 +394,23 @@ def test_every_command_and_action_says_what_it_does() -> None:
     for path, sub in found:
         text = " ".join(sub.format_help().split())
         assert not re.search(r"\(([^()]+)\) \(default: \1\)", text), path
+
+
+@pytest.mark.parametrize("what", ["file", "dir", "symlink"])
+def test_convert_suggests_overwrite_only_where_it_would_work(tmp_path, src, capsys, what) -> None:
+    """`fastckpt convert SRC existing.safetensors` used to suggest --overwrite, which then
+    refused: a destination --overwrite cannot replace gets the reason at once."""
+    dst = tmp_path / "existing.safetensors"
+    if what == "file":
+        shutil.copy(src, dst)
+    elif what == "dir":
+        dst.mkdir()
+        (dst / "notes.txt").write_text("mine")
+    else:
+        dst.symlink_to(src)
+    for extra in ([], ["--overwrite"]):
+        code, out, err = run(["convert", str(src), str(dst), *extra], capsys)
+        assert code == 1 and out == ""
+        assert "--overwrite" not in err and "only replaces a fastckpt checkpoint" in err
+    if what == "file":
+        assert "a file, not a directory" in err
