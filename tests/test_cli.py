@@ -414,3 +414,16 @@ def test_convert_suggests_overwrite_only_where_it_would_work(tmp_path, src, caps
         assert "--overwrite" not in err and "only replaces a fastckpt checkpoint" in err
     if what == "file":
         assert "a file, not a directory" in err
+
+
+def test_demo_output_reads_as_sentences(tmp_path, capsys) -> None:
+    """No raw dict, no "[none]" that reads like an error: each line says what happened."""
+    code, out, err = run(["demo", "--device", "cpu", "--workdir", str(tmp_path / "demo")], capsys)
+    assert code == 0, err
+    lines = {line.split(":", 1)[0]: line for line in out.splitlines() if not line[:1].isspace()}
+    assert {"source", "converted", "loaded", "checked", "engine"} <= set(lines)
+    assert "{" not in out and "[none]" not in out and "True" not in out
+    assert "bitwise equal to the source" in lines["checked"]
+    assert " MB to cpu in " in lines["loaded"] and "GB/s" in lines["loaded"]
+    assert "reads" in lines["engine"]
+    assert not any((tmp_path / "demo").iterdir())  # the demo's files are removed
