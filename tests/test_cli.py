@@ -427,3 +427,22 @@ def test_demo_output_reads_as_sentences(tmp_path, capsys) -> None:
     assert " MB to cpu in " in lines["loaded"] and "GB/s" in lines["loaded"]
     assert "reads" in lines["engine"]
     assert not any((tmp_path / "demo").iterdir())  # the demo's files are removed
+
+
+def test_info_lists_carried_files_in_sub_folders(tmp_path, src, capsys) -> None:
+    """A sentence-transformers folder carries 1_Pooling/config.json: info lists it."""
+    model = tmp_path / "minilm"
+    (model / "1_Pooling").mkdir(parents=True)
+    shutil.copy(src, model / "model.safetensors")
+    (model / "config.json").write_text('{"model_type": "bert"}')
+    (model / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    ck = tmp_path / "ck"
+    assert cli.main(["convert", str(model), str(ck)]) == 0
+    capsys.readouterr()
+    code, out, _ = run(["info", str(ck)], capsys)
+    assert code == 0
+    files = next(line for line in out.splitlines() if line.startswith("files"))
+    assert "config.json" in files and "1_Pooling/config.json" in files
+    code, out, _ = run(["info", str(ck), "--json"], capsys)
+    doc = json.loads(out)
+    assert doc["files"] == ["config.json"] and doc["tree"] == ["1_Pooling/config.json"]
