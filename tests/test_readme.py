@@ -1,4 +1,4 @@
-"""The README's commands are what CI runs (its code blocks run in tests/test_docs.py)."""
+"""The README's commands are what CI runs (its code blocks run in tests/test_doc_blocks.py)."""
 
 from __future__ import annotations
 
