@@ -390,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Load-optimized model checkpoints: convert, inspect, verify.",
+        description="Load model checkpoints as fast as the hardware allows: convert them to "
+        "the loading-optimized format, inspect and verify them, measure loads, run the "
+        "machine-wide cache daemon, estimate start times. `fastckpt COMMAND --help` for each.",
     )
     parser.add_argument("--version", action="version", version=f"fastckpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
