@@ -11,6 +11,10 @@
 #               runs from a dpkg -x prefix with LD_LIBRARY_PATH, checked in a chroot holding only
 #               libc6), --fio=none fetches no fio (the harness then measures the O_DIRECT ceiling
 #               with fastckpt's own engine).
+#   .gpu/core/  fastckpt's C++ core built HERE for the box's Python 3.12 (a pyenv or system
+#               python3.12 is needed here; liburing linked in statically): gpu_check.sh copies it
+#               into fastckpt/ there, so the box needs no build (it builds if the file is absent
+#               or does not import).
 #   .gpu/whl/   cp312 manylinux x86_64 wheels of the peers: runai-model-streamer, fastsafetensors,
 #               instanttensor (versions of the project's benchmark brief). Their dependencies (torch, numpy,
 #               humanize, typer) are already on the box.
@@ -28,8 +32,25 @@ for arg in "$@"; do
 done
 PEERS=(runai-model-streamer==0.16.1 fastsafetensors==0.5.0 instanttensor==0.2.2)
 
-rm -rf .gpu/debs .gpu/bin .gpu/whl
-mkdir -p .gpu/debs .gpu/bin .gpu/whl
+rm -rf .gpu/debs .gpu/bin .gpu/whl .gpu/core
+mkdir -p .gpu/debs .gpu/bin .gpu/whl .gpu/core
+
+echo "== fastckpt core for cp312"
+PY312=${PY312:-}
+if [ -z "$PY312" ]; then
+  for cand in "$HOME"/.pyenv/versions/3.12*/bin/python3.12 "$(command -v python3.12 || true)"; do
+    if [ -n "$cand" ] && [ -x "$cand" ] && "$cand" -c pass 2>/dev/null; then PY312=$cand; break; fi
+  done
+fi
+if [ -n "$PY312" ]; then
+  wtmp=$(mktemp -d)
+  "$PY312" -m pip wheel -q --no-deps -w "$wtmp" . >/dev/null
+  (cd .gpu/core && unzip -q -o -j "$wtmp"/*.whl 'fastckpt/_core.*.so')
+  rm -rf "$wtmp"
+  ls -la .gpu/core
+else
+  echo "no python3.12 here: the box will build the core itself (about a minute)"
+fi
 
 echo "== .deb files"
 (cd .gpu/debs && apt-get download -q liburing2 liburing-dev pkgconf-bin libpkgconf3 >/dev/null)

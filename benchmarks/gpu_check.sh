@@ -1,265 +1,204 @@
 #!/usr/bin/env bash
-# The one prepared check for a lent GPU box (see benchmarks/README.md, "GPU box").
+# The one prepared check for a lent GPU box (benchmarks/README.md, "GPU box").
 #
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".gpu"], timeout_s=600)
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".gpu"], timeout_s=540)
 #
-# Steps, each timestamped: record the machine; unpack the carried .deb files (.gpu/debs) into
-# /tmp/prefix (liburing for the io_uring engine, pkgconf if the box has no pkg-config) and find a
-# usable fio (.gpu/bin/fio, a static build; else fio from .gpu/debs in its own prefix; else none:
-# the harness then measures the O_DIRECT ceiling with fastckpt's engine); install carried peer
-# wheels (.gpu/whl) into /tmp/site; build fastckpt; run `pytest -m gpu -x -q`; run the benchmark
-# on cuda:0 with a generated LLaMA-like checkpoint (default 6GB) inside the time left; print the
-# results last. Everything lands flat in $OUT (8 files with tune.log, the pipeline knob sweep): machine.txt, build.log, gpu_tests.log,
-# bench.log, results.json, results.md, results.png.
+# A session gets minutes of device time, one command of at most 600 s and 8 files back, so the
+# script does the most important things first and writes as it goes:
+#   1. install: fastckpt from this tree with the C++ core prebuilt here for the box's Python
+#      (.gpu/core/_core.cpython-312-*.so, made by benchmarks/fetch_gpu_deps.sh), else built on
+#      the box (liburing from .gpu/debs); carried peer wheels (.gpu/whl) into /tmp/site;
+#   2. the gpu tests (pytest -m gpu, without -x);
+#   3. fastckpt bench --scenario gpu-check on a generated checkpoint (default 8GB): ceilings,
+#      first load in a fresh process, warm repeat, DRAM tier, GPU tier, iter_tensors, cold;
+#   4. peers last: fastckpt bench (scenario load) on the same checkpoint, warm and cold, once.
+# Files in $OUT: results.json (step results, rewritten after every step), gpu_check.log (all
+# output), extra.tar.gz (test log, bench reports, machine description).
 #
-# Dry run on a machine without a GPU (the same flow on a tiny checkpoint, on CPU):
+# Dry run on a machine without a GPU (the same flow, tiny sizes, the device path on a fake
+# device made of host memory; tests/bench/test_gpu_check_script.py runs it):
 #   FASTCKPT_GPU_CHECK_DRY=1 OUT=/tmp/out bash benchmarks/gpu_check.sh
-# Knobs (environment): FASTCKPT_GPU_CHECK_SIZE (default 6GB; dry 16MB),
-# FASTCKPT_GPU_CHECK_BUDGET_S (whole script, default 450), FASTCKPT_GPU_CHECK_REPEATS (default 3),
-# FASTCKPT_GPU_CHECK_BUILD=1 (dry run: build too, into /tmp, leaving the checkout's build alone),
-# FASTCKPT_GPU_CHECK_IGNORE_SYSTEM_FIO=1 (use the carried fio even where one is installed),
-# PYTHON (default python3).
+# Knobs (environment): FASTCKPT_GPU_CHECK_SIZE (default 8GB; dry 24MB),
+# FASTCKPT_GPU_CHECK_BUDGET_S (whole script, default 480), PYTHON (default python3).
+# Exit status: 0 only when every step succeeded (the tests passed, every measurement ran).
 set -uo pipefail
 
 T0=$(date +%s)
-ts() { echo "[gpu_check $(date +%H:%M:%S) +$(($(date +%s) - T0))s] $*"; }
 elapsed() { echo $(($(date +%s) - T0)); }
-
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$PWD
 : "${OUT:?set OUT to the folder that comes back}"
-mkdir -p "$OUT"
+mkdir -p "$OUT/extra"
+LOG="$OUT/gpu_check.log"
+RESULTS="$OUT/results.json"
+exec > >(tee -a "$LOG") 2>&1
+ts() { echo "[gpu_check $(date +%H:%M:%S) +$(elapsed)s] $*"; }
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 DRY=${FASTCKPT_GPU_CHECK_DRY:-0}
-BUDGET_S=${FASTCKPT_GPU_CHECK_BUDGET_S:-450}
-REPEATS=${FASTCKPT_GPU_CHECK_REPEATS:-3}
+BUDGET_S=${FASTCKPT_GPU_CHECK_BUDGET_S:-480}
 if [ "$DRY" = 1 ]; then
-  SIZE=${FASTCKPT_GPU_CHECK_SIZE:-16MB}
-  DEVICE=cpu
-  REPEATS=${FASTCKPT_GPU_CHECK_REPEATS:-1}
+  SIZE=${FASTCKPT_GPU_CHECK_SIZE:-24MB}
+  DEVICE_ARGS=(--device cuda:0 --fake-device)
+  PEER_DEVICE=cpu
 else
-  SIZE=${FASTCKPT_GPU_CHECK_SIZE:-6GB}
-  DEVICE=cuda:0
+  SIZE=${FASTCKPT_GPU_CHECK_SIZE:-8GB}
+  DEVICE_ARGS=(--device cuda:0)
+  PEER_DEVICE=cuda:0
 fi
-PREFIX=/tmp/prefix         # liburing, pkgconf: safe to put on LD_LIBRARY_PATH
-PREFIX_FIO=/tmp/prefix-fio # fio and its libraries: only ever on fio's own LD_LIBRARY_PATH
-MULTIARCH=x86_64-linux-gnu
-BUILD_STATUS=skipped
-TESTS_STATUS=skipped
-BENCH_STATUS=skipped
+FAILED=()
+step_json() { # name, status
+  "$PY" - "$RESULTS" "$1" "$2" "$(elapsed)" <<'EOF' || true
+import json, os, sys
+path, name, status, at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+data = {}
+if os.path.exists(path):
+    with open(path) as f:
+        data = json.load(f)
+data.setdefault("script", {})[name] = {"status": status, "at_s": at}
+with open(path + ".tmp", "w") as f:
+    json.dump(data, f, indent=1)
+os.replace(path + ".tmp", path)
+EOF
+}
 
-ts "start: dry=$DRY size=$SIZE device=$DEVICE budget=${BUDGET_S}s repeats=$REPEATS"
-
-# ---------------------------------------------------------------------------------- machine
+ts "start: dry=$DRY size=$SIZE budget=${BUDGET_S}s"
 {
   echo "== date"; date -u
   echo "== uname"; uname -a
-  echo "== os-release"; cat /etc/os-release 2>/dev/null
-  echo "== glibc"; ldd --version 2>&1 | head -1
   echo "== cpus"; nproc; grep -m1 'model name' /proc/cpuinfo
   echo "== memory"; free -b
-  echo "== disks"; df -hT / /tmp /var/tmp /dev/shm "$ROOT" 2>/dev/null
+  echo "== disks"; df -hT / /tmp /var/tmp /dev/shm 2>/dev/null
   echo "== nvidia-smi"; nvidia-smi 2>&1 | head -20
   echo "== python"; command -v "$PY"; "$PY" --version
-  echo "== packages"
-  "$PY" -m pip list 2>/dev/null | grep -i -E '^(torch|safetensors|numpy|pybind11|scikit.build.core|cmake|ninja|pytest|hypothesis|typer|humanize|transformers|peft) ' || true
-  echo "== tools"
-  for t in cmake ninja pkg-config pkgconf dpkg ar fio gcc g++ c++; do
-    printf '%s: %s\n' "$t" "$(command -v $t || echo missing)"
-  done
-} >"$OUT/machine.txt" 2>&1
-ts "machine recorded in machine.txt"
+  echo "== thp"; cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null
+  echo "== memlock"; ulimit -l
+} >"$OUT/extra/machine.txt" 2>&1
+step_json machine ok
 
-# ---------------------------------------------------------------------------- .deb files
-unpack_deb() { # deb, dest
-  if command -v dpkg >/dev/null 2>&1; then
-    dpkg -x "$1" "$2"
-  else
-    (cd "$2" && ar p "$1" "$(ar t "$1" | grep '^data.tar')" | tar -x)
-  fi
-}
-rm -rf "$PREFIX" "$PREFIX_FIO"
-mkdir -p "$PREFIX" "$PREFIX_FIO" "$PREFIX/bin"
-shopt -s nullglob
-debs=(.gpu/debs/*.deb)
-fio_debs=0
-for deb in "${debs[@]}"; do
-  case "$(basename "$deb")" in
-    liburing*|pkgconf*|libpkgconf*) unpack_deb "$ROOT/$deb" "$PREFIX" || ts "could not unpack $deb" ;;
-    *) unpack_deb "$ROOT/$deb" "$PREFIX_FIO" && fio_debs=$((fio_debs + 1)) || ts "could not unpack $deb" ;;
-  esac
-done
-ts "unpacked ${#debs[@]} .deb file(s) (${fio_debs} for fio)"
-for pc in "$PREFIX"/usr/lib/$MULTIARCH/pkgconfig/*.pc "$PREFIX"/usr/share/pkgconfig/*.pc; do
-  sed -i -E "s#^(prefix|exec_prefix|libdir|includedir)=/usr#\1=$PREFIX/usr#" "$pc"
-done
-export PKG_CONFIG_PATH="$PREFIX/usr/lib/$MULTIARCH/pkgconfig:$PREFIX/usr/share/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
-export CMAKE_PREFIX_PATH="$PREFIX/usr${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH}"
-export CPATH="$PREFIX/usr/include${CPATH:+:$CPATH}"
-export LIBRARY_PATH="$PREFIX/usr/lib/$MULTIARCH${LIBRARY_PATH:+:$LIBRARY_PATH}"
-export LD_LIBRARY_PATH="$PREFIX/usr/lib/$MULTIARCH${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export PATH="$PREFIX/bin:$PATH"
-if ! command -v pkg-config >/dev/null 2>&1 && [ -x "$PREFIX/usr/bin/pkgconf" ]; then
-  ln -sf "$PREFIX/usr/bin/pkgconf" "$PREFIX/bin/pkg-config"
-  export PKG_CONFIG="$PREFIX/bin/pkg-config"
-  ts "pkg-config: using the carried pkgconf"
-fi
-if pkg-config --exists liburing 2>/dev/null; then
-  ts "liburing $(pkg-config --modversion liburing) found by pkg-config"
+# ------------------------------------------------------------------------------- 1. install
+INSTALL=failed
+if [ "$DRY" = 1 ]; then
+  "$PY" -c "import fastckpt._core" 2>/dev/null && INSTALL="ok (dry run: the existing build)"
 else
-  ts "liburing not found by pkg-config: the engine will build without io_uring (pread pool)"
-fi
-
-# fio: the box's own, else the carried static build, else the carried .deb build
-FIO_NOTE="none (the harness measures the O_DIRECT ceiling with fastckpt's engine)"
-if [ "${FASTCKPT_GPU_CHECK_IGNORE_SYSTEM_FIO:-0}" != 1 ] && command -v fio >/dev/null 2>&1 \
-    && fio --version >/dev/null 2>&1; then
-  FIO_NOTE="system $(command -v fio)"
-elif [ -f .gpu/bin/fio ]; then
-  cp .gpu/bin/fio "$PREFIX/bin/fio" && chmod +x "$PREFIX/bin/fio"
-  if "$PREFIX/bin/fio" --version >/dev/null 2>&1; then
-    FIO_NOTE="carried static build"
-  else
-    rm -f "$PREFIX/bin/fio"
-  fi
-fi
-if [ ! -x "$PREFIX/bin/fio" ] && [ -x "$PREFIX_FIO/usr/bin/fio" ]; then
-  fio_libs="$PREFIX_FIO/usr/lib/$MULTIARCH:$PREFIX_FIO/lib/$MULTIARCH:$PREFIX_FIO/usr/lib/$MULTIARCH/ceph"
-  printf '#!/bin/sh\nLD_LIBRARY_PATH=%s exec %s "$@"\n' "$fio_libs" "$PREFIX_FIO/usr/bin/fio" >"$PREFIX/bin/fio"
-  chmod +x "$PREFIX/bin/fio"
-  if "$PREFIX/bin/fio" --version >/dev/null 2>&1; then
-    FIO_NOTE="carried .deb build"
-  else
-    ts "fio from .deb files does not run here: $("$PREFIX/bin/fio" --version 2>&1 | head -1)"
-    rm -f "$PREFIX/bin/fio"
-  fi
-fi
-if command -v fio >/dev/null 2>&1; then FIO_NOTE="$FIO_NOTE: $(fio --version 2>&1)"; fi
-ts "fio: $FIO_NOTE"
-echo "== fio: $FIO_NOTE" >>"$OUT/machine.txt"
-
-# ------------------------------------------------------------------------------ peer wheels
-whls=(.gpu/whl/*.whl)
-if [ ${#whls[@]} -gt 0 ]; then
-  mkdir -p /tmp/site
-  for whl in "${whls[@]}"; do
-    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site "$whl" >/dev/null 2>"$OUT/.pip.err"; then
-      ts "installed $(basename "$whl")"
+  shopt -s nullglob
+  cores=(.gpu/core/_core.*.so)
+  if [ ${#cores[@]} -gt 0 ]; then
+    cp "${cores[@]}" fastckpt/
+    if "$PY" -c "import fastckpt._core" 2>"$OUT/extra/core_import.err"; then
+      INSTALL="ok (carried core: $(basename "${cores[0]}"))"
     else
-      ts "skipped $(basename "$whl"): $(tail -1 "$OUT/.pip.err")"
+      rm -f fastckpt/_core.*.so
+      ts "the carried core does not import here: $(tail -1 "$OUT/extra/core_import.err")"
     fi
-  done
-  rm -f "$OUT/.pip.err"
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-
-# ------------------------------------------------------------------------------------ build
-build_editable() {
-  timeout 300 "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
-}
-build_into_tmp() { # dry run: prove the build works without replacing the checkout's own build
-  rm -rf /tmp/fastckpt-gpu-check-site
-  timeout 300 "$PY" -m pip install --no-build-isolation --no-deps --no-index \
-    -C build-dir=/tmp/fastckpt-gpu-check-build --target /tmp/fastckpt-gpu-check-site . \
-    >"$OUT/build.log" 2>&1
-}
-if [ "$DRY" = 1 ] && [ "${FASTCKPT_GPU_CHECK_BUILD:-0}" != 1 ]; then
-  if "$PY" -c "import fastckpt._core" 2>/dev/null; then
-    BUILD_STATUS="skipped (dry run; using the existing build)"
-  else
-    BUILD_STATUS="skipped (dry run) and fastckpt._core is missing"
   fi
-  echo "$BUILD_STATUS" >"$OUT/build.log"
-else
-  ts "building fastckpt (log: build.log)"
-  if [ "$DRY" = 1 ]; then build_into_tmp; else build_editable; fi
-  rc=$?
-  if [ $rc -eq 0 ]; then BUILD_STATUS=ok; else BUILD_STATUS="FAILED (exit $rc)"; tail -20 "$OUT/build.log"; fi
+  if [ "$INSTALL" = failed ]; then
+    ts "building the core on the box (log: extra/build.log)"
+    PREFIX=/tmp/prefix
+    rm -rf "$PREFIX"; mkdir -p "$PREFIX"
+    for deb in .gpu/debs/liburing*.deb; do dpkg -x "$deb" "$PREFIX" 2>/dev/null || true; done
+    for pc in "$PREFIX"/usr/lib/x86_64-linux-gnu/pkgconfig/*.pc; do
+      sed -i -E "s#^(prefix|exec_prefix|libdir|includedir)=/usr#\1=$PREFIX/usr#" "$pc"
+    done
+    export PKG_CONFIG_PATH="$PREFIX/usr/lib/x86_64-linux-gnu/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
+    if timeout 240 "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT/extra/build.log" 2>&1; then
+      INSTALL="ok (built on the box)"
+    fi
+  fi
+  whls=(.gpu/whl/*.whl)
+  if [ ${#whls[@]} -gt 0 ]; then
+    mkdir -p /tmp/site
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site "${whls[@]}" >"$OUT/extra/peers_install.log" 2>&1 \
+      || ts "some peer wheels did not install (extra/peers_install.log)"
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  if [ -x .gpu/bin/fio ] && ! command -v fio >/dev/null 2>&1; then
+    mkdir -p /tmp/bin && cp .gpu/bin/fio /tmp/bin/fio && export PATH="/tmp/bin:$PATH"
+  fi
 fi
-ENGINE=$("$PY" -c "import fastckpt; print(fastckpt.engine_info())" 2>&1 | tail -1)
-ts "build: $BUILD_STATUS; engine: $ENGINE"
-echo "== build: $BUILD_STATUS" >>"$OUT/machine.txt"
-echo "== engine: $ENGINE" >>"$OUT/machine.txt"
+ENGINE=$("$PY" -c "import fastckpt; print(fastckpt.engine_info()['reason'])" 2>&1 | tail -1)
+ts "install: $INSTALL; engine: $ENGINE"
+step_json install "$INSTALL"
+case $INSTALL in ok*) ;; *) FAILED+=(install) ;; esac
 
-# ------------------------------------------------------------------------------- GPU tests
-ts "pytest -m gpu -x -q (log: gpu_tests.log)"
-if command -v pytest >/dev/null 2>&1 || "$PY" -c "import pytest" 2>/dev/null; then
-  timeout 180 "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests >"$OUT/gpu_tests.log" 2>&1
-  rc=$?
-  case $rc in
-    0) TESTS_STATUS=passed ;;
-    5) TESTS_STATUS="no test selected" ;;
-    124) TESTS_STATUS="TIMED OUT" ;;
-    *) TESTS_STATUS="FAILED (exit $rc)" ;;
-  esac
-  tail -3 "$OUT/gpu_tests.log"
+# ---------------------------------------------------------------------------- 2. gpu tests
+if [ "$DRY" = 1 ]; then
+  TEST_ARGS=(-q -p no:cacheprovider tests/loader/test_fake_device.py -k "bytes_land or reuse")
 else
-  TESTS_STATUS="pytest missing"
-  echo "pytest is not installed" >"$OUT/gpu_tests.log"
+  # modules whose imports the box lacks (ray, moto, vLLM) must not stop the others
+  TEST_ARGS=(-q -p no:cacheprovider -m gpu --continue-on-collection-errors tests)
 fi
-ts "gpu tests: $TESTS_STATUS"
+ts "tests: pytest ${TEST_ARGS[*]} (log: extra/gpu_tests.log)"
+timeout 150 "$PY" -m pytest "${TEST_ARGS[@]}" -rfE >"$OUT/extra/gpu_tests.log" 2>&1
+rc=$?
+SUMMARY=$(tail -1 "$OUT/extra/gpu_tests.log")
+case $rc in
+  0) TESTS=passed ;;
+  124) TESTS="timed out" ;;
+  *)
+    # collection errors alone (test modules importing what the box lacks) are not failures
+    if [ "$rc" = 1 ] && ! grep -q "[0-9] failed" <<<"$SUMMARY" && grep -q "[0-9] passed" <<<"$SUMMARY"; then
+      TESTS=passed
+    else
+      TESTS="failed (exit $rc)"
+    fi ;;
+esac
+tail -15 "$OUT/extra/gpu_tests.log"
+ts "tests: $TESTS"
+step_json gpu_tests "$TESTS: $SUMMARY"
+[ "$TESTS" = passed ] || FAILED+=(gpu_tests)
 
-# ------------------------------------------------------------------------------- benchmark
-pick_workdir() { # a disk-backed folder (never tmpfs: cold would be meaningless) with room
-  local need=$1 d fs avail
-  for d in /var/tmp/fastckpt-bench "$HOME/fastckpt-bench" "$ROOT/.bench_work" /tmp/fastckpt-bench; do
+# ------------------------------------------------------------------ 3. the core's measurements
+pick_workdir() {
+  local d fs
+  for d in /var/tmp/fastckpt-check "$HOME/fastckpt-check" "$ROOT/.bench_work"; do
     mkdir -p "$d" 2>/dev/null || continue
     fs=$(stat -f -c %T "$d" 2>/dev/null || echo unknown)
-    avail=$(df -P -B1 "$d" 2>/dev/null | awk 'NR==2 {print $4}')
     case "$fs" in tmpfs|ramfs) continue ;; esac
-    if [ -n "$avail" ] && [ "$avail" -gt "$need" ]; then echo "$d"; return 0; fi
+    echo "$d"; return 0
   done
-  echo /tmp/fastckpt-bench
+  echo /var/tmp/fastckpt-check
 }
-SIZE_BYTES=$("$PY" -c "from fastckpt.rules.units import parse_size; print(parse_size('$SIZE'))")
-WORKDIR=$(pick_workdir $((SIZE_BYTES * 7 / 2 + (1 << 30))))
-LEFT=$((BUDGET_S - $(elapsed) - 25))
-if [ $LEFT -lt 60 ]; then LEFT=60; fi
-ts "benchmark: $SIZE on $DEVICE in $WORKDIR ($(stat -f -c %T "$WORKDIR")), ${LEFT}s budget (log: bench.log)"
-"$PY" -m fastckpt.bench.cli --size "$SIZE" --device "$DEVICE" --workdir "$WORKDIR" \
-  --out "$OUT" --repeats "$REPEATS" --time-budget-s "$LEFT" --worker-timeout-s 240 --keep \
-  --loaders "${FASTCKPT_GPU_CHECK_LOADERS:-all}" \
-  2>&1 | tee "$OUT/bench.log" | grep -E --line-buffered '^\[bench|^note:|FAILED|warning|error'
-rc=${PIPESTATUS[0]}
-case $rc in 0) BENCH_STATUS=ok ;; *) BENCH_STATUS="exit $rc" ;; esac
+WORK=$(pick_workdir)
+LEFT=$((BUDGET_S - $(elapsed) - 20))
+ts "gpu-check: $SIZE in $WORK, at most ${LEFT}s (steps land in results.json as they finish)"
+timeout "$LEFT" "$PY" -m fastckpt.bench.cli --scenario gpu-check --size "$SIZE" "${DEVICE_ARGS[@]}" \
+  --workdir "$WORK" --out "$OUT/extra/check" --check-json "$RESULTS" --keep
+rc=$?
+case $rc in 0) CHECK=ok ;; 124) CHECK="timed out" ;; *) CHECK="exit $rc" ;; esac
+ts "gpu-check: $CHECK"
+[ "$CHECK" = ok ] || FAILED+=(gpu_check)
+"$PY" - "$RESULTS" <<'EOF' || FAILED+=(gpu_check_steps)
+import json, sys
+data = json.load(open(sys.argv[1]))
+bad = [n for n, s in data.get("steps", {}).items() if not s.get("ok")]
+print("gpu-check steps:", ", ".join(f"{n}={'ok' if s.get('ok') else 'FAILED'}" for n, s in data.get("steps", {}).items()))
+sys.exit(1 if bad or not data.get("steps") else 0)
+EOF
 
-# ------------------------------------------------------------------- pipeline knob sweep
-TUNE_STATUS=skipped
-TUNE_S=${FASTCKPT_GPU_CHECK_TUNE_S:-100}
-FCK_DIR=$(find "$WORKDIR" -name fastckpt.index -printf '%h\n' 2>/dev/null | head -1)
-if [ -n "$FCK_DIR" ] && [ "$TUNE_S" -gt 0 ]; then
-  ts "knob sweep on $FCK_DIR (${TUNE_S}s max; log: tune.log, results in sweep/)"
-  # every configuration in its own fresh process, settings in that process's environment
-  timeout "$TUNE_S" "$PY" -m fastckpt.bench.cli --scenario gpu-sweep --checkpoint "$FCK_DIR" \
-    --device "$DEVICE" --workdir "$WORKDIR" --out "$OUT/sweep" --repeats 1 --keep \
-    >"$OUT/tune.log" 2>&1
+# ---------------------------------------------------------------------------------- 4. peers
+CKPT=$(find "$WORK" -maxdepth 3 -name manifest.json -printf '%h\n' 2>/dev/null | head -1)
+LEFT=$((BUDGET_S - $(elapsed) - 10))
+if [ -n "$CKPT" ] && [ "$LEFT" -gt 30 ]; then
+  ts "peers on $CKPT, at most ${LEFT}s"
+  timeout "$LEFT" "$PY" -m fastckpt.bench.cli --checkpoint "$CKPT" --device "$PEER_DEVICE" \
+    --workdir "$WORK/peers" --out "$OUT/extra/peers" --repeats 1 --scenarios warm,cold \
+    --time-budget-s "$((LEFT - 5))" --worker-timeout-s 120 --keep
   rc=$?
-  case $rc in 0) TUNE_STATUS=ok ;; 124) TUNE_STATUS="timed out (partial)" ;; *) TUNE_STATUS="exit $rc" ;; esac
-  cat "$OUT/tune.log"
-fi
-# ------------------------------------------------------------- Loader tiers (dram / gpu)
-TIERS_STATUS=skipped
-TIERS_S=${FASTCKPT_GPU_CHECK_TIERS_S:-90}
-if [ -n "$FCK_DIR" ] && [ "$TIERS_S" -gt 0 ]; then
-  ts "tier scenarios on $FCK_DIR (${TIERS_S}s max each; log: tiers.log)"
-  TIERS_STATUS=ok
-  for sc in dram-tier gpu-tier; do
-    timeout "$TIERS_S" "$PY" -m fastckpt.bench.tiers_scenario "$sc" "$FCK_DIR" --repeats 3 \
-      --json "$OUT/$sc.json" >>"$OUT/tiers.log" 2>&1 || TIERS_STATUS="$sc failed"
-  done
-  cat "$OUT/tiers.log"
-fi
-rm -rf "$WORKDIR" 2>/dev/null
-
-# ---------------------------------------------------------------------------------- results
-echo
-ts "done: build $BUILD_STATUS; gpu tests $TESTS_STATUS; benchmark $BENCH_STATUS; sweep $TUNE_STATUS; tiers $TIERS_STATUS; files in \$OUT: $(ls "$OUT" | tr '\n' ' ')"
-echo
-if [ -f "$OUT/results.md" ]; then
-  cat "$OUT/results.md"
+  case $rc in 0) PEERS=ok ;; 124) PEERS="timed out" ;; *) PEERS="exit $rc" ;; esac
+  [ -f "$OUT/extra/peers/results.md" ] && cat "$OUT/extra/peers/results.md"
 else
-  echo "no results.md; the end of bench.log:"
-  tail -30 "$OUT/bench.log"
+  PEERS="skipped (no checkpoint or no time left)"
 fi
+ts "peers: $PEERS"
+step_json peers "$PEERS"
+[ "$PEERS" = ok ] || FAILED+=(peers)
+
+rm -rf "$WORK" 2>/dev/null
+tar -czf "$OUT/extra.tar.gz" -C "$OUT" extra 2>/dev/null && rm -rf "$OUT/extra"
+STATUS=ok
+[ ${#FAILED[@]} -eq 0 ] || STATUS="failed: ${FAILED[*]}"
+step_json done "$STATUS"
+ts "done: $STATUS; files: $(ls "$OUT" | tr '\n' ' ')"
+[ ${#FAILED[@]} -eq 0 ]

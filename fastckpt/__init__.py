@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from fastckpt._version import __version__
 from fastckpt.errors import (
     BadMagicError,
     ChecksumError,
@@ -30,8 +31,6 @@ from fastckpt.errors import (
     UnsafePathError,
     UnsupportedVersionError,
 )
-
-__version__ = "0.1.0"
 
 # public name -> (module, attribute)
 _LAZY: dict[str, tuple[str, str]] = {

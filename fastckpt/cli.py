@@ -300,14 +300,14 @@ register(
 )
 
 
-# fastckpt cache: the SSD tier and read-mode profile (fastckpt.tiers.cli), and the cache
+# fastckpt cache: the SSD tier and read-mode profile (fastckpt.cachecli), and the cache
 # daemon when one is configured (fastckpt.serve.cli: prefetch, evict, stats, and ls via --server)
 _DAEMON_ACTIONS = ("prefetch", "evict", "stats")
 
 
 def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastckpt.cachecli import add_arguments
     from fastckpt.serve.cli import add_daemon_actions
-    from fastckpt.tiers.cli import add_arguments
 
     server_help = "cache daemon socket (default: FASTCKPT_SERVER)"
     parser.add_argument("--server", metavar="PATH", help=server_help)
@@ -330,7 +330,7 @@ def _run_cache(args: argparse.Namespace) -> int:
         from fastckpt.serve.cli import run_cache
 
         return run_cache(args)
-    from fastckpt.tiers.cli import run
+    from fastckpt.cachecli import run
 
     return run(args)
 

@@ -31,15 +31,19 @@ class Config:
             help page-cache copies (memory bound) up to the core count.
         chunk_bytes: size of one read request. Large chunks amortise per-request cost; too large
             and the pipeline fills slowly (the first copy to the GPU waits for the first chunk).
-        ring_bytes: most pinned host memory the staging ring of GPU loads may grow to. Slots are
-            pinned one by one when a load first needs them, then reused by the Loader's later
-            loads. Bigger rings absorb storage jitter; pinning costs 0.4-1 s/GB once.
-        ring_slot_bytes: size of one ring slot (one host-to-device copy).
-        copy_streams: CUDA streams used for host-to-device copies.
-        pin_method: how ring slots are pinned: ``pool`` (blocks of the Loader's host pool, memfd
-            + cudaHostRegister, shared with the DRAM tier), ``alloc`` (cudaHostAlloc through
-            torch), ``register`` (page-aligned anonymous memory + cudaHostRegister), or ``auto``
-            (pool). Pinning speed differs by kernel and driver.
+        ring_bytes: most pinned host memory the process's staging ring for GPU loads may grow
+            to. The ring starts with two slots, pinned on the first GPU load; more are pinned in
+            the background when a load is larger than the ring or waited for a slot, and then
+            reused by every later load of the process. Bigger rings keep more reads in flight
+            (deep queues for fast storage); pinning costs 0.4-1 s/GB, once.
+        ring_slot_bytes: size of one ring slot (one read, one host-to-device copy). Larger
+            slots mean fewer, longer copies; smaller ones start the first copy sooner.
+        copy_streams: CUDA streams host-to-device copies are spread over (round robin); several
+            copies are in flight at once.
+        pin_method: how ring slots are pinned: ``register`` (2 MiB-aligned anonymous memory,
+            transparent huge pages, then cuMemHostRegister), ``memfd`` (a memfd mapping, then
+            registered), ``alloc`` (cuMemHostAlloc), or ``auto``: the fastest of the three,
+            measured once per machine and kept with the machine profile.
         checksum_chunk_bytes: bytes covered by one checksum when writing a checkpoint. Smaller
             chunks locate corruption more precisely and verify with finer parallelism; the index
             grows by 8 bytes per chunk.
@@ -78,6 +82,15 @@ class Config:
             none). Without a reachable daemon, loads read the files directly (one warning).
         server_timeout_s: longest wait on the daemon's socket (connect, each reply, a fill
             making no progress) before a load gives up on it and reads the files directly.
+        server_fill_wait_s: longest a load waits for one answer of the daemon however its fill
+            progresses (a fill slower than this is left to finish for later loads; this one
+            reads the files directly).
+        server_uid: a user id whose daemon clients trust besides their own uid and root (the
+            daemon's credentials are checked with ``SO_PEERCRED`` before anything it sends is
+            used). Root is always trusted, so the default 0 adds nobody.
+        migrate_secret_file: file holding the shared secret of the migration transport (at
+            least 16 bytes, readable by its owner only). When set, migration servers require
+            every frame to carry an HMAC made with it and clients add one (docs/migrate.md).
     """
 
     io_engine: str = "auto"
@@ -105,6 +118,9 @@ class Config:
     pool_piece_bytes: int = 64 * _MiB
     server: str = ""
     server_timeout_s: float = 10.0
+    server_fill_wait_s: float = 300.0
+    server_uid: int = 0
+    migrate_secret_file: str = ""
 
     def resolved_io_threads(self) -> int:
         if self.io_threads > 0:
@@ -115,11 +131,11 @@ class Config:
 _CHOICES: dict[str, tuple[str, ...]] = {
     "io_engine": ("auto", "uring", "pread"),
     "progress": ("auto", "always", "never"),
-    "pin_method": ("auto", "pool", "alloc", "register"),
-    "read_mode": ("auto", "direct", "buffered", "mixed"),
+    "pin_method": ("auto", "register", "memfd", "alloc"),
+    "read_mode": ("auto", "direct", "buffered", "mixed", "map"),
 }
 
-_PATHS = ("profile_dir", "ssd_tier_dir", "server")
+_PATHS = ("profile_dir", "ssd_tier_dir", "server", "migrate_secret_file")
 
 
 def _parse(name: str, raw: str, kind: Any) -> Any:

@@ -166,6 +166,12 @@ class SourceError(FormatError):
     """A conversion source is not something fastckpt can read (unknown layout, pickled objects)."""
 
 
+class CacheWarning(RuntimeWarning):
+    """Something the library keeps for later loads (an SSD-tier copy, a stored read-mode
+    profile) could not be used or written; it is dropped and rebuilt, or the load reads the
+    source instead. The load itself goes on."""
+
+
 class DestinationExistsError(FastckptError, FileExistsError):
     """A conversion's destination exists and replacing it was not asked for."""
 
@@ -176,6 +182,7 @@ class DeviceError(FastckptError, ValueError):
 
 __all__ = [
     "BadMagicError",
+    "CacheWarning",
     "ChecksumError",
     "CorruptDataError",
     "CorruptIndexError",

@@ -2,8 +2,12 @@
 
 namespace fastckpt {
 
-BatchState::BatchState(std::vector<int64_t> tags, std::vector<std::shared_ptr<FileHandle>> files)
-    : tags_(std::move(tags)), remaining_(tags_.size(), 0), files_(std::move(files)) {}
+BatchState::BatchState(std::vector<int64_t> tags, std::vector<std::shared_ptr<FileHandle>> files,
+                       std::shared_ptr<Notifier> notifier)
+    : tags_(std::move(tags)),
+      remaining_(tags_.size(), 0),
+      files_(std::move(files)),
+      notifier_(std::move(notifier)) {}
 
 void BatchState::add_pieces(uint32_t req, uint32_t n) {
   std::lock_guard<std::mutex> lock(m_);
@@ -19,17 +23,23 @@ void BatchState::complete_empty_requests() {
       ++completed_;
     }
   }
-  if (!ready_.empty()) cv_.notify_all();
+  if (!ready_.empty()) {
+    cv_.notify_all();
+    if (notifier_) notifier_->notify();
+  }
 }
 
 void BatchState::piece_finished(uint32_t req) {
   std::lock_guard<std::mutex> lock(m_);
   --outstanding_;
+  bool request_done = false;
   if (!cancelled_.load(std::memory_order_relaxed) && --remaining_[req] == 0) {
     ready_.push_back(tags_[req]);
     ++completed_;
+    request_done = true;
   }
   cv_.notify_all();
+  if (notifier_ && (request_done || outstanding_ == 0)) notifier_->notify();
 }
 
 void BatchState::piece_failed(int err, const std::string& message, const std::string& path) {
@@ -43,6 +53,7 @@ void BatchState::piece_failed(int err, const std::string& message, const std::st
     cancelled_.store(true, std::memory_order_relaxed);
   }
   cv_.notify_all();
+  if (notifier_) notifier_->notify();
 }
 
 void BatchState::pieces_discarded(size_t n) {
@@ -50,6 +61,7 @@ void BatchState::pieces_discarded(size_t n) {
   std::lock_guard<std::mutex> lock(m_);
   outstanding_ -= n;
   cv_.notify_all();
+  if (notifier_) notifier_->notify();
 }
 
 bool BatchState::mark_cancelled(const std::string& reason) {
@@ -60,6 +72,7 @@ bool BatchState::mark_cancelled(const std::string& reason) {
     cancelled_.store(true, std::memory_order_relaxed);
   }
   cv_.notify_all();
+  if (notifier_) notifier_->notify();
   return true;
 }
 

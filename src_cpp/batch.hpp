@@ -14,6 +14,7 @@
 
 #include "common.hpp"
 #include "file.hpp"
+#include "notifier.hpp"
 
 namespace fastckpt {
 
@@ -35,7 +36,10 @@ enum class WaitStatus { kReady, kTimeout, kStopped };
 
 class BatchState {
  public:
-  BatchState(std::vector<int64_t> tags, std::vector<std::shared_ptr<FileHandle>> files);
+  // `notifier` (optional) is signalled when a request completes, a piece fails or is dropped,
+  // the last piece ends, or the batch is cancelled: one waiter can watch many batches at once.
+  BatchState(std::vector<int64_t> tags, std::vector<std::shared_ptr<FileHandle>> files,
+             std::shared_ptr<Notifier> notifier = nullptr);
 
   // ---- engine side (any thread) ----
   // Registers `n` pieces for request `req` before they are queued.
@@ -85,6 +89,7 @@ class BatchState {
   std::string err_message_;
   std::string err_path_;
   std::string cancel_reason_;
+  std::shared_ptr<Notifier> notifier_;
 };
 
 }  // namespace fastckpt

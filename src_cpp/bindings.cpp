@@ -1,4 +1,5 @@
-// The only file that includes Python headers. Engine code lives in the other src_cpp files.
+// With bindings_copy.cpp, the only files that include Python headers. Engine code lives in the
+// other src_cpp files.
 //
 // Ownership: a Batch holds the Py_buffer views of its destinations (which keep the exporting
 // objects alive and, for bytearray/numpy, unresizable) and shared references to its files until
@@ -15,6 +16,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "bindings.hpp"
 #include "buffer.hpp"
 #include "checksum.hpp"
 #include "common.hpp"
@@ -34,13 +36,7 @@ using fastckpt::EngineCore;
 using fastckpt::EngineOptions;
 using fastckpt::FileHandle;
 
-bool finalizing() {
-#if PY_VERSION_HEX >= 0x030D0000
-  return Py_IsFinalizing() != 0;
-#else
-  return _Py_IsFinalizing() != 0;
-#endif
-}
+using fastckpt_py::finalizing;
 
 // Paths arrive as str, bytes or os.PathLike; the OS wants bytes, messages want str.
 struct PathArg {
@@ -230,14 +226,7 @@ struct PyEngine {
   }
 
   static int64_t as_int(const py::handle& h, size_t i, const char* field, bool non_negative) {
-    if (PyBool_Check(h.ptr()) || !PyIndex_Check(h.ptr()))
-      throw py::type_error("read " + std::to_string(i) + ": " + field + " must be an int, got " +
-                           std::string(Py_TYPE(h.ptr())->tp_name));
-    const int64_t v = py::cast<int64_t>(h);
-    if (non_negative && v < 0)
-      throw py::value_error("read " + std::to_string(i) + ": " + field + " must be >= 0, got " +
-                            std::to_string(v));
-    return v;
+    return fastckpt_py::int_arg(h, "read " + std::to_string(i), field, non_negative);
   }
 
   PyBatch submit(const py::iterable& reads, bool check_file_size) {
@@ -257,16 +246,8 @@ struct PyEngine {
           throw py::value_error("read " + std::to_string(i) +
                                 ": expected 6 items (file, file_offset, nbytes, dest, "
                                 "dest_offset, tag), got " + std::to_string(seq.size()));
-        const py::object file_obj = seq[0];
-        if (!py::isinstance<PyFile>(file_obj))
-          throw py::type_error("read " + std::to_string(i) + ": expected a fastckpt File, got " +
-                               std::string(Py_TYPE(file_obj.ptr())->tp_name));
-        auto& file = file_obj.cast<PyFile&>();
-        if (!file.handle)
-          throw py::value_error("read " + std::to_string(i) + ": file '" + file.path +
-                                "' is closed");
         fastckpt::ReadSpec s;
-        s.file = file.handle;
+        s.file = fastckpt_py::file_handle_of(seq[0], "read " + std::to_string(i));
         s.offset = static_cast<uint64_t>(as_int(seq[1], i, "file_offset", true));
         s.nbytes = static_cast<uint64_t>(as_int(seq[2], i, "nbytes", true));
         s.dest_offset = static_cast<uint64_t>(as_int(seq[4], i, "dest_offset", true));
@@ -394,6 +375,45 @@ auto with_display_path(const PathArg& p, F&& f) {
 
 }  // namespace
 
+namespace fastckpt_py {
+
+bool finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
+
+std::shared_ptr<FileHandle> file_handle_of(const py::handle& obj, const std::string& what) {
+  if (!py::isinstance<PyFile>(obj))
+    throw py::type_error(what + ": expected a fastckpt File, got " +
+                         std::string(Py_TYPE(obj.ptr())->tp_name));
+  auto& file = obj.cast<PyFile&>();
+  if (!file.handle) throw py::value_error(what + ": file '" + file.path + "' is closed");
+  return file.handle;
+}
+
+int64_t int_arg(const py::handle& h, const std::string& where, const char* field,
+                bool non_negative) {
+  if (PyBool_Check(h.ptr()) || !PyIndex_Check(h.ptr()))
+    throw py::type_error(where + ": " + field + " must be an int, got " +
+                         std::string(Py_TYPE(h.ptr())->tp_name));
+  const int64_t v = py::cast<int64_t>(h);
+  if (non_negative && v < 0)
+    throw py::value_error(where + ": " + field + " must be >= 0, got " + std::to_string(v));
+  return v;
+}
+
+std::shared_ptr<EngineCore> engine_core_of(const py::handle& obj) {
+  if (!py::isinstance<PyEngine>(obj))
+    throw py::type_error("expected a fastckpt Engine, got " +
+                         std::string(Py_TYPE(obj.ptr())->tp_name));
+  return obj.cast<PyEngine&>().core;
+}
+
+}  // namespace fastckpt_py
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "fastckpt's C++ core (private; use the typed wrappers in fastckpt.io_engine)";
 
@@ -516,4 +536,6 @@ PYBIND11_MODULE(_core, m) {
       .def("info", &PyEngine::info)
       .def("submit", &PyEngine::submit, "reads"_a, py::kw_only(), "_check_file_size"_a = true)
       .def("close", &PyEngine::close);
+
+  fastckpt_py::bind_copy(m);
 }

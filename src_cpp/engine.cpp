@@ -29,6 +29,11 @@ std::string where(size_t i, const ReadSpec& r) {
 
 }  // namespace
 
+std::string forked_message(const std::string& what, const std::string& fix) {
+  return "the " + what + " was created in another process (before fork()); its threads do not " +
+         "exist here: " + fix;
+}
+
 EngineChoice choose_engine(const EngineOptions& opts) {
   EngineChoice c;
   const UringProbe probe = probe_uring();
@@ -147,12 +152,11 @@ void EngineCore::close() {
 }
 
 std::shared_ptr<BatchState> EngineCore::submit(const std::vector<ReadSpec>& reads,
-                                               bool check_file_size) {
+                                               bool check_file_size,
+                                               std::shared_ptr<Notifier> notifier) {
   if (closed()) throw std::invalid_argument("the engine is closed");
   if (static_cast<int>(::getpid()) != pid_)
-    throw std::invalid_argument(
-        "the engine was created in another process (before fork()); its threads do not exist "
-        "here: create a new Engine in this process");
+    throw std::invalid_argument(forked_message("engine", "create a new Engine in this process"));
   std::unordered_map<const FileHandle*, uint64_t> sizes;
   std::vector<std::shared_ptr<FileHandle>> files;
   std::vector<int64_t> tags;
@@ -183,7 +187,8 @@ std::shared_ptr<BatchState> EngineCore::submit(const std::vector<ReadSpec>& read
     tags.push_back(r.tag);
   }
 
-  auto batch = std::make_shared<BatchState>(std::move(tags), std::move(files));
+  auto batch =
+      std::make_shared<BatchState>(std::move(tags), std::move(files), std::move(notifier));
   std::vector<Piece> direct_pieces;
   std::vector<Piece> buffered_pieces;
   const bool one_route = direct_route_ == buffered_route_;

@@ -69,9 +69,11 @@ class EngineCore {
 
   // Validates every read (std::invalid_argument naming the read; IoError when a file cannot be
   // stat'ed), then queues them. With `check_file_size` false the file-size check is skipped (a
-  // test hook for files that shrink after planning).
+  // test hook for files that shrink after planning). `notifier` (optional) is signalled on
+  // every change of the batch (see BatchState).
   std::shared_ptr<BatchState> submit(const std::vector<ReadSpec>& reads,
-                                     bool check_file_size = true);
+                                     bool check_file_size = true,
+                                     std::shared_ptr<Notifier> notifier = nullptr);
   // Stops the batch's queued reads and waits for its running ones. Idempotent.
   void cancel(BatchState& batch, const std::string& reason);
   // Cancels everything queued, waits for running reads, stops the threads. Idempotent.
@@ -98,5 +100,8 @@ class EngineCore {
   bool closed_ = false;
   int pid_ = 0;  // the threads exist only in the process that created the engine
 };
+
+// The one message for an object used in a child of the process that created it.
+std::string forked_message(const std::string& what, const std::string& fix);
 
 }  // namespace fastckpt

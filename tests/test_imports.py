@@ -52,6 +52,7 @@ def _modules() -> dict[str, Path]:
 
 
 MODULES = _modules()
+COMPILED = {"fastckpt._core"}  # built from src_cpp/, no .py file
 
 
 def _is_type_checking(node: ast.If) -> bool:
@@ -89,7 +90,7 @@ def _targets(module: str, node: ast.Import | ast.ImportFrom) -> Iterator[str]:
         base = f"{package}.{base}" if base else package
     for alias in node.names:
         sub = f"{base}.{alias.name}"
-        yield sub if sub in MODULES else base
+        yield sub if sub in MODULES or sub in COMPILED else base
 
 
 def _graph(*, eager_only: bool) -> dict[str, set[str]]:
@@ -99,7 +100,8 @@ def _graph(*, eager_only: bool) -> dict[str, set[str]]:
         edges = set()
         for node in _import_nodes(tree, eager_only=eager_only):
             for target in _targets(module, node):
-                while target and target not in MODULES:  # fastckpt.x.Name -> fastckpt.x
+                while target and target not in MODULES and target not in COMPILED:
+                    # fastckpt.x.Name -> fastckpt.x
                     target = target.rpartition(".")[0]
                 if target and target != module:
                     edges.add(target)
@@ -178,3 +180,69 @@ def test_pure_modules_import_neither_torch_nor_core(module: str) -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# The layers, lowest first (docs/architecture.md). A module imports only modules of its own
+# layer or below, lazily or not; the first matching prefix names a module's layer.
+LAYERS: list[tuple[str, ...]] = [
+    ("fastckpt.errors", "fastckpt.config", "fastckpt._version", "fastckpt.rules"),
+    ("fastckpt._core", "fastckpt._core_missing", "fastckpt.io_engine"),
+    ("fastckpt.format",),
+    ("fastckpt.tiers",),
+    (
+        "fastckpt.serve.protocol",
+        "fastckpt.serve.names",
+        "fastckpt.serve.client",
+        "fastckpt.serve.store",
+        "fastckpt.serve.daemon",
+    ),
+    ("fastckpt.loader",),
+    # the package root is the public API (it resolves names lazily): code of this layer and above
+    # may use it, code below imports the module that defines what it needs
+    ("fastckpt.sched", "fastckpt.migrate", "fastckpt.integrations", "fastckpt.transformers"),
+    ("fastckpt.bench", "fastckpt.serve", "fastckpt.demo", "fastckpt.cachecli", "fastckpt.cli"),
+]
+# siblings that never import each other
+APART = [("fastckpt.sched", "fastckpt.migrate")]
+
+
+ROOT_LAYER = 6
+
+
+def layer_of(module: str) -> int:
+    if module == "fastckpt":
+        return ROOT_LAYER
+    best, found = -1, -1
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and len(p) > best:
+                best, found = len(p), i
+    return found
+
+
+def test_every_module_has_a_layer() -> None:
+    missing = [m for m in MODULES if m != "fastckpt" and layer_of(m) < 0]
+    assert not missing, f"add these modules to LAYERS: {missing}"
+
+
+def test_imports_never_go_up_the_layers() -> None:
+    graph = _graph(eager_only=False)
+    upward = []
+    for module, targets in graph.items():
+        if module == "fastckpt":  # the public facade re-exports every layer, lazily
+            continue
+        for t in targets:
+            if layer_of(t) > layer_of(module):
+                upward.append(f"{module} (layer {layer_of(module)}) -> {t} (layer {layer_of(t)})")
+    for a, b in APART:
+        for module, targets in graph.items():
+            for x, y in ((a, b), (b, a)):
+                if module.startswith(x) and any(t.startswith(y) for t in targets):
+                    upward.append(f"{module} -> {y} ({x} and {y} never import each other)")
+    assert not upward, "\n".join(sorted(upward))
+
+
+def test_the_layer_check_catches_an_upward_import() -> None:
+    assert layer_of("fastckpt.format.reader") < layer_of("fastckpt.loader.session")
+    assert layer_of("fastckpt.serve.client") < layer_of("fastckpt.loader.session")
+    assert layer_of("fastckpt.serve.cli") > layer_of("fastckpt.loader.session")

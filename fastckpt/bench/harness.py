@@ -14,6 +14,8 @@ or one of the scenarios registered here, chosen with ``--scenario``:
   by an untimed load in the same process) beside loads without a tier, cold and warm;
 - ``daemon``: a fresh process loading from a ``fastckpt serve`` daemon beside cold and warm loads;
 - ``iterator``: ``fastckpt.iter_tensors`` beside ``fastckpt.load`` (time and peak RSS);
+- ``gpu-check``: what ``benchmarks/gpu_check.sh`` measures on a lent GPU box, most important
+  first, each result written as it comes (``--fake-device``: the same on CPU, a dry run);
 - ``vllm``: weight loading inside vLLM (``fastckpt.integrations.vllm.bench``, run by the
   interpreter ``FASTCKPT_VLLM_PYTHON`` names; skipped with a note when it is unset or lacks vLLM).
 
@@ -84,6 +86,7 @@ SCENARIOS: dict[str, str] = {
     "daemon": "fastckpt.bench.scenario_daemon",
     "iterator": "fastckpt.bench.scenario_iterator",
     "vllm": "fastckpt.bench.scenario_vllm",
+    "gpu-check": "fastckpt.bench.scenario_gpu_check",
 }
 """Scenario name -> module (see the module docstring for what a module provides)."""
 

@@ -95,7 +95,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import fastckpt
-    from fastckpt.loader.session import peek_default
+    from fastckpt.loader.api import peek_default
 
     device = spec["device"]
     cuda = device.startswith("cuda")
@@ -118,7 +118,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     extra = {
         "median_repeat_s": statistics.median(again) if again else None,
         "path": stats.path_taken,
-        "slots": ring.slots if ring is not None else 0,
+        "slots": ring.total if ring is not None else 0,
         "pin_method": ring.method if ring is not None else None,
         "notes": list(stats.notes),
     }

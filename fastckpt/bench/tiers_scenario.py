@@ -202,6 +202,7 @@ def run_gpu_tier(path: str, *, repeats: int = 5, device: str = "cuda:0") -> dict
     for loader in (plain, dram, gpu):  # first loads: pin the ring, fill the tiers
         t = loader.load(path, device)
         del t
+    dram.prefetch(path, tier="dram", device=device).result()  # the item's background pinning
     gc.collect()
     names = {"warm": plain, "dram-tier": dram, "gpu-tier": gpu}
     samples: dict[str, list[float]] = {n: [] for n in names}

@@ -11,6 +11,7 @@ point for every kind of checkpoint.
 from __future__ import annotations
 
 import os
+import threading
 from types import MappingProxyType
 from typing import Any
 
@@ -53,8 +54,47 @@ def read_fastckpt(
             expected=header.body_crc32c,
             actual=actual,
         )
-    doc = spec.loads_json(body, path=index_path, what="index body")
-    return _IndexBuilder(d, index_path, header, doc, opened).build()
+    key = (d.path, index_name, body)
+    known = _VALIDATED.get(key)
+    doc = (
+        known.doc
+        if known is not None
+        else spec.loads_json(body, path=index_path, what="index body")
+    )
+    builder = _IndexBuilder(d, index_path, header, doc, opened)
+    builder.known = known
+    index = builder.build()
+    if known is None:
+        _remember(key, _Validated(doc, index))
+    return index
+
+
+class _Validated:
+    """An index body already validated in this process, its parsed document and its ``Index``."""
+
+    __slots__ = ("doc", "index")
+
+    def __init__(self, doc: Any, index: Index) -> None:
+        self.doc = doc
+        self.index = index
+
+
+# Index bodies already validated in this process, keyed by (directory, index name, the exact
+# bytes): loading the same checkpoint again (a tier hit, the next window of ``iter_tensors``)
+# skips the JSON parse and the per-tensor checks, which depend on nothing else, and gets the very
+# same ``Index`` object (so plans made from it can be reused). Everything about the files
+# (partitions opened beneath the directory, their sizes, carried files) is checked on every read.
+_VALIDATED: dict[tuple[str, str, bytes], _Validated] = {}
+_VALIDATED_MAX = 16
+_validated_lock = threading.Lock()
+
+
+def _remember(key: tuple[str, str, bytes], value: _Validated) -> None:
+    with _validated_lock:
+        _VALIDATED.pop(key, None)
+        _VALIDATED[key] = value
+        while len(_VALIDATED) > _VALIDATED_MAX:
+            del _VALIDATED[next(iter(_VALIDATED))]
 
 
 def _check_header(head: bytes, size: int, path: str) -> spec.Header:
@@ -135,10 +175,14 @@ class _IndexBuilder:
         self.root = d.path
         self.header = header
         self.doc = doc
+        self.known: _Validated | None = None
 
     def build(self) -> Index:
         doc = self._top_level()
         partitions = self._partitions(doc["partitions"])
+        if self.known is not None:  # these very bytes were validated before: files checked
+            self._tree(doc.get("tree", []), self._files(doc.get("files", []), partitions))
+            return self.known.index
         tensors = self._tensors(doc["tensors"], partitions)
         aliases = self._aliases(doc.get("aliases", {}), tensors)
         files = self._files(doc.get("files", []), partitions)

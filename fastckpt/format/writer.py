@@ -271,7 +271,7 @@ def _check_alignment(alignment: object) -> int:
 
 
 def tool_name() -> str:
-    from fastckpt import __version__
+    from fastckpt._version import __version__
 
     return f"fastckpt {__version__}"
 

@@ -1,4 +1,4 @@
-"""``fastckpt.load``: plan (pure) + execute (torch, C++ engine).
+"""``fastckpt.load`` and the process's Loaders: the default one, the current one.
 
 Importing this module imports everything a load needs (torch, the C++ core, the reader), so
 that the first load pays for reading bytes, not for imports."""
@@ -6,17 +6,60 @@ that the first load pays for reading bytes, not for imports."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal, overload
 
 from fastckpt.format.index import Index
 from fastckpt.loader.plan import LoadPlan, plan_load
-from fastckpt.loader.session import Loader, default_loader
+from fastckpt.loader.session import Loader, _current
 from fastckpt.loader.stats import LoadStats, last_stats
+from fastckpt.loader.target import resolve_target
 
-__all__ = ["LoadPlan", "LoadStats", "Loader", "last_stats", "load", "plan_load"]
+__all__ = [
+    "LoadPlan",
+    "LoadStats",
+    "Loader",
+    "default_loader",
+    "last_stats",
+    "load",
+    "load_via_server",
+    "peek_default",
+    "plan_load",
+    "set_default_loader",
+]
 
 DeviceArg = Any  # "cpu" | "cuda" | "cuda:N" | int | torch.device | Mapping[str, device]
+
+_default: Loader | None = None
+_default_lock = threading.Lock()
+
+
+def default_loader() -> Loader:
+    """The Loader ``fastckpt.load`` uses: the one made current with ``Loader.use()``, else the
+    process-wide default (made on first use from the configuration; made again if it was
+    closed)."""
+    global _default
+    current = _current.get()
+    if current is not None:
+        return current
+    with _default_lock:
+        if _default is None or _default.closed:
+            _default = Loader()
+        return _default
+
+
+def peek_default() -> Loader | None:
+    return _default
+
+
+def set_default_loader(loader: Loader | None) -> Loader | None:
+    """Replace the process-wide default Loader (None: make a fresh one on next use); returns the
+    previous one (not closed)."""
+    global _default
+    with _default_lock:
+        old, _default = _default, loader
+    return old
 
 
 @overload
@@ -67,16 +110,18 @@ def load(
         path: a fastckpt checkpoint directory, a ``.safetensors`` file, or a directory of
             (sharded) safetensors files. Stock safetensors are loaded by the same pipeline, with
             no conversion (unless the SSD tier is on: then a converted copy is kept and used).
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, an int (CUDA index), a ``torch.device``, or
-            a device map ``{name prefix: device}`` (tensor-name prefixes on dot boundaries, or
-            transformers module names; ``""`` sets the default). Each device's buffers are
-            filled in parallel.
+        device: ``"cpu"``, ``"cuda"`` (the current CUDA device), ``"cuda:N"``, an int (CUDA
+            index), a ``torch.device``, or a device map ``{name prefix: device}`` (tensor-name
+            prefixes on dot boundaries, or transformers module names; ``""`` sets the default).
+            Each device's buffers are filled in parallel.
         engine: ``"auto"`` (default: config ``io_engine``), ``"uring"`` or ``"pread"``.
-        verify: check every chunk checksum inside the pipeline (fastckpt checkpoints only);
-            a mismatch raises ``fastckpt.ChecksumError`` and nothing is returned.
+        verify: check every chunk checksum inside the pipeline (fastckpt checkpoints only),
+            on the bytes the tensors are made of; a mismatch raises ``fastckpt.ChecksumError``
+            and nothing is returned.
         names: load only these tensors (stored or alias names); default all.
         index: the checkpoint's index when the caller has read it already
-            (``fastckpt.read_index(path)``), so that it is not read twice.
+            (``fastckpt.read_index(path)``), so that it is not read twice (its files are opened
+            and checked against it again).
         stats: also return a ``LoadStats``.
         loader: the ``fastckpt.Loader`` to load through (its engines, pool, tiers and
             settings); default: the current one (``Loader.use()``) or the process's default.
@@ -92,6 +137,7 @@ def load(
         ``{name: tensor}`` in checkpoint order, aliases (tied weights) last and mapped to the very
         tensor object of their target. Tensors of one (partition, device) are views of one
         refcounted buffer: dropping some never frees memory that others use; dropping all frees it.
+        Device tensors are ready to use on the caller's current CUDA stream.
 
     Raises:
         FormatError (and subclasses): the checkpoint is invalid or changed during the load.
@@ -109,3 +155,36 @@ def load(
         stats=stats,
         private_copy=private_copy,
     )
+
+
+def load_via_server(
+    path: str | os.PathLike[str],
+    device: Any = "cpu",
+    *,
+    names_: Sequence[str] | None = None,
+    verify: bool = False,
+    stats: bool = False,
+    server: str | None = None,
+    timeout_s: float | None = None,
+) -> Any:
+    """Load through the cache daemon only: ``{name: tensor}`` (with a ``LoadStats`` when
+    ``stats``), or None when the daemon does not serve this checkpoint (a load through a Loader
+    with a server set would then read the files). For tools and tests that must know which path
+    was taken; ``fastckpt.load`` does this, and falls back, by itself."""
+
+    settings: dict[str, Any] = {}
+    if server is not None:
+        settings["server"] = server
+    if timeout_s is not None:
+        settings["server_timeout_s"] = timeout_s
+    with Loader(**settings) as loader:
+        cfg = loader.config()
+        if not cfg.server:
+            return None
+        with loader.open_source(path, cfg=cfg, convert=False, verify=verify) as opened:
+            if not opened.daemon:
+                return None
+            tensors, result = loader.execute(
+                opened, resolve_target(device), names=names_, verify=verify, cfg=cfg, tiers=False
+            )
+    return (tensors, result) if stats else tensors

@@ -6,9 +6,12 @@
         rows = f.get_slice("embed.weight")[100:200]                # reads those rows only
 
 It works on whatever :func:`fastckpt.load` reads (a fastckpt checkpoint directory, one
-``.safetensors`` file, a sharded safetensors directory), validated the same way: the index is
-read and fully checked (bounds, overlaps, dtypes, partition sizes) before the first tensor, and a
-file that is shorter than its index when read raises ``TruncatedError``.
+``.safetensors`` file, a sharded safetensors directory), through the same core: the checkpoint is
+opened once, its index fully checked (bounds, overlaps, dtypes, partition sizes) before the first
+tensor, and every tensor is read by the load executor through the descriptors that were
+validated (a partition replaced or republished after ``open`` is never read; bool bytes other
+than 0/1 are refused), from the cache daemon's copy when one is configured, and straight to the
+device through the pinned staging ring for a GPU.
 
 A slice reads the bounding box of the selection, as contiguous runs of the file, and selects in
 memory: ``x[10:20]`` reads 10 rows, ``x[:, 3]`` reads one element per row when the rows are long
@@ -25,8 +28,8 @@ Differences from ``safetensors.safe_open`` (see docs/lazy.md):
   ``__metadata__``), ``None`` when there is none.
 - no chunk checksums are checked (a slice reads less than a checksum chunk); use
   ``fastckpt.verify`` or ``fastckpt.load(verify=True)`` for that.
-- it reads with ``pread`` instead of mapping the file, so tensors never depend on the file
-  staying unchanged after they are returned.
+- it reads into memory of its own instead of mapping the file, so tensors never depend on the
+  file staying unchanged after they are returned.
 """
 
 from __future__ import annotations
@@ -38,15 +41,14 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from fastckpt.errors import DeviceError, TruncatedError
 from fastckpt.format import dtypes
-from fastckpt.format.reader import read_index
-from fastckpt.loader.plan import resolve_device
+from fastckpt.loader.plan import plan_gather
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from fastckpt.format.index import Index, TensorEntry
+    from fastckpt.loader.session import Loader, Opened
 
 __all__ = ["LazyCheckpoint", "TensorSlice", "open"]
 
@@ -57,7 +59,11 @@ _MAX_RUNS = 65536
 
 
 def open(
-    path: str | os.PathLike[str], framework: str = "pt", device: Any = "cpu"
+    path: str | os.PathLike[str],
+    framework: str = "pt",
+    device: Any = "cpu",
+    *,
+    loader: Loader | None = None,
 ) -> LazyCheckpoint:
     """Open a checkpoint for lazy access (a context manager; see the module docstring).
 
@@ -66,7 +72,9 @@ def open(
             (sharded) safetensors files.
         framework: ``"pt"`` (the only one; accepted so that ``safe_open(path, "pt")`` calls
             work unchanged).
-        device: where tensors are returned: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or an int.
+        device: where tensors are returned: ``"cpu"``, ``"cuda"`` (the current device),
+            ``"cuda:N"`` or an int.
+        loader: the ``fastckpt.Loader`` to read through (default: the current or default one).
 
     Raises:
         FormatError (and subclasses): the checkpoint is invalid.
@@ -74,29 +82,25 @@ def open(
         ValueError: another framework.
         FileNotFoundError: no such checkpoint.
     """
+    from fastckpt.loader.api import default_loader
+    from fastckpt.loader.target import check_single_device
+
     if framework not in ("pt", "torch"):
         raise ValueError(f"framework={framework!r}: fastckpt.open returns torch tensors ('pt')")
-    dev = resolve_device(str(device) if not isinstance(device, (int, str)) else device)
-    if dev.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise DeviceError(f"cannot open for {dev}: CUDA is not available in this process")
-        if int(dev.split(":", 1)[1]) >= torch.cuda.device_count():
-            raise DeviceError(
-                f"cannot open for {dev}: this process sees {torch.cuda.device_count()} "
-                "CUDA device(s)"
-            )
-    return LazyCheckpoint(read_index(path), dev)
+    session = loader if loader is not None else default_loader()
+    dev = check_single_device(session, device, "open for")
+    cfg = session.config(cpu_map_cached=False)
+    return LazyCheckpoint(session, session.open_source(path, cfg=cfg, convert=False), dev)
 
 
 class LazyCheckpoint:
     """An open checkpoint; tensors are read when asked for. Close it (or use ``with``)."""
 
-    def __init__(self, index: Index, device: str) -> None:
-        self._index = index
+    def __init__(self, loader: Loader, opened: Opened, device: str) -> None:
+        self._loader = loader
+        self._opened = opened
+        self._index = opened.index
         self._device = device
-        self._fds: dict[int, int] = {}
         self._closed = False
         self.bytes_read = 0
         """Bytes read from the files so far (what slices cost)."""
@@ -116,10 +120,9 @@ class LazyCheckpoint:
 
     def close(self) -> None:
         """Close the files (idempotent); later calls raise ``ValueError``."""
-        self._closed = True
-        fds, self._fds = self._fds, {}
-        for fd in fds.values():
-            os.close(fd)
+        if not self._closed:
+            self._closed = True
+            self._opened.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # interpreter shutdown
@@ -155,7 +158,7 @@ class LazyCheckpoint:
     def get_tensor(self, name: str) -> torch.Tensor:
         """The whole tensor ``name`` on the device."""
         entry = self._entry(name)
-        return self._deliver(self._read_box(entry, [(0, n) for n in entry.shape]))
+        return self._read_box(entry, [(0, n) for n in entry.shape])
 
     def get_slice(self, name: str) -> TensorSlice:
         """A handle whose ``[...]`` reads only what the selection needs."""
@@ -176,58 +179,20 @@ class LazyCheckpoint:
                 f"no tensor {name!r} in {self._index.root} ({len(self._index.tensors)} tensors)"
             ) from None
 
-    def _fd(self, partition: int) -> int:
-        fd = self._fds.get(partition)
-        if fd is None:
-            part = self._index.partitions[partition]
-            fd = os.open(part.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            size = os.fstat(fd).st_size
-            if size < part.data_end:
-                os.close(fd)
-                raise TruncatedError(
-                    f"the file is {size} bytes, its index needs {part.data_end}", path=part.path
-                )
-            self._fds[partition] = fd
-        return fd
-
     def _read_box(self, entry: TensorEntry, box: list[tuple[int, int]]) -> torch.Tensor:
-        """The sub-array ``box`` (a (lo, hi) per dim) of ``entry``, read from the file."""
-        import torch
-
-        dtype = dtypes.torch_dtype(entry.dtype, path=self._index.root, tensor=entry.name)
+        """The sub-array ``box`` (a (lo, hi) per dim) of ``entry``, read by the load core."""
         itemsize = dtypes.get(entry.dtype).itemsize
         shape = list(entry.shape)
-        box_shape = [hi - lo for lo, hi in box]
+        box_shape = tuple(hi - lo for lo, hi in box)
         nbytes = math.prod(box_shape) * itemsize
-        out = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes:
-            runs = _runs(shape, box, itemsize)
-            fd = self._fd(entry.partition)
-            view = memoryview(out.numpy()).cast("B")  # type: ignore[arg-type]
-            pos = 0
-            for start, length in runs:
-                self._pread(fd, view[pos : pos + length], entry.offset + start, entry)
-                pos += length
-            if pos != nbytes:  # pragma: no cover (an internal inconsistency)
-                raise RuntimeError(f"internal error: read {pos} of {nbytes} bytes")
-        return out.view(dtype).reshape(box_shape)
-
-    def _pread(self, fd: int, dest: memoryview, offset: int, entry: TensorEntry) -> None:
-        done = 0
-        while done < len(dest):
-            n = os.preadv(fd, [dest[done:]], offset + done)
-            if n == 0:
-                raise TruncatedError(
-                    "the file ended inside the tensor's bytes (changed since it was opened?)",
-                    path=self._index.partitions[entry.partition].path,
-                    tensor=entry.name,
-                    offset=offset + done,
-                )
-            done += n
-        self.bytes_read += done
-
-    def _deliver(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if self._device == "cpu" else tensor.to(self._device)
+        runs = _runs(shape, box, itemsize) if nbytes else []
+        cfg = self._loader.config(cpu_map_cached=False)
+        plan = plan_gather(entry, runs, box_shape, self._device, chunk_bytes=cfg.ring_slot_bytes)
+        tensors, _ = self._loader.execute(
+            self._opened, self._device, cfg=cfg, tiers=False, plan=plan
+        )
+        self.bytes_read += plan.read_nbytes
+        return tensors[entry.name]
 
 
 class TensorSlice:
@@ -281,7 +246,7 @@ class TensorSlice:
         if result.numel() != block.numel() or result.stride() != _strides(result.shape):
             # a copy with plain strides, that does not keep the rest of the box alive
             result = result.clone(memory_format=torch.contiguous_format)
-        return owner._deliver(result)
+        return result
 
 
 def _strides(shape: Any) -> tuple[int, ...]:

@@ -66,6 +66,8 @@ class ViewPlan:
     dtype: str
     shape: tuple[int, ...]
     aligned: bool
+    partition: int = 0
+    file_offset: int = 0  # the tensor's absolute offset in its partition file
 
 
 @dataclass(frozen=True)
@@ -197,12 +199,15 @@ def plan_load(
 
     check_chunk = index.checksum_chunk_bytes if verify else None
     if verify and check_chunk:
-        # Split reads on checksum chunk boundaries: whole chunks per piece, or whole pieces
-        # per chunk when a chunk is larger than a piece.
+        # Split reads on checksum chunk boundaries: one whole chunk per piece (a device load
+        # checks each piece's CRC as a whole), or whole pieces per chunk when a chunk is larger
+        # than a piece.
         if check_chunk <= chunk_bytes:
-            chunk_bytes = _align_down(chunk_bytes, check_chunk)
+            chunk_bytes = check_chunk
         else:
-            chunk_bytes = check_chunk if check_chunk % chunk_bytes else chunk_bytes
+            # the largest page multiple <= chunk_bytes that divides the checksum chunk
+            while check_chunk % chunk_bytes:
+                chunk_bytes -= PAGE
 
     # Group stored tensors by (partition, device) in load order.
     groups: dict[tuple[int, str], list[TensorEntry]] = {}
@@ -277,6 +282,8 @@ def plan_load(
                     dtype=e.dtype,
                     shape=e.shape,
                     aligned=rel % itemsize == 0,
+                    partition=e.partition,
+                    file_offset=e.offset,
                 )
             )
 
@@ -289,3 +296,116 @@ def plan_load(
         checks=tuple(checks),
         devices=devices,
     )
+
+
+def plan_partitions(index: Index, partitions: Iterable[int], *, chunk_bytes: int) -> LoadPlan:
+    """Read whole partitions into host memory, file offset = buffer offset (a DRAM-tier fill):
+    one CPU buffer per partition, no views."""
+    if chunk_bytes <= 0 or chunk_bytes % PAGE:
+        raise ValueError(f"chunk_bytes={chunk_bytes}: must be a positive multiple of {PAGE}")
+    buffers: list[BufferPlan] = []
+    reads: list[ReadOp] = []
+    for part_i in partitions:
+        n = index.partitions[part_i].nbytes
+        buf_i = len(buffers)
+        buffers.append(
+            BufferPlan(
+                index=buf_i,
+                device="cpu",
+                partition=part_i,
+                nbytes=n,
+                segments=((0, n, 0),) if n else (),
+            )
+        )
+        for lo in range(0, n, chunk_bytes):
+            ln = min(chunk_bytes, n - lo)
+            reads.append(ReadOp(buf_i, part_i, lo, ln, lo))
+    return LoadPlan(
+        buffers=tuple(buffers),
+        reads=tuple(reads),
+        views=(),
+        aliases={},
+        checks=(),
+        devices=("cpu",) if buffers else (),
+    )
+
+
+def plan_gather(
+    entry: TensorEntry,
+    runs: Iterable[tuple[int, int]],
+    shape: tuple[int, ...],
+    device: str,
+    *,
+    chunk_bytes: int,
+) -> LoadPlan:
+    """Read byte runs of one tensor, packed one after the other, into one buffer on ``device``
+    and view them as a tensor of ``shape`` (a slice's bounding box). ``runs`` are (offset in the
+    tensor, length). The buffer is packed, not laid out like the file, so it is read, never
+    mapped."""
+    if chunk_bytes <= 0 or chunk_bytes % PAGE:
+        raise ValueError(f"chunk_bytes={chunk_bytes}: must be a positive multiple of {PAGE}")
+    segments: list[tuple[int, int, int]] = []
+    reads: list[ReadOp] = []
+    dest = 0
+    for start, length in runs:
+        lo = entry.offset + start
+        segments.append((lo, lo + length, dest))
+        off = 0
+        while off < length:
+            n = min(chunk_bytes, length - off)
+            reads.append(ReadOp(0, entry.partition, lo + off, n, dest + off))
+            off += n
+        dest += length
+    buf = BufferPlan(0, device, entry.partition, dest, tuple(segments))
+    view = ViewPlan(
+        name=entry.name,
+        buffer=0,
+        rel_offset=0,
+        nbytes=dest,
+        dtype=entry.dtype,
+        shape=shape,
+        aligned=True,
+        partition=entry.partition,
+        file_offset=entry.offset,
+    )
+    return LoadPlan(
+        buffers=(buf,),
+        reads=tuple(reads),
+        views=(view,),
+        aliases={},
+        checks=(),
+        devices=(device,),
+    )
+
+
+def windows(
+    index: Index, names: Iterable[str] | None, window_bytes: int
+) -> list[list[tuple[str, list[str]]]]:
+    """The stored tensors to yield, in storage order, cut into windows of at most
+    ``window_bytes``: each item is (stored name, [names to yield for it: itself if asked, then its
+    aliases that were asked])."""
+    wanted: set[str] | None = None
+    if names is not None:
+        wanted = set()
+        for name in names:
+            if name not in index.tensors and name not in index.aliases:
+                raise KeyError(f"no tensor {name!r} in {index.root}")
+            wanted.add(name)
+    aliases: dict[str, list[str]] = {}
+    for alias, target in index.aliases.items():
+        if wanted is None or alias in wanted:
+            aliases.setdefault(target, []).append(alias)
+    order = sorted(index.tensors.values(), key=lambda e: (e.partition, e.offset, e.name))
+    out: list[list[tuple[str, list[str]]]] = []
+    size = 0
+    for entry in order:
+        own = wanted is None or entry.name in wanted
+        if not own and entry.name not in aliases:
+            continue
+        yields = ([entry.name] if own else []) + aliases.get(entry.name, [])
+        if not out or (size + entry.nbytes > window_bytes and size > 0):
+            out.append([])
+            size = 0
+        out[-1].append((entry.name, yields))
+        size += entry.nbytes
+    return out

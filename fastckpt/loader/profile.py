@@ -4,9 +4,13 @@ Whether O_DIRECT or buffered reads with readahead are faster depends on the stor
 between machines (and between runs of one machine), so the loader measures instead of assuming.
 The first cold load from a filesystem that has no profile yet runs a short probe on the file it
 is about to read: the same byte range read cold three times (O_DIRECT, buffered, and ``mixed``:
-buffered over the first half and O_DIRECT over the second, both in flight together), with the
-page cache dropped before each. The figures go to a small JSON file under the user's cache
-directory, keyed by device number and filesystem type; later loads read that file.
+buffered over the first half and O_DIRECT over the second, both in flight together), then mapped
+and every page touched once (``map``: what a CPU load that maps a cold file costs until its
+tensors are usable, as with safetensors), with the page cache dropped before each. The
+figures go to a small JSON file under the user's cache directory, keyed by device number and
+filesystem type; later loads read that file. A stored file that cannot be used (not JSON, absurd
+or negative figures, another filesystem's key) is ignored with a ``CacheWarning`` and measured
+again, never an error of the load.
 
 The probe only runs when the file is cold (less than 5% in the page cache): dropping pages a
 user already has cached would cost them a re-read, and a warm file cannot measure a cold read.
@@ -18,14 +22,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 import threading
 import time
+import warnings
 from typing import Any
 
 from fastckpt import io_engine
 from fastckpt.config import Config, profile_dir
+from fastckpt.errors import CacheWarning
 from fastckpt.loader.policy import ReadProfile, mixed_split
 
 PROBE_BYTES = 64 << 20
@@ -66,23 +73,78 @@ def _profile_file(cfg: Config, key: str) -> str:
     return os.path.join(profile_dir(cfg), f"read-{key}.json")
 
 
+MAX_GBPS = 10_000.0  # 10 TB/s: beyond any storage; a figure above it is not a measurement
+MAX_PROFILE_BYTES = 1 << 16
+
+
 def load_profile(cfg: Config, key: str) -> ReadProfile | None:
-    """The stored profile for filesystem ``key``, or None (missing or unreadable)."""
+    """The stored profile for filesystem ``key``, or None: missing (silently) or unusable (not a
+    small JSON object of finite, non-negative figures for this key; a ``CacheWarning`` says
+    which file was ignored, and the caller measures again and overwrites it)."""
+    path = _profile_file(cfg, key)
     try:
-        with open(_profile_file(cfg, key), encoding="utf-8") as f:
-            raw = json.load(f)
-        return ReadProfile(
-            key=str(raw["key"]),
-            fs_type=str(raw["fs_type"]),
-            direct_gbps=float(raw["direct_gbps"]),
-            buffered_gbps=float(raw["buffered_gbps"]),
-            mixed_gbps=float(raw.get("mixed_gbps", 0.0)),
-            probe_bytes=int(raw["probe_bytes"]),
-            measured_at=float(raw["measured_at"]),
-            source=str(raw.get("source", "probe")),
-        )
-    except (OSError, ValueError, KeyError, TypeError):
+        with open(path, "rb") as f:
+            data = f.read(MAX_PROFILE_BYTES + 1)
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        _ignored(path, f"cannot be read: {exc}")
+        return None
+    try:
+        return _parse_profile(data, key)
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+        _ignored(path, str(exc) or type(exc).__name__)
+        return None
+
+
+def _ignored(path: str, why: str) -> None:
+    warnings.warn(
+        f"fastckpt: ignoring the stored read-mode profile {path} ({why}); it is measured again",
+        CacheWarning,
+        stacklevel=4,
+    )
+
+
+def _parse_profile(data: bytes, key: str) -> ReadProfile:
+    if len(data) > MAX_PROFILE_BYTES:
+        raise ValueError(f"larger than {MAX_PROFILE_BYTES} bytes")
+    raw = json.loads(data.decode("utf-8"))
+    if not isinstance(raw, dict):
+        raise TypeError("not a JSON object")
+    if raw.get("key") != key:
+        raise ValueError(f"it is the profile of {raw.get('key')!r}, not of {key!r}")
+
+    def gbps(name: str, default: float | None = None) -> float:
+        value = raw.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} is not a number")
+        value = float(value)
+        if not 0.0 <= value <= MAX_GBPS:  # NaN fails too
+            raise ValueError(f"{name} = {value} is outside [0, {MAX_GBPS:g}]")
+        return value
+
+    probe_bytes = raw.get("probe_bytes")
+    if type(probe_bytes) is not int or not 0 <= probe_bytes <= 1 << 50:
+        raise ValueError(f"probe_bytes = {probe_bytes!r} is not a byte count")
+    measured_at = raw.get("measured_at")
+    if isinstance(measured_at, bool) or not isinstance(measured_at, (int, float)):
+        raise TypeError("measured_at is not a number")
+    if not math.isfinite(measured_at):
+        raise ValueError("measured_at is not finite")
+    fs_type, source = raw.get("fs_type"), raw.get("source", "probe")
+    if not isinstance(fs_type, str) or not isinstance(source, str):
+        raise TypeError("fs_type and source must be strings")
+    return ReadProfile(
+        key=key,
+        fs_type=fs_type,
+        direct_gbps=gbps("direct_gbps"),
+        buffered_gbps=gbps("buffered_gbps"),
+        mixed_gbps=gbps("mixed_gbps", 0.0),
+        map_gbps=gbps("map_gbps", 0.0),
+        probe_bytes=probe_bytes,
+        measured_at=float(measured_at),
+        source=source,
+    )
 
 
 def store_profile(cfg: Config, profile: ReadProfile) -> str:
@@ -181,13 +243,36 @@ def probe(
             figures["direct"] = 0.0  # the filesystem refused O_DIRECT: those were buffered reads
             figures["mixed"] = 0.0
     io_engine.drop_page_cache(path)
+    figures["map"] = _probe_map(path, n)
+    io_engine.drop_page_cache(path)
     return ReadProfile(
         key=key,
         fs_type=fs_type,
         direct_gbps=round(figures["direct"], 3),
         buffered_gbps=round(figures["buffered"], 3),
         mixed_gbps=round(figures["mixed"], 3),
+        map_gbps=round(figures["map"], 3),
         probe_bytes=n,
         measured_at=time.time(),
         source="probe",
     )
+
+
+def _probe_map(path: str, n: int) -> float:
+    """GB/s of mapping the first ``n`` bytes of a cold ``path`` privately and touching every
+    page once (page faults with the kernel's readahead)."""
+    import mmap
+
+    import numpy as np
+
+    with open(path, "rb") as f:
+        t0 = time.perf_counter()
+        mm = mmap.mmap(f.fileno(), n, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        try:
+            pages = np.frombuffer(mm, dtype=np.uint8)[::4096]
+            int(pages.sum())  # one read per page: every page faulted in
+            elapsed = time.perf_counter() - t0
+            del pages
+        finally:
+            mm.close()
+    return n / elapsed / 1e9

@@ -1,18 +1,19 @@
-"""``fastckpt.Loader``: a load session that owns its engines, pinned pool, tiers and settings.
+"""``fastckpt.Loader``: a load session that owns its engines, device stages, pinned pool and tiers.
 
-``fastckpt.load()`` and ``fastckpt.load_model()`` use a process-wide default Loader (made on
-first use from the configuration); make your own for other budgets or an engine of your choice,
-and call its ``load``, or make it current for a block (``with loader.use(): ...``) so that code
-calling ``fastckpt.load`` (``load_model``, ``load_lora``) goes through it.
+``fastckpt.load()``, ``fastckpt.open()``, ``fastckpt.iter_tensors()``, ``load_model`` and the
+vLLM weight source all go through a Loader (the process's default one unless told otherwise:
+``fastckpt.loader.api``). One read of a checkpoint, whatever asked for it, is:
 
-One load: read the index (through the SSD tier for slower sources), plan (pure), look up what the
-tiers hold, measure page-cache residency, look up the filesystem's read-mode profile, ask the
-policy (pure) for one decision per buffer, fill the DRAM tier when the policy says so (one read
-shared by concurrent loads of the same checkpoint: single flight), execute, offer the device
-buffers to the GPU tier, report.
+1. ``open_source``: open the checkpoint once, beneath its directory (or the SSD tier's converted
+   copy of a slow source), and ask the machine's cache daemon for its copies when one is set;
+2. ``execute``: plan (pure), gather the facts (GPU-tier buffers, the DRAM tier, page-cache
+   residency, the read-mode profile), ask the policy once, fill the DRAM tier if it says so,
+   run the one executor over the byte sources, offer fresh device buffers to the GPU tier, and
+   report ``LoadStats``.
 
-Why one module of this size: the Loader's methods share its locks, budgets and single-flight
-table, and each step above is short; split by step, each piece would need the whole object.
+Helpers around it live beside it: ``dramfill`` (the DRAM tier's lookup and fill), ``ssdconvert``
+(the SSD tier's converted copies), ``cachectl`` (prefetch, evict, cache_info), ``stats``
+(assembling ``LoadStats``), ``daemonsource`` (the cache daemon as a byte source).
 """
 
 from __future__ import annotations
@@ -22,34 +23,53 @@ import contextvars
 import os
 import threading
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastckpt import io_engine
 from fastckpt.config import Config, get_config
 from fastckpt.config import ssd_tier_dir as _ssd_dir
-from fastckpt.errors import FormatError
+from fastckpt.errors import (
+    ChecksumError,
+    CorruptDataError,
+    FormatError,
+    MissingPartitionError,
+    TruncatedError,
+)
 from fastckpt.format.fsdir import OpenFile
 from fastckpt.format.index import Index
-from fastckpt.format.reader import OpenCheckpoint, open_checkpoint, open_partitions, read_index
-from fastckpt.loader import policy, profile
-from fastckpt.loader.executor import Executor, Sources, fill_blocks
-from fastckpt.loader.executor import open_partition as _open_partition
+from fastckpt.format.reader import OpenCheckpoint, open_checkpoint, open_partitions
+from fastckpt.loader import cachectl, dramfill, policy, profile, stats
+from fastckpt.loader.daemonsource import fetch, warn_once
+from fastckpt.loader.executor import Executor
 from fastckpt.loader.plan import LoadPlan, plan_load
-from fastckpt.loader.staging import StagingRing
-from fastckpt.loader.stats import LoadStats, record
+from fastckpt.loader.policy import DramAction, Facts, Source
+from fastckpt.loader.sources import Sources
+from fastckpt.loader.sources import open_partition as _open_partition
+from fastckpt.loader.ssdconvert import convert_opened, through_ssd
+from fastckpt.loader.staging import StagingRing, pin_method, process_ring
+from fastckpt.loader.target import resolve_target
 from fastckpt.loader.tiering import SingleFlight, checkpoint_identity, plan_signature
 from fastckpt.rules.devices import check_cuda_visible
 from fastckpt.tiers.dram import DramItem, DramTier
 from fastckpt.tiers.gpu import GpuTier
 from fastckpt.tiers.held import PageLocker, lock_file_pages
 from fastckpt.tiers.pool import HostPool
-from fastckpt.tiers.ssd import SsdTier, source_identity
+from fastckpt.tiers.ssd import SsdTier
 
 # Windows sampled to estimate residency: an exact count costs ~4 ms per GiB, a sample ~0.1 ms.
 RESIDENCY_SAMPLES = 256
 TIERS = ("gpu", "dram", "ssd")
+ENGINES = ("auto", "uring", "pread")
+PLANS_KEPT = 32  # plans remembered per Loader (a GPU-tier hit then makes views, little else)
+
+_current: contextvars.ContextVar[Loader | None] = contextvars.ContextVar(
+    "fastckpt_loader", default=None
+)
 
 
 def _sampled_residency(path: str) -> float:
@@ -59,57 +79,50 @@ def _sampled_residency(path: str) -> float:
         return 0.0
 
 
-ENGINES = ("auto", "uring", "pread")
+def cuda_ring(backend: Any, cfg: Config) -> StagingRing:
+    """The process's pinned staging ring for CUDA loads with ``cfg``'s slot size (made, with
+    the machine's fastest pinning method, on the first device load)."""
+    from fastckpt.config import profile_dir
+
+    slot = cfg.ring_slot_bytes
+
+    def make() -> StagingRing:
+        import torch
+
+        key = f"cuda-{torch.cuda.get_device_name(0)}"
+        method = pin_method(backend, cfg.pin_method, profile_dir(cfg), key)
+        return StagingRing(backend, slot, max(2, cfg.ring_bytes // slot), method=method)
+
+    return process_ring(slot, make)
 
 
-def _open(path: str | os.PathLike[str] | Index) -> OpenCheckpoint:
-    """The checkpoint with its validated files open (an ``Index`` given by the caller has its
-    partitions opened again, with the same rules)."""
-    if isinstance(path, Index):
-        return OpenCheckpoint(path, open_partitions(path), {})
-    return open_checkpoint(path)
+@dataclass
+class Opened:
+    """A checkpoint opened for reading through the core: the validated ``index`` and the open
+    ``files`` it was validated against, its tier identity, the cache daemon's sealed copies
+    (``daemon``, one per partition, when it serves it), the carried files it opened
+    (``carried``), and what else must be released."""
 
+    index: Index
+    files: Sequence[OpenFile]
+    ident: tuple[str, str]
+    daemon: tuple[OpenFile, ...] = ()
+    carried: Mapping[str, OpenFile] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    ssd_key: str | None = None  # the SSD tier's copy these files are, if they are one
+    _close: list[Callable[[], None]] = field(default_factory=list)
 
-def _check_devices(devices: Iterable[str]) -> None:
-    if not any(d.startswith("cuda") for d in devices):
-        return
-    import torch
+    def close(self) -> None:
+        for fn in reversed(self._close):
+            with contextlib.suppress(Exception):
+                fn()
+        self._close.clear()
 
-    note = f" (torch {torch.__version__}, built with CUDA {torch.version.cuda})"
-    check_cuda_visible(devices, torch.cuda, note=note)
+    def __enter__(self) -> Opened:
+        return self
 
-
-_current: contextvars.ContextVar[Loader | None] = contextvars.ContextVar(
-    "fastckpt_loader", default=None
-)
-_default: Loader | None = None
-_default_lock = threading.Lock()
-
-
-def default_loader() -> Loader:
-    """The Loader ``fastckpt.load`` uses: the one made current with ``Loader.use()``, else the
-    process-wide default (made on first use from the configuration)."""
-    global _default
-    current = _current.get()
-    if current is not None:
-        return current
-    with _default_lock:
-        if _default is None:
-            _default = Loader()
-        return _default
-
-
-def peek_default() -> Loader | None:
-    return _default
-
-
-def set_default_loader(loader: Loader | None) -> Loader | None:
-    """Replace the process-wide default Loader (None: make a fresh one on next use); returns the
-    previous one (not closed)."""
-    global _default
-    with _default_lock:
-        old, _default = _default, loader
-    return old
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Loader:
@@ -122,14 +135,14 @@ class Loader:
         residency: a function path -> fraction of the file in the page cache (default: sampled
             ``mincore``/``cachestat``); a seam for tests and estimates.
         open_partition: how a validated open partition file becomes what a read or a mapping
-            needs (default
-            ``fastckpt.loader.executor.open_partition``); a seam for tests.
+            needs (default ``fastckpt.loader.sources.open_partition``); a seam for tests.
         page_locker: how the DRAM tier locks a partition's page cache for CPU-only items
-            (default ``mlock``, ``fastckpt.tiers.held.lock_file_pages``); None copies every
-            item into memfd blocks instead. When locking fails (``RLIMIT_MEMLOCK``) the item is
-            copied too, and the load's ``notes`` say so. A seam for tests.
-        **settings: any other configuration field (``read_mode``, ``ring_bytes``...), fixed for
-            this Loader. Settings not given are read from the environment at each load.
+            (default ``mlock``); None copies every item into memfd blocks instead.
+        device_stage: a function ``(device, loader) -> DeviceStage`` that makes the stage moving
+            bytes to a device (default: the CUDA stage). A seam: tests pass a stage over a fake
+            copy backend, so the whole device path runs on CPU.
+        **settings: any other configuration field (``read_mode``, ``ring_bytes``, ``server``...),
+            fixed for this Loader. Settings not given are read from the environment at each load.
     """
 
     def __init__(
@@ -143,6 +156,7 @@ class Loader:
         residency: Callable[[str], float] | None = None,
         open_partition: Callable[..., Any] | None = None,
         page_locker: PageLocker | None = lock_file_pages,
+        device_stage: Callable[[str, Loader], Any] | None = None,
         **settings: Any,
     ) -> None:
         self._overrides: dict[str, Any] = dict(settings)
@@ -158,9 +172,11 @@ class Loader:
         cfg = self.config()  # validates the settings now
         self._residency = residency or _sampled_residency
         self._open_partition = open_partition or _open_partition
+        self._stage_factory = device_stage
         self._lock = threading.Lock()
         self._engines: dict[tuple[str, int, int, int], io_engine.Engine] = {}
-        self._ring: StagingRing | None = None
+        self._stages: dict[str, Any] = {}
+        self._plans: OrderedDict[Hashable, tuple[weakref.ref[Index], LoadPlan]] = OrderedDict()
         self.pool = HostPool(piece_bytes=cfg.pool_piece_bytes, retain_bytes=cfg.ring_bytes)
         self._pinning_ready = False
         self.gpu_tier = GpuTier(cfg.gpu_tier_bytes)
@@ -168,9 +184,15 @@ class Loader:
         self.ssd_tier: SsdTier | None = (
             SsdTier(cfg.ssd_tier_bytes, _ssd_dir(cfg)) if cfg.ssd_tier_bytes > 0 else None
         )
-        self._flights = SingleFlight()
+        self.flights = SingleFlight()
         self._background: ThreadPoolExecutor | None = None
         self._closed = False
+        # a Loader dropped without close() still frees its tiers' items (locked memory,
+        # descriptors) and its pool when it is collected
+        self._free_tiers = weakref.finalize(
+            self, _free_tiers, self.gpu_tier, self.dram_tier, self.pool
+        )
+        _LOADERS.add(self)
 
     # ------------------------------------------------------------------ resources
     def config(self, **overrides: Any) -> Config:
@@ -185,6 +207,7 @@ class Loader:
         threads = cfg.resolved_io_threads()
         key = (cfg.io_engine, cfg.queue_depth, threads, cfg.chunk_bytes)
         with self._lock:
+            self._check_open()
             eng = self._engines.get(key)
             if eng is None:
                 eng = io_engine.Engine(
@@ -196,32 +219,51 @@ class Loader:
                 self._engines[key] = eng
             return eng
 
-    def _enable_pinning(self) -> None:
-        """Give the pool CUDA pinning the first time a GPU load needs pinned memory."""
+    def _enable_pinning(self, backend: Any) -> None:
+        """The pool (DRAM-tier blocks) pins through the first device stage's copy backend
+        (portable pinning: usable for every device)."""
         with self._lock:
             if self._pinning_ready:
                 return
-            from fastckpt.tiers.pool import cuda_pinner
-
-            self.pool.pinner, self.pool.unpinner = cuda_pinner()
+            self.pool.pinner, self.pool.unpinner = backend.pin, backend.unpin
             self._pinning_ready = True
 
-    def ring(self, slot_bytes: int, cfg: Config | None = None) -> StagingRing:
-        """The staging ring (made on first GPU load, slots pinned lazily, from the pool)."""
+    def stage(self, device: str, cfg: Config | None = None) -> Any:
+        """The device stage of ``device`` (made on first use, reused by later loads)."""
         cfg = cfg or self.config()
-        self._enable_pinning()
         with self._lock:
-            if self._ring is None or self._ring.slot_bytes < slot_bytes:
-                if self._ring is not None:
-                    self._ring.close()
-                slots = max(2, cfg.ring_bytes // slot_bytes)
-                pool = self.pool if cfg.pin_method in ("auto", "pool") else None
-                self._ring = StagingRing(slot_bytes, slots, cfg.pin_method, pool=pool)
-            return self._ring
+            self._check_open()
+            st = self._stages.get(device)
+        if st is not None:
+            return st
+        if self._stage_factory is not None:
+            st = self._stage_factory(device, self)
+        else:
+            from fastckpt.loader.devstage import CudaStage
+
+            st = CudaStage(device, cfg.copy_streams, lambda backend: cuda_ring(backend, cfg))
+        self._enable_pinning(st.backend)
+        with self._lock:
+            return self._stages.setdefault(device, st)
 
     @property
     def current_ring(self) -> StagingRing | None:
-        return self._ring
+        """The staging ring this Loader's device loads use (None before the first one)."""
+        with self._lock:
+            stages = list(self._stages.values())
+        return stages[0].ring if stages else None
+
+    @property
+    def simulated_devices(self) -> bool:
+        """True when device stages come from a factory (a fake device on CPU, in tests)."""
+        return self._stage_factory is not None
+
+    def _background_run(self, fn: Callable[[], Any]) -> Future[Any]:
+        with self._lock:
+            if self._background is None:
+                self._background = ThreadPoolExecutor(2, thread_name_prefix="fastckpt-bg")
+            pool = self._background
+        return pool.submit(fn)
 
     @contextlib.contextmanager
     def use(self) -> Iterator[Loader]:
@@ -232,28 +274,121 @@ class Loader:
         finally:
             _current.reset(token)
 
-    def close(self) -> None:
-        """Free everything the tiers hold (except what callers still use), the pool and engines."""
+    def _check_open(self) -> None:
         if self._closed:
-            return
-        self._closed = True
+            raise RuntimeError("this fastckpt.Loader is closed; make a new one")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Free everything the tiers hold (except what callers still use), the pool and engines.
+        Later use of the Loader raises; a second ``close()`` does nothing."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         if self._background is not None:
             self._background.shutdown(wait=True)
-        for tier in (self.gpu_tier, self.dram_tier):
-            tier.clear()
-        if self._ring is not None:
-            self._ring.close()
-        self.pool.close()
+        self._free_tiers()
         with self._lock:
             engines, self._engines = list(self._engines.values()), {}
+            self._stages.clear()
         for eng in engines:
             eng.close()
+
+    def _after_fork(self) -> None:
+        """In a child process: engines' threads, pinned memory and CUDA state belong to the
+        parent. Drop them without touching them (no joins, no CUDA calls) and start afresh."""
+        cfg = self.config()
+        # Never destroyed here: an engine's destructor joins threads that do not exist in this
+        # process, and pinned memory would be unregistered through a CUDA context it cannot use.
+        _ABANDONED.append((self._engines, self._stages, self.pool, self.gpu_tier, self.dram_tier))
+        self._lock = threading.Lock()
+        self._engines = {}
+        self._stages = {}
+        self._background = None
+        self._pinning_ready = False
+        self.pool = HostPool(piece_bytes=cfg.pool_piece_bytes, retain_bytes=cfg.ring_bytes)
+        self.gpu_tier = GpuTier(cfg.gpu_tier_bytes)
+        self.dram_tier = DramTier(
+            cfg.dram_tier_bytes, self.pool, page_locker=self.dram_tier.page_locker
+        )
+        self.flights = SingleFlight()
+        self._free_tiers.detach()  # the parent's tiers are abandoned, never freed here
+        self._free_tiers = weakref.finalize(
+            self, _free_tiers, self.gpu_tier, self.dram_tier, self.pool
+        )
 
     def __enter__(self) -> Loader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # ------------------------------------------------------------------ opening
+    def open_source(
+        self,
+        path: str | os.PathLike[str] | Index,
+        *,
+        cfg: Config | None = None,
+        convert: bool = True,
+        daemon: bool = True,
+        verify: bool = False,
+    ) -> Opened:
+        """Open ``path`` for reading through the core (see ``Opened``): its validated files (the
+        SSD tier's converted copy of a slow source when ``convert`` and the tier is on), and the
+        cache daemon's copies when a server is configured and ``daemon``."""
+        self._check_open()
+        cfg = cfg or self.config()
+        ck = (
+            OpenCheckpoint(path, open_partitions(path), {})
+            if isinstance(path, Index)
+            else open_checkpoint(path)
+        )
+        closers: list[Callable[[], None]] = [ck.close]
+        try:
+            use = ck
+            ssd_key: str | None = None
+            if convert and self.ssd_tier is not None and not isinstance(path, Index):
+                # the copy is made by reading the source through this very core
+                src = Opened(
+                    ck.index,
+                    ck.partitions,
+                    checkpoint_identity(ck.index, ck.partitions),
+                    carried=ck.carried,
+                )
+                converted, ssd_key = through_ssd(
+                    self.ssd_tier,
+                    ck.index,
+                    os.fspath(path),
+                    convert=lambda _src, dst: convert_opened(self, src, dst),
+                )
+                if converted is not None and ssd_key is not None:
+                    tier, key = self.ssd_tier, ssd_key
+                    closers.append(lambda: tier.unpin(key))
+                    closers.append(converted.close)
+                    use = converted
+            opened = Opened(
+                use.index,
+                use.partitions,
+                checkpoint_identity(use.index, use.partitions),
+                carried=use.carried,
+            )
+            opened.ssd_key = ssd_key
+            opened._close = closers
+            if daemon and cfg.server:
+                fds = fetch(opened.index, opened.files, cfg, verify=verify, notes=opened.notes)
+                if fds:
+                    opened.daemon = fds
+                    closers.extend(f.close for f in fds)
+            return opened
+        except BaseException:
+            for fn in reversed(closers):
+                with contextlib.suppress(Exception):
+                    fn()
+            raise
 
     # ------------------------------------------------------------------ load
     def load(
@@ -269,6 +404,7 @@ class Loader:
     ) -> Any:
         """Load a checkpoint; the arguments and result are those of ``fastckpt.load``. ``path``
         may also be an ``Index`` already read (its files are opened and checked again)."""
+        self._check_open()
         if isinstance(names, (str, bytes)):
             raise TypeError(
                 f"names={names!r} is a single string; pass a list of tensor names "
@@ -280,65 +416,62 @@ class Loader:
         if private_copy is not None:
             overrides["cpu_map_cached"] = not private_copy
         cfg = self.config(**overrides)
-        if cfg.server and not isinstance(path, Index):
-            from fastckpt.serve.client import load_via_server  # the cache daemon (docs/serve.md)
-
-            served = load_via_server(
-                path,
-                device,
-                names_=names,
-                verify=verify,
-                stats=stats,
-                server=cfg.server,
-                timeout_s=cfg.server_timeout_s,
-            )
-            if served is not None:
-                return served
         t_start = time.perf_counter()
-        # Every file is opened once, beneath the checkpoint directory, and read through those
-        # descriptors only: a checkpoint republished meanwhile is never mixed in.
-        with _open(path) as ck:
-            ssd_key: str | None = None
-            converted: OpenCheckpoint | None = None
-            if self.ssd_tier is not None and not isinstance(path, Index):
-                converted, ssd_key = self._through_ssd(ck.index, os.fspath(path))
-            try:
-                use = converted or ck
-                return self._load_index(
-                    use.index, use.partitions, device, cfg, verify, names, stats, t_start
-                )
-            finally:
-                if converted is not None:
-                    converted.close()
-                if ssd_key is not None and self.ssd_tier is not None:
-                    self.ssd_tier.unpin(ssd_key)
+        target = resolve_target(device)
+        for attempt in (1, 2):
+            with self.open_source(path, cfg=cfg, verify=verify) as opened:
+                try:
+                    tensors, result = self.execute(
+                        opened,
+                        target,
+                        names=names,
+                        verify=verify,
+                        cfg=cfg,
+                        tiers=True,
+                        t_start=t_start,
+                    )
+                except _COPY_FAULTS as exc:
+                    if opened.ssd_key is None or self.ssd_tier is None or attempt == 2:
+                        raise
+                    # the SSD tier's copy failed its checksums: dropped, rebuilt next attempt
+                    self.ssd_tier.reject(opened.ssd_key, str(exc))
+                    continue
+            return (tensors, result) if stats else tensors
+        raise AssertionError("unreachable")
 
-    def _load_index(
+    def execute(
         self,
-        index: Index,
-        files: Sequence[OpenFile],
-        device: Any,
-        cfg: Config,
-        verify: bool,
-        names: Iterable[str] | None,
-        want_stats: bool,
-        t_start: float,
-    ) -> Any:
+        opened: Opened,
+        target: Any,
+        *,
+        names: Iterable[str] | None = None,
+        verify: bool = False,
+        cfg: Config | None = None,
+        tiers: bool = True,
+        t_start: float | None = None,
+        plan: LoadPlan | None = None,
+    ) -> tuple[dict[str, Any], stats.LoadStats]:
+        """Read ``names`` (default all) of an opened checkpoint onto ``target`` (canonical):
+        one policy decision, one executor run. ``tiers`` lets the load use and fill the GPU and
+        DRAM tiers (whole loads); windows and single tensors only use what the DRAM tier and the
+        daemon already hold. A ready ``plan`` may be passed (slices)."""
+        self._check_open()
+        cfg = cfg or self.config()
+        t_start = time.perf_counter() if t_start is None else t_start
+        index, files = opened.index, opened.files
         if verify and index.checksum_algorithm is None:
             raise FormatError(
                 f"verify=True needs chunk checksums, and a {index.kind} checkpoint has none; "
                 "convert it with fastckpt.convert to get them",
                 path=index.root,
             )
-        plan = plan_load(
-            index,
-            device if not isinstance(device, Mapping) else dict(device),
-            names=names,
-            chunk_bytes=cfg.ring_slot_bytes,
-            verify=verify,
-        )
-        _check_devices(plan.devices)
-        ident = checkpoint_identity(index, files)
+        if plan is None:
+            plan = self._plan(index, target, names, cfg.ring_slot_bytes, verify)
+        if not self.simulated_devices:
+            _check_devices(plan.devices)
+        for dev in plan.devices:
+            if dev != "cpu":
+                self.stage(dev, cfg)  # made once; a DRAM-tier fill pins through its backend
         t_plan = time.perf_counter()
         settings = policy.Settings(
             mmap_min_resident=cfg.mmap_min_resident,
@@ -347,135 +480,185 @@ class Loader:
             read_mode=cfg.read_mode,
         )
         held: list[tuple[Any, Hashable]] = []  # (tier, key) pinned for this load
-        unkept: DramItem | None = None  # a DRAM item read for this load alone
-        fill_notes: list[str] = []
-        if any(d.startswith("cuda") for d in plan.devices):
-            self._enable_pinning()
+        unkept: DramItem | None = None
+        notes = set(opened.notes)
+        flight = ""
         try:
-            # GPU tier: revive idle buffers of this very plan
-            revived: dict[int, Any] = {}
-            gpu_keys: dict[str, Hashable] = {}
-            for dev in plan.devices:
-                if dev == "cpu" or self.gpu_tier.capacity_bytes == 0:
-                    continue
-                gpu_keys[dev] = key = (*ident, dev, plan_signature(plan, dev))
-                item = self.gpu_tier.revive(key)
-                if item is not None:
-                    held.append((self.gpu_tier, key))
-                    revived.update(item.buffers)
+            revived, gpu_keys = self._revive(opened.ident, plan, held) if tiers else ({}, {})
             gpu_devices = frozenset(
                 d for d in gpu_keys if any(b.index in revived for b in _bufs(plan, d))
             )
-            # DRAM tier: hit, or may fill
-            dram_item, can_fill = self._dram_lookup(
-                index, ident, plan, gpu_devices, verify, held, maps_files=cfg.cpu_map_cached
+            dram_item, can_fill = dramfill.lookup(
+                self.dram_tier,
+                opened.ident,
+                index,
+                plan,
+                gpu_devices,
+                verify=verify,
+                maps_files=cfg.cpu_map_cached,
+                may_fill=tiers,
+                held=held,
             )
-            holdings = policy.Holdings(gpu_devices, dram_item is not None, can_fill)
-            residency, prof = self._inputs(index, plan, holdings, cfg)
-            decisions = policy.decide(
-                plan, residency=residency, holdings=holdings, profile=prof, settings=settings
+            residency, prof = self._inputs(index, plan, gpu_devices, dram_item is not None, cfg)
+            facts = Facts(
+                residency=residency,
+                gpu_devices=gpu_devices,
+                dram=dram_item is not None,
+                dram_can_fill=can_fill,
+                daemon=bool(opened.daemon),
+                profile=prof,
             )
-            flight = ""
-            if any(d.source == "dram-fill" for d in decisions):
-                dram_item, led = self._fill_dram(
+            decision = policy.decide(plan, facts, settings)
+            if decision.dram is DramAction.FILL:
+                fill_notes: list[str] = []
+                dram_item, led = dramfill.fill(
+                    self.dram_tier,
+                    self.flights,
+                    opened.ident,
                     index,
                     files,
-                    ident,
-                    residency,
-                    prof,
-                    settings,
-                    cfg,
+                    engine=lambda: self.engine(cfg),
+                    residency=lambda p: residency.get(p, 0.0),
+                    profile=prof,
+                    settings=settings,
+                    cfg=cfg,
                     pinned=any(d.startswith("cuda") for d in plan.devices),
+                    open_partition=self._open_partition,
+                    background=self._background_run,
                     notes=fill_notes,
                 )
+                notes.update(fill_notes)
                 flight = "leader" if led else "follower"
-                if isinstance(dram_item, _Unkept):
+                if isinstance(dram_item, dramfill.Unkept):
                     unkept = dram_item
                 elif dram_item is not None:
-                    held.append((self.dram_tier, ident))
-                if not led:
-                    holdings = policy.Holdings(gpu_devices, dram_item is not None, False)
-                    residency, prof = self._inputs(index, plan, holdings, cfg)
-                    decisions = policy.decide(
-                        plan,
-                        residency=residency,
-                        holdings=holdings,
-                        profile=prof,
-                        settings=settings,
-                    )
+                    held.append((self.dram_tier, opened.ident))
+                else:
+                    decision = decision.without_dram()
             sources = Sources(
                 engine=lambda: self.engine(cfg),
-                ring=lambda slot: self.ring(slot, cfg),
                 files=files,
-                open_partition=self._open_partition,
+                daemon=opened.daemon,
                 dram=dram_item.blocks if dram_item is not None else {},
                 gpu=revived,
+                stage=lambda dev: self.stage(dev, cfg),
                 reclaim=self.gpu_tier.free_idle,
+                open_partition=self._open_partition,
             )
-            executor = Executor(index, plan, decisions, sources, cfg=cfg, verify=verify)
-            tensors = executor.run()
-            # GPU tier: keep track of fresh device buffers
-            for dev, gkey in gpu_keys.items():
-                if dev in gpu_devices:
-                    continue
-                mine = {b.index: executor.buffers[b.index] for b in _bufs(plan, dev)}
-                self.gpu_tier.offer(gkey, mine)
+            executor = Executor(index, plan, decision, sources, cfg=cfg, verify=verify)
+            try:
+                tensors = executor.run()
+            except ChecksumError as exc:
+                if not any(d.source is Source.DAEMON for d in decision):
+                    raise
+                # The daemon's copy failed the check the index makes: never trust it; read
+                # the files (which raise the same error if they are the corrupted ones).
+                notes.add(f"the cache daemon's copy failed verification ({exc}); read the files")
+                warn_once(f"its copy failed verification: {exc}")
+                plain = policy.decide(plan, Facts(residency, gpu_devices, profile=prof), settings)
+                decision = decision.without_daemon(plain)
+                executor = Executor(index, plan, decision, sources, cfg=cfg, verify=verify)
+                tensors = executor.run()
+            if tiers:
+                for dev, gkey in gpu_keys.items():
+                    if dev in gpu_devices:
+                        continue
+                    mine = {b.index: executor.buffers[b.index] for b in _bufs(plan, dev)}
+                    self.gpu_tier.offer(gkey, mine)
         finally:
             for tier, hkey in held:
                 tier.unpin(hkey)
             if unkept is not None:
                 self.dram_tier.discard(unkept)
-        t_exec = time.perf_counter()
-        timings = executor.timings
         expected = len(plan.views) + len(plan.aliases)
         if len(tensors) != expected:
             raise RuntimeError(
                 f"internal error: delivered {len(tensors)} tensors, the plan has {expected}"
             )
-        by_tier: dict[str, int] = {}
-        for d in decisions:
-            by_tier[d.tier] = by_tier.get(d.tier, 0) + plan.buffers[d.buffer].nbytes
-        result = LoadStats(
-            path=index.root,
-            kind=index.kind,
-            devices=plan.devices,
-            nbytes=plan.tensor_nbytes,
-            read_nbytes=plan.read_nbytes,
+        result = stats.assemble(
+            index=index,
+            plan=plan,
+            decision=decision,
+            executor=executor,
             tensors=len(tensors),
-            buffers=len(plan.buffers),
-            seconds=t_exec - t_start,
-            plan_s=t_plan - t_start,
-            alloc_s=timings.alloc_s,
-            read_wait_s=timings.read_wait_s,
-            copy_wait_s=timings.copy_wait_s,
-            verify_s=timings.verify_s,
-            ring_s=timings.ring_s,
-            finalize_s=timings.finalize_s + executor.views_s,
-            engine=executor.engine_name,
-            path_taken=policy.summary(decisions),
-            verified_chunks=executor.verifier.checked if executor.verifier else 0,
-            decisions=tuple((d.buffer, d.device, d.source, d.tier) for d in decisions),
-            tier_nbytes=by_tier,
+            t_start=t_start,
+            t_plan=t_plan,
+            t_end=time.perf_counter(),
             flight=flight,
-            read_profile=prof.as_dict() if prof is not None else None,
-            notes=tuple(sorted(timings.notes | set(fill_notes))),
+            profile=prof,
+            notes=notes,
         )
-        record(result)
-        return (tensors, result) if want_stats else tensors
+        stats.record(result)
+        return tensors, result
 
     # ------------------------------------------------------------------ pieces
+    def _plan(
+        self,
+        index: Index,
+        target: Any,
+        names: Iterable[str] | None,
+        chunk_bytes: int,
+        verify: bool,
+    ) -> LoadPlan:
+        """``plan_load``, remembered for the very same ``Index`` object (a checkpoint loaded
+        again gets the same object from the reader while its index bytes are unchanged)."""
+        names_key = None if names is None else tuple(names)
+        target_key = tuple(sorted(target.items())) if isinstance(target, Mapping) else target
+        key = (id(index), target_key, names_key, chunk_bytes, verify)
+        with self._lock:
+            hit = self._plans.get(key)
+            if hit is not None and hit[0]() is index:
+                self._plans.move_to_end(key)
+                return hit[1]
+        plan = plan_load(
+            index,
+            dict(target) if isinstance(target, Mapping) else target,
+            names=names_key,
+            chunk_bytes=chunk_bytes,
+            verify=verify,
+        )
+        with self._lock:
+            self._plans[key] = (weakref.ref(index), plan)
+            while len(self._plans) > PLANS_KEPT:
+                self._plans.popitem(last=False)
+        return plan
+
+    def _revive(
+        self, ident: tuple[str, str], plan: LoadPlan, held: list[tuple[Any, Hashable]]
+    ) -> tuple[dict[int, Any], dict[str, Hashable]]:
+        """GPU tier: idle buffers of this very plan, revived (pinned in the tier, and recorded in
+        ``held``, until the load ends)."""
+        revived: dict[int, Any] = {}
+        keys: dict[str, Hashable] = {}
+        if self.gpu_tier.capacity_bytes == 0:
+            return revived, keys
+        for dev in plan.devices:
+            if dev == "cpu":
+                continue
+            keys[dev] = key = (*ident, dev, plan_signature(plan, dev))
+            item = self.gpu_tier.revive(key)
+            if item is not None:
+                held.append((self.gpu_tier, key))
+                revived.update(item.buffers)
+        return revived, keys
+
     def _inputs(
-        self, index: Index, plan: LoadPlan, holdings: policy.Holdings, cfg: Config
+        self,
+        index: Index,
+        plan: LoadPlan,
+        gpu_devices: frozenset[str],
+        dram: bool,
+        cfg: Config,
     ) -> tuple[dict[int, float], policy.ReadProfile | None]:
         """Residency of the partitions the policy may read, and the read-mode profile when some
         of them are cold."""
-        if holdings.dram:
+        if dram:
             return {}, None
         parts = sorted(
             {
                 b.partition
                 for b in plan.buffers
-                if b.nbytes and not (b.device != "cpu" and b.device in holdings.gpu_devices)
+                if b.nbytes and not (b.device != "cpu" and b.device in gpu_devices)
             }
         )
         residency = {p: self._residency(index.partitions[p].path) for p in parts}
@@ -486,300 +669,64 @@ class Loader:
             prof = profile.profile_for(index.partitions[largest].path, cfg, self.engine(cfg))
         return residency, prof
 
-    def _dram_lookup(
-        self,
-        index: Index,
-        ident: tuple[str, str],
-        plan: LoadPlan,
-        gpu_devices: frozenset[str],
-        verify: bool,
-        held: list[tuple[Any, Hashable]],
-        *,
-        maps_files: bool = True,
-    ) -> tuple[DramItem | None, bool]:
-        """The DRAM item to serve from (pinned for this load), or whether the tier may be
-        filled. Without ``maps_files`` (``private_copy=True``) an item holding the files' page
-        cache is not used for CPU buffers: the load reads into memory of its own instead."""
-        if self.dram_tier.capacity_bytes == 0 or verify:
-            return None, False
-        if all(b.nbytes == 0 or b.device in gpu_devices for b in plan.buffers):
-            return None, False  # nothing left to read
-        item = self.dram_tier.get(ident)
-        if (
-            item is not None
-            and item.held
-            and not maps_files
-            and any(b.device == "cpu" and b.nbytes for b in plan.buffers)
-        ):
-            return None, False
-        if item is not None and self.dram_tier.pin(ident):
-            held.append((self.dram_tier, ident))
-            return item, False
-        total = sum(p.nbytes for p in index.partitions)
-        return None, total <= self.dram_tier.capacity_bytes
-
-    def _fill_dram(
-        self,
-        index: Index,
-        files: Sequence[OpenFile],
-        ident: tuple[str, str],
-        residency: Mapping[int, float],
-        prof: policy.ReadProfile | None,
-        settings: policy.Settings,
-        cfg: Config,
-        *,
-        pinned: bool,
-        notes: list[str] | None = None,
-    ) -> tuple[DramItem | None, bool]:
-        """Read the whole checkpoint into a DRAM-tier item, once for concurrent callers. Returns
-        (item pinned for the caller or None, whether this call did the reading). The leader gets
-        its item even when the tier could not keep it (bypass): the bytes are read anyway.
-
-        Without ``pinned`` (no GPU target), the item holds the partitions' own page cache,
-        locked in memory (``fastckpt.tiers.held``); if locking fails, for GPU targets, or when
-        loads must not map files (``cpu_map_cached`` off: ``private_copy``), the partitions are
-        read into memfd blocks from the pool."""
-
-        def work() -> DramItem:
-            sizes = {i: p.nbytes for i, p in enumerate(index.partitions)}
-            if not pinned and cfg.cpu_map_cached and self.dram_tier.page_locker is not None:
-                held = self._hold(index, files)
-                if held is not None:
-                    return held
-                if notes is not None:
-                    notes.append(
-                        "dram-tier: could not lock the page cache "
-                        f"({self.dram_tier.last_lock_error}); copied into memory"
-                    )
-            item = self.dram_tier.new_item(sizes)
-            try:
-                modes = {
-                    i: policy.fill_mode(
-                        residency.get(i, self._residency(index.partitions[i].path)), prof, settings
-                    )
-                    for i in sizes
-                }
-                fill_blocks(
-                    index,
-                    item.blocks,
-                    modes,
-                    self.engine(cfg),
-                    files,
-                    chunk_bytes=cfg.chunk_bytes,
-                    opener=self._open_partition,
-                )
-            except BaseException:
-                self.dram_tier.discard(item)
-                raise
-            return item
-
-        def lead() -> tuple[DramItem, bool]:
-            item = work()
-            kept = self.dram_tier.put(ident, item, item.nbytes, pin=True)
-            return item, kept
-
-        (item, kept), led = self._flights.run(("dram", ident), lead)
-        if led:
-            if not kept:
-                # not in the tier: this load owns the blocks; they go when its tensors do
-                return _Unkept(item), True
-            return item, True
-        # a follower: the leader's item, if the tier kept it
-        got = self.dram_tier.get(ident)
-        if got is not None and self.dram_tier.pin(ident):
-            return got, False
-        return None, False
-
-    def _hold(self, index: Index, files: Sequence[OpenFile]) -> DramItem | None:
-        """A DRAM item keeping the partitions' page cache, through duplicates of the validated
-        descriptors (size checked again); None when locking failed."""
-        fds: dict[int, tuple[int, int]] = {}
-        try:
-            for i, part in enumerate(index.partitions):
-                fds[i] = (self._open_partition(index, i, files[i], direct=None), part.nbytes)
-        except BaseException:
-            for fd, _ in fds.values():
-                os.close(fd)
-            raise
-        return self.dram_tier.hold_files(fds)
-
-    def _through_ssd(self, index: Index, source: str) -> tuple[OpenCheckpoint | None, str | None]:
-        """The SSD tier's converted copy of a slower source (converted on first use)."""
-        assert self.ssd_tier is not None
-        try:
-            _, fs_type = profile.fs_key(index.partitions[0].path) if index.partitions else ("", "")
-        except OSError:
-            return None, None
-        if not policy.is_slow_source(index.kind, fs_type) or not index.partitions:
-            return None, None
-        tier = self.ssd_tier
-        files = [p.path for p in index.partitions]
-        key = source_identity(files, source)
-        converted = tier.get(key)
-        if converted is None:
-
-            def convert() -> bool:
-                from fastckpt.format.convert import convert as _convert
-
-                staged = tier.stage(key)
-                try:
-                    _convert(source, staged, progress=False)
-                    tier.record_source(staged, os.path.realpath(source))
-                except BaseException:
-                    import shutil
-
-                    shutil.rmtree(staged, ignore_errors=True)
-                    raise
-                from fastckpt.tiers.ssd import _du
-
-                return tier.put(key, staged, _du(staged))
-
-            self._flights.run(("ssd", key), convert)
-            converted = tier.peek(key)
-        if converted is None or not tier.pin(key):
-            return None, None
-        try:
-            return open_checkpoint(converted), key
-        except BaseException:
-            tier.unpin(key)
-            raise
-
     # ------------------------------------------------------------------ tiers API
     def prefetch(
         self, path: str | os.PathLike[str], tier: str = "dram", device: Any = "cuda"
     ) -> Future[bool]:
         """Warm ``tier`` (``dram``, ``ssd`` or ``gpu``) with the checkpoint in the background;
-        the future's result says whether the tier holds it afterwards."""
+        the future's result says whether the tier holds it afterwards. A DRAM item meant for a
+        GPU (``device``) is pinned in the background too, so a later hit copies at full speed."""
+        self._check_open()
         if tier not in TIERS:
             raise ValueError(f"tier {tier!r}: expected one of {', '.join(TIERS)}")
-        with self._lock:
-            if self._background is None:
-                self._background = ThreadPoolExecutor(2, thread_name_prefix="fastckpt-prefetch")
-            pool = self._background
-        return pool.submit(self._prefetch, os.fspath(path), tier, device)
-
-    def _prefetch(self, path: str, tier: str, device: Any) -> bool:
-        if tier == "gpu":
-            tensors = self.load(path, device)
-            del tensors
-            with _open(path) as ck:
-                ident = checkpoint_identity(ck.index, ck.partitions)
-            return any(k[:2] == ident for k in _tuple_keys(self.gpu_tier.keys()))
-        cfg = self.config()
-        with _open(path) as ck:
-            converted: OpenCheckpoint | None = None
-            key: str | None = None
-            if self.ssd_tier is not None:
-                converted, key = self._through_ssd(ck.index, path)
-                if key is not None:
-                    self.ssd_tier.unpin(key)  # the copy's files stay open until we are done
-            try:
-                if tier == "ssd":
-                    return key is not None
-                use = converted or ck
-                return self._prefetch_dram(
-                    use.index, use.partitions, cfg, pinned=_wants_pinned(device)
-                )
-            finally:
-                if converted is not None:
-                    converted.close()
-
-    def _prefetch_dram(
-        self, index: Index, files: Sequence[OpenFile], cfg: Config, *, pinned: bool
-    ) -> bool:
-        ident = checkpoint_identity(index, files)
-        if self.dram_tier.holds(ident):
-            return True
-        if sum(p.nbytes for p in index.partitions) > self.dram_tier.capacity_bytes:
-            return False
-        plan = plan_load(index, "cpu", chunk_bytes=cfg.ring_slot_bytes)
-        residency, prof = self._inputs(index, plan, policy.Holdings(), cfg)
-        item, _ = self._fill_dram(
-            index, files, ident, residency, prof, policy.Settings(), cfg, pinned=pinned
-        )
-        if item is not None and not isinstance(item, _Unkept):
-            self.dram_tier.unpin(ident)
-        elif isinstance(item, _Unkept):
-            self.dram_tier.discard(item)
-        return self.dram_tier.holds(ident)
+        return self._background_run(lambda: cachectl.prefetch(self, os.fspath(path), tier, device))
 
     def evict(self, path: str | os.PathLike[str]) -> int:
         """Remove the checkpoint at ``path`` (every version of it) from the GPU and DRAM tiers and
         its converted copy from the SSD tier, except what is in use; returns items removed."""
-        roots = {os.path.realpath(os.fspath(path))}
-        with contextlib.suppress(OSError, FormatError):
-            roots.add(os.path.realpath(read_index(path).root))
-        removed = 0
-        for tier in (self.gpu_tier, self.dram_tier):
-            for key in _tuple_keys(tier.keys()):
-                if key[0] in roots and tier.evict(key):
-                    removed += 1
-        if self.ssd_tier is not None:
-            try:
-                index = read_index(path)
-                skey: str | None = source_identity(
-                    [p.path for p in index.partitions], os.fspath(path)
-                )
-            except (OSError, FormatError):
-                skey = None
-            if skey is not None and self.ssd_tier.evict(skey):
-                removed += 1
-        return removed
+        self._check_open()
+        return cachectl.evict(self, path)
 
     def cache_info(self) -> dict[str, Any]:
         """Each tier's statistics and items, the pool, and single-flight counts."""
-        self.gpu_tier.sweep_modified()
-        out: dict[str, Any] = {}
-        for name, tier in (
-            ("gpu", self.gpu_tier),
-            ("dram", self.dram_tier),
-            ("ssd", self.ssd_tier),
-        ):
-            if tier is None:
-                out[name] = None
-                continue
-            info = tier.stats().as_dict()
-            if isinstance(tier, DramTier):
-                info.update(tier.describe())
-            info["keys"] = [
-                {"key": list(k) if isinstance(k, tuple) else k, "nbytes": tier.size_of(k)}
-                for k in tier.keys()  # noqa: SIM118 - a tier, not a dict
-            ]
-            out[name] = info
-        out["pool"] = {
-            "allocated_blocks": self.pool.allocated,
-            "reused_blocks": self.pool.reused,
-            "retained_bytes": self.pool.retained_bytes,
-        }
-        out["single_flight"] = {
-            "leaders": self._flights.leaders,
-            "followers": self._flights.followers,
-        }
-        ring = self._ring
-        out["ring"] = None if ring is None else {"slots": ring.slots, "slot_bytes": ring.slot_bytes}
-        return out
+        return cachectl.cache_info(self)
 
 
-class _Unkept(DramItem):
-    """A DRAM item the tier could not keep; owned by one load."""
-
-    def __init__(self, item: DramItem) -> None:
-        super().__init__(item.blocks, item.nbytes)
-
-
-def _wants_pinned(device: Any) -> bool:
-    """Whether a DRAM-tier item for ``device`` should be pinnable memory (a visible GPU)."""
-    devices = device.values() if isinstance(device, Mapping) else [device]
-    if not any(str(d).startswith("cuda") for d in devices):
-        return False
+def _check_devices(devices: Iterable[str]) -> None:
+    if not any(d.startswith("cuda") for d in devices):
+        return
     import torch
 
-    return bool(torch.cuda.is_available())
+    note = f" (torch {torch.__version__}, built with CUDA {torch.version.cuda})"
+    check_cuda_visible(devices, torch.cuda, note=note)
 
 
 def _bufs(plan: LoadPlan, device: str) -> list[Any]:
     return [b for b in plan.buffers if b.device == device]
 
 
-def _tuple_keys(keys: Iterable[Hashable]) -> list[tuple[Any, ...]]:
-    return [k for k in keys if isinstance(k, tuple)]
+def _free_tiers(gpu: GpuTier, dram: DramTier, pool: HostPool) -> None:
+    """What ``Loader.close`` and a collected Loader free (no reference to the Loader itself)."""
+    for tier in (gpu, dram):
+        tier.clear()
+    pool.close()
+
+
+# A converted copy of the SSD tier that fails these is the copy's fault: it is dropped and rebuilt
+_COPY_FAULTS = (ChecksumError, CorruptDataError, MissingPartitionError, TruncatedError)
+
+# Every Loader of the process, so that a forked child can reset them all; what they held in the
+# parent is kept (never freed) in the child.
+_LOADERS: weakref.WeakSet[Loader] = weakref.WeakSet()
+_ABANDONED: list[Any] = []
+
+
+def _reset_after_fork() -> None:
+    for loader in list(_LOADERS):
+        loader._after_fork()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+__all__ = ["Loader", "Opened", "resolve_target"]

@@ -1,180 +1,255 @@
-"""The pinned staging ring for GPU loads: owned by a ``Loader``, reused by every load.
+"""The pinned staging ring: page-locked slots that reads land in before a copy to a device.
 
-Pinning host memory costs time (measured on an H200 box: 2 GiB cudaHostAlloc 2.1 s; 0.4 s/GB
-elsewhere), so a load never pins per call, and a ring does not pin up front: a slot is made (and
-pinned) the first time the pipeline needs one more slot than exist, up to the ring's size. A
-load that keeps reads and copies overlapped with three slots pins three slots, not the whole ring,
-and a long-lived Loader pays once.
+Pinning host memory is expensive (measured on an H200 box: cudaHostAlloc of 2 GiB 2.1 s,
+cudaHostRegister of 7.8 GB 3.2 s), so it is never done per load and never on the critical path
+when it can be avoided:
 
-Ways to pin a slot (config ``pin_method``): ``pool`` takes a block from the Loader's host pool (a
-memfd, registered with cudaHostRegister; the same pool as the DRAM tier, so freed pinned memory
-is reused across both); ``alloc`` asks torch's pinned allocator (cudaHostAlloc); ``register``
-maps page-aligned anonymous memory and registers it. ``auto`` uses the pool when the ring has
-one, else tries ``register`` and falls back to ``alloc``.
+- the ring is made once per process (per copy backend) and reused by every load of every Loader;
+- it starts with ``min_slots`` slots pinned when first needed (a few tens of milliseconds), and a
+  background thread pins more, up to ``ring_bytes``, only when a load shows it would use them: a
+  load larger than the ring, or one whose pipeline waited for a slot. A running pipeline picks up
+  slots as they are added;
+- the way of pinning is the fastest one measured on this machine (``pin_methods``): 2 MiB-aligned
+  anonymous memory advised for transparent huge pages then registered (``register``), a memfd
+  then registered (``memfd``), or the driver's own allocation (``alloc``). The figures are stored
+  with the machine profile, measured once.
+
+``close()`` stops pipelines using the ring, waits until every slot is back (a pipeline gives a
+slot back only after its last copy completed) and frees the memory; a forked child gets a fresh
+ring (the parent's pinned memory and CUDA state are not usable there).
 """
 
 from __future__ import annotations
 
 import contextlib
-import queue
+import json
+import os
+import tempfile
 import threading
+import time
 import warnings
 from typing import Any
 
-import torch
-
 from fastckpt import io_engine
 
-
-def _cuda_ok(err: Any) -> bool:
-    value = getattr(err, "value", err)
-    try:
-        return int(value) == 0
-    except (TypeError, ValueError):
-        return str(err).endswith("success")
-
-
-class Slot:
-    """One pinned host buffer: ``tensor`` (torch, uint8, pinned) and ``array`` (a writable
-    buffer for the engine), plus the CUDA event of the last copy out of it."""
-
-    __slots__ = ("_registered", "array", "block", "event", "index", "nbytes", "tensor")
-
-    def __init__(self, index: int, nbytes: int, method: str, pool: Any = None) -> None:
-        self.index = index
-        self.nbytes = nbytes
-        self.event: Any = None
-        self._registered: Any = None
-        self.block: Any = None
-        self.tensor: Any = None
-        self.array: Any = None
-        if method == "pool":
-            block = pool.alloc(nbytes)
-            try:
-                block.pin_range(0, nbytes)
-            except BaseException:
-                pool.free(block)
-                raise
-            self.block = block
-            self.tensor = torch.frombuffer(block.buffer, dtype=torch.uint8)[:nbytes]
-            self.array = memoryview(block.buffer)[:nbytes]
-        elif method == "register":
-            mem = io_engine.AlignedBuffer(nbytes)
-            tensor = torch.frombuffer(mem, dtype=torch.uint8)
-            err = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0)
-            if not _cuda_ok(err):
-                raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed: {err}")
-            self._registered = mem
-            self.tensor = tensor
-            self.array = mem
-        else:
-            self.tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-            self.array = self.tensor.numpy()
-
-    def __del__(self) -> None:
-        if self._registered is not None:
-            # at interpreter shutdown CUDA may be gone; the process is going away anyway
-            with contextlib.suppress(Exception):
-                torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+MIN_SLOTS = 2
+PIN_PROBE_BYTES = 16 << 20
 
 
 class StagingRing:
-    """A pool of pinned slots. ``acquire()`` hands out a free slot (waiting for its last copy to
-    finish), making a new one while fewer than ``target_slots`` exist; ``release()`` returns one.
-    Thread-safe; several device pipelines may share it."""
+    """Slots of ``slot_bytes`` for ``backend``'s pipelines: ``min_slots`` pinned on first use,
+    grown in the background up to ``max_slots`` (``grow``). Thread-safe."""
 
-    def __init__(self, slot_bytes: int, slots: int, method: str = "auto", pool: Any = None) -> None:
-        if slot_bytes <= 0 or slots <= 0:
-            raise ValueError("staging ring needs at least one slot of positive size")
+    def __init__(
+        self,
+        backend: Any,
+        slot_bytes: int,
+        max_slots: int,
+        *,
+        method: str = "register",
+        min_slots: int = MIN_SLOTS,
+        make_buffer: Any = None,
+    ) -> None:
+        if slot_bytes <= 0 or slot_bytes % 4096:
+            raise ValueError(f"slot_bytes={slot_bytes}: must be a positive multiple of 4096")
+        self.backend = backend
         self.slot_bytes = slot_bytes
-        self.target_slots = slots
-        self.pool = pool
-        self._free: queue.Queue[Slot] = queue.Queue()
-        self._made = 0
-        self._lock = threading.Lock()
-        self.error: BaseException | None = None
+        self.max_slots = max(1, max_slots)
+        self.min_slots = max(1, min(min_slots, self.max_slots))
         self.method = method
-        if method == "auto":
-            self.method = "pool" if pool is not None else "auto"
+        # nbytes -> pinned memory (a seam: tests make pinning fail)
+        self._make_buffer = make_buffer or (
+            lambda n: io_engine.PinnedBuffer(self.backend, n, self.method)
+        )
+        self.slots = io_engine.SlotSource(slot_bytes)
+        self._buffers: list[Any] = []
+        self._lock = threading.Lock()
+        self._growing: threading.Thread | None = None
+        self.pin_s = 0.0  # seconds spent pinning, all slots
+        self.error: BaseException | None = None
+        self.closed = False
 
-    def _new_slot(self) -> Slot:
-        if self.method == "auto":
-            try:
-                slot = Slot(self._made, self.slot_bytes, "register")
-                self.method = "register"
-            except Exception:
-                self.method = "alloc"
-                slot = Slot(self._made, self.slot_bytes, "alloc")
-        else:
-            slot = Slot(self._made, self.slot_bytes, self.method, self.pool)
-        return slot
+    @property
+    def total(self) -> int:
+        return int(self.slots.total)
 
-    def _grow(self) -> Slot | None:
-        """A new slot when the ring may grow (None when it is full or pinning failed: then the
-        pipeline runs with the slots it has)."""
+    def _pin_one(self) -> bool:
+        """Pin one more slot (False when full, closed, or pinning failed before)."""
         with self._lock:
-            if self._made >= self.target_slots or (self.error is not None and self._made):
-                return None
-            try:
-                slot = self._new_slot()
-            except BaseException as exc:  # out of pinnable memory: run with the slots we have
+            if self.closed or self.total >= self.max_slots or self.error is not None:
+                return False
+        t0 = time.perf_counter()
+        try:
+            buf = self._make_buffer(self.slot_bytes)
+        except Exception as exc:  # out of pinnable memory (RLIMIT_MEMLOCK, driver): run with less
+            with self._lock:
                 self.error = exc
-                if self._made == 0:
-                    raise
-                warnings.warn(f"fastckpt: {self.shortfall()}", RuntimeWarning, stacklevel=2)
-                return None
-            self._made += 1
-            return slot
+            if self.total == 0:
+                raise
+            warnings.warn(f"fastckpt: {self.shortfall()}", RuntimeWarning, stacklevel=3)
+            return False
+        with self._lock:
+            self.pin_s += time.perf_counter() - t0
+            if self.closed:
+                return False
+            self._buffers.append(buf)
+            self.slots.add(buf)
+        return True
+
+    def ready(self) -> float:
+        """Make sure ``min_slots`` exist (pinned now, on the caller's time: the first load of a
+        process pays this once). Returns the seconds spent."""
+        t0 = time.perf_counter()
+        while self.total < self.min_slots and self._pin_one():
+            pass
+        return time.perf_counter() - t0
+
+    def grow(self, want_slots: int) -> None:
+        """Pin slots in the background until ``want_slots`` (at most ``max_slots``) exist; a
+        no-op while a growth already runs or when the ring is that large."""
+        want = min(want_slots, self.max_slots)
+        with self._lock:
+            if self.closed or self.total >= want or self.error is not None:
+                return
+            if self._growing is not None and self._growing.is_alive():
+                return
+
+            def work() -> None:
+                while self.total < want and self._pin_one():
+                    pass
+
+            self._growing = threading.Thread(target=work, name="fastckpt-pin", daemon=True)
+            self._growing.start()
+
+    def wait_growth(self, timeout_s: float | None = None) -> None:
+        """Wait for a background growth to finish (tests, benchmarks)."""
+        t = self._growing
+        if t is not None:
+            t.join(timeout_s)
 
     def shortfall(self) -> str | None:
-        """Why the ring has fewer slots than asked for (pinning failed), or None; loads put it
-        in ``LoadStats.notes``."""
+        """Why the ring has fewer slots than it may (pinning failed), or None."""
         if self.error is None:
             return None
         return (
-            f"pinned staging ring has {self._made} of {self.target_slots} slots: pinning "
-            f"failed ({type(self.error).__name__}: {self.error}); GPU loads run with fewer slots"
+            f"pinned staging ring has {self.total} of {self.max_slots} slots: pinning failed "
+            f"({type(self.error).__name__}: {self.error}); device loads run with fewer slots"
         )
 
-    @property
-    def slots(self) -> int:
-        return self._made
+    def close(self, timeout_s: float | None = None) -> bool:
+        """Stop pipelines using the ring, wait for every slot to come back, free the memory.
+        False when ``timeout_s`` passed first."""
+        with self._lock:
+            self.closed = True
+        self.wait_growth(timeout_s)
+        done = bool(self.slots.close(cancel_running=True, timeout_s=timeout_s))
+        if done:
+            with self._lock:
+                self._buffers.clear()
+        return done
 
-    def acquire(self) -> Slot:
+
+# ----------------------------------------------------------------------- pinning methods
+def measure_pin_methods(backend: Any, nbytes: int = PIN_PROBE_BYTES) -> dict[str, float]:
+    """Seconds to make ``nbytes`` of pinned memory with each method on this machine (inf for
+    a method that failed)."""
+    out: dict[str, float] = {}
+    for method in io_engine.PIN_METHODS:
         try:
-            return self._ready(self._free.get_nowait())
-        except queue.Empty:
-            pass
-        slot = self._grow()
-        if slot is not None:
-            return slot
-        return self._ready(self._free.get())
+            t0 = time.perf_counter()
+            buf = io_engine.PinnedBuffer(backend, nbytes, method)
+            out[method] = time.perf_counter() - t0
+            del buf
+        except Exception:
+            out[method] = float("inf")
+    return out
 
-    def try_acquire(self) -> Slot | None:
-        try:
-            slot = self._free.get_nowait()
-        except queue.Empty:
-            return self._grow()
-        return self._ready(slot)
 
-    @staticmethod
-    def _ready(slot: Slot) -> Slot:
-        if slot.event is not None:
-            slot.event.synchronize()
-            slot.event = None
-        return slot
+_pin_lock = threading.Lock()
+_pin_memo: dict[str, str] = {}
 
-    def release(self, slot: Slot) -> None:
-        self._free.put(slot)
 
-    def close(self) -> None:
-        """Give pool-backed slots back to the pool (pinned memory stays pinned for reuse)."""
-        while True:
-            try:
-                slot = self._free.get_nowait()
-            except queue.Empty:
-                break
-            if slot.block is not None and self.pool is not None:
-                slot.tensor = None
-                slot.array = None
-                self.pool.free(slot.block)
+def pin_method(backend: Any, forced: str, profile_dir: str, key: str) -> str:
+    """The pinning method for ``backend``: ``forced`` unless ``auto``, else the fastest one
+    measured on this machine (stored in ``profile_dir`` under ``key``, e.g. the GPU's name)."""
+    if forced != "auto":
+        return forced
+    with _pin_lock:
+        hit = _pin_memo.get(key)
+        if hit is not None:
+            return hit
+        path = os.path.join(profile_dir, f"pin-{_safe(key)}.json")
+        method = None
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            with open(path, encoding="utf-8") as f:
+                stored = json.load(f)
+            if stored.get("best") in io_engine.PIN_METHODS:
+                method = str(stored["best"])
+        if method is None:
+            figures = measure_pin_methods(backend)
+            method = min(figures, key=lambda m: figures[m])
+            with contextlib.suppress(OSError):
+                _store(
+                    path, {"key": key, "seconds": figures, "best": method, "bytes": PIN_PROBE_BYTES}
+                )
+        _pin_memo[key] = method
+        return method
+
+
+def _safe(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in key)[:80]
+
+
+def _store(path: str, data: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".pin-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(
+                {
+                    k: (v if not isinstance(v, dict) else {m: _finite(x) for m, x in v.items()})
+                    for k, v in data.items()
+                },
+                f,
+                indent=1,
+            )
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _finite(x: float) -> float | None:
+    return x if x != float("inf") else None
+
+
+# ------------------------------------------------------------------ the process's rings
+_rings_lock = threading.Lock()
+_rings: dict[tuple[int, int], StagingRing] = {}
+
+
+def process_ring(backend_key: int, make: Any) -> StagingRing:
+    """The process's ring for a backend kind (``make()`` builds it the first time)."""
+    with _rings_lock:
+        ring = _rings.get((backend_key, 0))
+        if ring is None or ring.closed:
+            ring = make()
+            _rings[(backend_key, 0)] = ring
+        return ring
+
+
+def _forget_rings() -> None:
+    """In a forked child: the parent's rings (pinned memory, CUDA state) are unusable; keep
+    them referenced (never freed here) and start afresh (with new locks: another thread of the
+    parent may have held one at the fork)."""
+    global _rings_lock, _pin_lock
+    _abandoned.append(dict(_rings))
+    _rings.clear()
+    _pin_memo.clear()
+    _rings_lock = threading.Lock()
+    _pin_lock = threading.Lock()
+
+
+_abandoned: list[Any] = []
+os.register_at_fork(after_in_child=_forget_rings)

@@ -48,6 +48,9 @@ class LoadStats:
     # the read-mode profile the policy used for cold bytes (what the probe measured), if any
     read_profile: dict[str, Any] | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # host-to-device copies issued, and the most that were in flight at once (device loads)
+    copies: int = 0
+    max_copies_in_flight: int = 0
 
     @property
     def gbps(self) -> float:
@@ -82,3 +85,54 @@ def last_stats() -> LoadStats | None:
     """Statistics of the most recent load finished in this thread (else in the process)."""
     value = getattr(_last, "value", None)
     return value if value is not None else _last_global[0]
+
+
+def assemble(
+    *,
+    index: Any,
+    plan: Any,
+    decision: Any,
+    executor: Any,
+    tensors: int,
+    t_start: float,
+    t_plan: float,
+    t_end: float,
+    flight: str = "",
+    profile: Any = None,
+    notes: set[str] | None = None,
+) -> LoadStats:
+    """The ``LoadStats`` of a finished load, from its plan, the policy's decision and what the
+    executor measured."""
+    from fastckpt.loader.policy import summary
+
+    timings = executor.timings
+    by_tier: dict[str, int] = {}
+    for d in decision:
+        by_tier[d.tier] = by_tier.get(d.tier, 0) + plan.buffers[d.buffer].nbytes
+    return LoadStats(
+        path=index.root,
+        kind=index.kind,
+        devices=plan.devices,
+        nbytes=plan.tensor_nbytes,
+        read_nbytes=plan.read_nbytes,
+        tensors=tensors,
+        buffers=len(plan.buffers),
+        seconds=t_end - t_start,
+        plan_s=t_plan - t_start,
+        alloc_s=timings.alloc_s,
+        read_wait_s=timings.read_wait_s,
+        copy_wait_s=timings.copy_wait_s,
+        verify_s=timings.verify_s,
+        ring_s=timings.ring_s,
+        finalize_s=timings.finalize_s + executor.views_s,
+        engine=executor.engine_name,
+        path_taken=summary(decision),
+        verified_chunks=executor.verifier.checked if executor.verifier else 0,
+        decisions=tuple((d.buffer, d.device, d.source.value, d.tier) for d in decision),
+        tier_nbytes=by_tier,
+        flight=flight,
+        read_profile=profile.as_dict() if profile is not None else None,
+        notes=tuple(sorted(timings.notes | (notes or set()))),
+        copies=timings.copies,
+        max_copies_in_flight=timings.max_copies_in_flight,
+    )

@@ -17,13 +17,16 @@ from fastckpt.loader.plan import LoadPlan
 
 def checkpoint_identity(index: Index, files: Sequence[OpenFile] = ()) -> tuple[str, str]:
     """(root, fingerprint): the fingerprint changes when any partition file is replaced or
-    rewritten (inode, size, modification time). With ``files`` (the partitions' validated open
-    files) the files the load reads are fingerprinted, not whatever the paths name now: a
+    rewritten (inode, size, modification and change times: a rewrite in place that restores the
+    modification time still moves the change time). With ``files`` (the partitions' validated
+    open files) the files the load reads are fingerprinted, not whatever the paths name now: a
     checkpoint republished meanwhile cannot be cached under the new files' identity."""
     h = hashlib.sha256()
     for i, part in enumerate(index.partitions):
         st = os.fstat(files[i].fd) if i < len(files) else os.stat(part.path)
-        h.update(f"{part.file}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        h.update(
+            f"{part.file}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0".encode()
+        )
     return os.path.realpath(index.root), h.hexdigest()[:24]
 
 

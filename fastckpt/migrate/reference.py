@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -58,6 +59,9 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 Emit = Callable[[int, int], None]  # (index among generated tokens, token id)
+
+
+log = logging.getLogger("fastckpt.migrate")
 
 
 class _ModelHandle:
@@ -168,6 +172,7 @@ class _Generation:
         self.stop = StopCriteria(max_new_tokens=1)
         self.generator: torch.Generator | None = None
         self.finish_reason: str | None = None
+        self.error: str | None = None  # why the generation failed (finish_reason "error")
         self.thread: threading.Thread | None = None
 
     @property
@@ -215,11 +220,14 @@ class _Generation:
         if t is not None:
             t.join(timeout_s)
         with self.lock:
-            return {
+            out: dict[str, Any] = {
                 "tokens": [list(p) for p in self.emitted],
                 "finished": self.finished,
                 "finish_reason": self.finish_reason,
             }
+            if self.error is not None:
+                out["error"] = self.error
+            return out
 
     @property
     def margins(self) -> list[tuple[float, float, int, int]]:
@@ -367,7 +375,7 @@ class ReferenceTarget(_Generation):
     def status(self) -> str:
         with self.lock:
             if self._status == "committed" and self.finished:
-                return "finished"
+                return "failed" if self.error is not None else "finished"
             return self._status
 
     def _check_open(self) -> None:
@@ -433,7 +441,18 @@ class ReferenceTarget(_Generation):
             with self.lock:
                 if self.finished or self._status != "committed":
                     return
-                self._step()
+                try:
+                    self._step()
+                except Exception as e:
+                    # a decode error ends the generation as failed: the cache goes now, the
+                    # reason is what result() and status() report, the host reaps it later
+                    self.error = f"{type(e).__name__}: {e}"
+                    self.finish_reason = "error"
+                    self.seq.free()
+                    if not self._background:
+                        raise
+                    log.warning("request %r failed on this target: %s", self.request_id, e)
+                    return
 
     def cancel(self) -> None:
         """Stop a committed generation early (the client went away); frees the cache."""

@@ -13,12 +13,16 @@ Messages (header ``op``; a token state travels as the payload)::
     abort    {request_id}           -> {aborted}
     cancel   {request_id}           -> {}                  (stop a committed generation)
     status   {request_id}           -> {status, covered}   (unknown/prefilling/committed/
-                                                            finished/aborted/expired)
+                                                            finished/failed/aborted/expired)
     result   {request_id, timeout_s}-> {tokens: [[index, id], ...], finished, finish_reason}
+                                       (+ error: why, when the generation failed)
     stats    {}                     -> {reserved, committed, expired}
     ping     {}                     -> {}
 
-Finished targets are dropped a lease after they finish (their status stays ``finished``).
+Finished targets are dropped a lease after they finish (their status stays ``finished``). A
+committed target whose generation fails (a decode error) finishes with ``finish_reason``
+``error``, status ``failed`` and the reason in ``error``; it frees its KV cache at once and is
+dropped a lease later, like a finished one. ``result`` waits at most ``MAX_RESULT_WAIT_S``.
 
 Every reply has ``ok``; a failure reply carries ``error`` (the exception class name) and
 ``message``, which ``RemoteTarget`` raises again as the same fastckpt class where it knows it.
@@ -39,6 +43,8 @@ from fastckpt.migrate.state import TokenState
 from fastckpt.migrate.transport import Message, Transport
 
 DEFAULT_LEASE_S = 30.0
+MAX_RESULT_WAIT_S = 600.0
+DONE = ("finished", "failed")  # statuses of a generation that ended
 
 
 class HostedTarget(MigrationTarget, Protocol):
@@ -77,9 +83,10 @@ class TargetHost:
         self._lock = threading.Lock()
         self._targets: dict[str, HostedTarget] = {}
         self._seen: dict[str, float] = {}
-        # ids of expired and of dropped finished requests, oldest first, at most MAX_RECORDS
+        # ids of expired requests and (with their final status) of dropped ended ones, oldest
+        # first, at most MAX_RECORDS each
         self._expired: OrderedDict[str, None] = OrderedDict()
-        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._finished: OrderedDict[str, str] = OrderedDict()
         self._done_since: dict[str, float] = {}  # when the reaper first saw a target finished
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
@@ -124,19 +131,19 @@ class TargetHost:
             due = [rid for rid in silent if not self._targets[rid].committed]
             done = []
             for rid, t in self._targets.items():
-                if t.committed and t.status() == "finished":
+                if t.committed and (status := t.status()) in DONE:
                     since = self._done_since.setdefault(rid, now)
                     if now - since > self.lease_s and rid in silent:
-                        done.append(rid)
+                        done.append((rid, status))
             victims = [(rid, self._targets.pop(rid)) for rid in due]
             for rid in due:
                 self._seen.pop(rid, None)
                 self._expired[rid] = None
-            for rid in done:
+            for rid, status in done:
                 self._targets.pop(rid)
                 self._seen.pop(rid, None)
                 self._done_since.pop(rid, None)
-                self._finished[rid] = None
+                self._finished[rid] = status
             for record in (self._expired, self._finished):
                 while len(record) > self.MAX_RECORDS:
                     record.popitem(last=False)
@@ -220,7 +227,7 @@ class TargetHost:
                 if rid in self._expired:
                     return {"status": "expired", "covered": 0}
                 if rid in self._finished:
-                    return {"status": "finished", "covered": 0}
+                    return {"status": self._finished[rid], "covered": 0}
                 known = self._targets.get(rid)
             if known is None:
                 return {"status": "unknown", "covered": 0}
@@ -240,9 +247,17 @@ class TargetHost:
                         f"request {rid!r} finished and its tokens were dropped after the lease"
                     )
                 raise TargetStateError(f"no target for request {rid!r}")
-            timeout = header.get("timeout_s")
-            return found.result(None if timeout is None else float(timeout))
+            return found.result(_wait_s(header.get("timeout_s")))
         raise TargetStateError(f"unknown op {op!r}")
+
+
+def _wait_s(raw: Any) -> float:
+    """A ``result`` wait from the wire: a number in [0, MAX_RESULT_WAIT_S] (None: the most)."""
+    if raw is None:
+        return MAX_RESULT_WAIT_S
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not raw >= 0:
+        raise TargetStateError(f"timeout_s must be a non-negative number, got {raw!r}")
+    return min(float(raw), MAX_RESULT_WAIT_S)
 
 
 _KNOWN = {
@@ -307,8 +322,11 @@ class RemoteTarget:
         self._call("cancel")
 
     def result(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """Tokens so far, whether the generation ended and why; ``error`` too when it failed
+        on the target (``finish_reason`` ``error``)."""
         r = self._call("result", timeout_s=timeout_s)
-        return {k: r[k] for k in ("tokens", "finished", "finish_reason")}
+        keys = ("tokens", "finished", "finish_reason", *(("error",) if "error" in r else ()))
+        return {k: r[k] for k in keys}
 
 
 __all__ = ["DEFAULT_LEASE_S", "HostedTarget", "RemoteTarget", "TargetHost"]

@@ -285,6 +285,8 @@ class TokenState:
             obj = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             raise TokenStateError(f"token state body is not valid JSON: {e}") from None
+        except RecursionError:  # arrays nested deeper than the interpreter recurses
+            raise TokenStateError("token state body is nested too deeply") from None
         return _from_obj(obj)
 
 

@@ -3,8 +3,9 @@
 - ``fastckpt.serve.daemon``: the daemon (sealed memfds under a DRAM budget, whole-checkpoint LRU,
   single flight, peer credential checks), run by ``fastckpt serve``;
 - ``fastckpt.serve.protocol``: the framed, versioned, validated wire protocol (torch-free);
-- ``fastckpt.serve.client``: ``load_via_server`` (what ``fastckpt.load`` asks first when a daemon
-  is configured) and ``Client`` (``fastckpt cache ls|prefetch|evict|stats``).
+- ``fastckpt.serve.client``: ``Client``, one connection whose peer is checked first (the load
+  core's daemon byte source, ``fastckpt.loader.daemonsource``, and ``fastckpt cache
+  ls|prefetch|evict|stats`` use it).
 
 See docs/serve.md. Importing this package imports nothing heavy.
 """

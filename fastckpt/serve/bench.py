@@ -66,7 +66,7 @@ def load_and_touch(mode: str, path: str, device: str = "cpu") -> dict[str, Any]:
     import fastckpt
     from fastckpt.bench.worker import touch_pages
     from fastckpt.config import get_config
-    from fastckpt.serve.client import load_via_server
+    from fastckpt.loader.api import load_via_server
 
     cuda = device.startswith("cuda")
     t0 = time.perf_counter()

@@ -9,16 +9,22 @@ writes, shrinking and growing, so no client can change what others are served.
 What keeps it safe and honest:
 - peers are checked with ``SO_PEERCRED`` (the daemon's own uid, plus ``allow_uids`` /
   ``allow_gids``, the latter against the peer's primary gid); the socket's directory is created
-  ``0700`` and a directory writable by others is refused;
+  ``0700``, and one that others can write (a sticky one such as ``/tmp`` included) or that lies
+  under a non-sticky one others can write is refused (``fastckpt.rules.peers``);
 - every request is one size-limited frame, validated against a fixed schema
-  (``fastckpt.serve.protocol``); anything malformed closes that connection and nothing else;
+  (``fastckpt.serve.protocol``), that must arrive whole within ``idle_timeout_s``; anything
+  malformed or late closes that connection and nothing else;
 - the daemon reads only under its roots (names resolved with symlinks followed, every file of
-  the checkpoint checked to lie under the root) and validates with ``read_index``, as a load does;
-- entries are keyed by the checkpoint's identity (dev/inode/size/mtime of its files); each request
-  re-stats the files, and a partition whose open file does not match the identity the index was
-  read with fails the fill, so two generations are never mixed;
+  the checkpoint checked to lie under the root) and opens a checkpoint as a load does
+  (``open_checkpoint``: beneath its directory, Hugging Face cache snapshots and single files
+  included), filling from those very descriptors;
+- entries are keyed by the checkpoint's identity (dev/inode/size/mtime/ctime of its files); each
+  request re-stats the files, and a partition modified while it is read fails the fill, so two
+  generations are never mixed;
 - the store's budget holds; entries pinned by a live connection or being filled are never evicted;
-  a connection's pins go when it closes, however it closes (a client killed mid-load included).
+  a connection pins the entries it was handed (never a key: another entry later filled under the
+  same key is not its to unpin), only after its GET succeeded, and its pins go when it closes,
+  however it closes (a client killed mid-load included).
 
 Why one module of this size: connection handling, credentials and fills share the daemon's
 store, locks and stats; the protocol, names and store are modules of their own.
@@ -33,7 +39,6 @@ import mmap
 import os
 import socket
 import stat
-import struct
 import threading
 import time
 from collections.abc import Hashable
@@ -42,7 +47,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastckpt.errors import FastckptError
+from fastckpt.format.fsdir import OpenFile
 from fastckpt.format.index import Index
+from fastckpt.format.reader import OpenCheckpoint
+from fastckpt.rules import peers
 from fastckpt.serve import names, protocol
 from fastckpt.serve.store import LruStore
 
@@ -125,23 +133,17 @@ def _release(key: Hashable, entry: Entry) -> None:
 
 
 def prepare_socket_dir(path: str) -> None:
-    """Create the socket's directory ``0700``, or check an existing one is safe to use."""
+    """Create the socket's directory ``0700``, or check an existing one is safe to use: owned
+    by this user (or root), writable by nobody else (a sticky world-writable directory such as
+    ``/tmp`` is refused too: another user could bind the socket's name first), under
+    directories that only their owners can rename things in (``fastckpt.rules.peers``)."""
     parent = os.path.dirname(os.path.abspath(path)) or "/"
-    if not os.path.exists(parent):
-        os.makedirs(parent, mode=0o700)
-        os.chmod(parent, 0o700)
-        return
-    st = os.stat(parent)
-    if not stat.S_ISDIR(st.st_mode):
-        raise ServeError("config", f"socket directory {parent!r} is not a directory")
-    if st.st_uid not in (os.getuid(), 0):
-        raise ServeError("config", f"socket directory {parent!r} belongs to uid {st.st_uid}")
-    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-        raise ServeError(
-            "config",
-            f"socket directory {parent!r} is writable by others (mode {st.st_mode & 0o777:o}): "
-            "another user could replace the socket; use a directory only you can write",
-        )
+    try:
+        peers.check_private_dir(parent, create=True)
+    except peers.UnsafeLocationError as exc:
+        raise ServeError("config", f"socket {path!r}: {exc}") from None
+    except OSError as exc:
+        raise ServeError("config", f"socket directory {parent!r}: {exc}") from None
 
 
 def _clear_stale_socket(path: str) -> None:
@@ -292,11 +294,11 @@ class Daemon:
         return uid == os.getuid() or uid in self.cfg.allow_uids or gid in self.cfg.allow_gids
 
     def _serve_connection(self, conn: socket.socket) -> None:
-        pins: list[Hashable] = []
+        pins: list[tuple[Hashable, Entry]] = []  # entries handed to this connection
         try:
             self._count("connections", 1)
-            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid, uid, gid = struct.unpack("3i", creds)
+            peer = peers.peer_credentials(conn)
+            pid, uid, gid = peer.pid, peer.uid, peer.gid
             if not self.peer_allowed(uid, gid):
                 self._count("refused_peers", 1)
                 log.warning("refused peer pid %d uid %d gid %d (not allowed)", pid, uid, gid)
@@ -309,7 +311,9 @@ class Daemon:
             reader = protocol.Reader(conn, accept_fds=False)
             while not self._stop.is_set():
                 try:
-                    msg = reader.read()
+                    # one deadline per request, not per receive: a peer trickling bytes is
+                    # closed as surely as a silent one
+                    msg = reader.read(deadline=time.monotonic() + self.cfg.idle_timeout_s)
                     protocol.validate_request(msg.kind, msg.fields)
                 except protocol.PeerClosed:
                     return
@@ -329,14 +333,16 @@ class Daemon:
         except Exception:
             log.exception("unexpected error on a connection (closed)")
         finally:
-            for key in pins:
-                self.store.unpin(key)
+            for key, entry in pins:
+                self.store.unpin_value(key, entry)
             with self._lock:
                 self._conns.discard(conn)
                 self._threads.discard(threading.current_thread())
             conn.close()
 
-    def _dispatch(self, conn: socket.socket, msg: protocol.Message, pins: list[Hashable]) -> None:
+    def _dispatch(
+        self, conn: socket.socket, msg: protocol.Message, pins: list[tuple[Hashable, Entry]]
+    ) -> None:
         f = msg.fields
         if msg.kind == protocol.HELLO:
             protocol.send(
@@ -346,8 +352,14 @@ class Daemon:
             )
         elif msg.kind == protocol.GET:
             entry, key = self._acquire(f["root"], f["name"], f["identity"])
-            pins.append(key)
-            self._wait_ready(conn, entry)
+            try:
+                self._wait_ready(conn, entry)
+            except BaseException:
+                self.store.unpin_value(key, entry)  # a failed GET holds nothing
+                raise
+            # the pin is this entry's, not the key's: a RELEASE after the entry was dropped and
+            # another filled under the same key never unpins the other one
+            pins.append((key, entry))
             fds = list(entry.memfds)
             for i in range(0, len(fds), protocol.MAX_FDS_PER_FRAME):
                 part = fds[i : i + protocol.MAX_FDS_PER_FRAME]
@@ -359,8 +371,8 @@ class Daemon:
                 {"identity": entry.identity, "sizes": entry.sizes, "verified": entry.verified},
             )
         elif msg.kind == protocol.RELEASE:
-            for key in pins:
-                self.store.unpin(key)
+            for key, entry in pins:
+                self.store.unpin_value(key, entry)
             pins.clear()
             protocol.send(conn, protocol.OK, {})
         elif msg.kind == protocol.PREFETCH:
@@ -368,7 +380,7 @@ class Daemon:
             try:
                 self._wait_ready(conn, entry)
             finally:
-                self.store.unpin(key)
+                self.store.unpin_value(key, entry)
             protocol.send(conn, protocol.OK, {"identity": entry.identity, "nbytes": entry.nbytes})
         elif msg.kind == protocol.EVICT:
             evicted = in_use = 0
@@ -427,48 +439,56 @@ class Daemon:
             real = names.resolve(root, name)
         except names.NameError_ as exc:
             raise ServeError("bad_name", str(exc)) from None
+        # opened as a load opens it (beneath its directory; Hugging Face cache snapshots and
+        # single files included); the fill reads through these very descriptors
         try:
-            index, stamped = names.read_consistent(real)
+            ck, stamped = names.open_consistent(real)
         except names.ChangedError as exc:
             raise ServeError("stale", str(exc)) from None
         except FastckptError as exc:
             raise ServeError("invalid", f"{name}: {exc}") from None
         except OSError as exc:
             raise ServeError("not_found", f"{name}: {exc.strerror or exc}") from None
-        for path in stamped:
-            if not names.within(os.path.realpath(path), root):
-                raise ServeError(
-                    "bad_name", f"{name}: a file of the checkpoint lies outside its root"
+        try:
+            index = ck.index
+            for path in stamped:
+                if not names.within(os.path.realpath(path), root):
+                    raise ServeError(
+                        "bad_name", f"{name}: a file of the checkpoint lies outside its root"
+                    )
+            ident = names.identity(index, stamped)
+            if wanted is not None and ident != wanted:
+                self._count("stale", 1)
+                raise ServeError("stale", f"{name} changed on disk", identity=ident)
+            key = (root_i, name, ident)
+            with self._lock:
+                entry = self.store.get(key, pin=True)
+                if entry is not None:
+                    ck.close()
+                    return entry, key
+                entry = Entry(
+                    root=root_i,
+                    name=name,
+                    identity=ident,
+                    kind=index.kind,
+                    sizes=[p.nbytes for p in index.partitions],
                 )
-        ident = names.identity(index, stamped)
-        if wanted is not None and ident != wanted:
-            self._count("stale", 1)
-            raise ServeError("stale", f"{name} changed on disk", identity=ident)
-        key = (root_i, name, ident)
-        with self._lock:
-            entry = self.store.get(key, pin=True)
-            if entry is not None:
-                return entry, key
-            entry = Entry(
-                root=root_i,
-                name=name,
-                identity=ident,
-                kind=index.kind,
-                sizes=[p.nbytes for p in index.partitions],
-            )
-            # reserve the bytes, pinned twice: once for the filler, once for the caller
-            if not self.store.put(key, entry, entry.nbytes, pin=True):
-                raise ServeError(
-                    "no_room",
-                    f"{name} ({entry.nbytes} bytes) does not fit the DRAM budget "
-                    f"({self.store.capacity_bytes} bytes) beside the checkpoints in use",
-                )
-            self.store.pin(key)
-            held = self.store.keys()
-            for other in held:
-                if isinstance(other, tuple) and other[:2] == key[:2] and other != key:
-                    self.store.evict(other)  # an older generation: never served again
-        self._fills.submit(self._fill, key, entry, index, stamped)
+                # reserve the bytes, pinned twice: once for the filler, once for the caller
+                if not self.store.put(key, entry, entry.nbytes, pin=True):
+                    raise ServeError(
+                        "no_room",
+                        f"{name} ({entry.nbytes} bytes) does not fit the DRAM budget "
+                        f"({self.store.capacity_bytes} bytes) beside the checkpoints in use",
+                    )
+                self.store.pin(key)
+                held = self.store.keys()
+                for other in held:
+                    if isinstance(other, tuple) and other[:2] == key[:2] and other != key:
+                        self.store.evict(other)  # an older generation: never served again
+            self._fills.submit(self._fill, key, entry, ck, stamped)
+        except BaseException:
+            ck.close()
+            raise
         return entry, key
 
     def _wait_ready(self, conn: socket.socket, entry: Entry) -> None:
@@ -480,14 +500,22 @@ class Daemon:
             raise ServeError("load_failed", entry.error)
 
     def _fill(
-        self, key: Hashable, entry: Entry, index: Index, stamped: dict[str, names.FileStamp]
+        self,
+        key: Hashable,
+        entry: Entry,
+        ck: OpenCheckpoint,
+        stamped: dict[str, names.FileStamp],
     ) -> None:
         self._count("fills", 1)
+        index = ck.index
         try:
             for j, part in enumerate(index.partitions):
-                entry.memfds.append(self._fill_partition(entry, index, j, stamped[part.path]))
-            if names.stamps(index) != stamped:
-                raise ServeError("changed", "the checkpoint changed on disk while it was read")
+                entry.memfds.append(
+                    self._fill_partition(entry, index, j, ck.partitions[j], stamped[part.path])
+                )
+            for part, f in zip(index.partitions, ck.partitions, strict=True):
+                if names.stamp(os.fstat(f.fd)) != stamped[part.path]:
+                    raise ServeError("changed", f"{part.file} was modified while it was read")
             entry.verified = self.cfg.verify and index.checksum_algorithm is not None
             self._count("fill_bytes", entry.nbytes)
         except BaseException as exc:
@@ -497,32 +525,32 @@ class Daemon:
             self.store.drop(key)
             entry.close()
         finally:
+            ck.close()
             if entry.closed and entry.error is None:
                 entry.close()
             entry.ready.set()
-            self.store.unpin(key)
+            self.store.unpin_value(key, entry)
 
-    def _fill_partition(self, entry: Entry, index: Index, j: int, want: names.FileStamp) -> int:
+    def _fill_partition(
+        self, entry: Entry, index: Index, j: int, opened: OpenFile, want: names.FileStamp
+    ) -> int:
         part = index.partitions[j]
-        src = os.open(part.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        src = opened.fd
+        if names.stamp(os.fstat(src)) != want:
+            raise ServeError("changed", f"{part.file} was modified while the index was read")
+        fd = os.memfd_create(
+            f"fastckpt:{entry.name[-200:]}:{j}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+        )
         try:
-            if names.stamp(os.fstat(src)) != want:
-                raise ServeError("changed", f"{part.file} was replaced while the index was read")
-            fd = os.memfd_create(
-                f"fastckpt:{entry.name[-200:]}:{j}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
-            )
-            try:
-                size = part.nbytes
-                os.ftruncate(fd, size)
-                if size:
-                    self._copy_into(fd, src, size, entry, index, j)
-                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-            except BaseException:
-                os.close(fd)
-                raise
-            return fd
-        finally:
-            os.close(src)
+            size = part.nbytes
+            os.ftruncate(fd, size)
+            if size:
+                self._copy_into(fd, src, size, entry, index, j)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def _copy_into(self, fd: int, src: int, size: int, entry: Entry, index: Index, j: int) -> None:
         """Read the partition into the memfd with a few threads (``preadv`` releases the GIL),

@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import TYPE_CHECKING
 
 from fastckpt.format.index import Index
 from fastckpt.format.spec import INDEX_FILE
+
+if TYPE_CHECKING:
+    from fastckpt.format.reader import OpenCheckpoint
 
 
 class NameError_(ValueError):
@@ -55,6 +59,19 @@ def split(roots: list[str], path: str | os.PathLike[str]) -> tuple[int, str] | N
     return None
 
 
+def checkpoint_path(index: Index) -> str:
+    """The path that names ``index``'s checkpoint to the daemon: the file itself for a single
+    ``.safetensors`` file (whose ``root`` is the folder holding it), else its ``root``."""
+    single = index.source.get("path")
+    if (
+        index.kind == "safetensors"
+        and len(index.partitions) == 1
+        and single == index.partitions[0].path
+    ):
+        return str(single)
+    return index.root
+
+
 def files_of(index: Index) -> list[str]:
     """Every file whose identity makes up the checkpoint: the path itself, the index, partitions."""
     out = [index.root]
@@ -64,11 +81,13 @@ def files_of(index: Index) -> list[str]:
     return out
 
 
-FileStamp = tuple[int, int, int, int]  # (st_dev, st_ino, st_size, st_mtime_ns)
+# (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns): a file rewritten in place with its size
+# and mtime restored still gets a new ctime (nobody but the kernel sets it)
+FileStamp = tuple[int, int, int, int, int]
 
 
 def stamp(st: os.stat_result) -> FileStamp:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def stamps(index: Index) -> dict[str, FileStamp]:
@@ -80,8 +99,8 @@ def identity(index: Index, stamped: dict[str, FileStamp] | None = None) -> str:
     """Fingerprint of the files of ``index`` (as stamped now, or as ``stamped`` says)."""
     stamped = stamps(index) if stamped is None else stamped
     h = hashlib.sha256()
-    for path, st in stamped.items():
-        h.update(f"{path}\0{st[0]}\0{st[1]}\0{st[2]}\0{st[3]}\n".encode())
+    for path, st in sorted(stamped.items()):
+        h.update(("\0".join([path, *map(str, st)]) + "\n").encode())
     return h.hexdigest()[:32]
 
 
@@ -99,12 +118,7 @@ def read_consistent(path: str) -> tuple[Index, dict[str, FileStamp]]:
     """
     from fastckpt.format.reader import read_index
 
-    before = {}
-    for p in (path, os.path.join(path, INDEX_FILE)):
-        try:
-            before[p] = stamp(os.stat(p))
-        except FileNotFoundError:
-            continue
+    before = _stamp_top(path)
     index = read_index(path)
     stamped = stamps(index)
     if any(stamped.get(p, st) != st for p, st in before.items()):
@@ -114,3 +128,41 @@ def read_consistent(path: str) -> tuple[Index, dict[str, FileStamp]]:
         if stamps(again) != stamped or again.tensors != index.tensors:
             raise ChangedError(f"{path} changed on disk while its index was read")
     return index, stamped
+
+
+def _stamp_top(path: str) -> dict[str, FileStamp]:
+    """Stamps of the checkpoint path and, for a directory, of its fastckpt index file (a single
+    ``.safetensors`` file has none: ``NotADirectoryError`` is expected, not a failure)."""
+    out = {}
+    for p in (path, os.path.join(path, INDEX_FILE)):
+        try:
+            out[p] = stamp(os.stat(p))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return out
+
+
+def open_consistent(path: str) -> tuple[OpenCheckpoint, dict[str, FileStamp]]:
+    """``open_checkpoint(path)`` (every file opened beneath the checkpoint's directory, Hugging
+    Face cache snapshots and single files included, as a load opens them) and the stamps of its
+    files: the partitions' from their open descriptors, so bytes read through those descriptors
+    are the generation the stamps name. The checkpoint path and its index file must be the
+    same before and after the open (``ChangedError`` otherwise). The caller closes the result.
+    """
+    from fastckpt.format.reader import open_checkpoint
+
+    before = _stamp_top(path)
+    ck = open_checkpoint(path)
+    try:
+        opened = {part.path: f for part, f in zip(ck.index.partitions, ck.partitions, strict=True)}
+        stamped = {
+            p: stamp(os.fstat(opened[p].fd)) if p in opened else stamp(os.stat(p))
+            for p in files_of(ck.index)
+        }
+        after = _stamp_top(path)
+        if any(after.get(p) != st or stamped.get(p, st) != st for p, st in before.items()):
+            raise ChangedError(f"{path} changed on disk while its index was read")
+    except BaseException:
+        ck.close()
+        raise
+    return ck, stamped

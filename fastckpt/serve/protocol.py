@@ -21,6 +21,7 @@ import json
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,7 +197,8 @@ class Reader:
     """Reads frames from a socket, collecting any descriptors that arrive with them.
 
     ``accept_fds`` False (the daemon's side): receiving any descriptor is a protocol error (the
-    descriptors are closed first). Every wait is bounded by the socket's timeout.
+    descriptors are closed first). Every wait is bounded by the socket's timeout, and a whole
+    frame by the deadline given to ``read``.
     """
 
     def __init__(
@@ -207,10 +209,17 @@ class Reader:
         self.max_fds = max_fds
         self._anc = socket.CMSG_SPACE(max_fds * array.array("i").itemsize)
 
-    def _recv_exact(self, n: int, fds: list[int], *, at_boundary: bool) -> bytes:
+    def _recv_exact(
+        self, n: int, fds: list[int], *, at_boundary: bool, deadline: float | None
+    ) -> bytes:
         chunks: list[bytes] = []
         got = 0
         while got < n:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no complete frame in time ({got} of {n} bytes)")
+                self.sock.settimeout(left)
             data, anc, flags, _ = self.sock.recvmsg(
                 n - got, self._anc, getattr(socket, "MSG_CMSG_CLOEXEC", 0)
             )
@@ -231,12 +240,19 @@ class Reader:
             got += len(data)
         return b"".join(chunks)
 
-    def read(self) -> Message:
+    def read(self, *, deadline: float | None = None) -> Message:
+        """The next frame. With ``deadline`` (a ``time.monotonic()`` value) the whole frame must
+        arrive by then, however it trickles in (``TimeoutError`` otherwise); without one each
+        receive is bounded by the socket's own timeout."""
         fds: list[int] = []
         try:
-            head = self._recv_exact(HEADER.size, fds, at_boundary=True)
+            head = self._recv_exact(HEADER.size, fds, at_boundary=True, deadline=deadline)
             kind, length = decode_header(head)
-            body = self._recv_exact(length, fds, at_boundary=False) if length else b""
+            body = (
+                self._recv_exact(length, fds, at_boundary=False, deadline=deadline)
+                if length
+                else b""
+            )
             return Message(kind, decode_payload(body), fds)
         except BaseException:
             close_fds(fds)

@@ -14,7 +14,8 @@ daemon needs on top. The rules are the core's:
 
 What the store adds: a ``release`` callback instead of a subclass hook, ``get(key, pin=True)``
 (look up and pin in one step), ``unpin`` of an item dropped meanwhile is a no-op (a failed fill
-drops the entry while connections still hold pins on it), and a ``put`` of a key already held
+drops the entry while connections still hold pins on it), ``unpin_value`` that undoes a pin of one
+value and never of another put under the same key later, and a ``put`` of a key already held
 leaves the LRU order alone.
 
 Pure Python: no torch, no C++ core.
@@ -56,3 +57,12 @@ class LruStore(LruTier[V]):
         with self._lock:
             if self.pins(key):
                 super().unpin(key)
+
+    def unpin_value(self, key: Hashable, value: V) -> None:
+        """Undo one pin of ``value`` itself: a no-op when ``key`` holds nothing or another value
+        now (the pinned one was dropped, say by a failed fill, and a new one was put under the
+        same key: its pins belong to whoever pinned it)."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None and item.value is value and item.pins:
+                item.pins -= 1

@@ -81,8 +81,9 @@ def lock_file_pages(fd: int, nbytes: int) -> Callable[[], None]:
 class HeldFile:
     """One partition kept resident in the page cache: owns ``fd`` (a duplicate of the validated
     descriptor) and the lock on its first ``nbytes``. Offers what the executor uses of a
-    ``HostBlock``: ``map_private``, ``buffer`` (a private mapping for reading, for GPU copies;
-    never pinned) and ``pin_range`` (pins nothing)."""
+    ``HostBlock``: ``map_private``, ``buffer`` (a private mapping for reading; never pinned),
+    ``pin_range`` (pins nothing) and ``pinned_range`` (never pinned: device copies read ``fd``
+    through the pinned staging ring)."""
 
     held = True
 
@@ -104,7 +105,10 @@ class HeldFile:
         return 0
 
     def pin_range(self, lo: int, hi: int) -> int:
-        return 0  # page-cache pages are not registered with CUDA: GPU copies are pageable
+        return 0  # page-cache pages are not registered with CUDA
+
+    def pinned_range(self, lo: int, hi: int) -> bool:
+        return hi <= lo  # device copies read the held file through the pinned staging ring
 
     @property
     def buffer(self) -> mmap.mmap | None:

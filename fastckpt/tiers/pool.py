@@ -78,6 +78,15 @@ class HostBlock:
     def pinned_bytes(self) -> int:
         return sum(min(self._piece, self.capacity - p * self._piece) for p in self._pinned)
 
+    def pinned_range(self, lo: int, hi: int) -> bool:
+        """Whether every byte of ``[lo, hi)`` is pinned (a device copy can read it directly)."""
+        if hi <= lo:
+            return True
+        with self._lock:
+            return all(
+                p in self._pinned for p in range(lo // self._piece, (hi - 1) // self._piece + 1)
+            )
+
     def pin_range(self, lo: int, hi: int) -> int:
         """Pin the pieces covering ``[lo, hi)`` that are not pinned yet; returns bytes pinned
         now. Without a pinner (no GPU) nothing happens."""
@@ -186,21 +195,3 @@ class HostPool:
             blocks, self._free = self._free, []
         for b in blocks:
             b.close(self.unpinner)
-
-
-def cuda_pinner() -> tuple[Pinner, Callable[[int], None]]:
-    """(pin, unpin) through ``cudaHostRegister``/``cudaHostUnregister`` (imports torch)."""
-    import torch
-
-    cudart = torch.cuda.cudart()
-
-    def pin(address: int, nbytes: int) -> None:
-        err = cudart.cudaHostRegister(address, nbytes, 0)
-        if int(getattr(err, "value", err)) != 0:
-            raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed: {err}")
-
-    def unpin(address: int) -> None:
-        with contextlib.suppress(Exception):  # at shutdown CUDA may be gone
-            cudart.cudaHostUnregister(address)
-
-    return pin, unpin

@@ -1,49 +1,127 @@
 """The SSD tier: converted copies of slower sources in a local directory, LRU under a byte budget.
 
 A source (stock safetensors, a checkpoint on a network filesystem) is converted once into a
-fastckpt checkpoint under ``<dir>/<key>/``, where ``key`` is a hash of the source's identity: its
-resolved path and, for each data file, name, size, modification time and a fingerprint of its
-first bytes (the header). A source rewritten in place gets a new key, so an old copy is never
-served for it; old copies age out by LRU.
+fastckpt checkpoint under ``<dir>/<key>/``, where ``key`` is a hash of the source's **content**:
+a SHA-256 tree hash of every byte of its data files and carried files (with their names and
+sizes), computed with a few threads when the tier first sees the source. A source rewritten in
+any way gets a new key, so an old copy is never served for it; a source whose bytes are the same
+(touched, chmod-ed, copied elsewhere) finds its copy again after one hash.
+
+Hashing is not repeated at every load: each copy records the stamps of the sources it was made
+from or found for (device, inode, size, mtime and ctime of every file; nobody but the kernel sets
+ctime, so a file rewritten with its size and mtime restored still shows a new one). A load whose
+source stamps match a record uses that copy after ``stat`` calls only; any other stamp costs one
+read of the source to hash it.
+
+A copy is checked before it is handed out: every file of it must still have the stamps it had
+when it was published (a copy written to is caught by its ctime), and it must open and validate.
+A copy that fails a check, or whose checksums fail a ``verify=True`` load (``reject``), is
+dropped and rebuilt from the source, with a ``CacheWarning``. A conversion that runs out of space
+(``ENOSPC``, ``EDQUOT``) leaves nothing behind and the load reads the source; the tier says so
+once. What each check costs: docs/tiers.md.
 
 Publishing is atomic: the conversion writes ``<dir>/.tmp-<key>-<pid>-<n>/`` and renames it to
 ``<dir>/<key>`` (same filesystem), so a crash leaves a temporary directory (removed by ``clear``
-and on the next start) but never a half copy under a key. Eviction renames the copy away first,
-then deletes it. The LRU order lives on disk (the modification time of ``<key>/.last-used``), so
-it survives restarts and is shared by processes using the same directory.
+and by the next start once its process is gone) but never a half copy under a key. Eviction
+renames the copy away first, then deletes it; loads that already opened its files keep reading
+them. The LRU order lives on disk (the modification time of ``<key>/.last-used``), so it survives
+restarts and is shared by processes using the same directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
 import os
 import shutil
+import threading
 import time
-from collections.abc import Hashable, Iterable
+import warnings
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from fastckpt.errors import CacheWarning, FormatError
+from fastckpt.format.reader import OpenCheckpoint, open_checkpoint
 from fastckpt.tiers.base import LruTier
 
-FINGERPRINT_BYTES = 1 << 20
+HASH_PIECE_BYTES = 64 << 20
+META_VERSION = 2
+MAX_ALIASES = 16
 _STAMP = ".last-used"
 _META = ".source.json"
 _counter = itertools.count()
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+Stamp = list[int]  # [st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns]
 
 
-def source_identity(files: Iterable[str], root: str) -> str:
-    """Key of a source: hash of its resolved root and each file's name, size, mtime and the
-    hash of its first ``FINGERPRINT_BYTES``."""
+def _stamp(st: os.stat_result) -> Stamp:
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def source_files(index: Any) -> list[str]:
+    """The files whose bytes make a source's content: its data files and, for a directory, the
+    files a conversion carries over (config, tokenizer...)."""
+    out = [p.path for p in index.partitions]
+    if os.path.isdir(index.root):
+        for rel in (*index.files, *index.tree):
+            full = os.path.join(index.root, rel)
+            if os.path.isfile(full) and full not in out:
+                out.append(full)
+    return out
+
+
+def stamp_key(files: Iterable[str], root: str) -> str:
+    """A hash of the source's resolved path and each file's stamp: cheap (``stat`` calls), and
+    different after any write to a file (its ctime moves). Raises OSError for a missing file."""
     h = hashlib.sha256(os.path.realpath(root).encode())
     for path in sorted(files):
         st = os.stat(path)
-        h.update(f"\0{os.path.basename(path)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-        with open(path, "rb") as f:
-            h.update(hashlib.sha256(f.read(FINGERPRINT_BYTES)).digest())
+        h.update(f"\0{path}\0{_stamp(st)}".encode())
     return h.hexdigest()[:32]
+
+
+def content_key(files: Iterable[str], threads: int = 4) -> str:
+    """SHA-256 tree hash of the files' bytes (each ``HASH_PIECE_BYTES`` piece hashed on a thread
+    pool, then the pieces' digests with each file's name and size): the content's identity."""
+    paths = sorted(files, key=os.path.basename)
+    fds = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in paths]
+    try:
+        sizes = [os.fstat(fd).st_size for fd in fds]
+        pieces = [(i, off) for i, n in enumerate(sizes) for off in range(0, n, HASH_PIECE_BYTES)]
+
+        def piece(job: tuple[int, int]) -> bytes:
+            i, off = job
+            n = min(HASH_PIECE_BYTES, sizes[i] - off)
+            h = hashlib.sha256()
+            while n > 0:
+                data = os.pread(fds[i], min(n, 8 << 20), off)
+                if not data:
+                    raise OSError(errno.EIO, f"{paths[i]} ended while it was hashed")
+                h.update(data)
+                off += len(data)
+                n -= len(data)
+            return h.digest()
+
+        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="fastckpt-hash") as pool:
+            digests = list(pool.map(piece, pieces))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    top = hashlib.sha256(b"fastckpt-ssd-content-1")
+    at = 0
+    for i, path in enumerate(paths):
+        count = -(-sizes[i] // HASH_PIECE_BYTES)
+        top.update(f"\0{os.path.basename(path)}\0{sizes[i]}\0".encode())
+        for d in digests[at : at + count]:
+            top.update(d)
+        at += count
+    return top.hexdigest()[:32]
 
 
 def _du(path: str) -> int:
@@ -92,29 +170,297 @@ def scan(directory: str) -> list[SsdEntry]:
 
 class SsdTier(LruTier[str]):
     """Values are the paths of converted checkpoints; ``put`` takes a staged directory (made by
-    ``stage``) and publishes it."""
+    ``stage``) and publishes it. ``open_copy`` is what a load calls: the checked, opened copy of
+    a source, converted on first use.
 
-    def __init__(self, capacity_bytes: int, directory: str) -> None:
+    Args:
+        capacity_bytes: disk budget; directory: where copies live.
+        convert: ``convert(src, dst)`` making a fastckpt checkpoint (default
+            ``fastckpt.convert``); a seam for tests.
+        hash_threads: threads hashing a source the tier has not seen (default 4).
+    """
+
+    def __init__(
+        self,
+        capacity_bytes: int,
+        directory: str,
+        *,
+        convert: Callable[[str, str], Any] | None = None,
+        hash_threads: int = 4,
+    ) -> None:
         super().__init__(capacity_bytes, name="ssd")
         self.directory = directory
+        self._convert = convert
+        self._hash_threads = hash_threads
+        self._aliases: dict[str, str] = {}  # stamp key -> content key
+        self._alias_lock = threading.Lock()
+        self._flights: dict[str, threading.Lock] = {}
+        self._said: set[str] = set()
+        self._orphan_pins: dict[Hashable, int] = {}
         os.makedirs(directory, exist_ok=True)
         for name in os.listdir(directory):
-            if name.startswith(".tmp-") or name.startswith(".old-"):
+            if name.startswith(".old-") or (
+                name.startswith((".tmp-", "..tmp-")) and _owner_gone(name)
+            ):
                 shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
         for e in scan(directory):
             if self._used + e.nbytes <= capacity_bytes:
                 super().put(e.key, e.path, e.nbytes)
                 self._in -= e.nbytes  # found on disk, not brought in
+                self._learn(e.key, _read_meta(e.path))
             else:
                 self._remove(e.path)
 
+    # ------------------------------------------------------------------ what a load calls
+    def open_copy(
+        self,
+        files: Sequence[str],
+        source: str,
+        *,
+        convert: Callable[[str, str], Any] | None = None,
+    ) -> tuple[OpenCheckpoint, str] | None:
+        """The copy of ``source`` (whose bytes are ``files``), checked, opened and pinned for the
+        caller (``unpin(key)`` when done), converted first when there is none (by ``convert``,
+        else the tier's own). None when the tier cannot hold one (too large, no room, disk full,
+        the source changing while it is read): the caller reads the source."""
+        try:
+            skey = stamp_key(files, source)
+        except OSError:
+            return None  # the load itself reports a vanished source
+        key = self._alias(skey)
+        if key is not None:
+            got = self._open_checked(key)
+            if got is not None:
+                return got
+        with self._flight(skey):  # one hash and one conversion for concurrent loads
+            key = self._alias(skey)
+            if key is not None:
+                got = self._open_checked(key)
+                if got is not None:
+                    return got
+            try:
+                shape = _shape(files)
+                key = None
+                if self._may_hold(shape):
+                    # a copy of the same sizes exists: the bytes may be the same (a touched or
+                    # copied source), so hash first and reuse it if they are
+                    key = content_key(files, self._hash_threads)
+                    if stamp_key(files, source) != skey:
+                        return None  # written while it was hashed: nothing stable to copy
+                    got = self._open_checked(key)
+                    if got is not None:
+                        self._add_alias(key, skey)
+                        return got
+            except OSError:
+                return None
+            if key is None:
+                with self._lock:
+                    self._misses += 1  # not looked up: nothing of this shape is held
+            made = self._make(source, files, skey, shape, key, convert)
+            got = None if made is None else self._open_checked(made)
+            if made is not None and got is not None:
+                self._add_alias(made, skey)
+            return got
+
+    def reject(self, key: str, reason: str) -> None:
+        """Drop the copy ``key``: it failed a check (say, its checksums in a ``verify=True``
+        load). Warns; loads that already opened its files keep reading them, and unpin as
+        usual; the next load of its source builds a new one."""
+        path = self.peek(key) or os.path.join(self.directory, key)
+        source = _read_meta(path).get("source", "?")
+        warnings.warn(
+            f"fastckpt: the SSD-tier copy of {source} failed a check ({reason}); it was "
+            "removed and is rebuilt from the source",
+            CacheWarning,
+            stacklevel=3,
+        )
+        with self._alias_lock:
+            for a in [a for a, k in self._aliases.items() if k == key]:
+                del self._aliases[a]
+        with self._lock:
+            # pins held now (the caller's included) are undone by their holders' ``unpin``
+            self._orphan_pins[key] = self._orphan_pins.get(key, 0) + self.pins(key)
+            value = self._pop(key) if key in self._items else None
+            if value is not None:
+                self._dropped += 1
+        if value is not None:
+            self._release(key, value)
+        else:
+            self._remove(path)
+
+    def key_of(self, files: Sequence[str], source: str) -> str | None:
+        """The key of the copy the tier knows for this source as it is now (its stamps; nothing
+        is hashed), or None."""
+        try:
+            key = self._alias(stamp_key(files, source))
+        except OSError:
+            return None
+        return key if key is not None and self.holds(key) else None
+
+    def unpin(self, key: Hashable) -> None:
+        """Undo one pin (of a copy dropped by ``reject`` while pinned too)."""
+        with self._lock:
+            if self._orphan_pins.get(key):
+                self._orphan_pins[key] -= 1
+                return
+            super().unpin(key)
+
+    # ------------------------------------------------------------------ pieces
+    def _flight(self, skey: str) -> threading.Lock:
+        with self._alias_lock:
+            lock = self._flights.get(skey)
+            if lock is None:
+                if len(self._flights) > 1024:
+                    self._flights = {k: v for k, v in self._flights.items() if v.locked()}
+                lock = self._flights[skey] = threading.Lock()
+            return lock
+
+    def _alias(self, skey: str) -> str | None:
+        with self._alias_lock:
+            key = self._aliases.get(skey)
+        if key is None:
+            # another process sharing the directory may have recorded it
+            for k in self.keys():
+                path = self.peek(k)
+                if path is not None and skey in _read_meta(path).get("aliases", ()):
+                    self._learn(str(k), _read_meta(path))
+                    return str(k)
+        return key
+
+    def _learn(self, key: str, meta: dict[str, Any]) -> None:
+        if meta.get("version") != META_VERSION:
+            return  # made by an older keying: never found again, it ages out
+        with self._alias_lock:
+            for a in meta.get("aliases", ()):
+                self._aliases[str(a)] = key
+
+    def _add_alias(self, key: str, skey: str) -> None:
+        path = self.peek(key)
+        with self._alias_lock:
+            self._aliases[skey] = key
+        if path is None:
+            return
+        meta = _read_meta(path)
+        aliases = [a for a in meta.get("aliases", []) if a != skey][-(MAX_ALIASES - 1) :]
+        meta["aliases"] = [*aliases, skey]
+        with contextlib.suppress(OSError):
+            _write_json(os.path.join(path, _META), meta)
+
+    def _open_checked(self, key: str) -> tuple[OpenCheckpoint, str] | None:
+        path = self._get(key, pin=True)
+        if path is None:
+            return None
+        try:
+            problem = _check_copy(path)
+            if problem is None:
+                try:
+                    return open_checkpoint(path), key
+                except (FormatError, OSError) as exc:
+                    problem = f"it does not open: {exc}"
+        except BaseException:
+            self.unpin(key)
+            raise
+        self.unpin(key)
+        self.reject(key, problem)
+        return None
+
+    def _make(
+        self,
+        source: str,
+        files: Sequence[str],
+        skey: str,
+        shape: list[int],
+        key: str | None,
+        convert: Callable[[str, str], Any] | None = None,
+    ) -> str | None:
+        """Convert ``source`` and publish it under its content key (``key``, or hashed on a
+        thread while the conversion runs); returns the key, or None when it could not be kept."""
+        staged = self.stage(skey)
+        convert = convert or self._convert
+        if convert is None:
+            from fastckpt.format.convert import convert as _convert
+
+            def convert(src: str, dst: str) -> Any:
+                return _convert(src, dst, progress=False)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="fastckpt-hash") as pool:
+            hashing = (
+                None if key is not None else pool.submit(content_key, files, self._hash_threads)
+            )
+            try:
+                try:
+                    convert(source, staged)
+                finally:
+                    if hashing is not None:
+                        key = hashing.result()  # waited for even when the conversion failed
+                assert key is not None
+                if stamp_key(files, source) != skey:
+                    self._discard(staged)
+                    return None  # the source changed while it was read
+                meta = {
+                    "version": META_VERSION,
+                    "source": os.path.realpath(source),
+                    "created": time.time(),
+                    "aliases": [skey],
+                    "shape": shape,
+                    "files": _copy_stamps(staged),
+                }
+                _write_json(os.path.join(staged, _META), meta)
+            except OSError as exc:
+                self._discard(staged)
+                if exc.errno in _FULL:
+                    self._say_once(
+                        "full",
+                        f"fastckpt: no space left for the SSD tier in {self.directory} ({exc}); "
+                        "loads read their sources instead (said once)",
+                    )
+                    return None
+                raise
+            except BaseException:
+                self._discard(staged)
+                raise
+        try:
+            kept = self.put(key, staged, _du(staged)) or self.holds(key)
+        except OSError as exc:
+            if exc.errno in _FULL:
+                self._say_once("full", f"fastckpt: no space left for the SSD tier ({exc})")
+                return None
+            raise
+        return key if kept else None
+
+    def _may_hold(self, shape: list[int]) -> bool:
+        """Whether a held copy was made from files of these sizes (then hashing first may find
+        it); one small read per copy held."""
+        for k in self.keys():
+            path = self.peek(k)
+            if path is not None and _read_meta(path).get("shape") == shape:
+                return True
+        return False
+
+    def _discard(self, staged: str) -> None:
+        """Remove a staged copy and anything the writer left beside it (nothing half-written
+        is kept)."""
+        prefix = "." + os.path.basename(staged) + "."
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self.directory):
+                if name.startswith(prefix):
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        shutil.rmtree(staged, ignore_errors=True)
+
+    def _say_once(self, what: str, message: str) -> None:
+        if what not in self._said:
+            self._said.add(what)
+            warnings.warn(message, CacheWarning, stacklevel=4)
+
+    # ------------------------------------------------------------------ the LRU tier
     def stage(self, key: str) -> str:
         """A fresh temporary directory path (not created) on the tier's filesystem."""
         return os.path.join(self.directory, f".tmp-{key}-{os.getpid()}-{next(_counter)}")
 
     def put(self, key: Hashable, value: str, nbytes: int, *, pin: bool = False) -> bool:
         """Publish the staged directory ``value`` under ``key``; on a bypass (too large, or no
-        room because everything is in use) the staged directory is deleted."""
+        room because everything is in use) the staged directory is deleted, as it is when the
+        key is already held (that copy stays)."""
         final = os.path.join(self.directory, str(key))
         if not super().put(key, final, nbytes, pin=pin):
             self._remove(value)
@@ -132,12 +478,11 @@ class SsdTier(LruTier[str]):
             raise
         return True
 
-    def record_source(self, staged: str, source: str) -> None:
-        with open(os.path.join(staged, _META), "w", encoding="utf-8") as f:
-            json.dump({"source": source, "created": time.time()}, f)
-
     def get(self, key: Hashable) -> str | None:
-        path = super().get(key)
+        return self._get(key, pin=False)
+
+    def _get(self, key: Hashable, *, pin: bool) -> str | None:
+        path = super()._get(key, pin=pin)
         if path is not None:
             if not os.path.isdir(path):  # deleted behind our back (fastckpt cache clear)
                 with self._lock:
@@ -168,6 +513,80 @@ class SsdTier(LruTier[str]):
         except OSError:
             gone = path
         shutil.rmtree(gone, ignore_errors=True)
+
+
+def _owner_gone(name: str) -> bool:
+    """Whether the process that staged ``name`` (``.tmp-<key>-<pid>-<n>`` or the writer's
+    ``..tmp-<key>-<pid>-<n>.tmp-...``) is gone (its leftovers can go)."""
+    try:
+        pid = int(name.lstrip(".")[4:].split(".")[0].split("-")[1])
+    except (IndexError, ValueError):
+        return True
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _shape(files: Sequence[str]) -> list[int]:
+    return sorted(os.stat(f).st_size for f in files)
+
+
+def _copy_stamps(path: str) -> dict[str, list[int]]:
+    """(inode, size, mtime, ctime) of every file of a copy but the tier's own bookkeeping."""
+    out: dict[str, list[int]] = {}
+    for dirpath, _, names in os.walk(path):
+        for n in names:
+            full = os.path.join(dirpath, n)
+            rel = os.path.relpath(full, path)
+            if rel in (_META, _STAMP):
+                continue
+            st = os.lstat(full)
+            out[rel] = [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    return out
+
+
+def _check_copy(path: str) -> str | None:
+    """Why the copy at ``path`` cannot be used (its files differ from what was published), or
+    None. One ``lstat`` per file."""
+    meta = _read_meta(path)
+    want = meta.get("files")
+    if meta.get("version") != META_VERSION or not isinstance(want, dict):
+        return "it has no record of its files"
+    try:
+        have = _copy_stamps(path)
+    except OSError as exc:
+        return f"its files cannot be listed: {exc}"
+    if have != want:
+        changed = sorted(set(have) ^ set(want)) or sorted(k for k in have if have[k] != want.get(k))
+        return f"its files were modified since it was made: {', '.join(changed[:3])}"
+    return None
+
+
+def _read_meta(path: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(path, _META), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _write_json(path: str, value: Any) -> None:
+    tmp = f"{path}.{os.getpid()}.{next(_counter)}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(value, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def clear(directory: str) -> tuple[int, int]:

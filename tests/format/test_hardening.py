@@ -255,7 +255,7 @@ def test_refused_pickle_names_what_was_blocked(tmp_path: Path) -> None:
 @pytest.mark.parametrize("resident", [0.0, 1.0])
 def test_truncation_after_validation_is_a_truncated_error(tmp_path: Path, resident: float) -> None:
     """The file shrinks between validation and the reads (resident 1.0: the mapped path)."""
-    from fastckpt.loader.executor import open_partition
+    from fastckpt.loader.sources import open_partition
 
     fastckpt.save({"w": torch.ones(100_000)}, tmp_path / "c")
 

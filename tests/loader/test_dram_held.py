@@ -150,7 +150,7 @@ def test_gpu_load_from_a_held_item(ck: tuple[Path, Any]) -> None:
         loaded, stats = loader.load(path, "cuda:0", stats=True)
         assert same({k: v.cpu() for k, v in loaded.items()}, sd)
         assert stats.path_taken == "dram-tier"
-        assert any("unpinned" in n for n in stats.notes)
+        assert any("not pinned" in n for n in stats.notes)
 
 
 def test_identity_is_of_the_files_opened(tmp_path: Path) -> None:

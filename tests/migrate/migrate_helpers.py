@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fastckpt.migrate import MigrationSource, MigrationTarget, TokenState
+from fastckpt.migrate import MigrationSource, MigrationTarget, TargetStateError, TokenState
 
 VOCAB = 96
 PROMPT = (3, 14, 15, 92, 65, 35, 89, 79)
@@ -197,3 +197,49 @@ def pace(source: Any, tokens_after_round: list[int]) -> Callable[[Any], None]:
             source.run(tokens_after_round[i])
 
     return hook
+
+
+class MemTarget:
+    """A HostedTarget without a model."""
+
+    def __init__(self) -> None:
+        self.tokens: tuple[int, ...] = ()
+        self._committed: TokenState | None = None
+        self._status = "empty"
+        self.freed = False
+
+    @property
+    def committed(self) -> bool:
+        return self._committed is not None
+
+    @property
+    def covered(self) -> int:
+        return len(self.tokens)
+
+    def prefill(self, state: TokenState) -> int:
+        state.check_model("m")
+        if state.prompt_ids[0] == 0:
+            raise ZeroDivisionError("engine blew up")
+        self.tokens, self._status = state.tokens, "prefilling"
+        return len(self.tokens)
+
+    def commit(self, state: TokenState) -> None:
+        if self._committed is not None and self._committed != state:
+            raise TargetStateError("committed with another state")
+        self.prefill(state)
+        self._committed, self._status = state, "committed"
+
+    def abort(self) -> bool:
+        if self._committed is not None:
+            return False
+        self.freed, self._status = True, "aborted"
+        return True
+
+    def expire(self) -> None:
+        self.freed, self._status = True, "expired"
+
+    def status(self) -> str:
+        return self._status
+
+    def result(self, timeout_s: float | None) -> dict[str, Any]:
+        return {"tokens": [[0, 5]], "finished": True, "finish_reason": "length"}

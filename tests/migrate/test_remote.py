@@ -7,6 +7,7 @@ import struct
 from typing import Any
 
 import pytest
+from migrate_helpers import MemTarget
 
 from fastckpt.migrate import (
     LeaseExpiredError,
@@ -34,52 +35,6 @@ def _state(rid: str = "r", n: int = 3, fp: str = "m") -> TokenState:
         sampling=SamplingParams(),
         stop=StopCriteria(max_new_tokens=4),
     )
-
-
-class MemTarget:
-    """A HostedTarget without a model."""
-
-    def __init__(self) -> None:
-        self.tokens: tuple[int, ...] = ()
-        self._committed: TokenState | None = None
-        self._status = "empty"
-        self.freed = False
-
-    @property
-    def committed(self) -> bool:
-        return self._committed is not None
-
-    @property
-    def covered(self) -> int:
-        return len(self.tokens)
-
-    def prefill(self, state: TokenState) -> int:
-        state.check_model("m")
-        if state.prompt_ids[0] == 0:
-            raise ZeroDivisionError("engine blew up")
-        self.tokens, self._status = state.tokens, "prefilling"
-        return len(self.tokens)
-
-    def commit(self, state: TokenState) -> None:
-        if self._committed is not None and self._committed != state:
-            raise TargetStateError("committed with another state")
-        self.prefill(state)
-        self._committed, self._status = state, "committed"
-
-    def abort(self) -> bool:
-        if self._committed is not None:
-            return False
-        self.freed, self._status = True, "aborted"
-        return True
-
-    def expire(self) -> None:
-        self.freed, self._status = True, "expired"
-
-    def status(self) -> str:
-        return self._status
-
-    def result(self, timeout_s: float | None) -> dict[str, Any]:
-        return {"tokens": [[0, 5]], "finished": True, "finish_reason": "length"}
 
 
 class Clock:
@@ -228,6 +183,7 @@ def test_a_malformed_frame_drops_only_that_connection(host_and_clock: Any) -> No
     server = SocketServer(host.handle).start()
     try:
         bad = socket.create_connection((server.host, server.port))
+        assert recv_frame(bad)[0]["fastckpt_migrate"] == 1  # the greeting
         bad.sendall(struct.pack("<II", 3, 0) + b"{{{")
         assert bad.recv(1) == b""  # the server hung up
         bad.close()

@@ -170,3 +170,44 @@ class ClientProc:
         self.proc.kill()
         self.proc.join(10)
         self.recv.close()
+
+
+class InProcessDaemon:
+    """A daemon on a thread of the test process, for settings the command line does not take
+    (short idle timeouts, few connections). Stopped by the fixture that made it."""
+
+    def __init__(self, root: str, socket_path: str, **settings: Any) -> None:
+        import threading
+
+        from fastckpt.serve.daemon import Daemon, ServeConfig
+
+        cfg = ServeConfig(
+            socket_path=socket_path,
+            roots=[root],
+            dram_budget_bytes=settings.pop("dram_budget_bytes", 8 << 20),
+            **settings,
+        )
+        self.socket = socket_path
+        self.daemon = Daemon(cfg)
+        self.daemon.bind()
+        self.thread = threading.Thread(target=self.daemon.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.daemon.stop()
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "the daemon did not stop"
+
+
+@pytest.fixture
+def inproc_daemon(tmp_path: Path) -> Iterator[Any]:
+    started: list[InProcessDaemon] = []
+
+    def make(root: str, **settings: Any) -> InProcessDaemon:
+        d = InProcessDaemon(root, str(tmp_path / f"run{len(started)}" / "sock"), **settings)
+        started.append(d)
+        return d
+
+    yield make
+    for d in started:
+        d.stop()

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 import fastckpt
 from fastckpt.cli import main
+from fastckpt.loader.api import load_via_server
 from fastckpt.serve import protocol
-from fastckpt.serve.client import Client, load_via_server
+from fastckpt.serve.client import Client
 
 from .conftest import same, save_ckpt, start_daemon
 
@@ -75,13 +76,15 @@ def test_corrupted_partition_is_never_served(tmp_path: Path, daemon_factory: Any
         fastckpt.load(root / "a", verify=True)
 
 
-def test_verify_is_honoured_only_by_a_verifying_daemon(tmp_path: Path, daemon_factory: Any) -> None:
+def test_verify_checks_the_daemons_bytes_on_the_client(tmp_path: Path, daemon_factory: Any) -> None:
+    """``verify=True`` does not take the daemon's word: the client checks every chunk of the
+    sealed copy it maps, whether or not the daemon verified its fill."""
     root = tmp_path / "models"
     sd = save_ckpt(root / "a", seed=44)
     d = daemon_factory(str(root), "4MiB", "--no-verify")
-    assert load_via_server(root / "a", verify=True, server=d.socket) is None
-    got, st = fastckpt.load(root / "a", verify=True, stats=True)
-    assert same(got, sd) and st.path_taken != "server-map"
+    got, st = load_via_server(root / "a", verify=True, stats=True, server=d.socket)
+    total = sum(len(p.checksums or ()) for p in fastckpt.read_index(root / "a").partitions)
+    assert same(got, sd) and st.path_taken == "daemon" and st.verified_chunks == total > 0
 
 
 frames = st.one_of(
