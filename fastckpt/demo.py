@@ -65,15 +65,17 @@ def _check_device(device: str) -> None:
             )
 
 
-# where a load's bytes came from (LoadStats.path_taken names these sources), in words
-_SOURCE_WORDS = {
+# where a load's bytes came from (LoadStats.path_taken names fastckpt.loader.policy's sources),
+# in words
+SOURCE_WORDS = {
     "page-cache-map": "mapped from the page cache (the file was just written: nothing to read)",
     "page-cache-read": "copied from the page cache",
+    "map": "mapped from the file (pages read from the disk on first touch)",
     "direct": "O_DIRECT reads from the disk",
     "buffered": "buffered reads",
     "mixed": "buffered and O_DIRECT reads",
+    "daemon": "the cache daemon's memory (fastckpt serve)",
     "dram-tier": "the DRAM tier",
-    "dram-fill": "read into the DRAM tier",
     "gpu-tier": "the GPU tier",
     "empty": "nothing (empty tensors)",
 }
@@ -82,7 +84,7 @@ _SOURCE_WORDS = {
 def _loaded_line(stats: Any) -> str:
     from fastckpt.rules.units import format_bytes, format_rate
 
-    sources = [_SOURCE_WORDS.get(s, s) for s in str(stats.path_taken).split("+") if s]
+    sources = [SOURCE_WORDS.get(s, s) for s in str(stats.path_taken).split("+") if s]
     return (
         f"{stats.tensors} tensors, {format_bytes(stats.nbytes)} to {', '.join(stats.devices)} "
         f"in {stats.seconds:.3f} s ({format_rate(stats.nbytes, stats.seconds)}); "

@@ -429,6 +429,13 @@ def test_demo_output_reads_as_sentences(tmp_path, capsys) -> None:
     assert not any((tmp_path / "demo").iterdir())  # the demo's files are removed
 
 
+def test_demo_has_words_for_every_byte_source() -> None:
+    from fastckpt.demo import SOURCE_WORDS
+    from fastckpt.loader.policy import SOURCES
+
+    assert set(SOURCES) == set(SOURCE_WORDS)
+
+
 def test_info_lists_carried_files_in_sub_folders(tmp_path, src, capsys) -> None:
     """A sentence-transformers folder carries 1_Pooling/config.json: info lists it."""
     model = tmp_path / "minilm"
