@@ -27,8 +27,9 @@ def _default_run(config: pytest.Config) -> bool:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Tests marked slow (extension rebuilt under sanitizers or without liburing, the drop-in on
-    # every architecture, vLLM end to end) run in their own steps of .ci/run, not in the main
-    # suite: `python3 -m pytest -q -m slow`, or name their file or folder.
+    # every architecture, a local Ray cluster, the GPU box script's dry run, vLLM end to end) run
+    # in their own steps of .ci/run, not in the main suite: `python3 -m pytest -q -m slow`, or
+    # name their file or folder.
     if _default_run(config):
         slow = [item for item in items if "slow" in item.keywords]
         if slow:

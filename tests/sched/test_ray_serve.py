@@ -25,6 +25,9 @@ def _example():
     return mod
 
 
+# A local Ray cluster (GCS, raylet, workers, Serve's controller and replicas) is a minute of both
+# cores: the main suite leaves it to CI's slow step (`python3 -m pytest -q -m slow`).
+@pytest.mark.slow
 def test_model_start_lands_on_the_replica_the_estimator_picks() -> None:
     import ray
     from ray import serve
