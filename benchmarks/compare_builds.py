@@ -49,9 +49,13 @@ def run_one(python: str, args: argparse.Namespace, out: str) -> dict[str, Any]:
     ]
     # from a neutral folder: each interpreter imports its own build, never a source tree here
     os.makedirs(args.workdir, exist_ok=True)
-    subprocess.run(
-        cmd, check=True, capture_output=True, text=True, timeout=args.timeout_s, cwd=args.workdir
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=args.timeout_s, cwd=args.workdir
     )
+    if done.returncode != 0:
+        raise SystemExit(
+            f"{python} -m fastckpt.bench.cli exited with {done.returncode}:\n{done.stderr[-3000:]}"
+        )
     with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
         data: dict[str, Any] = json.load(f)
     return data

@@ -29,7 +29,8 @@ from fastckpt.loader.plan import windows
 from fastckpt.tiers.ssd import SsdTier, source_files
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fastckpt.loader.session import Loader, Opened
+    from fastckpt.loader.opening import Opened
+    from fastckpt.loader.session import Loader
 
 WINDOW_BYTES = 256 << 20  # tensors read per executor run while converting
 
