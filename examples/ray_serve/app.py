@@ -2,7 +2,7 @@
 models through fastckpt's Loader (DRAM and SSD tiers kept after Ray Serve evicts a model), report
 what their tiers hold, and are chosen per request by the start-time router.
 
-Run on a local Ray instance (pip install "fastckpt[ray,hf]")::
+Run on a local Ray instance (``pip install ".[ray,hf]"`` from the root of a clone)::
 
     python examples/ray_serve/app.py                       # two tiny random models
     python examples/ray_serve/app.py --nodes 2             # on a local 2-node Ray cluster

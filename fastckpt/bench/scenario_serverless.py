@@ -36,7 +36,9 @@ def plan(ctx: Context) -> list[Measurement]:
     try:
         import ray.serve  # noqa: F401
     except ImportError as exc:
-        raise Skipped(f"ray[serve] is not installed ({exc}): pip install 'fastckpt[ray]'") from None
+        raise Skipped(
+            f"ray[serve] is not installed ({exc}): pip install '.[ray]' from the root of a clone"
+        ) from None
     return []
 
 

@@ -28,7 +28,7 @@ Each decision (with the estimate's explanation) is appended to ``fastckpt.sched.
 in the process that routes (the one holding the handle), and each replica's latest stats as the
 router received them (when reported, when received, what it held) are in
 ``fastckpt.sched.wire.VIEWS``.
-Requires ``ray[serve]`` (the ``fastckpt[ray]`` extra).
+Requires ``ray[serve]`` (the ``ray`` extra: ``pip install ".[ray]"`` from a clone).
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ import pytest
 from fastckpt.sched import Estimator, ModelSpec, RecomputeModel
 from fastckpt.sched.wire import server_from_dict
 
-pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'fastckpt[ray]')")
+pytest.importorskip(
+    "ray.serve", reason="ray[serve] is not installed (pip install '.[ray]' from the clone)"
+)
 
 from ray import serve
 from ray.serve.config import RequestRouterConfig
@@ -113,6 +115,9 @@ def ray_local() -> Any:
         ray.shutdown()
 
 
+# A local Ray cluster (GCS, raylet, workers, Serve's controller and replicas) is a minute of both
+# cores: the main suite leaves it to CI's slow step (`python3 -m pytest -q -m slow`).
+@pytest.mark.slow
 @pytest.mark.parametrize("reservations", ["actor", "off"])
 def test_model_start_lands_on_the_replica_the_estimator_picks(ray_local, reservations) -> None:
     from fastckpt.sched.wire import DECISIONS

@@ -112,6 +112,32 @@ def _local_dir(name_or_path: Any, subfolder: Any) -> str | None:
     return root if os.path.isdir(root) else None
 
 
+def _log_not_a_folder(name_or_path: Any, subfolder: Any, *, hub_note: bool = True) -> None:
+    """Say why a name that is not a local model folder goes to transformers. A file, or a path
+    that cannot be a Hub repo id (absolute, ``./``, ``../``, ``~``) and does not exist, gets a
+    warning: transformers takes it for a Hub repo id and only says that it is not a valid one."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        if hub_note:
+            logger.debug("from_pretrained(%r): left to transformers: not a path", name_or_path)
+        return
+    given = os.fspath(name_or_path)
+    path = os.path.join(given, subfolder) if isinstance(subfolder, str) and subfolder else given
+    if os.path.isfile(path):
+        logger.warning(
+            "from_pretrained(%r): left to transformers: a file, not a model folder (give the "
+            "folder that holds config.json and the weights)",
+            path,
+        )
+    elif os.path.exists(given) or given.startswith(("/", "./", "../", "~")):
+        logger.warning("from_pretrained(%r): left to transformers: no such local folder", path)
+    elif hub_note:
+        logger.debug(
+            "from_pretrained(%r): left to transformers: no local folder of that name (a Hub "
+            "repo id)",
+            path,
+        )
+
+
 def _stock_decline(
     root: str, model_args: tuple[Any, ...], kwargs: Mapping[str, Any]
 ) -> tuple[Index | None, str | None]:
@@ -119,10 +145,13 @@ def _stock_decline(
     fastckpt serves it exactly as transformers would, else (None, why it is passed on)."""
     import fastckpt
 
-    if not os.path.isfile(os.path.join(root, CONFIG_FILE)):
-        return None, f"no {CONFIG_FILE}"
     if os.path.isfile(os.path.join(root, ADAPTER_CONFIG_FILE)):
-        return None, "a peft adapter folder"
+        return None, (
+            f"a peft adapter folder ({ADAPTER_CONFIG_FILE}; transformers loads the base model "
+            "it names, or load the base, then fastckpt.load_lora(model, folder))"
+        )
+    if not os.path.isfile(os.path.join(root, CONFIG_FILE)):
+        return None, f"no {CONFIG_FILE} (not a transformers model folder)"
     if not any(os.path.isfile(os.path.join(root, f)) for f in _STOCK_WEIGHTS):
         return None, "no model.safetensors or model.safetensors.index.json (another weight format)"
     if model_args:
@@ -133,8 +162,9 @@ def _stock_decline(
             return None, f"{name}= is not supported by fastckpt"
     if kwargs.get("use_safetensors", True) is False:
         return None, "use_safetensors=False"
-    if "_adapter_model_path" in (kwargs.get("adapter_kwargs") or {}):
-        return None, "a peft adapter to load on top"
+    adapter = (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path")
+    if adapter is not None:
+        return None, f"the base model of the peft adapter {adapter!r} (transformers loads both)"
     if isinstance(kwargs.get("dtype"), Mapping) or isinstance(kwargs.get("torch_dtype"), Mapping):
         return None, "a dtype per sub-model"
     config = kwargs.get("config")
@@ -260,6 +290,7 @@ def enable() -> None:
         ) -> Any:
             root = _local_dir(pretrained_model_name_or_path, kw.get("subfolder"))
             if root is None:
+                _log_not_a_folder(pretrained_model_name_or_path, kw.get("subfolder"))
                 return original_func(cls, pretrained_model_name_or_path, *args, **kw)
             if is_fastckpt_checkpoint(root):
                 return _from_pretrained(cls, root, args, kw)
@@ -273,6 +304,66 @@ def enable() -> None:
         from_pretrained.__fastckpt_patch__ = True  # type: ignore[attr-defined]
         PreTrainedModel.from_pretrained = classmethod(from_pretrained)  # type: ignore[assignment,method-assign]
         _original = original
+        _note_auto_classes()
+
+
+# The Auto classes' from_pretrained (AutoModelForCausalLM...) reads the config before it reaches
+# a model class's: a file, a missing path or an adapter folder given to it never gets to the
+# patch above. enable() wraps theirs too (each Auto class has its own copy), only to say why
+# such a call is left to transformers.
+_original_auto: dict[type, Any] = {}
+
+
+def _auto_classes() -> list[type]:
+    try:
+        import transformers.models.auto.modeling_auto  # noqa: F401  (defines the Auto classes)
+        from transformers.models.auto.auto_factory import _BaseAutoModelClass
+    except ImportError:  # pragma: no cover - a transformers without the Auto factory
+        return []
+    found: list[type] = []
+    todo: list[type] = [_BaseAutoModelClass]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return [c for c in found if isinstance(c.__dict__.get("from_pretrained"), classmethod)]
+
+
+def _note_in_auto(original_func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original_func)
+    def from_pretrained(cls: Any, pretrained_model_name_or_path: Any, *args: Any, **kw: Any) -> Any:
+        subfolder = kw.get("subfolder")
+        root = _local_dir(pretrained_model_name_or_path, subfolder)
+        if root is None:
+            _log_not_a_folder(pretrained_model_name_or_path, subfolder, hub_note=False)
+        elif os.path.isfile(os.path.join(root, ADAPTER_CONFIG_FILE)) and not os.path.isfile(
+            os.path.join(root, CONFIG_FILE)
+        ):
+            logger.debug(
+                "from_pretrained(%r): left to transformers: a peft adapter folder; it loads the "
+                "base model the adapter names, then the adapter (or load the base, then "
+                "fastckpt.load_lora(model, folder))",
+                root,
+            )
+        return original_func(cls, pretrained_model_name_or_path, *args, **kw)
+
+    from_pretrained.__fastckpt_patch__ = True  # type: ignore[attr-defined]
+    return from_pretrained
+
+
+def _note_auto_classes() -> None:
+    for cls in _auto_classes():
+        original = cls.__dict__["from_pretrained"]
+        cls.from_pretrained = classmethod(_note_in_auto(original.__func__))  # type: ignore[attr-defined]
+        _original_auto[cls] = original
+
+
+def _restore_auto_classes() -> None:
+    for cls, original in _original_auto.items():
+        func = getattr(cls.__dict__.get("from_pretrained"), "__func__", None)
+        if getattr(func, "__fastckpt_patch__", False):  # else someone patched over it: theirs
+            cls.from_pretrained = original  # type: ignore[attr-defined]
+    _original_auto.clear()
 
 
 def disable() -> None:
@@ -292,6 +383,7 @@ def disable() -> None:
             )
         PreTrainedModel.from_pretrained = _original  # type: ignore[method-assign]
         _original = None
+        _restore_auto_classes()
 
 
 def is_enabled() -> bool:
