@@ -38,6 +38,7 @@ from fastckpt.errors import (
     CorruptDataError,
     FormatError,
     MissingPartitionError,
+    ObjectChangedError,
     TruncatedError,
 )
 from fastckpt.format.fsdir import OpenFile
@@ -48,6 +49,7 @@ from fastckpt.loader.daemonsource import fetch, warn_once
 from fastckpt.loader.executor import Executor
 from fastckpt.loader.plan import LoadPlan, plan_load
 from fastckpt.loader.policy import DramAction, Facts, Source
+from fastckpt.loader.remotesource import open_remote
 from fastckpt.loader.sources import Sources
 from fastckpt.loader.sources import open_partition as _open_partition
 from fastckpt.loader.ssdconvert import through_ssd
@@ -55,6 +57,7 @@ from fastckpt.loader.staging import StagingRing, pin_method, process_ring
 from fastckpt.loader.target import resolve_target
 from fastckpt.loader.tiering import SingleFlight, checkpoint_identity, plan_signature
 from fastckpt.rules.devices import check_cuda_visible
+from fastckpt.rules.urls import is_url
 from fastckpt.tiers.dram import DramItem, DramTier
 from fastckpt.tiers.gpu import GpuTier
 from fastckpt.tiers.held import PageLocker, lock_file_pages
@@ -108,6 +111,8 @@ class Opened:
     daemon: tuple[OpenFile, ...] = ()
     notes: list[str] = field(default_factory=list)
     ssd_key: str | None = None  # the SSD tier's copy these files are, if they are one
+    # the files' bytes are still arriving from an object store (``remotesource.StreamView``)
+    stream: Any = None
     _close: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
@@ -116,11 +121,21 @@ class Opened:
                 fn()
         self._close.clear()
 
+    def interrupt(self) -> None:
+        """Close after Ctrl-C: a download nobody else reads is stopped, not left to finish."""
+        if self.stream is not None:
+            self.stream.interrupt()
+            self._close = self._close[1:]  # the stream's own close (its first) is done
+        self.close()
+
     def __enter__(self) -> Opened:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, SystemExit)):
+            self.interrupt()
+        else:
+            self.close()
 
 
 class Loader:
@@ -340,6 +355,12 @@ class Loader:
         cache daemon's copies when a server is configured and ``daemon``."""
         self._check_open()
         cfg = cfg or self.config()
+        if not isinstance(path, Index) and is_url(path):
+            got = open_remote(os.fspath(path), cfg, self.ssd_tier)
+            opened = Opened(got.index, got.files, got.ident, notes=got.notes, stream=got.stream)
+            opened.ssd_key = got.ssd_key
+            opened._close = got.closers
+            return opened
         ck = (
             OpenCheckpoint(path, open_partitions(path), {})
             if isinstance(path, Index)
@@ -413,6 +434,10 @@ class Loader:
                         tiers=True,
                         t_start=t_start,
                     )
+                except ObjectChangedError:
+                    if attempt == 2:
+                        raise
+                    continue  # replaced while it was read: once more, from the new generation
                 except _COPY_FAULTS as exc:
                     if opened.ssd_key is None or self.ssd_tier is None or attempt == 2:
                         raise
@@ -482,7 +507,12 @@ class Loader:
                 may_fill=tiers,
                 held=held,
             )
-            residency, prof = self._inputs(index, plan, gpu_devices, dram_item is not None, cfg)
+            streaming = opened.stream is not None
+            residency, prof = (
+                ({}, None)
+                if streaming
+                else self._inputs(index, plan, gpu_devices, dram_item is not None, cfg)
+            )
             facts = Facts(
                 residency=residency,
                 gpu_devices=gpu_devices,
@@ -490,6 +520,7 @@ class Loader:
                 dram_can_fill=can_fill,
                 daemon=bool(opened.daemon),
                 profile=prof,
+                streaming=streaming,
             )
             decision = policy.decide(plan, facts, settings)
             if decision.dram is DramAction.FILL:
@@ -527,6 +558,7 @@ class Loader:
                 stage=lambda dev: self.stage(dev, cfg),
                 reclaim=self.gpu_tier.free_idle,
                 open_partition=self._open_partition,
+                stream=opened.stream,
             )
             executor = Executor(index, plan, decision, sources, cfg=cfg, verify=verify)
             try:
