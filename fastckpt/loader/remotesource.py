@@ -268,14 +268,17 @@ class Flight:
         fds: dict[str, int],
         objects: dict[str, list[Any]],
         key: str,
+        slot: tuple[str, str],
     ) -> None:
         self.url = url
+        self.slot = slot  # (SSD tier directory or "", URL): its place among the flights
         self.ck = ck
         self.fds = fds
         self.objects = objects
         self.key = key
         self.gates: dict[int, io_engine.RangeGate] = {}
         self.target_of: dict[int, int] = {}
+        self.file_gates: dict[str, io_engine.RangeGate] = {}  # every landed file, by name
         self.download: Download | None = None
         self.write_through = False
         self.users = 0
@@ -322,8 +325,8 @@ class Flight:
             with contextlib.suppress(Exception):
                 fn(error)
         with _FLIGHTS_LOCK:
-            if _FLIGHTS.get(self.url) is self and (error is not None or self.write_through):
-                del _FLIGHTS[self.url]  # later loads find the SSD tier's copy, or start anew
+            if _FLIGHTS.get(self.slot) is self and (error is not None or self.write_through):
+                del _FLIGHTS[self.slot]  # later loads find the SSD tier's copy, or start anew
         self._maybe_close()
 
     def _maybe_close(self) -> None:
@@ -333,8 +336,8 @@ class Flight:
                 return
             fds, self.fds = self.fds, {}
         with _FLIGHTS_LOCK:
-            if _FLIGHTS.get(self.url) is self:
-                del _FLIGHTS[self.url]
+            if _FLIGHTS.get(self.slot) is self:
+                del _FLIGHTS[self.slot]
         self.ck.close()
         for fd in fds.values():
             with contextlib.suppress(OSError):
@@ -381,11 +384,41 @@ class StreamView:
     def download(self) -> Download | None:
         return self._flight.download
 
+    @property
+    def key(self) -> str:
+        """The SSD-tier key the download is published under when it is written through."""
+        return self._flight.key
+
+    @property
+    def writes_through(self) -> bool:
+        return self._flight.write_through
+
+    def read_file(self, name: str) -> bytes:
+        """The whole of landed file ``name`` (a carried file: ``config.json``...), once it has
+        arrived. KeyError for a file the checkpoint does not use."""
+        gate = self._flight.file_gates[name]
+        fd = self._flight.fds.get(name)
+        size = os.fstat(fd).st_size if fd is not None else 0
+        try:
+            while not gate.wait(0, size, 0.2):
+                pass
+        except OSError as exc:
+            err = self.error()
+            raise (err or exc) from exc
+        fd = self._flight.fds.get(name)
+        if fd is None:
+            raise RuntimeError("internal error: the download's files were closed while in use")
+        return os.pread(fd, size, 0) if size else b""
+
+    def names(self) -> list[str]:
+        """The files of the checkpoint (relative names)."""
+        return sorted(self._flight.file_gates)
+
     def interrupt(self) -> None:
         self._flight.leave(interrupted=True)
 
 
-_FLIGHTS: dict[str, Flight] = {}
+_FLIGHTS: dict[tuple[str, str], Flight] = {}
 _FLIGHTS_LOCK = threading.Lock()
 
 
@@ -423,8 +456,9 @@ def open_remote(url_str: str, cfg: Config, tier: SsdTier | None) -> RemoteOpened
         got = _current_entry(tier, source, loc)
         if got is not None:
             return got
+    slot = (tier.directory if tier is not None else "", source)
     with _FLIGHTS_LOCK:
-        flight = _FLIGHTS.get(source)
+        flight = _FLIGHTS.get(slot)
     if flight is not None and not flight.failed and still_current(loc, flight.objects):
         opened = flight.join()
         opened.notes.append("joined a download of this checkpoint in progress")
@@ -446,7 +480,7 @@ def open_remote(url_str: str, cfg: Config, tier: SsdTier | None) -> RemoteOpened
         if not held:
             lock = None  # the other process is still at it: download beside it, no copy
     try:
-        opened = _start(loc, source, cfg, tier, lock, notes)
+        opened = _start(loc, source, cfg, tier, lock, notes, slot)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -461,6 +495,7 @@ def _start(
     tier: SsdTier | None,
     lock: FlightLock | None,
     notes: list[str],
+    slot: tuple[str, str],
 ) -> RemoteOpened:
     objects = Objects(loc, cfg.remote_retries)
     staged: str | None = None
@@ -517,7 +552,7 @@ def _start(
                 raise
         else:
             objects.fds = {}  # the flight owns them now
-        flight = Flight(source, ck, fds, recorded, key)
+        flight = Flight(source, ck, fds, recorded, key, slot)
         targets: list[Target] = []
         by_file = {p.file: i for i, p in enumerate(index.partitions)}
         # carried files first (small; load_model wants them), then partitions in order
@@ -538,6 +573,7 @@ def _start(
             if part is not None:
                 flight.gates[part] = gate
                 flight.target_of[part] = len(targets)
+            flight.file_gates[n] = gate
             targets.append(target)
         if staged is not None and tier is not None and lock is not None:
             flight.write_through = True
@@ -554,7 +590,7 @@ def _start(
             on_finish=flight.finished,
         )
         with _FLIGHTS_LOCK:
-            _FLIGHTS[source] = flight
+            _FLIGHTS[slot] = flight
         opened = flight.join()
         flight.download.start()
         opened.notes.extend(notes)
@@ -606,16 +642,31 @@ def _publisher(
 # ------------------------------------------------------------------------------------ the SSD tier
 
 
+def wait_kept(tier: SsdTier | None, opened: Any) -> bool:
+    """Wait until a remote checkpoint opened (an ``Opened``) with the SSD tier on is kept there;
+    True when the tier holds it (an entry already, or a download now written through)."""
+    if tier is None:
+        return False
+    if opened.ssd_key is not None:
+        return tier.holds(opened.ssd_key)
+    stream = opened.stream
+    if stream is None or stream.download is None:
+        return False
+    stream.download.wait()
+    return bool(stream.writes_through and tier.holds(stream.key))
+
+
 def _entry(tier: SsdTier, key: str, notes: list[str]) -> RemoteOpened | None:
     got = tier.open_entry(key)
     if got is None:
         return None
     ck, key = got
     closers: list[Callable[[], None]] = [lambda: tier.unpin(key), ck.close]
+    source = str(tier.record(key).get("source", ""))
     return RemoteOpened(
         ck.index,
         ck.partitions,
-        checkpoint_identity(ck.index, ck.partitions),
+        (source, key[:24]) if source else checkpoint_identity(ck.index, ck.partitions),
         closers,
         ssd_key=key,
         notes=notes,
@@ -668,4 +719,5 @@ __all__ = [
     "locate",
     "open_remote",
     "still_current",
+    "wait_kept",
 ]

@@ -336,6 +336,10 @@ class SsdTier(LruTier[str]):
         out.sort(key=lambda e: -float(e[1]["remote"].get("validated", 0.0)))
         return out
 
+    def record(self, key: str) -> dict[str, Any]:
+        """What entry ``key`` records of itself (source, remote identity...), or {}."""
+        return _read_meta(os.path.join(self.directory, key))
+
     def validated(self, key: str) -> None:
         """Record that the store confirmed entry ``key``'s identity now."""
         path = os.path.join(self.directory, key)

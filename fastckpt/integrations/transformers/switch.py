@@ -28,6 +28,7 @@ from fastckpt.integrations.transformers.loading import (
     load_model_with_report,
 )
 from fastckpt.integrations.transformers.skeleton import transformers_major
+from fastckpt.rules.urls import is_url
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
@@ -237,7 +238,8 @@ def enable() -> None:
     """Route ``from_pretrained`` of every transformers model class through fastckpt.
 
     After this, ``AutoModelForCausalLM.from_pretrained(path, ...)`` (any Auto or concrete class)
-    loads a local fastckpt checkpoint (a directory with ``fastckpt.index``) with
+    loads a local fastckpt checkpoint (a directory with ``fastckpt.index``), a stock safetensors
+    model folder, or such a checkpoint at an ``s3://`` or ``https://`` URL with
     :func:`load_model`, honouring ``device_map`` (a device, a device map or ``"auto"``),
     ``torch_dtype`` / ``dtype``, ``attn_implementation`` and config overrides; it accepts
     ``low_cpu_mem_usage`` and hub options (which change nothing for a local directory) and raises
@@ -258,6 +260,11 @@ def enable() -> None:
         def from_pretrained(
             cls: type[PreTrainedModel], pretrained_model_name_or_path: Any, *args: Any, **kw: Any
         ) -> Any:
+            if is_url(pretrained_model_name_or_path):
+                # s3:// and https:// checkpoints: transformers has no loader for them
+                url = os.fspath(pretrained_model_name_or_path)
+                sub = kw.get("subfolder")
+                return _from_pretrained(cls, f"{url.rstrip('/')}/{sub}" if sub else url, args, kw)
             root = _local_dir(pretrained_model_name_or_path, kw.get("subfolder"))
             if root is None:
                 return original_func(cls, pretrained_model_name_or_path, *args, **kw)
