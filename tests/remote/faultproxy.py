@@ -114,6 +114,8 @@ class FaultProxy:
     def stop(self) -> None:
         self._stopping = True
         with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked on it (Linux)
+        with contextlib.suppress(OSError):
             self._sock.close()
         with self._lock:
             conns = list(self._conns)
@@ -156,9 +158,7 @@ class FaultProxy:
                 body = reader.read(int(headers.get("content-length", "0") or 0))
                 with self._lock:
                     self.requests += 1
-                    fault = next(
-                        (f for f in self.faults if f.matches(method, path, headers)), None
-                    )
+                    fault = next((f for f in self.faults if f.matches(method, path, headers)), None)
                 if fault is not None and fault.kind in ("slowdown", "expired"):
                     code, text, payload = (
                         (503, "Slow Down", _SLOWDOWN)
@@ -189,6 +189,8 @@ class FaultProxy:
                 ]
                 keep = min(fault.keep, len(payload)) if fault is not None else len(payload)
                 length = len(payload)
+                if method == "HEAD":
+                    length = int(resp.getheader("Content-Length", "0") or 0)
                 if fault is not None and fault.kind == "truncate":
                     payload, length = payload[:keep], keep
                 if fault is not None and fault.kind == "corrupt" and payload:
