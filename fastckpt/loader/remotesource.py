@@ -53,7 +53,7 @@ from fastckpt.format.fsdir import FileSet, OpenFile, check_regular
 from fastckpt.format.index import Index
 from fastckpt.format.reader import OpenCheckpoint, open_file_set
 from fastckpt.loader.tiering import checkpoint_identity
-from fastckpt.remote.download import Download, Target, fetch_whole
+from fastckpt.remote.download import Download, RetryingStore, Target, fetch_whole
 from fastckpt.remote.store import ObjectInfo, Store, Transient, store_for
 from fastckpt.rules.urls import Url, parse_url
 from fastckpt.tiers.ssd import FlightLock, SsdTier
@@ -439,7 +439,7 @@ def open_remote(url_str: str, cfg: Config, tier: SsdTier | None) -> RemoteOpened
         got = _fresh_entry(tier, source, cfg)
         if got is not None:
             return got
-    store = store_for(url, cfg)
+    store = RetryingStore(store_for(url, cfg), cfg.remote_retries)
     try:
         loc = locate(url, store)
     except (Transient, RemoteError) as exc:

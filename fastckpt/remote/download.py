@@ -33,11 +33,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from fastckpt import io_engine
 from fastckpt.errors import ChecksumError, RemoteError
-from fastckpt.remote.store import ObjectInfo, Store, Transient
+from fastckpt.remote.store import ObjectInfo, RangeBody, Store, Transient
 
+_R = TypeVar("_R")
 BUFFER_BYTES = 1 << 20  # one socket read, one pwrite
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 10.0
@@ -382,4 +384,48 @@ def fetch_whole(
     fetch_range(store, Target(info, fd, gate), lo, end, policy, memoryview(bytearray(BUFFER_BYTES)))
 
 
-__all__ = ["BUFFER_BYTES", "Download", "DownloadStats", "Target", "fetch_whole"]
+class RetryingStore:
+    """A store whose identity calls (``head``, ``list``) are retried as a range is: throttling,
+    a dropped or stalled connection, a server error, with backoff, ``retries`` times, then
+    ``RemoteError`` naming the object. ``get`` is passed through (``fetch_range`` retries it
+    from the byte where it stopped)."""
+
+    def __init__(self, store: Store, retries: int) -> None:
+        self.store = store
+        self.retries = retries
+        self.name = store.name
+        self.listable = store.listable
+
+    def _retried(self, what: str, fn: Callable[[], _R]) -> _R:
+        attempt = 0
+        while True:
+            try:
+                return fn()
+            except Transient as exc:
+                attempt += 1
+                if attempt > self.retries:
+                    raise RemoteError(
+                        errno.ETIMEDOUT if "timeout" in str(exc).lower() else errno.EIO,
+                        f"no answer after {attempt} attempts (last: {exc})",
+                        what,
+                    ) from None
+                time.sleep(_backoff(attempt, exc.retry_after_s))
+
+    def head(self, key: str, name: str) -> ObjectInfo:
+        return self._retried(f"{self.name}/{key}", lambda: self.store.head(key, name))
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        return self._retried(f"{self.name}/{prefix}", lambda: self.store.list(prefix))
+
+    def get(self, info: ObjectInfo, lo: int, hi: int) -> RangeBody:
+        return self.store.get(info, lo, hi)
+
+
+__all__ = [
+    "BUFFER_BYTES",
+    "Download",
+    "DownloadStats",
+    "RetryingStore",
+    "Target",
+    "fetch_whole",
+]

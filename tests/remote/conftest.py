@@ -34,10 +34,13 @@ class Checkpoints:
     fck: Path  # fastckpt directory
     st_dir: Path  # sharded safetensors folder (index json, config.json)
     st_file: Path  # one .safetensors file
+    state2: dict[str, torch.Tensor]  # a second generation: same names, shapes and layout
+    fck2: Path
+    st_file2: Path
 
 
-def _state() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(23)
+def _state(seed: int = 23) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
     out = {f"layers.{i}.weight": torch.randn(64, 100 + i, generator=g) for i in range(12)}
     out["embed.weight"] = torch.randn(96, 32, generator=g).to(torch.bfloat16)
     out["mask"] = torch.rand(77, generator=g) > 0.5
@@ -70,13 +73,19 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
     st_file = root / "one.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(st_file))
     fck = root / "ck.fastckpt"
+    state2 = _state(24)
+    gen2 = tmp_path_factory.mktemp("remote-gen2")
+    st_file2 = gen2 / "one.safetensors"
+    save_file({k: v.contiguous() for k, v in state2.items()}, str(st_file2))
+    fck2 = gen2 / "ck.fastckpt"
     mp = pytest.MonkeyPatch()
     mp.setenv("FASTCKPT_CHECKSUM_CHUNK_BYTES", str(CHUNK))
     try:
         fastckpt.convert(st_dir, fck, partition_bytes=48 << 10)
+        fastckpt.convert(st_file2, fck2, partition_bytes=48 << 10)
     finally:
         mp.undo()
-    return Checkpoints(root, state, fck, st_dir, st_file)
+    return Checkpoints(root, state, fck, st_dir, st_file, state2, fck2, st_file2)
 
 
 @pytest.fixture(scope="session")

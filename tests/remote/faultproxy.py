@@ -17,7 +17,7 @@ requests whose method and path match, optionally only from the ``after``-th matc
 - ``hook``: call ``action()`` (say, replace the object upstream), then forward.
 
 Bounded: at most 64 connections at once, every socket times out after 30 s idle, ``stop()``
-closes them all. Counts of requests seen (``requests``) and faults fired (``fired``).
+closes them all. Counts of requests seen (``requests``, ``log``) and faults fired (``fired``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ _EXPIRED = (
 class Fault:
     kind: str
     times: int = 1
-    method: str = "GET"
+    method: str = "GET"  # "": any method
     path_contains: str = ""
     ranged_only: bool = True  # only requests with a Range header (data, not identity probes)
     after: int = 0  # skip this many matching requests first
@@ -58,9 +58,12 @@ class Fault:
     action: Callable[[], None] | None = None
     seen: int = 0
     fired: int = 0
+    fired_ranges: list[str] = field(default_factory=list)  # the Range header of each firing
 
     def matches(self, method: str, path: str, headers: dict[str, str]) -> bool:
-        if self.fired >= self.times or method != self.method or self.path_contains not in path:
+        if self.fired >= self.times or self.method not in ("", method):
+            return False
+        if self.path_contains not in path:
             return False
         if self.ranged_only and "range" not in headers:
             return False
@@ -68,6 +71,7 @@ class Fault:
         if self.seen <= self.after:
             return False
         self.fired += 1
+        self.fired_ranges.append(headers.get("range", ""))
         return True
 
 
@@ -76,6 +80,8 @@ class FaultProxy:
     upstream: str  # "127.0.0.1:port"
     faults: list[Fault] = field(default_factory=list)
     requests: int = 0
+    # (method, path, Range header or "") of every request, in arrival order (bounded)
+    log: list[tuple[str, str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -101,6 +107,7 @@ class FaultProxy:
         with self._lock:
             self.faults.clear()
             self.requests = 0
+            self.log.clear()
 
     def fired(self, kind: str) -> int:
         with self._lock:
@@ -158,6 +165,8 @@ class FaultProxy:
                 body = reader.read(int(headers.get("content-length", "0") or 0))
                 with self._lock:
                     self.requests += 1
+                    if len(self.log) < 10_000:
+                        self.log.append((method, path, headers.get("range", "")))
                     fault = next((f for f in self.faults if f.matches(method, path, headers)), None)
                 if fault is not None and fault.kind in ("slowdown", "expired"):
                     code, text, payload = (
