@@ -38,20 +38,27 @@ import errno
 import hashlib
 import json
 import os
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fastckpt import io_engine
 from fastckpt.config import Config
-from fastckpt.errors import CacheWarning, FormatError, LimitError, RemoteError
+from fastckpt.errors import CacheWarning, LimitError, RemoteError
 from fastckpt.format import safetensors, spec
-from fastckpt.format.fsdir import FileSet, OpenFile, check_regular
-from fastckpt.format.index import Index
+from fastckpt.format.fsdir import FileSet, OpenFile
 from fastckpt.format.reader import OpenCheckpoint, open_file_set
+from fastckpt.loader.remoteflight import (
+    Flight,
+    RemoteOpened,
+    StreamView,
+    active_flights,
+    find,
+    open_file,
+    register,
+)
 from fastckpt.loader.tiering import checkpoint_identity
 from fastckpt.remote.download import Download, RetryingStore, Target, fetch_whole
 from fastckpt.remote.store import ObjectInfo, Store, Transient, store_for
@@ -61,19 +68,6 @@ from fastckpt.tiers.ssd import FlightLock, SsdTier
 # Files probed by name in an HTTP folder (no listing there): what load_model needs beside weights
 HTTP_CARRIED_PROBES = ("config.json", "generation_config.json")
 INDEX_MAX_NBYTES = spec.MAX_BODY_NBYTES + spec.HEADER_NBYTES
-
-
-@dataclass
-class RemoteOpened:
-    """What ``open_remote`` hands ``Loader.open_source`` (which makes an ``Opened`` of it)."""
-
-    index: Index
-    files: tuple[OpenFile, ...]
-    ident: tuple[str, str]
-    closers: list[Callable[[], None]]
-    stream: Any = None  # a ``StreamView`` while bytes arrive; None for an SSD-tier entry
-    ssd_key: str | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------ locating
@@ -145,10 +139,6 @@ def _memfd(name: str, size: int) -> int:
     return fd
 
 
-def _open_file(fd: int, url: str) -> OpenFile:
-    return check_regular(os.dup(fd), url, error=FormatError, what="downloaded file")
-
-
 class Objects:
     """The objects of one remote checkpoint that the format asked for, each in a memfd with what
     must be known before the index is validated already fetched: index files whole, the header
@@ -200,7 +190,7 @@ class Objects:
             self.landed[name] = [(0, max(span, probe))]
         else:
             self.landed[name] = []
-        return _open_file(fd, info.url)
+        return open_file(fd, info.url)
 
     def checkpoint(self) -> OpenCheckpoint:
         """Validate what the URL names with ``fastckpt.format`` (over these memfds)."""
@@ -253,180 +243,6 @@ def still_current(loc: Located, recorded: dict[str, list[Any]]) -> bool:
     return True
 
 
-# ------------------------------------------------------------------------------------ flights
-
-
-class Flight:
-    """One download of one remote checkpoint and the local files it lands in, shared by the
-    loads (in this process) that read it. The files are closed, and a staging copy published
-    or removed, once the download finished and no load uses them."""
-
-    def __init__(
-        self,
-        url: str,
-        ck: OpenCheckpoint,
-        fds: dict[str, int],
-        objects: dict[str, list[Any]],
-        key: str,
-        slot: tuple[str, str],
-    ) -> None:
-        self.url = url
-        self.slot = slot  # (SSD tier directory or "", URL): its place among the flights
-        self.ck = ck
-        self.fds = fds
-        self.objects = objects
-        self.key = key
-        self.gates: dict[int, io_engine.RangeGate] = {}
-        self.target_of: dict[int, int] = {}
-        self.file_gates: dict[str, io_engine.RangeGate] = {}  # every landed file, by name
-        self.download: Download | None = None
-        self.write_through = False
-        self.users = 0
-        self.lock = threading.Lock()
-        self.started = time.monotonic()
-        self._after: list[Callable[[BaseException | None], None]] = []
-
-    @property
-    def failed(self) -> bool:
-        return self.download is not None and self.download.error is not None
-
-    def join(self) -> RemoteOpened:
-        with self.lock:
-            self.users += 1
-        try:
-            index = self.ck.index
-            files = tuple(_open_file(self.fds[p.file], p.path) for p in index.partitions)
-        except BaseException:
-            self.leave(interrupted=False)
-            raise
-        closers: list[Callable[[], None]] = [lambda: self.leave(interrupted=False)]
-        closers.extend(f.close for f in files)
-        return RemoteOpened(
-            index,
-            files,
-            (self.url, self.key[:24]),
-            closers,
-            stream=StreamView(self),
-        )
-
-    def leave(self, *, interrupted: bool) -> None:
-        with self.lock:
-            self.users -= 1
-            last = self.users == 0
-        dl = self.download
-        stop = interrupted or not self.write_through
-        if last and dl is not None and not dl.finished.is_set() and stop:
-            dl.cancel("every load of this download was closed or interrupted")
-        if last:
-            self._maybe_close()
-
-    def finished(self, error: BaseException | None) -> None:
-        for fn in self._after:
-            with contextlib.suppress(Exception):
-                fn(error)
-        with _FLIGHTS_LOCK:
-            if _FLIGHTS.get(self.slot) is self and (error is not None or self.write_through):
-                del _FLIGHTS[self.slot]  # later loads find the SSD tier's copy, or start anew
-        self._maybe_close()
-
-    def _maybe_close(self) -> None:
-        with self.lock:
-            done = self.download is None or self.download.finished.is_set()
-            if self.users > 0 or not done or not self.fds:
-                return
-            fds, self.fds = self.fds, {}
-        with _FLIGHTS_LOCK:
-            if _FLIGHTS.get(self.slot) is self:
-                del _FLIGHTS[self.slot]
-        self.ck.close()
-        for fd in fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
-class StreamView:
-    """``sources.Stream`` over a flight: gates per partition, reads asked for first, waits that
-    Ctrl-C interrupts and that raise the download's own error."""
-
-    def __init__(self, flight: Flight) -> None:
-        self._flight = flight
-
-    def gate(self, partition: int) -> io_engine.RangeGate | None:
-        dl = self._flight.download
-        if dl is not None and dl.done:
-            return None
-        return self._flight.gates.get(partition)
-
-    def want(self, partition: int, lo: int, hi: int) -> None:
-        dl = self._flight.download
-        t = self._flight.target_of.get(partition)
-        if dl is not None and t is not None:
-            dl.want(t, lo, hi)
-
-    def wait(self, partition: int, lo: int, hi: int) -> None:
-        gate = self.gate(partition)
-        if gate is None:
-            return
-        try:
-            while not gate.wait(lo, hi, 0.2):
-                pass
-        except OSError as exc:
-            err = self.error()
-            if err is None:
-                raise
-            raise err from exc
-
-    def error(self) -> BaseException | None:
-        dl = self._flight.download
-        return None if dl is None else dl.error
-
-    @property
-    def download(self) -> Download | None:
-        return self._flight.download
-
-    @property
-    def key(self) -> str:
-        """The SSD-tier key the download is published under when it is written through."""
-        return self._flight.key
-
-    @property
-    def writes_through(self) -> bool:
-        return self._flight.write_through
-
-    def read_file(self, name: str) -> bytes:
-        """The whole of landed file ``name`` (a carried file: ``config.json``...), once it has
-        arrived. KeyError for a file the checkpoint does not use."""
-        gate = self._flight.file_gates[name]
-        fd = self._flight.fds.get(name)
-        size = os.fstat(fd).st_size if fd is not None else 0
-        try:
-            while not gate.wait(0, size, 0.2):
-                pass
-        except OSError as exc:
-            err = self.error()
-            raise (err or exc) from exc
-        fd = self._flight.fds.get(name)
-        if fd is None:
-            raise RuntimeError("internal error: the download's files were closed while in use")
-        return os.pread(fd, size, 0) if size else b""
-
-    def names(self) -> list[str]:
-        """The files of the checkpoint (relative names)."""
-        return sorted(self._flight.file_gates)
-
-    def interrupt(self) -> None:
-        self._flight.leave(interrupted=True)
-
-
-_FLIGHTS: dict[tuple[str, str], Flight] = {}
-_FLIGHTS_LOCK = threading.Lock()
-
-
-def active_flights() -> list[Flight]:
-    with _FLIGHTS_LOCK:
-        return list(_FLIGHTS.values())
-
-
 # ------------------------------------------------------------------------------------ opening
 
 
@@ -457,8 +273,7 @@ def open_remote(url_str: str, cfg: Config, tier: SsdTier | None) -> RemoteOpened
         if got is not None:
             return got
     slot = (tier.directory if tier is not None else "", source)
-    with _FLIGHTS_LOCK:
-        flight = _FLIGHTS.get(slot)
+    flight = find(slot)
     if flight is not None and not flight.failed and still_current(loc, flight.objects):
         opened = flight.join()
         opened.notes.append("joined a download of this checkpoint in progress")
@@ -542,7 +357,7 @@ def _start(
                 ck = open_file_set(
                     FileSet(
                         str(loc.base),
-                        {n: _open_file(fd, objects.infos[n].url) for n, fd in landing.items()},
+                        {n: open_file(fd, objects.infos[n].url) for n, fd in landing.items()},
                     ),
                     loc.entry,
                 )
@@ -577,10 +392,10 @@ def _start(
             targets.append(target)
         if staged is not None and tier is not None and lock is not None:
             flight.write_through = True
-            flight._after.append(_publisher(tier, lock, key, staged, source, identity, recorded))
+            flight.after.append(_publisher(tier, lock, key, staged, source, identity, recorded))
         elif lock is not None:
             held = lock
-            flight._after.append(lambda _err: held.release())
+            flight.after.append(lambda _err: held.release())
         flight.download = Download(
             loc.store,
             targets,
@@ -589,8 +404,7 @@ def _start(
             retries=cfg.remote_retries,
             on_finish=flight.finished,
         )
-        with _FLIGHTS_LOCK:
-            _FLIGHTS[slot] = flight
+        register(flight)
         opened = flight.join()
         flight.download.start()
         opened.notes.extend(notes)

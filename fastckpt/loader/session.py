@@ -111,7 +111,7 @@ class Opened:
     daemon: tuple[OpenFile, ...] = ()
     notes: list[str] = field(default_factory=list)
     ssd_key: str | None = None  # the SSD tier's copy these files are, if they are one
-    # the files' bytes are still arriving from an object store (``remotesource.StreamView``)
+    # the files' bytes are still arriving from an object store (``remoteflight.StreamView``)
     stream: Any = None
     _close: list[Callable[[], None]] = field(default_factory=list)
 

@@ -273,6 +273,13 @@ class Download:
         self._fail(RemoteError(errno.ECANCELED, reason, self._name()))
 
     @property
+    def finishing(self) -> bool:
+        """Every range is fetched or being fetched, and nothing failed (what is left is the
+        last ranges in flight and ``on_finish``: publishing a write-through copy)."""
+        with self._lock:
+            return self._started and not self._pending and self.error is None
+
+    @property
     def done(self) -> bool:
         return self.finished.is_set() and self.error is None
 

@@ -44,6 +44,7 @@ _PATCH_LOCK = threading.Lock()
 
 
 _original: Any = None  # the classmethod object replaced by enable()
+_original_auto: dict[type, Any] = {}  # each Auto class's own from_pretrained replaced by enable()
 
 
 # The weight files of a stock model folder that fastckpt serves (single file or sharded).
@@ -280,6 +281,50 @@ def enable() -> None:
         from_pretrained.__fastckpt_patch__ = True  # type: ignore[attr-defined]
         PreTrainedModel.from_pretrained = classmethod(from_pretrained)  # type: ignore[assignment,method-assign]
         _original = original
+        _patch_auto()
+
+
+def _patch_auto() -> None:
+    """Auto classes: a URL's model class comes from its config.json (read as the download
+    starts); the concrete class's patched ``from_pretrained`` then loads it, joining the same
+    download. Local paths and hub names go to the Auto class as before."""
+    from transformers.models.auto import auto_factory, modeling_auto
+
+    def patched(original_func: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original_func)
+        def auto_from_pretrained(
+            cls: Any, pretrained_model_name_or_path: Any, *args: Any, **kw: Any
+        ) -> Any:
+            if not is_url(pretrained_model_name_or_path):
+                return original_func(cls, pretrained_model_name_or_path, *args, **kw)
+            from transformers import AutoConfig
+
+            from fastckpt.loader.remotefiles import model_folder
+
+            url = os.fspath(pretrained_model_name_or_path)
+            sub = kw.pop("subfolder", None)
+            url = f"{url.rstrip('/')}/{sub}" if sub else url
+            with model_folder(url) as (folder, _):
+                config = kw.get("config") or AutoConfig.from_pretrained(folder)
+                if type(config) not in cls._model_mapping:
+                    raise ValueError(
+                        f"{cls.__name__}.from_pretrained({url!r}): no {cls.__name__} class for "
+                        f"config {type(config).__name__} (custom code is not loaded from URLs)"
+                    )
+                model_cls = auto_factory._get_model_class(config, cls._model_mapping)
+                return model_cls.from_pretrained(url, *args, **kw)
+
+        auto_from_pretrained.__fastckpt_patch__ = True  # type: ignore[attr-defined]
+        return auto_from_pretrained
+
+    # each Auto class holds a copy of the base's from_pretrained (transformers' auto_class_update)
+    for value in vars(modeling_auto).values():
+        if not (isinstance(value, type) and issubclass(value, auto_factory._BaseAutoModelClass)):
+            continue
+        own = value.__dict__.get("from_pretrained")
+        if isinstance(own, classmethod) and value not in _original_auto:
+            _original_auto[value] = own
+            value.from_pretrained = classmethod(patched(own.__func__))  # type: ignore[attr-defined]
 
 
 def disable() -> None:
@@ -299,6 +344,9 @@ def disable() -> None:
             )
         PreTrainedModel.from_pretrained = _original  # type: ignore[method-assign]
         _original = None
+        for auto_cls, own in _original_auto.items():
+            auto_cls.from_pretrained = own  # type: ignore[attr-defined]
+        _original_auto.clear()
 
 
 def is_enabled() -> bool:
