@@ -27,6 +27,7 @@ TINY = {
     "daemon": {"size": "2MB"},
     "iterator": {"size": "2MB"},
     "vllm": {"size": "2MB"},
+    "remote": {"size": "2MB"},
 }
 
 

@@ -281,3 +281,28 @@ def test_an_ssd_entry_records_its_objects(
     assert meta["source"] == url
     (ident,) = meta["remote"]["objects"].values()
     assert ident[2] == os.path.getsize(checkpoints.st_file) and ident[3]  # size and ETag
+
+
+def test_the_remote_benchmark_runs_every_method_at_a_tiny_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fastckpt bench --scenario remote`` smoke run: its server context and each method, in
+    this process (the harness runs them in fresh ones)."""
+    import argparse
+
+    from fastckpt.bench import harness, scenario_remote
+
+    args = argparse.Namespace(scenario="remote")
+    ctx = harness.Context("remote", args, str(tmp_path), 300_000, "cpu", ("-",))
+    plan = scenario_remote.plan(ctx)
+    with scenario_remote.context(ctx):
+        for k, v in ctx.shared["env"].items():
+            monkeypatch.setenv(k, v)
+        for m in plan:
+            got = scenario_remote.measure({**m.spec, "device": "cpu"})
+            assert got["nbytes"] >= 300_000 - 64, (m.method, got)
+            assert got["extra"]["first_tensor_s"] >= 0 and got["extra"]["cpu_s"] >= 0
+            if m.method == "fastckpt s3 + write-through":
+                assert got["extra"]["kept"] is True
+            if m.method == "fastckpt ssd second start":
+                assert not got["extra"]["path_taken"].startswith("stream")
