@@ -48,7 +48,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from fastckpt.format.index import Index, TensorEntry
-    from fastckpt.loader.session import Loader, Opened
+    from fastckpt.loader.opening import Opened
+    from fastckpt.loader.session import Loader
 
 __all__ = ["LazyCheckpoint", "TensorSlice", "open"]
 

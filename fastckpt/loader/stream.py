@@ -36,9 +36,10 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from fastckpt.format.index import Index
-    from fastckpt.loader.session import Loader, Opened
+    from fastckpt.loader.opening import Opened
+    from fastckpt.loader.session import Loader
 
-__all__ = ["iter_tensors", "windows"]
+__all__ = ["iter_tensors"]
 
 
 def iter_tensors(
@@ -72,6 +73,7 @@ def iter_tensors(
         DeviceError: the device is unknown or unavailable. KeyError: an unknown name.
     """
     from fastckpt.loader.api import default_loader
+    from fastckpt.loader.plan import windows
     from fastckpt.loader.target import check_single_device
 
     session = loader if loader is not None else default_loader()
@@ -87,39 +89,6 @@ def iter_tensors(
         opened.close()
         raise
     return _run(session, opened, dev, groups, cfg)
-
-
-def windows(
-    index: Index, names: Iterable[str] | None, window_bytes: int
-) -> list[list[tuple[str, list[str]]]]:
-    """The stored tensors to yield, in storage order, cut into windows of at most
-    ``window_bytes``: each item is (stored name, [names to yield for it: itself if asked, then its
-    aliases that were asked])."""
-    wanted: set[str] | None = None
-    if names is not None:
-        wanted = set()
-        for name in names:
-            if name not in index.tensors and name not in index.aliases:
-                raise KeyError(f"no tensor {name!r} in {index.root}")
-            wanted.add(name)
-    aliases: dict[str, list[str]] = {}
-    for alias, target in index.aliases.items():
-        if wanted is None or alias in wanted:
-            aliases.setdefault(target, []).append(alias)
-    order = sorted(index.tensors.values(), key=lambda e: (e.partition, e.offset, e.name))
-    out: list[list[tuple[str, list[str]]]] = []
-    size = 0
-    for entry in order:
-        own = wanted is None or entry.name in wanted
-        if not own and entry.name not in aliases:
-            continue
-        yields = ([entry.name] if own else []) + aliases.get(entry.name, [])
-        if not out or (size + entry.nbytes > window_bytes and size > 0):
-            out.append([])
-            size = 0
-        out[-1].append((entry.name, yields))
-        size += entry.nbytes
-    return out
 
 
 def _run(

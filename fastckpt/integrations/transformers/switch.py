@@ -324,7 +324,7 @@ def _patch_auto() -> None:
         own = value.__dict__.get("from_pretrained")
         if isinstance(own, classmethod) and value not in _original_auto:
             _original_auto[value] = own
-            value.from_pretrained = classmethod(patched(own.__func__))  # type: ignore[attr-defined]
+            setattr(value, "from_pretrained", classmethod(patched(own.__func__)))  # noqa: B010
 
 
 def disable() -> None:
@@ -345,7 +345,7 @@ def disable() -> None:
         PreTrainedModel.from_pretrained = _original  # type: ignore[method-assign]
         _original = None
         for auto_cls, own in _original_auto.items():
-            auto_cls.from_pretrained = own  # type: ignore[attr-defined]
+            setattr(auto_cls, "from_pretrained", own)  # noqa: B010
         _original_auto.clear()
 
 
