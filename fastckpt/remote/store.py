@@ -387,6 +387,7 @@ class HttpStore:
             ConnectionError,
             TimeoutError,
         )
+        self._ssl_errors: tuple[type[BaseException], ...] = (urllib3.exceptions.SSLError,)
         self._lock = threading.Lock()
 
     def _request(self, url: str, headers: dict[str, str]) -> Any:
@@ -394,6 +395,15 @@ class HttpStore:
             return self._pool.request(
                 "GET", url, headers=headers, preload_content=False, redirect=True
             )
+        except self._ssl_errors as exc:
+            if "CERTIFICATE_VERIFY_FAILED" not in str(exc):
+                raise Transient(f"{type(exc).__name__}: {exc}") from None
+            raise RemoteError(  # permanent: not retried
+                errno.EACCES,
+                f"the server's TLS certificate was not accepted ({exc}); trust its CA in the "
+                "system store or with SSL_CERT_FILE",
+                url,
+            ) from None
         except self._errors as exc:
             raise Transient(f"{type(exc).__name__}: {exc}") from None
 

@@ -159,3 +159,73 @@ def test_bad_urls_are_refused_before_any_request(loader) -> None:
     for bad in ("s3://a/x", "s3://bucket/../x", "s3://bucket/x?foo=1", "http:///x"):
         with pytest.raises(ValueError):
             loader.load(bad, "cpu")
+
+
+def _self_signed(tmp_path) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key (PEM files), made here."""
+    import datetime
+    import ipaddress
+
+    crypto = pytest.importorskip("cryptography")
+    del crypto
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_file), str(key_file)
+
+
+def test_https_load_with_the_systems_trust_settings(
+    checkpoints: Checkpoints, loader, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """https:// on 127.0.0.1 with a certificate made here, trusted through SSL_CERT_FILE (as a
+    private CA would be); an untrusted certificate is refused."""
+    import ssl
+
+    from fastckpt.bench.localstore import RangeServer
+    from fastckpt.errors import RemoteError
+
+    cert, key = _self_signed(tmp_path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    with RangeServer(str(checkpoints.root)) as server:
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+        url = server.url.replace("http://", "https://")
+        with pytest.raises(RemoteError, match="certificate"):  # not trusted yet: not retried
+            loader.load(f"{url}/one.safetensors", "cpu")
+        monkeypatch.setenv("SSL_CERT_FILE", cert)
+        from fastckpt.remote.store import forget_stores
+
+        forget_stores()
+        got = loader.load(f"{url}/ck.fastckpt", "cpu")
+        assert_same(got, checkpoints.state)
+        got = loader.load(f"{url}/st", "cpu")
+        assert_same(got, checkpoints.state)
