@@ -12,6 +12,10 @@ started by ``context``), read by fresh processes, all on the same object (one st
   local-disk reference);
 - ``runai streamer``: Run:ai's ``SafetensorsStreamer`` (``runai-model-streamer[s3]``), each
   tensor cloned as it is yielded (its buffers are reused), when it is installed;
+- ``fastckpt http`` / ``http download + load_file``: the same file from an HTTP server with
+  ranges on 127.0.0.1 (``RangeServer``: ``sendfile``), which, unlike moto, does not copy the
+  whole object for each ranged GET (moto reads an object's whole value, under a lock, to answer
+  any range of it: ranged readers pay that once per range there);
 - ``boto3 download + load_file``: ``download_file`` into a local file, then
   ``safetensors.torch.load_file`` (the baseline: download, then load);
 - ``obstore download + load_file``: the same with obstore, when it is installed;
@@ -68,6 +72,8 @@ def plan(ctx: Context) -> list[Measurement]:
         "fastckpt local file",
         "boto3 download + load_file",
         "client boto3 ranges",
+        "fastckpt http",
+        "http download + load_file",
     ]
     if _installed("runai_model_streamer"):
         methods.append("runai streamer")
@@ -78,7 +84,13 @@ def plan(ctx: Context) -> list[Measurement]:
     return [
         Measurement(
             method,
-            {"method": method, "url": f"s3://models/{KEY}", "local": local, "ssd": ssd},
+            {
+                "method": method,
+                "url": f"s3://models/{KEY}",
+                "http": os.path.join(ctx.workdir, "http-url"),  # holds the server's URL
+                "local": local,
+                "ssd": ssd,
+            },
             files=[local] if method == "fastckpt local file" else [],
             state="cold" if method == "fastckpt local file" else "-",
             env=env,
@@ -112,9 +124,11 @@ def _safetensors_file(ctx: Context) -> str:
 @contextlib.contextmanager
 def context(ctx: Context) -> Iterator[None]:
     """moto's S3 server holding the object; the SSD tier for second starts filled once."""
-    from fastckpt.bench.localstore import s3_server
+    from fastckpt.bench.localstore import RangeServer, s3_server
 
-    with s3_server("models") as s3:
+    with s3_server("models") as s3, RangeServer(os.path.dirname(ctx.shared["local"])) as web:
+        with open(os.path.join(ctx.workdir, "http-url"), "w", encoding="utf-8") as f:
+            f.write(f"{web.url}/{os.path.basename(ctx.shared['local'])}")
         s3.upload_tree(ctx.shared["local"], KEY)
         env = ctx.shared["env"]
         env.update(
@@ -178,6 +192,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     c0 = _cpu_s()
     first: float | None = None
+    if method.startswith(("fastckpt http", "http ")):
+        with open(spec["http"], encoding="utf-8") as f:
+            url = f.read().strip()
     if method.startswith("client "):
         nbytes = _client_ranges(method.split()[1], url)
     elif method == "fastckpt s3 iter_tensors":
@@ -209,7 +226,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             touch_pages(state)
             nbytes = sum(t.numel() * t.element_size() for t in state.values())
     else:
-        nbytes = _fastckpt(method, spec, extra, t0)
+        nbytes = _fastckpt(method, {**spec, "url": url}, extra, t0)
     seconds = time.perf_counter() - t0
     extra["first_tensor_s"] = first if first is not None else seconds
     extra["cpu_s"] = _cpu_s() - c0
@@ -224,7 +241,7 @@ def _fastckpt(method: str, spec: dict[str, Any], extra: dict[str, Any], t0: floa
     url = spec["url"]
     if method == "fastckpt local file":
         state = fastckpt.load(spec["local"], "cpu")
-    elif method == "fastckpt s3":
+    elif method in ("fastckpt s3", "fastckpt http"):
         state = fastckpt.load(url, "cpu")
     else:
         fresh = method == "fastckpt s3 + write-through"
@@ -250,6 +267,18 @@ def _fastckpt(method: str, spec: dict[str, Any], extra: dict[str, Any], t0: floa
 
 
 def _download(client: str, url: str, dst: str) -> None:
+    if client == "http":
+        import shutil as _shutil
+
+        import urllib3
+
+        resp = urllib3.PoolManager().request("GET", url, preload_content=False)
+        try:
+            with open(dst, "wb") as f:
+                _shutil.copyfileobj(resp, f, 16 << 20)
+        finally:
+            resp.release_conn()
+        return
     bucket, key = url[len("s3://") :].split("/", 1)
     if client == "boto3":
         import boto3
