@@ -18,11 +18,11 @@ started by ``context``), read by fresh processes, all on the same object (one st
   any range of it: ranged readers pay that once per range there);
 - ``boto3 download + load_file``: ``download_file`` into a local file, then
   ``safetensors.torch.load_file`` (the baseline: download, then load);
-- ``obstore download + load_file``: the same with obstore, when it is installed;
-- ``client boto3 ranges`` / ``client obstore ranges``: the client libraries alone on the same
-  object, the same ranges (``remote_range_bytes``) and concurrency (``remote_concurrency``; 10,
-  obstore's own limit), into memory: seconds and CPU seconds (``extra.cpu_s``). This is what
-  chose boto3 (docs/remote.md).
+- ``client boto3 ranges`` / ``client obstore ranges`` (S3), ``client urllib3 ranges http`` /
+  ``client obstore ranges http``: the client libraries alone on the same object, the same
+  ranges (``remote_range_bytes``) and concurrency (``remote_concurrency``; 10, obstore's own
+  limit), into memory: seconds and CPU seconds (``extra.cpu_s``). urllib3 is boto3's data path
+  and fastckpt's HTTP client. This is what chose boto3 (docs/remote.md).
 
 Done means usable: every CPU tensor's pages touched. ``extra.first_tensor_s`` is the time to the
 first usable tensor (the whole load for loaders that return everything at once).
@@ -74,11 +74,12 @@ def plan(ctx: Context) -> list[Measurement]:
         "client boto3 ranges",
         "fastckpt http",
         "http download + load_file",
+        "client urllib3 ranges http",
     ]
     if _installed("runai_model_streamer"):
         methods.append("runai streamer")
     if _installed("obstore"):
-        methods += ["obstore download + load_file", "client obstore ranges"]
+        methods += ["client obstore ranges", "client obstore ranges http"]
     # the store's address and test credentials: filled in by ``context`` (the server's port)
     env = ctx.shared.setdefault("env", {"AWS_EC2_METADATA_DISABLED": "true"})
     return [
@@ -192,7 +193,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     c0 = _cpu_s()
     first: float | None = None
-    if method.startswith(("fastckpt http", "http ")):
+    if method.startswith(("fastckpt http", "http ")) or method.endswith(" http"):
         with open(spec["http"], encoding="utf-8") as f:
             url = f.read().strip()
     if method.startswith("client "):
@@ -280,16 +281,9 @@ def _download(client: str, url: str, dst: str) -> None:
             resp.release_conn()
         return
     bucket, key = url[len("s3://") :].split("/", 1)
-    if client == "boto3":
-        import boto3
+    import boto3
 
-        boto3.client("s3").download_file(bucket, key, dst)
-        return
-    import obstore
-
-    with open(dst, "wb") as f:
-        for chunk in obstore.get(_obstore(bucket), key):
-            f.write(chunk)
+    boto3.client("s3").download_file(bucket, key, dst)
 
 
 def _obstore(bucket: str) -> Any:
@@ -307,30 +301,43 @@ def _obstore(bucket: str) -> Any:
 
 
 def _client_ranges(client: str, url: str) -> int:
-    """The object's bytes by parallel ranged GETs of ``remote_range_bytes``, into memory."""
+    """The object's bytes by parallel ranged GETs of ``remote_range_bytes``, into memory: the
+    same requests from each client (obstore's coalescing of adjacent ranges is off)."""
     from fastckpt.config import get_config
 
     cfg = get_config()
-    bucket, key = url[len("s3://") :].split("/", 1)
+    http = not url.startswith("s3://")
     if client == "obstore":
         import obstore
+        from obstore.store import HTTPStore
 
-        store = _obstore(bucket)
+        if http:
+            base, key = url.rsplit("/", 1)
+            store: Any = HTTPStore.from_url(base, client_options={"allow_http": True})
+        else:
+            bucket, key = url[len("s3://") :].split("/", 1)
+            store = _obstore(bucket)
         size = obstore.head(store, key)["size"]
         starts = list(range(0, size, cfg.remote_range_bytes))
         ends = [min(size, s + cfg.remote_range_bytes) for s in starts]
-        return sum(len(b) for b in obstore.get_ranges(store, key, starts=starts, ends=ends))
+        got = obstore.get_ranges(store, key, starts=starts, ends=ends, coalesce=0)
+        return sum(len(b) for b in got)
     from concurrent.futures import ThreadPoolExecutor
 
-    from fastckpt.remote.store import S3Store
+    from fastckpt.remote.store import HttpStore, S3Store, Store
 
-    store3 = S3Store(bucket, cfg)
-    info = store3.head(key, key)
+    if http:
+        base, key = url.rsplit("/", 1)
+        raw: Store = HttpStore(base, cfg)
+    else:
+        bucket, key = url[len("s3://") :].split("/", 1)
+        raw = S3Store(bucket, cfg)
+    info = raw.head(key, key)
     buf = memoryview(bytearray(info.size))
 
     def one(lo: int) -> int:
         hi = min(info.size, lo + cfg.remote_range_bytes)
-        body = store3.get(info, lo, hi)
+        body = raw.get(info, lo, hi)
         try:
             at = lo
             while at < hi:

@@ -306,3 +306,13 @@ def test_the_remote_benchmark_runs_every_method_at_a_tiny_size(
                 assert got["extra"]["kept"] is True
             if m.method == "fastckpt ssd second start":
                 assert not got["extra"]["path_taken"].startswith("stream")
+
+
+def test_remote_endpoint_setting_overrides_the_aws_environment(
+    remote: Remote, checkpoints: Checkpoints, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = remote.upload(checkpoints.st_file)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    with fastckpt.Loader(remote_endpoint=remote.proxy.url, remote_retries=0) as ld:
+        assert_same(ld.load(url, "cpu"), checkpoints.state)
+    assert remote.proxy.requests > 0
