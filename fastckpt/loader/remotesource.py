@@ -103,11 +103,9 @@ def locate(url: Url, store: Store) -> Located:
         return Located(url, url, "", store, None)
     if key:
         try:
-            info = store.head(key, name)
+            info = store.head(key, name, url.version)
         except FileNotFoundError:
             info = None
-        if info is not None and url.version:
-            info = ObjectInfo(info.name, info.key, info.url, info.size, info.etag, url.version)
         if info is not None:
             if _is_index(name):
                 return Located(url, parent, name, store, _listing(store, parent_key))

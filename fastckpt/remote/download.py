@@ -418,8 +418,8 @@ class RetryingStore:
                     ) from None
                 time.sleep(_backoff(attempt, exc.retry_after_s))
 
-    def head(self, key: str, name: str) -> ObjectInfo:
-        return self._retried(f"{self.name}/{key}", lambda: self.store.head(key, name))
+    def head(self, key: str, name: str, version: str = "") -> ObjectInfo:
+        return self._retried(f"{self.name}/{key}", lambda: self.store.head(key, name, version))
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         return self._retried(f"{self.name}/{prefix}", lambda: self.store.list(prefix))

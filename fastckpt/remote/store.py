@@ -100,7 +100,7 @@ class Store(Protocol):
     name: str
     listable: bool
 
-    def head(self, key: str, name: str) -> ObjectInfo: ...
+    def head(self, key: str, name: str, version: str = "") -> ObjectInfo: ...
 
     def list(self, prefix: str) -> list[ObjectInfo]: ...
 
@@ -270,16 +270,20 @@ class S3Store:
             return Transient(f"{code or status}: {message}", _retry_after(retry.get("retry-after")))
         return RemoteError(errno.EIO, f"the store answered {code or status}: {message}", url)
 
-    def head(self, key: str, name: str) -> ObjectInfo:
+    def head(self, key: str, name: str, version: str = "") -> ObjectInfo:
+        """The object (that version of it, when ``version`` is given)."""
         url = f"s3://{self.bucket}/{key}"
-        r = self._call(url, lambda: self._client.head_object(Bucket=self.bucket, Key=key))
+        args = {"Bucket": self.bucket, "Key": key}
+        if version:
+            args["VersionId"] = version
+        r = self._call(url, lambda: self._client.head_object(**args))
         return ObjectInfo(
             name,
             key,
             url,
             int(r["ContentLength"]),
             str(r.get("ETag", "")),
-            str(r.get("VersionId", "") or ""),
+            str(r.get("VersionId", "") or version),
         )
 
     def list(self, prefix: str) -> list[ObjectInfo]:
@@ -427,7 +431,8 @@ class HttpStore:
             return Transient(f"HTTP {status}", _retry_after(resp.headers.get("Retry-After")))
         return RemoteError(errno.EIO, f"the server answered HTTP {status}", url)
 
-    def head(self, key: str, name: str) -> ObjectInfo:
+    def head(self, key: str, name: str, version: str = "") -> ObjectInfo:
+        """The object at ``key`` (HTTP has no versions: ``version`` is not used)."""
         url = f"{self.name}/{key}"
         resp = self._request(url, {"Range": "bytes=0-0"})
         try:

@@ -316,3 +316,32 @@ def test_remote_endpoint_setting_overrides_the_aws_environment(
     with fastckpt.Loader(remote_endpoint=remote.proxy.url, remote_retries=0) as ld:
         assert_same(ld.load(url, "cpu"), checkpoints.state)
     assert remote.proxy.requests > 0
+
+
+def test_evict_removes_the_ssd_entries_of_a_url(
+    remote: Remote, checkpoints: Checkpoints, tmp_path: Path
+) -> None:
+    url = remote.upload(checkpoints.st_file)
+    with _tier(tmp_path / "ssd") as ld:
+        assert ld.prefetch(url, tier="ssd").result(timeout=60) is True
+        assert ld.ssd_tier is not None and len(ld.ssd_tier.entries_from(url)) == 1
+        assert ld.evict(url) >= 1
+        assert ld.ssd_tier.entries_from(url) == []
+
+
+def test_a_version_id_pins_the_generation_loaded(
+    remote: Remote, checkpoints: Checkpoints, loader_plain: fastckpt.Loader
+) -> None:
+    url = remote.upload(checkpoints.st_file)
+    bucket, key = url[len("s3://") :].split("/", 1)
+    client = remote.s3.client()
+    first = client.head_object(Bucket=bucket, Key=key)["VersionId"]
+    remote.s3.upload_tree(str(checkpoints.st_file2), key)  # a newer version on top
+    assert_same(loader_plain.load(url, "cpu"), checkpoints.state2)
+    assert_same(loader_plain.load(f"{url}?versionId={first}", "cpu"), checkpoints.state)
+
+
+@pytest.fixture
+def loader_plain() -> Iterator[fastckpt.Loader]:
+    with fastckpt.Loader() as ld:
+        yield ld
