@@ -184,7 +184,7 @@ class Executor:
         dest = self.sources.cpu_dest.get(b.index)
         if dest is not None:
             return torch.frombuffer(dest, dtype=torch.uint8)[: b.nbytes], dest
-        mem = io_engine.AlignedBuffer(b.nbytes)
+        mem = io_engine.AlignedBuffer(b.nbytes, huge_pages=self.cfg.cpu_huge_pages)
         return torch.frombuffer(mem, dtype=torch.uint8), mem
 
     def _load_cpu(self, bufs: Sequence[BufferPlan]) -> None:

@@ -181,7 +181,7 @@ def profile_for(path: str, cfg: Config, engine: io_engine.Engine | None) -> Read
         if not cfg.probe or engine is None:
             return None
         try:
-            measured = probe(path, engine, key=key, fs_type=fs_type)
+            measured = probe(path, engine, key=key, fs_type=fs_type, huge_pages=cfg.cpu_huge_pages)
         except OSError:
             return None
         if measured is None:
@@ -206,6 +206,7 @@ def probe(
     fs_type: str | None = None,
     nbytes: int = PROBE_BYTES,
     force: bool = False,
+    huge_pages: bool = False,
 ) -> ReadProfile | None:
     """Measure cold O_DIRECT, buffered and mixed reads of the first ``nbytes`` of ``path``.
 
@@ -220,7 +221,6 @@ def probe(
         return None
     if not force and io_engine.residency(path, sample_windows=64) > COLD_MAX_RESIDENT:
         return None
-    buf = io_engine.AlignedBuffer(n)
     figures: dict[str, float] = {}
     with io_engine.File(path, direct=True) as fd_direct, io_engine.File(path, direct=False) as fb:
         split = mixed_split(0, n)
@@ -231,6 +231,9 @@ def probe(
         }
         for mode in ("direct", "buffered", "mixed"):
             io_engine.drop_page_cache(path)
+            # fresh memory each time, as a load reads into: its first-touch cost counts, as it
+            # does for the mapping measured below
+            buf = io_engine.AlignedBuffer(n, huge_pages=huge_pages)
             reads: list[io_engine.ReadOp] = []
             for f, lo, hi in plans[mode]:
                 for off in range(lo, hi, PROBE_CHUNK_BYTES):
@@ -239,6 +242,7 @@ def probe(
             t0 = time.perf_counter()
             engine.read(reads)
             figures[mode] = n / (time.perf_counter() - t0) / 1e9
+            del buf
         if not fd_direct.direct:
             figures["direct"] = 0.0  # the filesystem refused O_DIRECT: those were buffered reads
             figures["mixed"] = 0.0
