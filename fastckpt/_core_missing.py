@@ -11,7 +11,11 @@ import glob
 import os
 import sys
 
-__all__ = ["explain"]
+__all__ = ["DISTRIBUTION", "explain"]
+
+#: This project's distribution name (pyproject's ``[project].name``); the import name is
+#: ``fastckpt``. PyPI's "fastckpt" is an unrelated project, so the clone is what gets installed.
+DISTRIBUTION = "fastckpt-loader"
 
 
 def _installed_core() -> str | None:
@@ -19,7 +23,7 @@ def _installed_core() -> str | None:
     try:
         from importlib import metadata
 
-        dist = metadata.distribution("fastckpt")
+        dist = metadata.distribution(DISTRIBUTION)
     except Exception:  # not installed, or broken metadata: nothing to point at
         return None
     for file in dist.files or ():

@@ -28,7 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> Any:
     sub = parser.add_subparsers(dest="cache_command", metavar="ACTION")
     sub.required = True
     for name, help_text in (
-        ("ls", "list the SSD tier's entries, least recently used first"),
+        (
+            "ls",
+            "list the SSD tier's entries, least recently used first (with --server or "
+            "FASTCKPT_SERVER and no --dir: the cache daemon's entries)",
+        ),
         ("size", "total bytes held by the SSD tier"),
         ("clear", "delete every entry of the SSD tier"),
     ):
@@ -38,12 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> Any:
             p.add_argument(
                 "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON"
             )
-    p = sub.add_parser("profile", help="show the stored read-mode profiles")
+    text = "show the stored read-mode profiles (one per filesystem)"
+    p = sub.add_parser("profile", help=text, description=text)
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
-    p = sub.add_parser(
-        "probe",
-        help="measure O_DIRECT, buffered and mixed cold reads on FILE and store the profile",
+    text = (
+        "measure O_DIRECT, buffered and mixed cold reads on FILE and store the profile "
+        "(drops FILE from the page cache)"
     )
+    p = sub.add_parser("probe", help=text, description=text)
     p.add_argument("file", help="a large file on the filesystem to measure (>= 8 MiB)")
     p.add_argument("--bytes", type=int, default=64 << 20, help="bytes to read per mode")
     return sub

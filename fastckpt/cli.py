@@ -309,11 +309,16 @@ def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     from fastckpt.cachecli import add_arguments
     from fastckpt.serve.cli import add_daemon_actions
 
-    parser.add_argument(
-        "--server", metavar="PATH", help="cache daemon socket (default: FASTCKPT_SERVER)"
-    )
+    server_help = "cache daemon socket (default: FASTCKPT_SERVER)"
+    parser.add_argument("--server", metavar="PATH", help=server_help)
     parser.add_argument("--json", action="store_true", help="print JSON")
-    add_daemon_actions(add_arguments(parser))
+    actions = add_arguments(parser)
+    add_daemon_actions(actions)
+    # --server and --json work before the action and after it (`cache stats --server S`)
+    for name in ("ls", *_DAEMON_ACTIONS):
+        actions.choices[name].add_argument(
+            "--server", metavar="PATH", default=argparse.SUPPRESS, help=server_help
+        )
 
 
 def _run_cache(args: argparse.Namespace) -> int:
@@ -385,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Load-optimized model checkpoints: convert, inspect, verify.",
+        description="Load model checkpoints as fast as the hardware allows: convert them to "
+        "the loading-optimized format, inspect and verify them, measure loads, run the "
+        "machine-wide cache daemon, estimate start times. `fastckpt COMMAND --help` for each.",
     )
     parser.add_argument("--version", action="version", version=f"fastckpt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -420,6 +427,31 @@ def _error_message(exc: BaseException) -> str:
     return _cli_words(str(exc) or type(exc).__name__)
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether standard output is a pipe or socket whose reading end is closed."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's capture)
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def _discard_stdout() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 def _execute(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: str) -> int:
     try:
         args = parser.parse_args(argv)
@@ -427,7 +459,16 @@ def _execute(parser: argparse.ArgumentParser, argv: Sequence[str] | None, prog: 
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     try:
         status: int = args._run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
         return status
+    except BrokenPipeError as exc:
+        if not _stdout_reader_gone():  # another pipe or socket (the daemon's): an error
+            print(f"{prog}: error: {_error_message(exc)}", file=sys.stderr)
+            return 1
+        # The reader closed the pipe (`fastckpt info X --json | head -1`): it has what it wanted,
+        # a normal end. Output still buffered goes nowhere, so that exit does not fail again.
+        _discard_stdout()
+        return 0
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

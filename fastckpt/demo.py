@@ -65,6 +65,45 @@ def _check_device(device: str) -> None:
             )
 
 
+# where a load's bytes came from (LoadStats.path_taken names fastckpt.loader.policy's sources),
+# in words
+SOURCE_WORDS = {
+    "page-cache-map": "mapped from the page cache (the file was just written: nothing to read)",
+    "page-cache-read": "copied from the page cache",
+    "map": "mapped from the file (pages read from the disk on first touch)",
+    "direct": "O_DIRECT reads from the disk",
+    "buffered": "buffered reads",
+    "mixed": "buffered and O_DIRECT reads",
+    "daemon": "the cache daemon's memory (fastckpt serve)",
+    "dram-tier": "the DRAM tier",
+    "gpu-tier": "the GPU tier",
+    "stream": "ranged GETs from an object store, read as they arrive",
+    "stream-map": "ranged GETs from an object store, mapped once they arrived",
+    "empty": "nothing (empty tensors)",
+}
+
+
+def _loaded_line(stats: Any) -> str:
+    from fastckpt.rules.units import format_bytes, format_rate
+
+    sources = [SOURCE_WORDS.get(s, s) for s in str(stats.path_taken).split("+") if s]
+    return (
+        f"{stats.tensors} tensors, {format_bytes(stats.nbytes)} to {', '.join(stats.devices)} "
+        f"in {stats.seconds:.3f} s ({format_rate(stats.nbytes, stats.seconds)}); "
+        f"{'; '.join(sources) or 'no bytes'}"
+    )
+
+
+def _engine_line(info: dict[str, Any]) -> str:
+    """What the I/O engine does, as a sentence (engine_info's ``reason``) and liburing's
+    version when io_uring is in use."""
+    version = info.get("liburing_version")
+    uring = "io_uring" in (info.get("direct_reads"), info.get("buffered_reads"))
+    return str(info.get("reason", info.get("name"))) + (
+        f" (liburing {version})" if uring and version else ""
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -88,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         print("           " + str(fastckpt.info(dst)).replace("\n", "\n           "))
 
         tensors, stats = fastckpt.load(dst, device, stats=True)
-        print(f"loaded:    {stats}")
+        print(f"loaded:    {_loaded_line(stats)}")
 
         reference = torch.load(src, weights_only=True, mmap=True)
         bad = [
@@ -100,8 +139,13 @@ def run(args: argparse.Namespace) -> int:
         if bad or set(tensors) != set(reference):
             print(f"MISMATCH:  {bad[:5]}")
             return 1
-        print(f"checked:   all {len(reference)} tensors bitwise equal to the source; tied={tied}")
-        print(f"engine:    {fastckpt.engine_info()}")
+        shared = (
+            "lm_head.weight and model.embed_tokens.weight are one tensor, as in the source"
+            if tied
+            else "lm_head.weight is a copy of model.embed_tokens.weight (the source ties them)"
+        )
+        print(f"checked:   all {len(reference)} tensors bitwise equal to the source; {shared}")
+        print(f"engine:    {_engine_line(fastckpt.engine_info())}")
         return 0
     finally:
         if args.keep:

@@ -205,7 +205,7 @@ class ObjectChangedError(RemoteError):
 
 class RemoteExtraMissing(FastckptError, ImportError):
     """Loading from ``s3://`` or ``https://`` needs the optional dependencies of
-    ``fastckpt[remote]``."""
+    the ``remote`` extra (``fastckpt-loader[remote]``)."""
 
 
 __all__ = [

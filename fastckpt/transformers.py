@@ -9,8 +9,9 @@ included) loads a local fastckpt checkpoint, and an ordinary local safetensors m
 ``model.safetensors`` or sharded with ``model.safetensors.index.json``), through
 :func:`fastckpt.load_model`, bit for bit as transformers would. Anything else (hub names, other
 weight formats, quantization configs, custom code in ``auto_map``, options fastckpt does not
-support) is loaded by transformers unchanged, with a debug log on
-``fastckpt.integrations.transformers`` saying why. Implemented in
+support, peft adapter folders) is loaded by transformers unchanged, with a debug log on
+``fastckpt.integrations.transformers`` saying why (a warning for a file or a local path that does
+not exist, which transformers would only call an invalid Hub repo id). Implemented in
 ``fastckpt.integrations.transformers``.
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -337,3 +338,118 @@ def test_convert_shows_progress_on_a_terminal(tmp_path, src) -> None:
         os.close(leader)
     assert proc.returncode == 0
     assert "%|" in b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.parametrize(
+    "argv", [["info", "{ck}", "--json"], ["cache", "profile", "--json"]], ids=["info", "profile"]
+)
+def test_a_closed_pipe_is_a_normal_end(tmp_path, src, argv) -> None:
+    """`fastckpt info X --json | head -1`: the reader is gone before the output is written."""
+    ck = tmp_path / "ck"
+    assert cli.main(["convert", str(src), str(ck)]) == 0
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader left before anything was written: every write is EPIPE
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "fastckpt.cli", *[a.replace("{ck}", str(ck)) for a in argv]],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+
+
+def test_a_broken_pipe_elsewhere_is_an_error(capsys, monkeypatch) -> None:
+    """A broken connection that is not standard output (the cache daemon's) stays an error."""
+    monkeypatch.setattr(cli, "COMMANDS", list(cli.COMMANDS))
+
+    def broken(args: argparse.Namespace) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    cli.register("pipe", "fails", lambda p: None, broken)
+    code, _, err = run(["pipe"], capsys)
+    assert code == 1 and err == "fastckpt: error: [Errno 32] Broken pipe\n"
+
+
+def _sub_parsers(parser: argparse.ArgumentParser, path: str = "fastckpt"):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield f"{path} {name}", sub
+                yield from _sub_parsers(sub, f"{path} {name}")
+
+
+def test_every_command_and_action_says_what_it_does() -> None:
+    """`fastckpt X --help` and `fastckpt cache Y --help` open with a description, and no option
+    repeats its default."""
+    found = list(_sub_parsers(cli.build_parser()))
+    names = {path for path, _ in found}
+    assert {"fastckpt cache stats", "fastckpt cache profile", "fastckpt cache prefetch"} <= names
+    missing = [path for path, sub in found if not (sub.description or "").strip()]
+    assert not missing, f"no description in --help: {missing}"
+    for path, sub in found:
+        text = " ".join(sub.format_help().split())
+        assert not re.search(r"\(([^()]+)\) \(default: \1\)", text), path
+
+
+@pytest.mark.parametrize("what", ["file", "dir", "symlink"])
+def test_convert_suggests_overwrite_only_where_it_would_work(tmp_path, src, capsys, what) -> None:
+    """`fastckpt convert SRC existing.safetensors` used to suggest --overwrite, which then
+    refused: a destination --overwrite cannot replace gets the reason at once."""
+    dst = tmp_path / "existing.safetensors"
+    if what == "file":
+        shutil.copy(src, dst)
+    elif what == "dir":
+        dst.mkdir()
+        (dst / "notes.txt").write_text("mine")
+    else:
+        dst.symlink_to(src)
+    for extra in ([], ["--overwrite"]):
+        code, out, err = run(["convert", str(src), str(dst), *extra], capsys)
+        assert code == 1 and out == ""
+        assert "--overwrite" not in err and "only replaces a fastckpt checkpoint" in err
+    if what == "file":
+        assert "a file, not a directory" in err
+
+
+def test_demo_output_reads_as_sentences(tmp_path, capsys) -> None:
+    """No raw dict, no "[none]" that reads like an error: each line says what happened."""
+    code, out, err = run(["demo", "--device", "cpu", "--workdir", str(tmp_path / "demo")], capsys)
+    assert code == 0, err
+    lines = {line.split(":", 1)[0]: line for line in out.splitlines() if not line[:1].isspace()}
+    assert {"source", "converted", "loaded", "checked", "engine"} <= set(lines)
+    assert "{" not in out and "[none]" not in out and "True" not in out
+    assert "bitwise equal to the source" in lines["checked"]
+    assert " MB to cpu in " in lines["loaded"] and "GB/s" in lines["loaded"]
+    assert "reads" in lines["engine"]
+    assert not any((tmp_path / "demo").iterdir())  # the demo's files are removed
+
+
+def test_demo_has_words_for_every_byte_source() -> None:
+    from fastckpt.demo import SOURCE_WORDS
+    from fastckpt.loader.policy import SOURCES
+
+    assert set(SOURCES) == set(SOURCE_WORDS)
+
+
+def test_info_lists_carried_files_in_sub_folders(tmp_path, src, capsys) -> None:
+    """A sentence-transformers folder carries 1_Pooling/config.json: info lists it."""
+    model = tmp_path / "minilm"
+    (model / "1_Pooling").mkdir(parents=True)
+    shutil.copy(src, model / "model.safetensors")
+    (model / "config.json").write_text('{"model_type": "bert"}')
+    (model / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    ck = tmp_path / "ck"
+    assert cli.main(["convert", str(model), str(ck)]) == 0
+    capsys.readouterr()
+    code, out, _ = run(["info", str(ck)], capsys)
+    assert code == 0
+    files = next(line for line in out.splitlines() if line.startswith("files"))
+    assert "config.json" in files and "1_Pooling/config.json" in files
+    code, out, _ = run(["info", str(ck), "--json"], capsys)
+    doc = json.loads(out)
+    assert doc["files"] == ["config.json"] and doc["tree"] == ["1_Pooling/config.json"]

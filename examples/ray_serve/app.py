@@ -6,7 +6,7 @@ replica where the model starts soonest; that replica then loads it.
 
 Run on a local Ray cluster::
 
-    pip install "fastckpt[ray]"
+    pip install ".[ray]"          # from the root of a clone
     python examples/ray_serve/app.py
 
 In a real deployment ``record_routing_stats`` would describe the replica's own machine: the tier

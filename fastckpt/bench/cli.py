@@ -28,13 +28,34 @@ from fastckpt.rules.units import format_bytes, parse_size
 DEFAULT_WORKDIR = os.path.join(tempfile.gettempdir(), "fastckpt-bench")
 
 
+def _scenario_name(text: str) -> str:
+    """argparse type of ``--scenario``: a registered scenario, with a hint for the near misses
+    (a cache state given here, a typo)."""
+    import difflib
+
+    known = ("load", *harness.SCENARIOS)
+    name = text.strip()
+    if name in known:
+        return name
+    if name.lower() in _scenarios.NAMES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is a cache state, not a scenario: give it with --states {name.lower()} "
+            f"(of {', '.join(_scenarios.NAMES)}); --scenario picks what to measure, one of "
+            f"{', '.join(known)}"
+        )
+    close = difflib.get_close_matches(name.lower().replace("_", "-"), known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise argparse.ArgumentTypeError(f"unknown scenario {text!r}{hint} (known: {', '.join(known)})")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scenario",
         default="load",
-        choices=("load", *harness.SCENARIOS),
-        help="what to measure: load (every loader on one checkpoint, default), "
-        + "; ".join(f"{n} ({harness.module_of(n).HELP})" for n in harness.SCENARIOS),
+        type=_scenario_name,
+        metavar="NAME",
+        help="what to measure: load (every loader on one checkpoint, default); "
+        + "; ".join(f"{n} ({harness.help_of(n)})" for n in harness.SCENARIOS),
     )
     src = parser.add_argument_group("checkpoint")
     src.add_argument(
@@ -63,10 +84,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("measurement")
     run.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
     run.add_argument(
-        "--scenarios",
+        "--states",
+        dest="scenarios",
+        metavar="STATES",
         default=",".join(_scenarios.NAMES),
-        help=f"comma-separated, of {', '.join(_scenarios.NAMES)} (default all)",
+        help="cache states to measure in, comma-separated, of "
+        f"{', '.join(_scenarios.NAMES)} (default all; the other scenarios use cold and warm)",
     )
+    # the name this option had before --states (kept for scripts; not shown)
+    run.add_argument("--scenarios", dest="scenarios", help=argparse.SUPPRESS)
     run.add_argument(
         "--loaders",
         default="all",
@@ -99,12 +125,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default="bench_out", help="folder for results.json/.md/.png (default bench_out)"
     )
-    seen = set()
+    served: dict[str, list[str]] = {}  # module -> the scenarios it serves
     for name in harness.SCENARIOS:
-        module = harness.module_of(name)
-        if module.__name__ not in seen:
-            seen.add(module.__name__)
-            module.add_arguments(parser.add_argument_group(f"scenario {name}"))
+        served.setdefault(harness.SCENARIOS[name], []).append(name)
+    for names in served.values():
+        title = f"scenario{'s' if len(names) > 1 else ''} {', '.join(names)}"
+        harness.module_of(names[0]).add_arguments(parser.add_argument_group(title))
 
 
 def _options(args: argparse.Namespace) -> Options:
@@ -127,6 +153,17 @@ def _options(args: argparse.Namespace) -> Options:
         raise ValueError(f"--shard-size {args.shard_size}: use at least 4KiB")
     if args.checkpoint and not os.path.exists(args.checkpoint):
         raise ValueError(f"--checkpoint {args.checkpoint}: no such file or folder")
+    try:
+        states = _scenarios.parse_scenarios(args.scenarios)
+    except ValueError:
+        given = [s.strip() for s in str(args.scenarios).split(",")]
+        meant = [s for s in given if s in ("load", *harness.SCENARIOS)]
+        if meant:
+            raise ValueError(
+                f"--states {args.scenarios}: {meant[0]} is a scenario (what to measure), not a "
+                f"cache state: --scenario {meant[0]}"
+            ) from None
+        raise
     names = _loaders.resolve_names(args.loaders)
     explicit = str(args.loaders).strip().lower() not in ("", "all")
     return Options(
@@ -135,7 +172,7 @@ def _options(args: argparse.Namespace) -> Options:
         device=device,
         size_bytes=size,
         checkpoint=os.path.abspath(args.checkpoint) if args.checkpoint else None,
-        scenarios=_scenarios.parse_scenarios(args.scenarios),
+        scenarios=states,
         loaders=names,
         loaders_explicit=explicit,
         repeats=args.repeats,

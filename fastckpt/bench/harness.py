@@ -32,10 +32,11 @@ machine description (``machine()``).
 
 Adding a scenario: write ``fastckpt/bench/scenario_<name>.py`` with
 
-- ``HELP`` (one line) and ``BASELINES`` (scenario name -> the method other rows are compared
-  with; a module may serve several scenario names, as ``load_model`` and ``lora`` do);
+- ``HELP`` (one line; a module that serves several scenario names, as ``load_model`` and
+  ``lora`` do, also gives ``HELPS``: name -> its line) and ``BASELINES`` (scenario name -> the
+  method other rows are compared with);
 - ``add_arguments(group)``: its own options (names that do not clash with the shared ones:
-  ``--size``, ``--device``, ``--repeats``, ``--scenarios``, ``--workdir``, ``--keep``,
+  ``--size``, ``--device``, ``--repeats``, ``--states``, ``--workdir``, ``--keep``,
   ``--checkpoint``, ``--out``, ``--python``, ``--worker-timeout-s``);
 - ``plan(ctx) -> list[Measurement]``: prepares inputs in ``ctx.workdir`` and lists the
   measurements (each a JSON-able ``spec``, a ``method`` and ``state`` label, and the files whose
@@ -96,6 +97,14 @@ SCENARIOS: dict[str, str] = {
 
 def module_of(name: str) -> ModuleType:
     return importlib.import_module(SCENARIOS[name])
+
+
+def help_of(name: str) -> str:
+    """The one-line description of scenario ``name`` (``HELPS[name]`` of a module that serves
+    several scenarios, else its ``HELP``)."""
+    module = module_of(name)
+    helps: dict[str, str] = getattr(module, "HELPS", {})
+    return helps.get(name, module.HELP)
 
 
 class Skipped(Exception):

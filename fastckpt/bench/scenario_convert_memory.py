@@ -27,9 +27,7 @@ BASELINES: dict[str, str] = {}
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument(
-        "--tensor-bytes", default="128MiB", help="convert-memory: bytes per tensor (128MiB)"
-    )
+    group.add_argument("--tensor-bytes", default="128MiB", help="convert-memory: bytes per tensor")
     group.add_argument("--shards", type=int, default=3, help="convert-memory: files (default 3)")
     group.add_argument(
         "--convert-source",

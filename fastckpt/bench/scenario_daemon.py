@@ -29,7 +29,7 @@ BASELINES = {"daemon": "fastckpt.load"}
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
-    """No options of its own: ``--checkpoint``, ``--size``, ``--device``, ``--scenarios``."""
+    """No options of its own: ``--checkpoint``, ``--size``, ``--device``, ``--states``."""
 
 
 def plan(ctx: Context) -> list[Measurement]:

@@ -48,7 +48,7 @@ CPU_CONFIGS: list[dict[str, Any]] = [
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
-        "--sweep-repeats", type=int, default=2, help="gpu-sweep: loads after the first (2)"
+        "--sweep-repeats", type=int, default=2, help="gpu-sweep: loads after the first"
     )
 
 

@@ -22,7 +22,7 @@ BASELINES = {"iterator": "load"}
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
-    """No options of its own: ``--checkpoint``, ``--size``, ``--device``, ``--scenarios``."""
+    """No options of its own: ``--checkpoint``, ``--size``, ``--device``, ``--states``."""
 
 
 def plan(ctx: Context) -> list[Measurement]:

@@ -34,6 +34,11 @@ from fastckpt.bench.harness import Context, Measurement
 from fastckpt.rules.units import parse_size
 
 HELP = "time to a usable transformers model / LoRA adapter: stock vs fastckpt"
+HELPS = {
+    "load_model": "time to a usable transformers model: from_pretrained vs fastckpt.load_model "
+    "and the drop-in",
+    "lora": "time to attach a LoRA adapter: peft (and its low-memory mode) vs fastckpt.load_lora",
+}
 MODEL_METHODS = ("transformers", "fastckpt", "drop-in")
 LORA_METHODS = ("peft", "peft-lowmem", "fastckpt")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -60,7 +60,7 @@ def _installed(module: str) -> bool:
 
 def plan(ctx: Context) -> list[Measurement]:
     if not (_installed("boto3") and _installed("moto")):
-        raise Skipped("needs boto3 and moto[server]: pip install 'fastckpt[remote]' moto[server]")
+        raise Skipped("needs boto3 and moto[server]: pip install '.[test]' in the clone")
     local = _safetensors_file(ctx)
     ssd = os.path.join(ctx.workdir, "ssd-second-start")
     ctx.shared.update(local=local, ssd=ssd)

@@ -28,6 +28,10 @@ from fastckpt.bench.harness import Context, Measurement, Skipped
 from fastckpt.rules.units import MiB
 
 HELP = "a Loader's DRAM / GPU tier hit beside loads without a tier (cold, warm)"
+HELPS = {
+    "dram-tier": "a Loader's DRAM-tier hit beside loads without a tier (cold, warm)",
+    "gpu-tier": "a Loader's GPU-tier hit beside loads without a tier (cold, warm; CUDA)",
+}
 BASELINES = {"dram-tier": "no tier", "gpu-tier": "no tier"}
 
 METHODS = {  # method -> tiers_scenario.loader_settings variant
@@ -39,7 +43,7 @@ METHODS = {  # method -> tiers_scenario.loader_settings variant
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
-    """No options of its own: ``--checkpoint``, ``--size``, ``--device``, ``--scenarios``."""
+    """No options of its own: ``--checkpoint``, ``--size``, ``--device``, ``--states``."""
 
 
 def checkpoint(ctx: Context) -> tuple[str, list[str]]:

@@ -39,11 +39,11 @@ def parse_scenarios(text: str) -> list[str]:
         if not key:
             continue
         if key not in NAMES:
-            raise ValueError(f"unknown scenario {raw.strip()!r}; known: {', '.join(NAMES)}")
+            raise ValueError(f"unknown cache state {raw.strip()!r}; known: {', '.join(NAMES)}")
         if key not in out:
             out.append(key)
     if not out:
-        raise ValueError("--scenarios names no scenario")
+        raise ValueError("--states names no cache state")
     return out
 
 

@@ -67,30 +67,32 @@ def _refuse_message(dst: str, what: str) -> str:
 def check_destination(dst: str, *, overwrite: bool) -> None:
     """Raise ``DestinationExistsError`` unless ``dst`` may be created or replaced.
 
-    Cheap; called before any work so that a long conversion does not fail at its very end.
+    Cheap; called before any work so that a long conversion does not fail at its very end. A
+    destination that ``overwrite`` could not replace either (a file, a link, a directory that is
+    not a checkpoint) is refused with that reason, never with a suggestion to overwrite.
     """
     if not os.path.lexists(dst):
         return
+    why = _irreplaceable(dst)
+    if why is not None:
+        raise DestinationExistsError(errno.EEXIST, _refuse_message(dst, why), dst)
     if not overwrite:
         raise DestinationExistsError(errno.EEXIST, _exists_message(dst), dst)
+
+
+def _irreplaceable(dst: str) -> str | None:
+    """Why an existing ``dst`` is no checkpoint that may be replaced (None: it may be)."""
     if os.path.islink(dst):
-        raise DestinationExistsError(errno.EEXIST, _refuse_message(dst, "a symbolic link"), dst)
+        return "a symbolic link"
     if not os.path.isdir(dst):
-        raise DestinationExistsError(errno.EEXIST, _refuse_message(dst, "not a directory"), dst)
+        return "a file, not a directory (a fastckpt checkpoint is a directory)"
     if os.path.lexists(os.path.join(dst, INDEX_FILE)):
-        return
+        return None
     try:
         empty = not os.listdir(dst)
     except OSError as exc:
-        raise DestinationExistsError(
-            errno.EEXIST, _refuse_message(dst, f"unreadable ({exc.strerror})"), dst
-        ) from None
-    if not empty:
-        raise DestinationExistsError(
-            errno.EEXIST,
-            _refuse_message(dst, "a non-empty directory without a fastckpt index"),
-            dst,
-        )
+        return f"unreadable ({exc.strerror})"
+    return None if empty else "a non-empty directory without a fastckpt index"
 
 
 def _rename_exchange(a: str, b: str) -> bool:

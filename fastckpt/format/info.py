@@ -46,7 +46,8 @@ class CheckpointInfo:
         checksum: e.g. ``"crc32c per 16777216 bytes"``, or None when the source has none.
         source: provenance recorded by the converter (fastckpt) or the source path.
         metadata: string metadata (safetensors ``__metadata__``, user metadata).
-        files: carried non-weight files (config.json, tokenizer files, ...).
+        files: carried non-weight files at the top level (config.json, tokenizer files, ...).
+        tree: carried files in sub-folders, ``/``-separated (``1_Pooling/config.json``).
     """
 
     path: str
@@ -62,6 +63,7 @@ class CheckpointInfo:
     source: Mapping[str, Any]
     metadata: Mapping[str, str]
     files: tuple[str, ...]
+    tree: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         fmt = (
@@ -91,8 +93,8 @@ class CheckpointInfo:
             lines.append("source      " + ", ".join(f"{k}={v}" for k, v in self.source.items()))
         if self.metadata:
             lines.append("metadata    " + ", ".join(f"{k}={v}" for k, v in self.metadata.items()))
-        if self.files:
-            lines.append("files       " + ", ".join(self.files))
+        if self.files or self.tree:
+            lines.append("files       " + ", ".join([*self.files, *self.tree]))
         return "\n".join(lines)
 
 
@@ -133,6 +135,7 @@ def info(path: str | os.PathLike[str]) -> CheckpointInfo:
         source=index.source,
         metadata=index.metadata,
         files=index.files,
+        tree=index.tree,
     )
 
 

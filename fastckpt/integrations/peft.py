@@ -213,7 +213,23 @@ def load_lora(
     import torch
     from peft import PeftModel
 
+    if isinstance(adapter_path, torch.nn.Module) and isinstance(model, (str, os.PathLike)):
+        raise TypeError(
+            "load_lora(model, adapter_path): the model comes first, then the adapter's path "
+            f"(got the path {os.fspath(model)!r} first)"
+        )
+    if not isinstance(adapter_path, (str, os.PathLike)):
+        raise TypeError(
+            f"adapter_path: expected the path of an adapter directory, got {adapter_path!r}"
+        )
     root = os.fspath(adapter_path)
+    if os.path.isfile(root):
+        raise NotADirectoryError(
+            errno.ENOTDIR,
+            "a file, not an adapter directory: give the directory that holds "
+            f"{ADAPTER_CONFIG_FILE} and the weights ({os.path.dirname(os.path.abspath(root))}?)",
+            root,
+        )
     if not os.path.isdir(root):
         raise FileNotFoundError(errno.ENOENT, "adapter directory not found", root)
     if not os.path.isfile(os.path.join(root, ADAPTER_CONFIG_FILE)):

@@ -63,10 +63,12 @@ class LoadStats:
         return out
 
     def __str__(self) -> str:
+        # engine "none": no byte was read (mapped from the page cache, or served by a tier)
+        reads = "no reads" if self.engine == "none" else f"reads on {self.engine}"
         return (
             f"loaded {self.tensors} tensors, {self.nbytes / 1e9:.3f} GB to "
             f"{', '.join(self.devices)} in {self.seconds:.3f} s ({self.gbps:.2f} GB/s) "
-            f"via {self.path_taken} [{self.engine}]"
+            f"via {self.path_taken} ({reads})"
         )
 
 

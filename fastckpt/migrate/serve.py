@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -77,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         host = engine.host(lease_s=args.lease_s).start_reaper()
     server = SocketServer(host.handle, args.host, args.port).start()
-    print(f"listening {server.host} {server.port}", flush=True)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before "listening": a signal then stops cleanly
         signal.signal(sig, lambda *_: stop.set())
+    print(f"listening {server.host} {server.port}", flush=True)
     if args.exit_on_stdin_eof:
 
         def watch_stdin() -> None:
@@ -111,4 +112,12 @@ def _vllm_args(p: argparse.ArgumentParser, items: list[str]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    status = main()
+    # Everything is closed, but daemon threads (a connection serving a prefill, the lease
+    # reaper freeing the last reference to the model) may still be inside torch. Finalizing the
+    # interpreter under them aborts the process (status 134, "terminate called without an active
+    # exception": a daemon thread that asks for the GIL back during finalization exits through
+    # C++ frames), so leave without finalizing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

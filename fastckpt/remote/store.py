@@ -162,7 +162,9 @@ class S3Store:
             from botocore import UNSIGNED
         except ImportError as exc:
             raise RemoteExtraMissing(
-                f"loading from s3:// needs boto3: pip install 'fastckpt[remote]' ({exc})"
+                "loading from s3:// needs boto3, fastckpt's 'remote' extra "
+                "(fastckpt-loader[remote]); in the fastckpt clone: "
+                f'pip install ".[remote]" ({exc})'
             ) from None
         self.bucket = bucket
         self.name = f"s3://{bucket}"
@@ -378,7 +380,8 @@ class HttpStore:
             import urllib3
         except ImportError as exc:  # pragma: no cover - a dependency of boto3
             raise RemoteExtraMissing(
-                f"loading from https:// needs urllib3: pip install 'fastckpt[remote]' ({exc})"
+                f"loading from https:// needs urllib3, fastckpt's 'remote' extra "
+                f'(fastckpt-loader[remote]); in the fastckpt clone: pip install ".[remote]" ({exc})'
             ) from None
         self.name = base
         self._pool = urllib3.PoolManager(

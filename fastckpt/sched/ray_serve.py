@@ -16,7 +16,7 @@ Configure it with ``RequestRouterConfig(request_router_class=StartTimeRouter,
 request_router_kwargs={"models": {name: {"nbytes": ..., "gpus": ...}}, "recompute": {...}})``.
 Each decision (with the estimate's explanation) is appended to ``fastckpt.sched.wire.DECISIONS``
 in the process that routes (the one holding the handle).
-Requires ``ray[serve]`` (the ``fastckpt[ray]`` extra).
+Requires ``ray[serve]`` (the ``ray`` extra: ``pip install ".[ray]"`` from a clone).
 """
 
 from __future__ import annotations

@@ -133,12 +133,17 @@ def run_serve(args: argparse.Namespace) -> int:
 def add_daemon_actions(sub: Any) -> None:
     """Add the daemon's actions to ``fastckpt cache``'s subparsers (``ls`` is shared with the SSD
     tier: ``fastckpt cache --server PATH ls`` lists the daemon's entries)."""
-    pre = sub.add_parser("prefetch", help="load checkpoints into the daemon's DRAM")
-    pre.add_argument("paths", nargs="+", metavar="PATH")
-    ev = sub.add_parser("evict", help="drop checkpoints from the daemon (not those in use)")
-    ev.add_argument("paths", nargs="*", metavar="PATH")
+
+    def action(name: str, text: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = sub.add_parser(name, help=text, description=text)
+        return parser
+
+    pre = action("prefetch", "daemon: load checkpoints into the daemon's DRAM")
+    pre.add_argument("paths", nargs="+", metavar="PATH", help="checkpoints under its roots")
+    ev = action("evict", "daemon: drop checkpoints from its DRAM (not those in use)")
+    ev.add_argument("paths", nargs="*", metavar="PATH", help="checkpoints to drop")
     ev.add_argument("--all", action="store_true", help="evict everything not in use")
-    st = sub.add_parser("stats", help="daemon: hits, misses, bytes, evictions, budget")
+    st = action("stats", "daemon: hits, misses, bytes, evictions, budget")
     for p in (pre, ev, st):
         p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
 
@@ -215,6 +220,12 @@ def run_cache(args: argparse.Namespace) -> int:
         return 1
     except _Usage as exc:
         print(f"fastckpt: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # no daemon there, or it went away mid-answer
+        where = args.server or get_config().server
+        print(
+            f"fastckpt: error: the cache daemon at {where}: {exc.strerror or exc}", file=sys.stderr
+        )
         return 1
     print(json.dumps(out, indent=2) if args.json else text)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ def test_smoke_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         names.append("torch-mmap")
     rc, data, out = _run(
         tmp_path,
-        "--scenarios",
+        "--states",
         "cold,tmpfs",
         "--loaders",
         ",".join(names),
@@ -79,6 +80,7 @@ def test_smoke_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_generated_checkpoint_removed_without_keep(tmp_path: Path) -> None:
+    # --scenarios: the former name of --states, still accepted
     rc, data, _ = _run(
         tmp_path, "--scenarios", "warm", "--loaders", "safetensors", "--skip-ceilings"
     )
@@ -96,7 +98,8 @@ def test_generated_checkpoint_removed_without_keep(tmp_path: Path) -> None:
         (["--size", "100KB"], "at least 1MB"),
         (["--size", "lots"], "invalid size"),
         (["--loaders", "safetensors,magic"], "unknown loader 'magic'"),
-        (["--scenarios", "lukewarm"], "unknown scenario 'lukewarm'"),
+        (["--states", "lukewarm"], "unknown cache state 'lukewarm'"),
+        (["--states", "cold,engine"], "engine is a scenario (what to measure), not a cache state"),
         (["--checkpoint", "/nonexistent/ckpt"], "no such file or folder"),
         (["--shard-size", "1KB"], "at least 4KiB"),
         (["--time-budget-s", "-1"], "must be >= 0"),
@@ -141,7 +144,7 @@ def test_run_worker_failures(tmp_path: Path) -> None:
 def test_smoke_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     names = [*_fastckpt_loaders(), "safetensors"]
     rc, data, _ = _run(
-        tmp_path, "--device", "cuda:0", "--scenarios", "warm", "--loaders", ",".join(names)
+        tmp_path, "--device", "cuda:0", "--states", "warm", "--loaders", ",".join(names)
     )
     assert rc == 0, capsys.readouterr().err[-3000:]
     for m in data["measurements"]:
@@ -150,3 +153,42 @@ def test_smoke_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     kinds = {c["name"] for c in data["ceilings"]}
     assert {"pagecache_to_host", "pinned_to_gpu"} <= kinds
     assert data["machine"]["gpu"]
+
+
+def test_help_describes_each_scenario_and_groups_options_by_scenario(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import argparse
+
+    from fastckpt.bench import harness
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    texts = [harness.help_of(n) for n in harness.SCENARIOS]
+    assert len(set(texts)) == len(texts), "two scenarios share a description"
+    help_text = parser.format_help()
+    assert "--states" in help_text and "--scenarios" not in help_text  # the old name is hidden
+    groups = {g.title: [a.dest for a in g._group_actions] for g in parser._action_groups if g.title}
+    # an option sits in the group of the scenarios that use it
+    owner = next(title for title, dests in groups.items() if "lora_size" in dests)
+    assert "lora" in owner.split(" ", 1)[1].split(", ")
+    # no help gives its default twice
+    assert not re.search(r"\(([^()]+)\) \(default: \1\)", " ".join(help_text.split()))
+
+
+@pytest.mark.parametrize(
+    ("argv", "hint"),
+    [
+        (["--scenario", "cold"], "give it with --states cold"),
+        (["--scenario", "lorra"], "did you mean lora?"),
+        (["--scenario", "nothing"], "known: load, engine"),
+    ],
+)
+def test_scenario_mistakes_get_a_hint(
+    argv: list[str], hint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fastckpt.cli import main
+
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "argument --scenario" in err and hint in err

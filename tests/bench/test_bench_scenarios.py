@@ -12,9 +12,9 @@ from fastckpt.bench.generate import CheckpointSet
 
 def test_parse_scenarios() -> None:
     assert scenarios.parse_scenarios("tmpfs, cold,cold") == ["tmpfs", "cold"]
-    with pytest.raises(ValueError, match="unknown scenario 'hot'"):
+    with pytest.raises(ValueError, match="unknown cache state 'hot'"):
         scenarios.parse_scenarios("cold,hot")
-    with pytest.raises(ValueError, match="no scenario"):
+    with pytest.raises(ValueError, match="no cache state"):
         scenarios.parse_scenarios(",")
 
 

@@ -33,10 +33,12 @@ _REPUBLISH = textwrap.dedent(
         if k % 2:
             sd = dict(reversed(list(sd.items())))
         return sd
+    # republish until the reader closes our stdin (or for at most `duration` seconds)
+    import select
     k = 0
     print("ready", flush=True)
     stop = time.time() + duration
-    while time.time() < stop:
+    while time.time() < stop and not select.select([sys.stdin], [], [], 0)[0]:
         k += 1
         fastckpt.save(gen(k), path, overwrite=True, partition_bytes=4096 * (1 + k % 3))
     print(k)
@@ -48,15 +50,17 @@ def test_load_racing_republish_is_never_mixed(tmp_path: Path) -> None:
     path = tmp_path / "ck"
     fastckpt.save({"t0": torch.zeros(1)}, path)
     writer = subprocess.Popen(
-        [sys.executable, "-c", _REPUBLISH, str(path), "8"],
+        [sys.executable, "-c", _REPUBLISH, str(path), "60"],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert writer.stdout is not None
+    assert writer.stdin is not None and writer.stdout is not None
     assert writer.stdout.readline().strip() == "ready"
     loads = mixed = errors = 0
+    seen: set[int] = set()  # generations loaded: the loads raced that many republishes
     try:
-        while writer.poll() is None:
+        while writer.poll() is None and (loads < 300 or len(seen) < 20):
             try:
                 sd = fastckpt.load(path, verify=False)
             except (fastckpt.FormatError, FileNotFoundError):
@@ -69,14 +73,17 @@ def test_load_racing_republish_is_never_mixed(tmp_path: Path) -> None:
                 mixed += 1
                 continue
             k = int(values.pop())
+            seen.add(k)
             if k and sizes != {f"t{i}": 300 + 700 * (k % 2) + 37 * i for i in range(6)}:
                 mixed += 1
     finally:
-        out, _ = writer.communicate(timeout=60)
+        writer.stdin.close()  # the writer stops at its next republish
+        out = writer.stdout.read()
+        writer.wait(timeout=60)
     assert writer.returncode == 0
     republished = int(out.strip())
-    assert republished > 10, "the writer must actually race the loads"
-    assert loads >= 100
+    assert republished > 10 and len(seen) >= 20, "the writer must actually race the loads"
+    assert loads >= 300
     assert mixed == 0, f"{mixed} of {loads} loads mixed two generations ({errors} errors)"
 
 

@@ -262,6 +262,21 @@ def test_errors(
     assert len(load_spy) == 1
 
 
+def test_a_file_or_swapped_arguments_say_what_to_do(
+    tiny_factory: Callable[[str], Tiny], adapters: dict[str, Adapter]
+) -> None:
+    tiny = tiny_factory("llama")
+    base = _base(tiny)
+    weights = os.path.join(adapters["attn"].src, "adapter_model.safetensors")
+    with pytest.raises(NotADirectoryError, match="a file, not an adapter directory") as exc:
+        fastckpt.load_lora(base, weights)
+    assert exc.value.filename == weights and adapters["attn"].src in str(exc.value)
+    with pytest.raises(TypeError, match="the model comes first"):
+        fastckpt.load_lora(adapters["attn"].fck, base)
+    with pytest.raises(TypeError, match="expected the path of an adapter directory"):
+        fastckpt.load_lora(base, 3)
+
+
 def test_public_name() -> None:
     from fastckpt.integrations.peft import load_lora
 

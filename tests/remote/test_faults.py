@@ -224,7 +224,9 @@ def test_without_boto3_the_error_names_the_extra(
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "boto3", None)  # import boto3 -> ImportError
     try:
-        with pytest.raises(RemoteExtraMissing, match=re.escape("fastckpt[remote]")):
+        with pytest.raises(
+            RemoteExtraMissing, match=re.escape("'remote' extra (fastckpt-loader[remote])")
+        ):
             loader.load("s3://models/any.safetensors", "cpu")
     finally:
         forget_stores()

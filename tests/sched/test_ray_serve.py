@@ -10,7 +10,9 @@ import pytest
 from fastckpt.sched import Estimator, ModelSpec, RecomputeModel
 from fastckpt.sched.wire import server_from_dict
 
-pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install 'fastckpt[ray]')")
+pytest.importorskip(
+    "ray.serve", reason="ray[serve] is not installed (pip install '.[ray]' from the clone)"
+)
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ray_serve" / "app.py"
 
@@ -23,6 +25,9 @@ def _example():
     return mod
 
 
+# A local Ray cluster (GCS, raylet, workers, Serve's controller and replicas) is a minute of both
+# cores: the main suite leaves it to CI's slow step (`python3 -m pytest -q -m slow`).
+@pytest.mark.slow
 def test_model_start_lands_on_the_replica_the_estimator_picks() -> None:
     import ray
     from ray import serve

@@ -44,7 +44,6 @@ _PATCH_LOCK = threading.Lock()
 
 
 _original: Any = None  # the classmethod object replaced by enable()
-_original_auto: dict[type, Any] = {}  # each Auto class's own from_pretrained replaced by enable()
 
 
 # The weight files of a stock model folder that fastckpt serves (single file or sharded).
@@ -114,6 +113,32 @@ def _local_dir(name_or_path: Any, subfolder: Any) -> str | None:
     return root if os.path.isdir(root) else None
 
 
+def _log_not_a_folder(name_or_path: Any, subfolder: Any, *, hub_note: bool = True) -> None:
+    """Say why a name that is not a local model folder goes to transformers. A file, or a path
+    that cannot be a Hub repo id (absolute, ``./``, ``../``, ``~``) and does not exist, gets a
+    warning: transformers takes it for a Hub repo id and only says that it is not a valid one."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        if hub_note:
+            logger.debug("from_pretrained(%r): left to transformers: not a path", name_or_path)
+        return
+    given = os.fspath(name_or_path)
+    path = os.path.join(given, subfolder) if isinstance(subfolder, str) and subfolder else given
+    if os.path.isfile(path):
+        logger.warning(
+            "from_pretrained(%r): left to transformers: a file, not a model folder (give the "
+            "folder that holds config.json and the weights)",
+            path,
+        )
+    elif os.path.exists(given) or given.startswith(("/", "./", "../", "~")):
+        logger.warning("from_pretrained(%r): left to transformers: no such local folder", path)
+    elif hub_note:
+        logger.debug(
+            "from_pretrained(%r): left to transformers: no local folder of that name (a Hub "
+            "repo id)",
+            path,
+        )
+
+
 def _stock_decline(
     root: str, model_args: tuple[Any, ...], kwargs: Mapping[str, Any]
 ) -> tuple[Index | None, str | None]:
@@ -121,10 +146,13 @@ def _stock_decline(
     fastckpt serves it exactly as transformers would, else (None, why it is passed on)."""
     import fastckpt
 
-    if not os.path.isfile(os.path.join(root, CONFIG_FILE)):
-        return None, f"no {CONFIG_FILE}"
     if os.path.isfile(os.path.join(root, ADAPTER_CONFIG_FILE)):
-        return None, "a peft adapter folder"
+        return None, (
+            f"a peft adapter folder ({ADAPTER_CONFIG_FILE}; transformers loads the base model "
+            "it names, or load the base, then fastckpt.load_lora(model, folder))"
+        )
+    if not os.path.isfile(os.path.join(root, CONFIG_FILE)):
+        return None, f"no {CONFIG_FILE} (not a transformers model folder)"
     if not any(os.path.isfile(os.path.join(root, f)) for f in _STOCK_WEIGHTS):
         return None, "no model.safetensors or model.safetensors.index.json (another weight format)"
     if model_args:
@@ -135,8 +163,9 @@ def _stock_decline(
             return None, f"{name}= is not supported by fastckpt"
     if kwargs.get("use_safetensors", True) is False:
         return None, "use_safetensors=False"
-    if "_adapter_model_path" in (kwargs.get("adapter_kwargs") or {}):
-        return None, "a peft adapter to load on top"
+    adapter = (kwargs.get("adapter_kwargs") or {}).get("_adapter_model_path")
+    if adapter is not None:
+        return None, f"the base model of the peft adapter {adapter!r} (transformers loads both)"
     if isinstance(kwargs.get("dtype"), Mapping) or isinstance(kwargs.get("torch_dtype"), Mapping):
         return None, "a dtype per sub-model"
     config = kwargs.get("config")
@@ -268,6 +297,7 @@ def enable() -> None:
                 return _from_pretrained(cls, f"{url.rstrip('/')}/{sub}" if sub else url, args, kw)
             root = _local_dir(pretrained_model_name_or_path, kw.get("subfolder"))
             if root is None:
+                _log_not_a_folder(pretrained_model_name_or_path, kw.get("subfolder"))
                 return original_func(cls, pretrained_model_name_or_path, *args, **kw)
             if is_fastckpt_checkpoint(root):
                 return _from_pretrained(cls, root, args, kw)
@@ -281,50 +311,93 @@ def enable() -> None:
         from_pretrained.__fastckpt_patch__ = True  # type: ignore[attr-defined]
         PreTrainedModel.from_pretrained = classmethod(from_pretrained)  # type: ignore[assignment,method-assign]
         _original = original
-        _patch_auto()
+        _note_auto_classes()
 
 
-def _patch_auto() -> None:
-    """Auto classes: a URL's model class comes from its config.json (read as the download
-    starts); the concrete class's patched ``from_pretrained`` then loads it, joining the same
-    download. Local paths and hub names go to the Auto class as before."""
-    from transformers.models.auto import auto_factory, modeling_auto
+# The Auto classes' from_pretrained (AutoModelForCausalLM...) reads the config before it reaches
+# a model class's: a file, a missing path or an adapter folder given to it never gets to the
+# patch above. enable() wraps theirs too (each Auto class has its own copy): to say why such a
+# call is left to transformers, and to send an s3:// or https:// URL to the model class its
+# config.json names.
+_original_auto: dict[type, Any] = {}
 
-    def patched(original_func: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(original_func)
-        def auto_from_pretrained(
-            cls: Any, pretrained_model_name_or_path: Any, *args: Any, **kw: Any
-        ) -> Any:
-            if not is_url(pretrained_model_name_or_path):
-                return original_func(cls, pretrained_model_name_or_path, *args, **kw)
-            from transformers import AutoConfig
 
-            from fastckpt.loader.remotefiles import model_folder
+def _auto_classes() -> list[type]:
+    try:
+        import transformers.models.auto.modeling_auto  # noqa: F401  (defines the Auto classes)
+        from transformers.models.auto.auto_factory import _BaseAutoModelClass
+    except ImportError:  # pragma: no cover - a transformers without the Auto factory
+        return []
+    found: list[type] = []
+    todo: list[type] = [_BaseAutoModelClass]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return [c for c in found if isinstance(c.__dict__.get("from_pretrained"), classmethod)]
 
-            url = os.fspath(pretrained_model_name_or_path)
-            sub = kw.pop("subfolder", None)
-            url = f"{url.rstrip('/')}/{sub}" if sub else url
-            with model_folder(url) as (folder, _):
-                config = kw.get("config") or AutoConfig.from_pretrained(folder)
-                if type(config) not in cls._model_mapping:
-                    raise ValueError(
-                        f"{cls.__name__}.from_pretrained({url!r}): no {cls.__name__} class for "
-                        f"config {type(config).__name__} (custom code is not loaded from URLs)"
-                    )
-                model_cls = auto_factory._get_model_class(config, cls._model_mapping)
-                return model_cls.from_pretrained(url, *args, **kw)
 
-        auto_from_pretrained.__fastckpt_patch__ = True  # type: ignore[attr-defined]
-        return auto_from_pretrained
+def _note_in_auto(original_func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original_func)
+    def from_pretrained(cls: Any, pretrained_model_name_or_path: Any, *args: Any, **kw: Any) -> Any:
+        if is_url(pretrained_model_name_or_path):
+            return _auto_from_url(cls, pretrained_model_name_or_path, args, kw)
+        subfolder = kw.get("subfolder")
+        root = _local_dir(pretrained_model_name_or_path, subfolder)
+        if root is None:
+            _log_not_a_folder(pretrained_model_name_or_path, subfolder, hub_note=False)
+        elif os.path.isfile(os.path.join(root, ADAPTER_CONFIG_FILE)) and not os.path.isfile(
+            os.path.join(root, CONFIG_FILE)
+        ):
+            logger.debug(
+                "from_pretrained(%r): left to transformers: a peft adapter folder; it loads the "
+                "base model the adapter names, then the adapter (or load the base, then "
+                "fastckpt.load_lora(model, folder))",
+                root,
+            )
+        return original_func(cls, pretrained_model_name_or_path, *args, **kw)
 
-    # each Auto class holds a copy of the base's from_pretrained (transformers' auto_class_update)
-    for value in vars(modeling_auto).values():
-        if not (isinstance(value, type) and issubclass(value, auto_factory._BaseAutoModelClass)):
-            continue
-        own = value.__dict__.get("from_pretrained")
-        if isinstance(own, classmethod) and value not in _original_auto:
-            _original_auto[value] = own
-            setattr(value, "from_pretrained", classmethod(patched(own.__func__)))  # noqa: B010
+    from_pretrained.__fastckpt_patch__ = True  # type: ignore[attr-defined]
+    return from_pretrained
+
+
+def _auto_from_url(cls: Any, url_or_path: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+    """An Auto class given an ``s3://`` or ``https://`` URL: the model class comes from the URL's
+    config.json (read as the download starts); that class's patched ``from_pretrained`` then
+    loads it, joining the same download."""
+    from transformers import AutoConfig
+    from transformers.models.auto import auto_factory
+
+    from fastckpt.loader.remotefiles import model_folder
+
+    kw = dict(kw)
+    url = os.fspath(url_or_path)
+    sub = kw.pop("subfolder", None)
+    url = f"{url.rstrip('/')}/{sub}" if sub else url
+    with model_folder(url) as (folder, _):
+        config = kw.get("config") or AutoConfig.from_pretrained(folder)
+        if type(config) not in cls._model_mapping:
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained({url!r}): no {cls.__name__} class for config "
+                f"{type(config).__name__} (custom code is not loaded from URLs)"
+            )
+        model_cls = auto_factory._get_model_class(config, cls._model_mapping)
+        return model_cls.from_pretrained(url, *args, **kw)
+
+
+def _note_auto_classes() -> None:
+    for cls in _auto_classes():
+        original = cls.__dict__["from_pretrained"]
+        cls.from_pretrained = classmethod(_note_in_auto(original.__func__))  # type: ignore[attr-defined]
+        _original_auto[cls] = original
+
+
+def _restore_auto_classes() -> None:
+    for cls, original in _original_auto.items():
+        func = getattr(cls.__dict__.get("from_pretrained"), "__func__", None)
+        if getattr(func, "__fastckpt_patch__", False):  # else someone patched over it: theirs
+            cls.from_pretrained = original  # type: ignore[attr-defined]
+    _original_auto.clear()
 
 
 def disable() -> None:
@@ -344,9 +417,7 @@ def disable() -> None:
             )
         PreTrainedModel.from_pretrained = _original  # type: ignore[method-assign]
         _original = None
-        for auto_cls, own in _original_auto.items():
-            setattr(auto_cls, "from_pretrained", own)  # noqa: B010
-        _original_auto.clear()
+        _restore_auto_classes()
 
 
 def is_enabled() -> bool:
