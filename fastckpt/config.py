@@ -56,11 +56,10 @@ class Config:
             tensors are copy-on-write views of the page cache). The fastest warm path; like any
             mapping (safetensors' too), truncating the file while the tensors live makes access
             fault (SIGBUS). Set false to always copy into private memory.
-        cpu_huge_pages: advise transparent huge pages for the private memory a CPU load reads
-            into. Off by default: where the kernel compacts memory on such a fault
-            (``defrag=madvise``, the common default), a fresh process's cold load waited on
-            compaction (measured on a 2-core VM: 0.5 GB read O_DIRECT into fresh memory, median
-            1.1 s advised against 0.57 s not); on a machine with free huge pages it can be faster.
+        cpu_huge_pages: whether the private memory a CPU load reads into is advised for
+            transparent huge pages: ``auto`` (while free huge pages cover it: faster where they
+            are at hand, and never a wait on the kernel compacting memory; see
+            ``fastckpt.loader.hugepages``), ``always`` or ``never``.
         progress: show progress bars (``auto`` = only when stderr is a terminal).
         read_mode: how bytes that are not in the page cache are read: ``auto`` (what the
             machine profile measured as fastest on that filesystem), ``direct`` (O_DIRECT),
@@ -132,7 +131,7 @@ class Config:
     write_buffer_bytes: int = 64 * _MiB
     mmap_min_resident: float = 0.95
     cpu_map_cached: bool = True
-    cpu_huge_pages: bool = False
+    cpu_huge_pages: str = "auto"
     progress: str = "auto"
     read_mode: str = "auto"
     profile_dir: str = ""
@@ -169,6 +168,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "progress": ("auto", "always", "never"),
     "pin_method": ("auto", "register", "memfd", "alloc"),
     "read_mode": ("auto", "direct", "buffered", "mixed", "map"),
+    "cpu_huge_pages": ("auto", "always", "never"),
 }
 
 _PATHS = ("profile_dir", "ssd_tier_dir", "server", "migrate_secret_file")

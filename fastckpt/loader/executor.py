@@ -33,6 +33,7 @@ from fastckpt.errors import CorruptDataError, TruncatedError
 from fastckpt.format import dtypes
 from fastckpt.format.index import Index
 from fastckpt.loader.checks import ChunkVerifier
+from fastckpt.loader.hugepages import HugePages
 from fastckpt.loader.plan import BufferPlan, LoadPlan, ReadOp, ViewPlan
 from fastckpt.loader.policy import Decision, LoadDecision, Source
 from fastckpt.loader.sources import EngineFiles, Sources
@@ -90,6 +91,7 @@ class Executor:
         self.decisions = {d.buffer: d for d in decisions}
         self.sources = sources
         self.cfg = cfg
+        self.huge_pages = HugePages(cfg.cpu_huge_pages)
         self._engine: io_engine.Engine | None = None
         self.files = EngineFiles(index, sources)
         self.timings = Timings()
@@ -184,7 +186,7 @@ class Executor:
         dest = self.sources.cpu_dest.get(b.index)
         if dest is not None:
             return torch.frombuffer(dest, dtype=torch.uint8)[: b.nbytes], dest
-        mem = io_engine.AlignedBuffer(b.nbytes, huge_pages=self.cfg.cpu_huge_pages)
+        mem = io_engine.AlignedBuffer(b.nbytes, huge_pages=self.huge_pages.advise(b.nbytes))
         return torch.frombuffer(mem, dtype=torch.uint8), mem
 
     def _load_cpu(self, bufs: Sequence[BufferPlan]) -> None:
