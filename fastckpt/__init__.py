@@ -35,7 +35,7 @@ from fastckpt.errors import (
 # public name -> (module, attribute)
 _LAZY: dict[str, tuple[str, str]] = {
     "save": ("fastckpt.format.writer", "save"),
-    "convert": ("fastckpt.format.convert", "convert"),
+    "convert": ("fastckpt.loader.remotefiles", "convert"),
     "read_index": ("fastckpt.format.reader", "read_index"),
     "info": ("fastckpt.format.info", "info"),
     "verify": ("fastckpt.format.verify", "verify"),
@@ -51,7 +51,6 @@ _LAZY: dict[str, tuple[str, str]] = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fastckpt.format.convert import convert
     from fastckpt.format.info import info
     from fastckpt.format.reader import read_index
     from fastckpt.format.verify import verify
@@ -61,6 +60,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fastckpt.io_engine import engine_info
     from fastckpt.loader.api import load
     from fastckpt.loader.lazy import open as open
+    from fastckpt.loader.remotefiles import convert
     from fastckpt.loader.session import Loader
     from fastckpt.loader.stats import LoadStats, last_stats
     from fastckpt.loader.stream import iter_tensors

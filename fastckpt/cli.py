@@ -121,7 +121,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 
 def _add_convert_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="source checkpoint: file or directory")
+    p.add_argument("src", help="source checkpoint: file or directory, or an s3:// or https:// URL")
     p.add_argument("dst", help="fastckpt checkpoint directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     p.add_argument(
@@ -153,7 +153,7 @@ def _add_convert_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from fastckpt.format.convert import convert
+    from fastckpt.loader.remotefiles import convert  # local paths and s3://, https:// URLs
 
     device_map = parse_device_map(args.device_map) if args.device_map is not None else None
     metadata = parse_metadata(args.metadata)

@@ -56,11 +56,10 @@ class Config:
             tensors are copy-on-write views of the page cache). The fastest warm path; like any
             mapping (safetensors' too), truncating the file while the tensors live makes access
             fault (SIGBUS). Set false to always copy into private memory.
-        cpu_huge_pages: advise transparent huge pages for the private memory a CPU load reads
-            into. Off by default: where the kernel compacts memory on such a fault
-            (``defrag=madvise``, the common default), a fresh process's cold load waited on
-            compaction (measured on a 2-core VM: 0.5 GB read O_DIRECT into fresh memory, median
-            1.1 s advised against 0.57 s not); on a machine with free huge pages it can be faster.
+        cpu_huge_pages: whether the private memory a CPU load reads into is advised for
+            transparent huge pages: ``auto`` (while free huge pages cover it: faster where they
+            are at hand, and never a wait on the kernel compacting memory; see
+            ``fastckpt.loader.hugepages``), ``always`` or ``never``.
         progress: show progress bars (``auto`` = only when stderr is a terminal).
         read_mode: how bytes that are not in the page cache are read: ``auto`` (what the
             machine profile measured as fastest on that filesystem), ``direct`` (O_DIRECT),
@@ -96,6 +95,26 @@ class Config:
         migrate_secret_file: file holding the shared secret of the migration transport (at
             least 16 bytes, readable by its owner only). When set, migration servers require
             every frame to carry an HMAC made with it and clients add one (docs/migrate.md).
+        remote_concurrency: ranged GETs in flight at once for one download from ``s3://`` or
+            ``https://`` (docs/remote.md). More keeps a fast network busy; each costs a
+            connection and a range's worth of socket buffers.
+        remote_range_bytes: bytes asked for by one ranged GET (rounded up to whole checksum
+            chunks for fastckpt checkpoints, so each range is verified as it arrives). Larger
+            ranges cost fewer requests; smaller ones deliver the first tensor sooner and lose
+            less to a dropped connection.
+        remote_retries: attempts after the first for one range (throttling, a dropped
+            connection, a short or corrupted response), with exponential backoff and jitter.
+        remote_timeout_s: longest wait for a connection or for the next bytes of a response;
+            a store that stalls longer is retried, and after the retries the load fails.
+        remote_fresh_s: how long an SSD-tier copy of a remote checkpoint is used without asking
+            the store whether the objects changed (0: ask once per open, one LIST or HEAD; an
+            unreachable store then serves the copy with a warning).
+        remote_flight_wait_s: longest a process waits for another process on the same SSD tier
+            directory that is downloading the same checkpoint before it downloads it itself.
+        remote_endpoint: S3 endpoint URL (MinIO, Ceph...); overrides ``AWS_ENDPOINT_URL``.
+        remote_region: S3 region; overrides ``AWS_REGION`` and the shared config file.
+        remote_profile: named profile of the shared AWS config and credentials files.
+        remote_anonymous: send unsigned requests (public buckets); no credentials are looked up.
     """
 
     io_engine: str = "auto"
@@ -112,7 +131,7 @@ class Config:
     write_buffer_bytes: int = 64 * _MiB
     mmap_min_resident: float = 0.95
     cpu_map_cached: bool = True
-    cpu_huge_pages: bool = False
+    cpu_huge_pages: str = "auto"
     progress: str = "auto"
     read_mode: str = "auto"
     profile_dir: str = ""
@@ -127,6 +146,16 @@ class Config:
     server_fill_wait_s: float = 300.0
     server_uid: int = 0
     migrate_secret_file: str = ""
+    remote_concurrency: int = 8
+    remote_range_bytes: int = 16 * _MiB
+    remote_retries: int = 5
+    remote_timeout_s: float = 30.0
+    remote_fresh_s: float = 0.0
+    remote_flight_wait_s: float = 600.0
+    remote_endpoint: str = ""
+    remote_region: str = ""
+    remote_profile: str = ""
+    remote_anonymous: bool = False
 
     def resolved_io_threads(self) -> int:
         if self.io_threads > 0:
@@ -139,6 +168,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "progress": ("auto", "always", "never"),
     "pin_method": ("auto", "register", "memfd", "alloc"),
     "read_mode": ("auto", "direct", "buffered", "mixed", "map"),
+    "cpu_huge_pages": ("auto", "always", "never"),
 }
 
 _PATHS = ("profile_dir", "ssd_tier_dir", "server", "migrate_secret_file")
@@ -193,6 +223,11 @@ def get_config(**overrides: Any) -> Config:
         )
     if cfg.ring_slot_bytes < 4096 or cfg.ring_slot_bytes % 4096:
         raise ValueError(f"ring_slot_bytes={cfg.ring_slot_bytes}: must be a multiple of 4096")
+    if cfg.remote_concurrency < 1 or cfg.remote_range_bytes < 4096:
+        raise ValueError(
+            f"remote_concurrency={cfg.remote_concurrency}, remote_range_bytes="
+            f"{cfg.remote_range_bytes}: need at least 1 and 4096"
+        )
     if cfg.pool_piece_bytes < 4096 or cfg.pool_piece_bytes % 4096:
         raise ValueError(f"pool_piece_bytes={cfg.pool_piece_bytes}: must be a multiple of 4096")
     return cfg
@@ -211,6 +246,13 @@ def profile_dir(cfg: Config) -> str:
 
 def ssd_tier_dir(cfg: Config) -> str:
     return cfg.ssd_tier_dir or os.path.join(cache_dir(cfg), "ssd")
+
+
+def aws_environment() -> tuple[tuple[str, str], ...]:
+    """The ``AWS_*`` variables now (sorted): what an S3 client made now would be configured by
+    besides fastckpt's own ``remote_*`` settings. Read here so that clients made under other
+    variables are not reused; the values themselves are read by boto3."""
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
 
 
 # --- fastckpt.sched: where the scheduler's machine profile lives ------------------------------

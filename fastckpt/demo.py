@@ -77,6 +77,8 @@ SOURCE_WORDS = {
     "daemon": "the cache daemon's memory (fastckpt serve)",
     "dram-tier": "the DRAM tier",
     "gpu-tier": "the GPU tier",
+    "stream": "ranged GETs from an object store, read as they arrive",
+    "stream-map": "ranged GETs from an object store, mapped once they arrived",
     "empty": "nothing (empty tensors)",
 }
 

@@ -180,6 +180,34 @@ class DeviceError(FastckptError, ValueError):
     """The requested device or device map cannot be used (unknown, unavailable, unsupported)."""
 
 
+class RemoteError(FastckptError, OSError):
+    """An object store or HTTP server could not deliver a checkpoint's bytes (after the retries
+    the settings allow). ``url`` names the object; ``errno`` says what kind of failure it was
+    (``ETIMEDOUT``, ``ECONNRESET``, ``EIO``...)."""
+
+    def __init__(self, err: int, message: str, url: str) -> None:
+        super().__init__(err, message, url)
+        self.url = url
+
+    def __reduce__(self):
+        return (type(self), (self.errno, self.strerror, self.url))
+
+
+class RemoteAuthError(RemoteError, PermissionError):
+    """The store refused the request's credentials (missing, expired, wrong, or not allowed on
+    the bucket); the message names the bucket and where credentials are read from."""
+
+
+class ObjectChangedError(RemoteError):
+    """An object was replaced while it was being read (its ETag, version or size changed): no
+    bytes of two generations are ever mixed; loads start again once from the new generation."""
+
+
+class RemoteExtraMissing(FastckptError, ImportError):
+    """Loading from ``s3://`` or ``https://`` needs the optional dependencies of
+    the ``remote`` extra (``fastckpt-loader[remote]``)."""
+
+
 __all__ = [
     "BadMagicError",
     "CacheWarning",
@@ -194,8 +222,12 @@ __all__ = [
     "InvalidNameError",
     "LimitError",
     "MissingPartitionError",
+    "ObjectChangedError",
     "OutOfBoundsError",
     "OverlapError",
+    "RemoteAuthError",
+    "RemoteError",
+    "RemoteExtraMissing",
     "SourceError",
     "SymlinkLoopError",
     "TruncatedError",

@@ -190,7 +190,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("fastckpt.errors", "fastckpt.config", "fastckpt._version", "fastckpt.rules"),
     ("fastckpt._core", "fastckpt._core_missing", "fastckpt.io_engine"),
     ("fastckpt.format",),
-    ("fastckpt.tiers",),
+    ("fastckpt.tiers", "fastckpt.remote"),
     (
         "fastckpt.serve.protocol",
         "fastckpt.serve.names",

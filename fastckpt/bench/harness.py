@@ -14,6 +14,9 @@ or one of the scenarios registered here, chosen with ``--scenario``:
   by an untimed load in the same process) beside loads without a tier, cold and warm;
 - ``daemon``: a fresh process loading from a ``fastckpt serve`` daemon beside cold and warm loads;
 - ``iterator``: ``fastckpt.iter_tensors`` beside ``fastckpt.load`` (time and peak RSS);
+- ``remote``: a checkpoint on a local S3 server (moto): fastckpt streamed, written through to
+  the SSD tier and started again from it, beside Run:ai's streamer, download-then-load_file,
+  and boto3 against obstore (``fastckpt.bench.scenario_remote``);
 - ``gpu-check``: what ``benchmarks/gpu_check.sh`` measures on a lent GPU box, most important
   first, each result written as it comes (``--fake-device``: the same on CPU, a dry run);
 - ``vllm``: weight loading inside vLLM (``fastckpt.integrations.vllm.bench``, run by the
@@ -91,6 +94,7 @@ SCENARIOS: dict[str, str] = {
     "vllm": "fastckpt.bench.scenario_vllm",
     "serverless": "fastckpt.bench.scenario_serverless",
     "gpu-check": "fastckpt.bench.scenario_gpu_check",
+    "remote": "fastckpt.bench.scenario_remote",
 }
 """Scenario name -> module (see the module docstring for what a module provides)."""
 

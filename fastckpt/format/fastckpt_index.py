@@ -27,13 +27,11 @@ from fastckpt.errors import (
     UnsupportedVersionError,
 )
 from fastckpt.format import dtypes, spec
-from fastckpt.format.fsdir import CheckpointDir, OpenedFiles
+from fastckpt.format.fsdir import Dir, OpenedFiles
 from fastckpt.format.index import Index, PartitionEntry, TensorEntry
 
 
-def read_fastckpt(
-    d: CheckpointDir, opened: OpenedFiles, index_name: str = spec.INDEX_FILE
-) -> Index:
+def read_fastckpt(d: Dir, opened: OpenedFiles, index_name: str = spec.INDEX_FILE) -> Index:
     index_path = d.join(index_name)
     try:
         f = opened.keep(d.open(index_name, error=CorruptIndexError, what="index file"))
@@ -167,7 +165,7 @@ class _IndexBuilder:
     """Validates a decoded index body step by step; ``build()`` returns the ``Index``."""
 
     def __init__(
-        self, d: CheckpointDir, index_path: str, header: spec.Header, doc: Any, opened: OpenedFiles
+        self, d: Dir, index_path: str, header: spec.Header, doc: Any, opened: OpenedFiles
     ) -> None:
         self.dir = d
         self.opened = opened

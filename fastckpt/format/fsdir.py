@@ -31,7 +31,7 @@ import fcntl
 import os
 import platform
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from fastckpt.errors import FormatError, SymlinkLoopError, UnsafePathError
@@ -380,6 +380,103 @@ class CheckpointDir:
             return False
         return stat.S_ISDIR(st.st_mode)
 
+    def exists(self, name: str) -> bool:
+        """True when the directory holds an entry ``name`` of any kind."""
+        try:
+            os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return True
+
+
+class FileSet:
+    """A checkpoint's files that are already open, by name: an object store's download landing in
+    anonymous memory or in a staging directory. It answers what the format's readers ask of a
+    ``CheckpointDir`` (``open``, ``listdir``, ``is_file``...), so a remote checkpoint is
+    validated by the very code that validates a local one.
+
+    ``path`` (the checkpoint's URL) names the files in messages and becomes the ``Index``'s
+    root. ``files`` maps ``/``-separated relative names to open regular files; with ``resolve``,
+    a name not among them is asked for (``resolve(name)`` returns its open file, or None when
+    there is no such file), limited to ``listing`` when that is given (the names a listing of
+    the store found). Files stay owned by the caller (``open`` hands out duplicates).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        files: dict[str, OpenFile] | None = None,
+        *,
+        listing: Iterable[str] | None = None,
+        resolve: Callable[[str], OpenFile | None] | None = None,
+    ) -> None:
+        self.path = path
+        self.files: dict[str, OpenFile] = dict(files or {})
+        self._listing = None if listing is None else frozenset(listing)
+        self._resolve = resolve
+        self._missing: set[str] = set()
+
+    def close(self) -> None:
+        pass  # the files belong to the caller
+
+    def __enter__(self) -> FileSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _get(self, name: str) -> OpenFile | None:
+        f = self.files.get(name)
+        if f is not None or self._resolve is None or name in self._missing:
+            return f
+        if self._listing is not None and name not in self._listing:
+            return None
+        f = self._resolve(name)
+        if f is None:
+            self._missing.add(name)
+        else:
+            self.files[name] = f
+        return f
+
+    def _names(self) -> set[str]:
+        return set(self.files) | set(self._listing or ())
+
+    def join(self, name: str) -> str:
+        return f"{self.path.rstrip('/')}/{name}"
+
+    def listdir(self) -> list[str]:
+        return sorted(n for n in self._names() if "/" not in n)
+
+    def open(self, name: str, *, error: type[FormatError], what: str) -> OpenFile:
+        f = self._get(name)
+        if f is None:
+            raise FileNotFoundError(errno.ENOENT, "no such file", self.join(name))
+        return check_regular(os.dup(f.fd), self.join(name), error=error, what=what)
+
+    def is_file(self, name: str) -> bool:
+        return self._get(name) is not None
+
+    def has(self, name: str) -> bool:
+        return self._get(name) is not None
+
+    def exists(self, name: str) -> bool:
+        return self.has(name) or any(n.startswith(name + "/") for n in self._names())
+
+    def is_dir(self, name: str) -> bool:
+        return name not in self._names() and any(n.startswith(name + "/") for n in self._names())
+
+    def walk_files(self, *, max_depth: int, skip: Callable[[str], bool]) -> list[str]:
+        out = []
+        for name in sorted(self._names()):
+            parts = name.split("/")
+            if 1 < len(parts) <= max_depth + 1 and not any(skip(p) for p in parts):
+                out.append(name)
+        return out
+
+
+# What the format's readers read a checkpoint's files through.
+Dir = CheckpointDir | FileSet
+
 
 class OpenedFiles:
     """Files opened while reading one checkpoint; all closed unless handed over."""
@@ -420,6 +517,8 @@ __all__ = [
     "MAX_SYMLINKS",
     "READ_FLAGS",
     "CheckpointDir",
+    "Dir",
+    "FileSet",
     "OpenFile",
     "OpenedFiles",
     "check_regular",

@@ -28,7 +28,7 @@ from fastckpt.errors import (
 )
 from fastckpt.format import safetensors, spec
 from fastckpt.format.fastckpt_index import read_fastckpt
-from fastckpt.format.fsdir import CheckpointDir, OpenedFiles, OpenFile, open_path
+from fastckpt.format.fsdir import CheckpointDir, Dir, FileSet, OpenedFiles, OpenFile, open_path
 from fastckpt.format.index import Index
 
 
@@ -135,6 +135,32 @@ def open_checkpoint(
     return out
 
 
+def open_file_set(files: FileSet, name: str = "") -> OpenCheckpoint:
+    """``open_checkpoint`` for files already open (``FileSet``): the whole set as a checkpoint
+    directory, or, with ``name``, that one file of it (a ``.safetensors`` file, an index json,
+    a fastckpt index). The same validation as for a local checkpoint; the result's files are
+    duplicates the caller closes with it."""
+    opened = OpenedFiles()
+    try:
+        if not name:
+            index = _read_directory(files, opened)
+        elif name == spec.INDEX_FILE:
+            index = read_fastckpt(files, opened)
+        elif name.endswith(spec.SAFETENSORS_INDEX_SUFFIX):
+            index_file = opened.keep(files.open(name, error=CorruptIndexError, what="index json"))
+            index = safetensors.read_sharded(files, index_file, opened.partitions, carried=False)
+        else:
+            f = files.open(name, error=MissingPartitionError, what="safetensors file")
+            opened.partitions.append(f)
+            index = safetensors.read_files(files.path, [(name, f)], source=files.join(name))
+        out = OpenCheckpoint(index, tuple(opened.partitions), opened.carried)
+    except BaseException:
+        opened.close()
+        raise
+    opened.release()
+    return out
+
+
 def _read_path(p: str, opened: OpenedFiles) -> Index:
     try:
         st = os.stat(p)
@@ -181,14 +207,9 @@ def _read_one_safetensors(p: str, opened: OpenedFiles) -> Index:
     return safetensors.read_files(os.path.dirname(p), [(os.path.basename(p), f)], source=p)
 
 
-def _read_directory(d: CheckpointDir, opened: OpenedFiles) -> Index:
+def _read_directory(d: Dir, opened: OpenedFiles) -> Index:
     root = d.path
-    try:
-        os.stat(spec.INDEX_FILE, dir_fd=d.fd, follow_symlinks=False)
-        has_index = True
-    except FileNotFoundError:
-        has_index = False
-    if has_index:
+    if d.exists(spec.INDEX_FILE):
         return read_fastckpt(d, opened)
     names = d.listdir()
     index_jsons = [n for n in names if n.endswith(spec.SAFETENSORS_INDEX_SUFFIX)]
@@ -237,6 +258,7 @@ def read_fastckpt_index(index_path: str) -> Index:
 __all__ = [
     "OpenCheckpoint",
     "open_checkpoint",
+    "open_file_set",
     "open_partitions",
     "read_fastckpt_index",
     "read_index",

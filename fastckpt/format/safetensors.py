@@ -23,7 +23,7 @@ from fastckpt.errors import (
     TruncatedError,
 )
 from fastckpt.format import dtypes, spec
-from fastckpt.format.fsdir import CheckpointDir, OpenFile
+from fastckpt.format.fsdir import Dir, OpenFile
 from fastckpt.format.index import Index, PartitionEntry, TensorEntry
 from fastckpt.rules.carried import is_carried_name
 
@@ -74,6 +74,36 @@ class _Shard:
         self.partition = partition
         self.tensors = tensors
         self.metadata = metadata
+
+
+HEADER_PROBE_NBYTES = 1 << 16
+"""Bytes a reader fetching a safetensors file from afar asks for first (usually the whole
+header); ``header_span`` then says how much more it needs."""
+
+
+def header_span(first: bytes, size: int, *, path: str) -> int:
+    """Bytes ``[0, n)`` of a ``size``-byte safetensors file that hold its header, from the file's
+    first bytes (at least 8): for a reader that fetches the header before the rest. The limits
+    ``parse_file`` enforces are enforced here too."""
+    if size < 8 or len(first) < 8:
+        raise TruncatedError(
+            f"safetensors file is {size} bytes; its header length alone is 8", path=path
+        )
+    (header_len,) = struct.unpack("<Q", first[:8])
+    if header_len > spec.MAX_SAFETENSORS_HEADER_NBYTES:
+        raise LimitError(
+            f"safetensors header length = {header_len}; the limit is "
+            f"{spec.MAX_SAFETENSORS_HEADER_NBYTES}",
+            path=path,
+            offset=0,
+        )
+    if 8 + header_len > size:
+        raise TruncatedError(
+            f"safetensors file is {size} bytes; its header alone needs {8 + header_len}",
+            path=path,
+            offset=size,
+        )
+    return 8 + int(header_len)
 
 
 def parse_file(f: OpenFile, name: str, partition: int) -> _Shard:
@@ -210,7 +240,7 @@ def looks_like_safetensors(head: bytes) -> bool:
     return len(head) > 8 and rest[:1] == b"{"
 
 
-def open_shard(d: CheckpointDir, name: str) -> OpenFile:
+def open_shard(d: Dir, name: str) -> OpenFile:
     """Open shard ``name`` beneath ``d`` (``MissingPartitionError`` when absent or not a file)."""
     try:
         return d.open(name, error=MissingPartitionError, what="safetensors file")
@@ -280,7 +310,7 @@ def read_files(
 
 
 def read_sharded(
-    d: CheckpointDir, index_file: OpenFile, opened: list[OpenFile], *, carried: bool = True
+    d: Dir, index_file: OpenFile, opened: list[OpenFile], *, carried: bool = True
 ) -> Index:
     """An ``Index`` over the shards (beneath ``d``) named by the open ``*.safetensors.index.json``
     ``index_file``. Each shard's open file is appended to ``opened`` in partition order."""
@@ -322,7 +352,7 @@ def read_sharded(
     )
 
 
-def carried_files(d: CheckpointDir) -> tuple[str, ...]:
+def carried_files(d: Dir) -> tuple[str, ...]:
     """The directory's top-level regular files (beneath it) that are not weights, weight indexes
     or hidden."""
     out = []
@@ -339,8 +369,10 @@ def carried_files(d: CheckpointDir) -> tuple[str, ...]:
 
 
 __all__ = [
+    "HEADER_PROBE_NBYTES",
     "SAFETENSORS_VERSION",
     "carried_files",
+    "header_span",
     "looks_like_safetensors",
     "open_shard",
     "parse_file",

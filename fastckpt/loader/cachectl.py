@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 from fastckpt.errors import FormatError
 from fastckpt.format.reader import read_index
-from fastckpt.loader import dramfill, facts, policy
+from fastckpt.loader import dramfill, facts, policy, remotesource
 from fastckpt.loader.plan import plan_load
 from fastckpt.loader.ssdconvert import ssd_key
 from fastckpt.loader.target import resolve_target
+from fastckpt.rules.urls import is_url, parse_url
 from fastckpt.tiers.dram import DramTier
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -30,6 +31,13 @@ def prefetch(loader: Loader, path: str, tier: str, device: Any) -> bool:
         return any(k[:2] == ident for k in _tuple_keys(loader.gpu_tier.keys()))
     cfg = loader.config()
     with loader.open_source(path, cfg=cfg, convert=tier == "ssd" or tier == "dram") as opened:
+        if is_url(path):
+            # written through to the SSD tier as it arrives; the DRAM tier reads it once whole
+            kept = remotesource.wait_kept(loader.ssd_tier, opened)
+            if tier == "ssd":
+                return kept
+            if opened.stream is not None and opened.stream.download is not None:
+                opened.stream.download.wait()
         if tier == "ssd":
             if loader.ssd_tier is None:
                 return False
@@ -92,6 +100,8 @@ def prefetch(loader: Loader, path: str, tier: str, device: Any) -> bool:
 def evict(loader: Loader, path: str | os.PathLike[str]) -> int:
     """Remove every version of the checkpoint at ``path`` from the GPU and DRAM tiers and its
     converted copy from the SSD tier, except what is in use; returns items removed."""
+    if is_url(path):
+        return _evict_url(loader, os.fspath(path))
     roots = {os.path.realpath(os.fspath(path))}
     index = None
     with contextlib.suppress(OSError, FormatError):
@@ -111,6 +121,23 @@ def evict(loader: Loader, path: str | os.PathLike[str]) -> int:
                 removed += 1
     if skey is not None and loader.ssd_tier is not None and loader.ssd_tier.evict(skey):
         removed += 1
+    return removed
+
+
+def _evict_url(loader: Loader, url: str) -> int:
+    """``evict`` of a remote checkpoint: its GPU and DRAM items and every SSD-tier entry
+    recorded for the URL (as written: ``s3://bucket/key``)."""
+    source = str(parse_url(url))
+    removed = 0
+    for tier in (loader.gpu_tier, loader.dram_tier):
+        for key in _tuple_keys(tier.keys()):
+            if key[0] == source and tier.evict(key):
+                removed += 1
+    if loader.ssd_tier is not None:
+        for entry, _ in loader.ssd_tier.entries_from(source):
+            loader.ssd_tier.adopt(entry)
+            if loader.ssd_tier.evict(entry):
+                removed += 1
     return removed
 
 

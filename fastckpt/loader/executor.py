@@ -33,6 +33,7 @@ from fastckpt.errors import CorruptDataError, TruncatedError
 from fastckpt.format import dtypes
 from fastckpt.format.index import Index
 from fastckpt.loader.checks import ChunkVerifier
+from fastckpt.loader.hugepages import HugePages
 from fastckpt.loader.plan import BufferPlan, LoadPlan, ReadOp, ViewPlan
 from fastckpt.loader.policy import Decision, LoadDecision, Source
 from fastckpt.loader.sources import EngineFiles, Sources
@@ -90,6 +91,7 @@ class Executor:
         self.decisions = {d.buffer: d for d in decisions}
         self.sources = sources
         self.cfg = cfg
+        self.huge_pages = HugePages(cfg.cpu_huge_pages)
         self._engine: io_engine.Engine | None = None
         self.files = EngineFiles(index, sources)
         self.timings = Timings()
@@ -151,6 +153,8 @@ class Executor:
         """
         start = b.segments[0][0] - b.segments[0][0] % PAGE
         end = b.segments[-1][1]
+        if source.streams:
+            self._wait_stream(b.partition, start, end)
         if source is Source.DRAM_TIER:
             mm = self.sources.dram[b.partition].map_private(start, end - start)
         else:
@@ -182,7 +186,7 @@ class Executor:
         dest = self.sources.cpu_dest.get(b.index)
         if dest is not None:
             return torch.frombuffer(dest, dtype=torch.uint8)[: b.nbytes], dest
-        mem = io_engine.AlignedBuffer(b.nbytes, huge_pages=self.cfg.cpu_huge_pages)
+        mem = io_engine.AlignedBuffer(b.nbytes, huge_pages=self.huge_pages.advise(b.nbytes))
         return torch.frombuffer(mem, dtype=torch.uint8), mem
 
     def _load_cpu(self, bufs: Sequence[BufferPlan]) -> None:
@@ -207,23 +211,81 @@ class Executor:
             for tag, r in enumerate(ops)
         ]
         t0 = time.perf_counter()
-        batch = self.engine.submit(reads)
-        with batch:
-            if self.verifier is None:
-                batch.wait_all()
-            else:
-                while True:
+        streaming = [self.source_of(r.buffer).streams for r in ops]
+        if any(streaming):
+            self._want(ops)
+        # Reads whose bytes are still arriving are submitted as their ranges land: everything
+        # before the first such read goes at once, then each waits on its gate.
+        batches = []
+        try:
+            at = 0
+            while at < len(reads):
+                end = at + 1
+                while end < len(reads) and not (streaming[end] and not self._arrived(ops[end])):
+                    end += 1
+                if streaming[at]:
+                    r = ops[at]
                     w0 = time.perf_counter()
-                    done = batch.wait(1)
+                    self._wait_stream(r.partition, r.file_offset, r.file_offset + r.nbytes)
                     self.timings.add("read_wait_s", time.perf_counter() - w0)
-                    if not done:
-                        break
-                    for tag in done:
-                        r = ops[tag]
-                        view = arrays[r.buffer][r.dest_offset : r.dest_offset + r.nbytes]
-                        self.crc_feed(r.buffer, r.dest_offset, view)
+                batches.append(self.engine.submit(reads[at:end]))
+                at = end
+            for batch in batches:
+                self._finish_cpu_batch(batch, ops, arrays)
+        finally:
+            for batch in batches:
+                batch.cancel()  # a no-op for a batch that completed
+        if self.verifier is None:
+            self.timings.add("read_wait_s", time.perf_counter() - t0)
+
+    def _finish_cpu_batch(self, batch: Any, ops: Sequence[ReadOp], arrays: dict[int, Any]) -> None:
+        if self.verifier is None:
+            batch.wait_all()
+            return
+        while True:
+            w0 = time.perf_counter()
+            done = batch.wait(1)
+            self.timings.add("read_wait_s", time.perf_counter() - w0)
+            if not done:
                 return
-        self.timings.add("read_wait_s", time.perf_counter() - t0)
+            for tag in done:
+                r = ops[tag]
+                view = arrays[r.buffer][r.dest_offset : r.dest_offset + r.nbytes]
+                self.crc_feed(r.buffer, r.dest_offset, view)
+
+    # ----------------------------------------------------------------- streams
+    def _want(self, ops: Sequence[ReadOp]) -> None:
+        """Ask the stream for the ranges of ``ops`` first (one span per partition, in order)."""
+        stream = self.sources.stream
+        if stream is None:
+            return
+        spans: dict[int, list[int]] = {}
+        for r in ops:
+            if not self.source_of(r.buffer).streams:
+                continue
+            span = spans.setdefault(r.partition, [r.file_offset, r.file_offset + r.nbytes])
+            span[0] = min(span[0], r.file_offset)
+            span[1] = max(span[1], r.file_offset + r.nbytes)
+        for part, (lo, hi) in spans.items():
+            stream.want(part, lo, hi)
+
+    def _arrived(self, r: ReadOp) -> bool:
+        stream = self.sources.stream
+        gate = stream.gate(r.partition) if stream is not None else None
+        return gate is None or gate.ready(r.file_offset, r.file_offset + r.nbytes)
+
+    def _wait_stream(self, partition: int, lo: int, hi: int) -> None:
+        stream = self.sources.stream
+        if stream is not None:
+            stream.want(partition, lo, hi)
+            stream.wait(partition, lo, hi)
+
+    def _stream_error(self, exc: BaseException) -> BaseException:
+        """The download's own error for a read that failed on its gate (typed: a checksum, an
+        object replaced, refused credentials), else ``exc``."""
+        stream = self.sources.stream
+        err = stream.error() if stream is not None else None
+        return err if err is not None else exc
 
     # ----------------------------------------------------------------- devices
     def _load_device(self, device: str, bufs: Sequence[BufferPlan]) -> None:
@@ -253,12 +315,22 @@ class Executor:
                 ops.append(stage.host_op(r, block, dst))
             else:
                 staged_dram = staged_dram or block is not None
-                ops.append(stage.read_op(r, self.file_for(r), dst))
+                gate = None
+                if source.streams and self.sources.stream is not None:
+                    gate = self.sources.stream.gate(r.partition)
+                ops.append(stage.read_op(r, self.file_for(r), dst, gate=gate))
         if staged_dram:
             self.timings.notes.add(
                 "dram-tier item not pinned (yet): its bytes went through the pinned staging ring"
             )
-        result = stage.run(self.engine, ops, crc=self.verifier is not None)
+        self._want([op.read for op in ops if op.gate is not None])
+        try:
+            result = stage.run(self.engine, ops, crc=self.verifier is not None)
+        except OSError as exc:
+            err = self._stream_error(exc)
+            if err is exc:
+                raise
+            raise err from exc
         self.timings.absorb(result)
         if self.verifier is not None:
             t0 = time.perf_counter()

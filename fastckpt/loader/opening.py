@@ -13,15 +13,17 @@ import contextlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastckpt.config import Config
 from fastckpt.format.fsdir import OpenFile
 from fastckpt.format.index import Index
 from fastckpt.format.reader import OpenCheckpoint, open_checkpoint, open_partitions
 from fastckpt.loader.daemonsource import fetch
+from fastckpt.loader.remotesource import open_remote
 from fastckpt.loader.ssdconvert import convert_opened, through_ssd
 from fastckpt.loader.tiering import checkpoint_identity
+from fastckpt.rules.urls import is_url
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastckpt.loader.session import Loader
@@ -41,6 +43,8 @@ class Opened:
     carried: Mapping[str, OpenFile] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     ssd_key: str | None = None  # the SSD tier's copy these files are, if they are one
+    # the files' bytes are still arriving from an object store (``remoteflight.StreamView``)
+    stream: Any = None
     _close: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
@@ -49,11 +53,21 @@ class Opened:
                 fn()
         self._close.clear()
 
+    def interrupt(self) -> None:
+        """Close after Ctrl-C: a download nobody else reads is stopped, not left to finish."""
+        if self.stream is not None:
+            self.stream.interrupt()
+            self._close = self._close[1:]  # the stream's own close (its first) is done
+        self.close()
+
     def __enter__(self) -> Opened:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, SystemExit)):
+            self.interrupt()
+        else:
+            self.close()
 
 
 def open_source(
@@ -67,7 +81,15 @@ def open_source(
 ) -> Opened:
     """Open ``path`` for reading through ``loader``'s core (see ``Opened``): its validated files
     (the SSD tier's converted copy of a slow source when ``convert`` and the tier is on), and
-    the cache daemon's copies when a server is configured and ``daemon``."""
+    the cache daemon's copies when a server is configured and ``daemon``. An ``s3://`` or
+    ``https://`` URL is opened by ``remotesource.open_remote`` (an SSD-tier entry, or a download
+    streaming in)."""
+    if not isinstance(path, Index) and is_url(path):
+        got = open_remote(os.fspath(path), cfg, loader.ssd_tier)
+        opened = Opened(got.index, got.files, got.ident, notes=got.notes, stream=got.stream)
+        opened.ssd_key = got.ssd_key
+        opened._close = got.closers
+        return opened
     ck = (
         OpenCheckpoint(path, open_partitions(path), {})
         if isinstance(path, Index)

@@ -24,7 +24,11 @@ The rule, per buffer, in order (first match wins):
 6. the partition is in the page cache: CPU buffers map it privately when at least
    ``mmap_min_resident`` is resident (``page-cache-map``), else a buffered read when at least
    ``buffered_min_resident`` is (``page-cache-read``);
-7. otherwise it is read from storage in the mode the profile measured fastest on this filesystem:
+7. the checkpoint is streaming in from an object store (``s3://``, ``https://``) into local files:
+   every buffer reads from them as its ranges arrive (``stream``; each read waits on the range
+   gate of its file), CPU buffers as private mappings of the landed bytes where CPU loads may
+   map (``stream-map``: mapped once the buffer's whole range has arrived, no copy);
+8. otherwise it is read from storage in the mode the profile measured fastest on this filesystem:
    ``direct``, ``buffered``, ``mixed``, or, for CPU buffers, ``map`` (a private mapping whose page
    faults read ahead, as safetensors does) where mapping measured fastest; the configuration may
    force a mode.
@@ -61,6 +65,8 @@ class Source(enum.Enum):
     DIRECT = "direct"
     BUFFERED = "buffered"
     MIXED = "mixed"
+    STREAM = "stream"
+    STREAM_MAP = "stream-map"
 
     def __str__(self) -> str:
         return self.value
@@ -68,7 +74,7 @@ class Source(enum.Enum):
     @property
     def tier(self) -> str:
         """Where the bytes live: ``gpu``, ``dram``, ``daemon``, ``page-cache``, ``disk``,
-        ``none``."""
+        ``remote`` (arriving from an object store), ``none``."""
         return _TIER[self]
 
     @property
@@ -84,7 +90,13 @@ class Source(enum.Enum):
             Source.DAEMON,
             Source.PAGE_CACHE_MAP,
             Source.MAP,
+            Source.STREAM_MAP,
         )
+
+    @property
+    def streams(self) -> bool:
+        """Reads of this source wait for their bytes to arrive (an object store's download)."""
+        return self in (Source.STREAM, Source.STREAM_MAP)
 
     def direct_at(self, partition_range: tuple[int, int], file_offset: int) -> bool:
         """Whether a read at ``file_offset`` uses O_DIRECT under this source."""
@@ -106,6 +118,8 @@ _TIER = {
     Source.DIRECT: "disk",
     Source.BUFFERED: "disk",
     Source.MIXED: "disk",
+    Source.STREAM: "remote",
+    Source.STREAM_MAP: "remote",
 }
 _FILE_SOURCES = frozenset(
     {
@@ -115,6 +129,8 @@ _FILE_SOURCES = frozenset(
         Source.DIRECT,
         Source.BUFFERED,
         Source.MIXED,
+        Source.STREAM,
+        Source.STREAM_MAP,
     }
 )
 SOURCES = tuple(s.value for s in Source)
@@ -215,6 +231,7 @@ class Facts:
     ``dram``: the DRAM tier holds the whole checkpoint. ``dram_can_fill``: the DRAM tier is on,
     this load may fill it, and the checkpoint fits its budget. ``daemon``: the cache daemon handed
     over its copies of every partition. ``profile``: the filesystem's read-mode profile.
+    ``streaming``: the partition files are an object store's download still arriving.
     """
 
     residency: Mapping[int, float] = field(default_factory=dict)
@@ -223,6 +240,7 @@ class Facts:
     dram_can_fill: bool = False
     daemon: bool = False
     profile: ReadProfile | None = None
+    streaming: bool = False
 
 
 @dataclass(frozen=True)
@@ -300,18 +318,30 @@ def decide(plan: LoadPlan, facts: Facts = Facts(), settings: Settings = Settings
         cpu_mode = facts.profile.best if facts.profile is not None else "direct"
         if settings.read_mode == "map":
             cpu_mode = "buffered"
-    fill = facts.dram_can_fill and not facts.dram and not settings.verify and not facts.daemon
+    fill = (
+        facts.dram_can_fill
+        and not facts.dram
+        and not settings.verify
+        and not facts.daemon
+        and not facts.streaming
+    )
     use = facts.dram and not settings.verify
+    stream_cpu = (
+        Source.STREAM_MAP if settings.cpu_map_cached and not settings.verify else Source.STREAM
+    )
     out: list[Decision] = []
     for b in plan.buffers:
-        plain = _plain(b, facts, settings, cpu_mode if b.device == "cpu" else gpu_mode)
+        if facts.streaming:
+            plain = stream_cpu if b.device == "cpu" else Source.STREAM
+        else:
+            plain = _plain(b, facts, settings, cpu_mode if b.device == "cpu" else gpu_mode)
         if b.nbytes == 0:
             src = Source.EMPTY
         elif b.device != "cpu" and b.device in facts.gpu_devices:
             src = Source.GPU_TIER
         elif use:
             src = Source.DRAM_TIER
-        elif facts.daemon:
+        elif facts.daemon and not facts.streaming:
             src = Source.DAEMON
         elif fill:
             out.append(Decision(b.index, b.device, b.partition, Source.DRAM_TIER, plain))

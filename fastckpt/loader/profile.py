@@ -33,6 +33,7 @@ from typing import Any
 from fastckpt import io_engine
 from fastckpt.config import Config, profile_dir
 from fastckpt.errors import CacheWarning
+from fastckpt.loader.hugepages import HugePages
 from fastckpt.loader.policy import ReadProfile, mixed_split
 
 PROBE_BYTES = 64 << 20
@@ -206,7 +207,7 @@ def probe(
     fs_type: str | None = None,
     nbytes: int = PROBE_BYTES,
     force: bool = False,
-    huge_pages: bool = False,
+    huge_pages: str = "auto",
 ) -> ReadProfile | None:
     """Measure cold O_DIRECT, buffered and mixed reads of the first ``nbytes`` of ``path``.
 
@@ -233,7 +234,7 @@ def probe(
             io_engine.drop_page_cache(path)
             # fresh memory each time, as a load reads into: its first-touch cost counts, as it
             # does for the mapping measured below
-            buf = io_engine.AlignedBuffer(n, huge_pages=huge_pages)
+            buf = io_engine.AlignedBuffer(n, huge_pages=HugePages(huge_pages).advise(n))
             reads: list[io_engine.ReadOp] = []
             for f, lo, hi in plans[mode]:
                 for off in range(lo, hi, PROBE_CHUNK_BYTES):

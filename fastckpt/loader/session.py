@@ -38,6 +38,7 @@ from fastckpt.errors import (
     CorruptDataError,
     FormatError,
     MissingPartitionError,
+    ObjectChangedError,
     TruncatedError,
 )
 from fastckpt.format.index import Index
@@ -346,6 +347,10 @@ class Loader:
                         tiers=True,
                         t_start=t_start,
                     )
+                except ObjectChangedError:
+                    if attempt == 2:
+                        raise
+                    continue  # replaced while it was read: once more, from the new generation
                 except _COPY_FAULTS as exc:
                     if opened.ssd_key is None or self.ssd_tier is None or attempt == 2:
                         raise
@@ -417,14 +422,19 @@ class Loader:
                 may_fill=tiers,
                 held=held,
             )
-            residency, prof = facts.read_inputs(
-                index,
-                plan,
-                gpu_devices,
-                dram_item is not None,
-                cfg,
-                residency=self._residency,
-                engine=lambda: self.engine(cfg),
+            streaming = opened.stream is not None
+            residency, prof = (
+                ({}, None)
+                if streaming  # the files are still arriving: nothing to measure yet
+                else facts.read_inputs(
+                    index,
+                    plan,
+                    gpu_devices,
+                    dram_item is not None,
+                    cfg,
+                    residency=self._residency,
+                    engine=lambda: self.engine(cfg),
+                )
             )
             known = Facts(
                 residency=residency,
@@ -433,6 +443,7 @@ class Loader:
                 dram_can_fill=can_fill,
                 daemon=bool(opened.daemon),
                 profile=prof,
+                streaming=streaming,
             )
             decision = policy.decide(plan, known, settings)
             if decision.dram is DramAction.FILL:
@@ -470,6 +481,7 @@ class Loader:
                 stage=lambda dev: self.stage(dev, cfg),
                 reclaim=self.gpu_tier.free_idle,
                 open_partition=self._open_partition,
+                stream=opened.stream,
             )
             executor = Executor(index, plan, decision, sources, cfg=cfg, verify=verify)
             try:

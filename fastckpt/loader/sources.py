@@ -9,6 +9,11 @@ load. Each of them is one of two things the executor knows how to use:
 - memory it can copy from directly: a DRAM-tier block that is pinned for the GPU, or device
   buffers revived from the GPU tier (``gpu``).
 
+A checkpoint streaming in from an object store is the first kind plus ``stream``: its partition
+files are local files (a staging file of the SSD tier, or a memfd) still being written by the
+download, and each read waits until its range has arrived (``Stream``: one
+``io_engine.RangeGate`` per partition, which the C++ copy pipeline waits on itself).
+
 Every descriptor is the one validated against the index (or handed over sealed), never a path
 opened again, so FORMAT.md's rules hold for every source in the one place that reads them. A new
 kind of storage (an object store) is one more descriptor kind here, not another load loop.
@@ -20,7 +25,7 @@ import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from fastckpt import io_engine
 from fastckpt.errors import TruncatedError
@@ -59,6 +64,26 @@ def open_partition(index: Index, partition: int, src: OpenFile, *, direct: bool 
     return f
 
 
+class Stream(Protocol):
+    """Partition files whose bytes are still arriving (``fastckpt.loader.remotesource``)."""
+
+    def gate(self, partition: int) -> io_engine.RangeGate | None:
+        """The gate of ``partition``'s file (None: all of it is there)."""
+        ...
+
+    def want(self, partition: int, lo: int, hi: int) -> None:
+        """Fetch these bytes next (a reader waits for them)."""
+        ...
+
+    def wait(self, partition: int, lo: int, hi: int) -> None:
+        """Block until ``[lo, hi)`` of the partition arrived; raise the download's error."""
+        ...
+
+    def error(self) -> BaseException | None:
+        """Why the download failed (None while it has not)."""
+        ...
+
+
 @dataclass
 class Sources:
     """The byte sources of one load (see the module docstring).
@@ -82,6 +107,8 @@ class Sources:
     open_partition: Callable[..., Any] = open_partition
     # buffer index -> host memory to read a CPU buffer into instead of allocating (DRAM fill)
     cpu_dest: Mapping[int, Any] = field(default_factory=dict)
+    # the files' bytes are still arriving: reads of streaming sources wait on it
+    stream: Stream | None = None
 
     def descriptor(self, source: Source, partition: int) -> OpenFile:
         """The descriptor holding ``partition``'s bytes under ``source``."""

@@ -305,6 +305,121 @@ class SsdTier(LruTier[str]):
                 return
             super().unpin(key)
 
+    # ------------------------------------------------------------------ remote sources
+    # A remote checkpoint's entry is a copy of its objects' bytes as downloaded (written through
+    # while a load streams them), keyed by the objects' identity (``remote_key``), recorded with
+    # the URL it came from; it is checked like a converted copy before it is handed out.
+
+    def open_entry(self, key: str) -> tuple[OpenCheckpoint, str] | None:
+        """The entry ``key`` (also one another process published), checked, opened and pinned
+        for the caller (``unpin(key)``), or None."""
+        if not self.holds(key):
+            self.adopt(key)
+        return self._open_checked(key)
+
+    def adopt(self, key: str) -> bool:
+        """Take in an entry another process sharing the directory published under ``key``."""
+        path = os.path.join(self.directory, key)
+        if self.holds(key) or not os.path.isdir(path) or not _read_meta(path):
+            return self.holds(key)
+        if super().put(key, path, _du(path)):
+            with self._lock:
+                self._in -= self.size_of(key)  # found on disk, not brought in
+            return True
+        return False
+
+    def entries_from(self, source: str) -> list[tuple[str, dict[str, Any]]]:
+        """(key, record) of the entries recorded for ``source`` (a URL), the most recently
+        validated first (one small read per entry held)."""
+        out = []
+        for name in os.listdir(self.directory):
+            path = os.path.join(self.directory, name)
+            if name.startswith(".") or not os.path.isdir(path):
+                continue
+            meta = _read_meta(path)
+            if meta.get("source") == source and isinstance(meta.get("remote"), dict):
+                out.append((name, meta))
+        out.sort(key=lambda e: -float(e[1]["remote"].get("validated", 0.0)))
+        return out
+
+    def record(self, key: str) -> dict[str, Any]:
+        """What entry ``key`` records of itself (source, remote identity...), or {}."""
+        return _read_meta(os.path.join(self.directory, key))
+
+    def validated(self, key: str) -> None:
+        """Record that the store confirmed entry ``key``'s identity now."""
+        path = os.path.join(self.directory, key)
+        meta = _read_meta(path)
+        if isinstance(meta.get("remote"), dict):
+            meta["remote"]["validated"] = time.time()
+            with contextlib.suppress(OSError):
+                _write_json(os.path.join(path, _META), meta)
+
+    def reserve(self, staged: str, sizes: dict[str, int]) -> None:
+        """Create the files of a staged entry at their sizes, with their space allocated now
+        (``fallocate``), so a disk that fills later cannot fail the download half way. Raises
+        OSError (``ENOSPC``, ``EDQUOT``...; the staged directory is removed then)."""
+        try:
+            os.makedirs(staged)
+            for rel, size in sizes.items():
+                full = os.path.join(staged, rel)
+                os.makedirs(os.path.dirname(full), exist_ok=True)
+                fd = os.open(full, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                try:
+                    if size:
+                        os.posix_fallocate(fd, 0, size)
+                finally:
+                    os.close(fd)
+        except BaseException:
+            self._discard(staged)
+            raise
+
+    def publish(self, key: str, staged: str, source: str, remote: dict[str, Any]) -> bool:
+        """Publish a complete, verified staged entry (its data flushed to disk first) under
+        ``key``, recording ``source`` and ``remote`` (identity, validation time). False when the
+        tier could not keep it (then nothing of it is left); a full disk warns once."""
+        try:
+            for dirpath, _, names in os.walk(staged):
+                for n in names:
+                    fd = os.open(os.path.join(dirpath, n), os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            meta = {
+                "version": META_VERSION,
+                "source": source,
+                "created": time.time(),
+                "aliases": [],
+                "shape": sorted(
+                    os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(staged) for n in ns
+                ),
+                "files": _copy_stamps(staged),
+                "remote": {**remote, "validated": time.time()},
+            }
+            _write_json(os.path.join(staged, _META), meta)
+            return self.put(key, staged, _du(staged)) or self.holds(key)
+        except OSError as exc:
+            self._discard(staged)
+            if exc.errno in _FULL:
+                self._say_once("full", f"fastckpt: no space left for the SSD tier ({exc})")
+                return False
+            raise
+        except BaseException:
+            self._discard(staged)
+            raise
+
+    def discard(self, staged: str) -> None:
+        """Remove a staged entry that will not be published."""
+        self._discard(staged)
+
+    def say_once(self, what: str, message: str) -> None:
+        self._say_once(what, message)
+
+    def flight_lock(self, key: str) -> FlightLock:
+        """The lock that makes one process of those sharing the directory fill entry ``key``."""
+        return FlightLock(os.path.join(self.directory, f".lock-{key}"))
+
     # ------------------------------------------------------------------ pieces
     def _flight(self, skey: str) -> threading.Lock:
         with self._alias_lock:
@@ -513,6 +628,52 @@ class SsdTier(LruTier[str]):
         except OSError:
             gone = path
         shutil.rmtree(gone, ignore_errors=True)
+
+
+class FlightLock:
+    """An exclusive ``flock`` on a lock file of the tier directory, held by the process that
+    fills an entry; the kernel lets it go when that process dies, however it dies."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self, timeout_s: float, poll_s: float = 0.05) -> bool:
+        """True once held; False when another process held it for ``timeout_s``. Waits in
+        short slices, so Ctrl-C interrupts it."""
+        import fcntl
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(poll_s)
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            try:  # the file may have been removed by its last holder meanwhile: lock the new one
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except OSError:
+                same = False
+            if same:
+                self._fd = fd
+                return True
+            os.close(fd)
+
+    def release(self, *, remove: bool = True) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        if remove:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        os.close(fd)
 
 
 def _owner_gone(name: str) -> bool:

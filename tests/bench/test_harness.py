@@ -29,6 +29,7 @@ TINY = {
     "vllm": {"size": "2MB"},
     "serverless": {"size": "2MB"},
     "gpu-check": {"size": "4MB", "fake_device": True, "check_json": None},
+    "remote": {"size": "2MB"},
 }
 
 

@@ -53,6 +53,7 @@ from fastckpt.integrations.transformers.skeleton import (
     set_config_dtype,
     transformers_major,
 )
+from fastckpt.rules.urls import is_url
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -186,7 +187,46 @@ def load_model_with_report(
     generation_config: Any = None,
     index: Index | None = None,
 ) -> tuple[PreTrainedModel, Report]:
-    """``load_model``, also returning what was missing/unexpected; ``index`` when read already."""
+    """``load_model``, also returning what was missing/unexpected; ``index`` when read already.
+    A remote checkpoint (``s3://``, ``https://``) is read as it downloads: its carried files
+    (``config.json``...) as soon as they arrive, its weights through ``fastckpt.load``."""
+    options = dict(
+        device=device,
+        dtype=dtype,
+        model_class=model_class,
+        trust_remote_code=trust_remote_code,
+        config=config,
+        verify=verify,
+        kwargs=kwargs,
+        generation_config=generation_config,
+    )
+    if is_url(path):
+        from fastckpt.loader.remotefiles import model_folder
+
+        url = os.fspath(path)
+        with model_folder(url) as (folder, remote_index):
+            return _load_model(url, folder, remote=True, index=remote_index, **options)
+    root = os.fspath(path)
+    return _load_model(root, root, remote=False, index=index, **options)
+
+
+def _load_model(
+    root: str,
+    folder: str,
+    *,
+    remote: bool,
+    device: Any,
+    dtype: Any,
+    model_class: Any,
+    trust_remote_code: bool,
+    config: PretrainedConfig | None,
+    verify: bool,
+    kwargs: dict[str, Any],
+    generation_config: Any,
+    index: Index | None,
+) -> tuple[PreTrainedModel, Report]:
+    """``load_model_with_report`` for a checkpoint at ``root`` whose carried files are in
+    ``folder`` (the same local folder, or the carried files of a remote checkpoint)."""
     import copy
 
     import torch
@@ -194,8 +234,7 @@ def load_model_with_report(
 
     import fastckpt
 
-    root = os.fspath(path)
-    if os.path.isfile(root):
+    if not remote and os.path.isfile(root):
         raise NotADirectoryError(
             errno.ENOTDIR,
             "load_model needs a model folder (config.json beside the weights: a fastckpt "
@@ -203,14 +242,14 @@ def load_model_with_report(
             "file alone use fastckpt.load(path)",
             root,
         )
-    if not os.path.isdir(root):
+    if not remote and not os.path.isdir(root):
         raise FileNotFoundError(errno.ENOENT, "checkpoint directory not found", root)
     kwargs = dict(kwargs)
     attn_implementation = kwargs.pop("attn_implementation", None)
     max_memory = kwargs.pop("max_memory", None)
     if config is None:
         config, init_kwargs = _read_config(
-            root, trust_remote_code=trust_remote_code, overrides=kwargs
+            folder, trust_remote_code=trust_remote_code, overrides=kwargs
         )
     elif isinstance(config, PretrainedConfig):
         config = copy.deepcopy(config)
@@ -225,7 +264,7 @@ def load_model_with_report(
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
 
-    cls = resolve_model_class(config, model_class, trust_remote_code=trust_remote_code, path=root)
+    cls = resolve_model_class(config, model_class, trust_remote_code=trust_remote_code, path=folder)
     accepted = init_parameter_names(cls)
     if accepted is not None:
         unknown = sorted(set(init_kwargs) - accepted)
@@ -260,7 +299,9 @@ def load_model_with_report(
         target_devices = checkpoint_device_map(index, slots, device_map)
 
     load_options: dict[str, Any] = {"verify": True} if verify else {}
-    state = fastckpt.load(root, device=target_devices, index=index, **load_options)
+    state = fastckpt.load(
+        root, device=target_devices, index=None if remote else index, **load_options
+    )
     report = Report(unexpected_keys=unexpected)
     _assign(model, slots, state, target)
 
@@ -297,7 +338,7 @@ def load_model_with_report(
     if device_map is not None and report.fallback_reason is None:
         dispatch(model, device_map)
     model.config.name_or_path = root
-    _load_generation_config(model, root, generation_config)
+    _load_generation_config(model, folder, generation_config)
     model.eval()
     return model, report
 

@@ -28,6 +28,7 @@ from fastckpt.integrations.transformers.loading import (
     load_model_with_report,
 )
 from fastckpt.integrations.transformers.skeleton import transformers_major
+from fastckpt.rules.urls import is_url
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
@@ -267,7 +268,8 @@ def enable() -> None:
     """Route ``from_pretrained`` of every transformers model class through fastckpt.
 
     After this, ``AutoModelForCausalLM.from_pretrained(path, ...)`` (any Auto or concrete class)
-    loads a local fastckpt checkpoint (a directory with ``fastckpt.index``) with
+    loads a local fastckpt checkpoint (a directory with ``fastckpt.index``), a stock safetensors
+    model folder, or such a checkpoint at an ``s3://`` or ``https://`` URL with
     :func:`load_model`, honouring ``device_map`` (a device, a device map or ``"auto"``),
     ``torch_dtype`` / ``dtype``, ``attn_implementation`` and config overrides; it accepts
     ``low_cpu_mem_usage`` and hub options (which change nothing for a local directory) and raises
@@ -288,6 +290,11 @@ def enable() -> None:
         def from_pretrained(
             cls: type[PreTrainedModel], pretrained_model_name_or_path: Any, *args: Any, **kw: Any
         ) -> Any:
+            if is_url(pretrained_model_name_or_path):
+                # s3:// and https:// checkpoints: transformers has no loader for them
+                url = os.fspath(pretrained_model_name_or_path)
+                sub = kw.get("subfolder")
+                return _from_pretrained(cls, f"{url.rstrip('/')}/{sub}" if sub else url, args, kw)
             root = _local_dir(pretrained_model_name_or_path, kw.get("subfolder"))
             if root is None:
                 _log_not_a_folder(pretrained_model_name_or_path, kw.get("subfolder"))
@@ -309,8 +316,9 @@ def enable() -> None:
 
 # The Auto classes' from_pretrained (AutoModelForCausalLM...) reads the config before it reaches
 # a model class's: a file, a missing path or an adapter folder given to it never gets to the
-# patch above. enable() wraps theirs too (each Auto class has its own copy), only to say why
-# such a call is left to transformers.
+# patch above. enable() wraps theirs too (each Auto class has its own copy): to say why such a
+# call is left to transformers, and to send an s3:// or https:// URL to the model class its
+# config.json names.
 _original_auto: dict[type, Any] = {}
 
 
@@ -332,6 +340,8 @@ def _auto_classes() -> list[type]:
 def _note_in_auto(original_func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original_func)
     def from_pretrained(cls: Any, pretrained_model_name_or_path: Any, *args: Any, **kw: Any) -> Any:
+        if is_url(pretrained_model_name_or_path):
+            return _auto_from_url(cls, pretrained_model_name_or_path, args, kw)
         subfolder = kw.get("subfolder")
         root = _local_dir(pretrained_model_name_or_path, subfolder)
         if root is None:
@@ -349,6 +359,30 @@ def _note_in_auto(original_func: Callable[..., Any]) -> Callable[..., Any]:
 
     from_pretrained.__fastckpt_patch__ = True  # type: ignore[attr-defined]
     return from_pretrained
+
+
+def _auto_from_url(cls: Any, url_or_path: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+    """An Auto class given an ``s3://`` or ``https://`` URL: the model class comes from the URL's
+    config.json (read as the download starts); that class's patched ``from_pretrained`` then
+    loads it, joining the same download."""
+    from transformers import AutoConfig
+    from transformers.models.auto import auto_factory
+
+    from fastckpt.loader.remotefiles import model_folder
+
+    kw = dict(kw)
+    url = os.fspath(url_or_path)
+    sub = kw.pop("subfolder", None)
+    url = f"{url.rstrip('/')}/{sub}" if sub else url
+    with model_folder(url) as (folder, _):
+        config = kw.get("config") or AutoConfig.from_pretrained(folder)
+        if type(config) not in cls._model_mapping:
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained({url!r}): no {cls.__name__} class for config "
+                f"{type(config).__name__} (custom code is not loaded from URLs)"
+            )
+        model_cls = auto_factory._get_model_class(config, cls._model_mapping)
+        return model_cls.from_pretrained(url, *args, **kw)
 
 
 def _note_auto_classes() -> None:

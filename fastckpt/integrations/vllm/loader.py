@@ -21,6 +21,7 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from fastckpt.errors import SourceError
 from fastckpt.integrations.vllm.options import VllmLoadOptions, parse_options
 from fastckpt.integrations.vllm.weights import iter_weights, load_checked
+from fastckpt.rules.urls import is_url
 
 # Under the "vllm" logger namespace, so that vLLM's log configuration shows these lines.
 logger = init_logger("vllm.fastckpt")
@@ -43,6 +44,8 @@ class FastckptModelLoader(BaseModelLoader):
         folder. vLLM's ``--model`` may name a hub repository; this loader reads local folders
         only (download first, e.g. ``huggingface-cli download``)."""
         path = self.options.checkpoint or model_config.model
+        if self.options.checkpoint and is_url(path):
+            return path  # an s3:// or https:// checkpoint: fastckpt.load streams it
         if not os.path.exists(path):
             raise SourceError(
                 "load format 'fastckpt' reads a local folder, and this path does not exist; "

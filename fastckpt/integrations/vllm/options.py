@@ -31,7 +31,8 @@ class VllmLoadOptions:
             a stock safetensors folder has no checksums and is refused with ``verify``).
         checkpoint: read the weights from this path instead of the model folder (for example a
             converted copy kept beside the original folder, which still supplies config and
-            tokenizer). ``None``: the model folder itself.
+            tokenizer), or an ``s3://`` / ``https://`` URL of one (streamed by
+            ``fastckpt.load``). ``None``: the model folder itself.
         server: the socket of a ``fastckpt serve`` cache daemon to load through (a fresh vLLM
             worker then maps a checkpoint the daemon holds instead of reading it; without a
             reachable daemon it reads the files, with one warning). ``None``: the
@@ -47,7 +48,7 @@ class VllmLoadOptions:
 _DOC = {
     "engine": f"one of {', '.join(ENGINES)}",
     "verify": "true or false",
-    "checkpoint": "a path to a fastckpt or safetensors checkpoint",
+    "checkpoint": "a path or an s3:// or https:// URL of a fastckpt or safetensors checkpoint",
     "server": "the socket path of a fastckpt serve daemon",
 }
 
