@@ -12,7 +12,8 @@ file offset, so that O_DIRECT can read straight into it and tensors become views
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from fastckpt.errors import DeviceError
@@ -49,6 +50,9 @@ class BufferPlan:
     nbytes: int
     # (file_start, file_end, dest_offset) of every segment, in file order
     segments: tuple[tuple[int, int, int], ...]
+    # False when the buffer is not laid out like the file (packed runs, a caller's own memory):
+    # it is read, never mapped
+    mappable: bool = True
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,9 @@ class ViewPlan:
     aligned: bool
     partition: int = 0
     file_offset: int = 0  # the tensor's absolute offset in its partition file
+    # element strides of the view when it is not contiguous (a column shard read with the rest
+    # of its rows), else None
+    strides: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -142,26 +149,62 @@ def _resolve_targets(index: Index, target: object, names: Iterable[str]) -> dict
 
 
 def _segments(
-    entries: list[TensorEntry], file_nbytes: int, chunk_bytes: int | None
+    ranges: Iterable[tuple[int, int]],
+    file_nbytes: int,
+    chunk_bytes: int | None,
+    *,
+    exact: bool = False,
 ) -> list[tuple[int, int]]:
-    """Merge the byte ranges of ``entries`` (sorted by offset) into [start, end) segments.
+    """Merge byte ranges [start, end) of one partition (sorted by start, none empty) into
+    [start, end) segments.
 
     Segments start and end on page boundaries (capped at the file size), or on checksum chunk
-    boundaries when ``chunk_bytes`` is given, so every chunk the segment touches is read whole.
+    boundaries when ``chunk_bytes`` is given, so every chunk the segment touches is read whole;
+    ranges at most ``MERGE_GAP_BYTES`` apart share a segment. ``exact``: segments are the ranges
+    themselves, merged only where they touch (a rank's share, read to the byte).
     """
-    grain = chunk_bytes or PAGE
+    grain = 1 if exact else chunk_bytes or PAGE
+    gap = 0 if exact else MERGE_GAP_BYTES
     segs: list[tuple[int, int]] = []
-    for e in entries:
-        if e.nbytes == 0:
-            continue
-        start = _align_down(e.offset, grain)
-        end = min(_align_up(e.end, grain), file_nbytes)
-        if segs and start <= segs[-1][1] + MERGE_GAP_BYTES:
+    for lo, hi in ranges:
+        start = _align_down(lo, grain)
+        end = min(_align_up(hi, grain), file_nbytes)
+        if segs and start <= segs[-1][1] + gap:
             prev_start, prev_end = segs[-1]
             segs[-1] = (prev_start, max(prev_end, end))
         else:
             segs.append((start, end))
     return segs
+
+
+def _place(
+    segs: list[tuple[int, int]], buffer: int, partition: int, chunk_bytes: int
+) -> tuple[list[tuple[int, int, int]], list[ReadOp], int]:
+    """Lay file segments out in one buffer, each at a destination offset with the same remainder
+    modulo ``PAGE`` as its file offset (O_DIRECT reads land straight in it), and cut their reads
+    into pieces of at most ``chunk_bytes`` on ``chunk_bytes`` boundaries of the file. Returns
+    (placed segments, reads, bytes used)."""
+    placed: list[tuple[int, int, int]] = []
+    reads: list[ReadOp] = []
+    cursor = 0
+    for start, end in segs:
+        dest = _align_up(cursor, PAGE) + start % PAGE
+        placed.append((start, end, dest))
+        cursor = dest + (end - start)
+        piece_start = start
+        while piece_start < end:
+            piece_end = min(end, _align_down(piece_start, chunk_bytes) + chunk_bytes)
+            reads.append(
+                ReadOp(
+                    buffer=buffer,
+                    partition=partition,
+                    file_offset=piece_start,
+                    nbytes=piece_end - piece_start,
+                    dest_offset=dest + (piece_start - start),
+                )
+            )
+            piece_start = piece_end
+    return placed, reads, cursor
 
 
 def plan_load(
@@ -178,8 +221,7 @@ def plan_load(
     Reads are split into pieces of at most ``chunk_bytes`` (kept on checksum chunk boundaries
     when ``verify`` is set, so each piece can be checked on its own).
     """
-    if chunk_bytes <= 0 or chunk_bytes % PAGE:
-        raise ValueError(f"chunk_bytes={chunk_bytes}: must be a positive multiple of {PAGE}")
+    _check_chunk(chunk_bytes)
     if names is None:
         stored = list(index.tensors)
         wanted_aliases = dict(index.aliases)
@@ -223,27 +265,11 @@ def plan_load(
     for part_i, dev in order:
         entries = sorted(groups[(part_i, dev)], key=lambda e: e.offset)
         part = index.partitions[part_i]
-        segs = _segments(entries, part.nbytes, check_chunk)
+        segs = _segments(((e.offset, e.end) for e in entries if e.nbytes), part.nbytes, check_chunk)
         buf_i = len(buffers)
-        placed: list[tuple[int, int, int]] = []
-        cursor = 0
-        for start, end in segs:
-            dest = _align_up(cursor, PAGE) + start % PAGE
-            placed.append((start, end, dest))
-            cursor = dest + (end - start)
-            piece_start = start
-            while piece_start < end:
-                piece_end = min(end, _align_down(piece_start, chunk_bytes) + chunk_bytes)
-                reads.append(
-                    ReadOp(
-                        buffer=buf_i,
-                        partition=part_i,
-                        file_offset=piece_start,
-                        nbytes=piece_end - piece_start,
-                        dest_offset=dest + (piece_start - start),
-                    )
-                )
-                piece_start = piece_end
+        placed, seg_reads, cursor = _place(segs, buf_i, part_i, chunk_bytes)
+        reads.extend(seg_reads)
+        for start, end, dest in placed:
             if check_chunk and part.checksums is not None:
                 first = start // check_chunk
                 last = -(-end // check_chunk)
@@ -301,8 +327,7 @@ def plan_load(
 def plan_partitions(index: Index, partitions: Iterable[int], *, chunk_bytes: int) -> LoadPlan:
     """Read whole partitions into host memory, file offset = buffer offset (a DRAM-tier fill):
     one CPU buffer per partition, no views."""
-    if chunk_bytes <= 0 or chunk_bytes % PAGE:
-        raise ValueError(f"chunk_bytes={chunk_bytes}: must be a positive multiple of {PAGE}")
+    _check_chunk(chunk_bytes)
     buffers: list[BufferPlan] = []
     reads: list[ReadOp] = []
     for part_i in partitions:
@@ -330,6 +355,24 @@ def plan_partitions(index: Index, partitions: Iterable[int], *, chunk_bytes: int
     )
 
 
+def _packed(
+    buffer: int, partition: int, runs: Iterable[tuple[int, int]], dest: int, chunk_bytes: int
+) -> tuple[list[tuple[int, int, int]], list[ReadOp], int]:
+    """Read file runs ``(file offset, length)`` one after the other into ``buffer`` from ``dest``
+    on, each read at most ``chunk_bytes``. Returns (segments, reads, end offset)."""
+    segments: list[tuple[int, int, int]] = []
+    reads: list[ReadOp] = []
+    for lo, length in runs:
+        segments.append((lo, lo + length, dest))
+        off = 0
+        while off < length:
+            n = min(chunk_bytes, length - off)
+            reads.append(ReadOp(buffer, partition, lo + off, n, dest + off))
+            off += n
+        dest += length
+    return segments, reads, dest
+
+
 def plan_gather(
     entry: TensorEntry,
     runs: Iterable[tuple[int, int]],
@@ -342,21 +385,11 @@ def plan_gather(
     and view them as a tensor of ``shape`` (a slice's bounding box). ``runs`` are (offset in the
     tensor, length). The buffer is packed, not laid out like the file, so it is read, never
     mapped."""
-    if chunk_bytes <= 0 or chunk_bytes % PAGE:
-        raise ValueError(f"chunk_bytes={chunk_bytes}: must be a positive multiple of {PAGE}")
-    segments: list[tuple[int, int, int]] = []
-    reads: list[ReadOp] = []
-    dest = 0
-    for start, length in runs:
-        lo = entry.offset + start
-        segments.append((lo, lo + length, dest))
-        off = 0
-        while off < length:
-            n = min(chunk_bytes, length - off)
-            reads.append(ReadOp(0, entry.partition, lo + off, n, dest + off))
-            off += n
-        dest += length
-    buf = BufferPlan(0, device, entry.partition, dest, tuple(segments))
+    _check_chunk(chunk_bytes)
+    segments, reads, dest = _packed(
+        0, entry.partition, ((entry.offset + s, n) for s, n in runs), 0, chunk_bytes
+    )
+    buf = BufferPlan(0, device, entry.partition, dest, tuple(segments), mappable=False)
     view = ViewPlan(
         name=entry.name,
         buffer=0,
@@ -376,3 +409,238 @@ def plan_gather(
         checks=(),
         devices=(device,),
     )
+
+
+# --------------------------------------------------------------------------------------- shards
+
+Box = tuple[tuple[int, int], ...]
+"""A sub-array of a tensor: one ``(lo, hi)`` range per dimension (``hi`` exclusive)."""
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Element strides of a C-contiguous tensor of ``shape``."""
+    out = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        out[i] = out[i + 1] * max(shape[i + 1], 1)
+    return tuple(out)
+
+
+def whole_box(shape: tuple[int, ...]) -> Box:
+    return tuple((0, n) for n in shape)
+
+
+def check_box(shape: tuple[int, ...], box: Box, name: str = "") -> Box:
+    """``box`` as a tuple of int pairs inside ``shape``; ValueError otherwise."""
+    box = tuple((int(lo), int(hi)) for lo, hi in box)
+    if len(box) != len(shape) or any(
+        not 0 <= lo <= hi <= n for (lo, hi), n in zip(box, shape, strict=True)
+    ):
+        raise ValueError(f"box {list(box)} does not lie inside tensor {name!r} of shape {shape}")
+    return box
+
+
+def split_dim(shape: tuple[int, ...] | list[int], box: Box | list[tuple[int, int]]) -> int:
+    """The innermost dimension that ``box`` does not hold whole (its runs are spans along it)."""
+    j = len(shape) - 1
+    while j > 0 and tuple(box[j]) == (0, shape[j]):
+        j -= 1
+    return j
+
+
+def box_runs(
+    shape: tuple[int, ...] | list[int], box: Box | list[tuple[int, int]], itemsize: int
+) -> list[tuple[int, int]]:
+    """(byte offset in the tensor, length) of each contiguous run of the C-ordered tensor's
+    bytes that ``box`` covers, in increasing order; runs that touch are one run. An empty box
+    has no runs."""
+    ndim = len(shape)
+    if ndim == 0:
+        return [(0, itemsize)]
+    if any(hi <= lo for lo, hi in box):
+        return []
+    # inner[j] = bytes of one step along dim j (the product of the dims after it)
+    inner = [itemsize] * ndim
+    for j in range(ndim - 2, -1, -1):
+        inner[j] = inner[j + 1] * shape[j + 1]
+    j = split_dim(shape, box)
+    lo, hi = box[j]
+    run = (hi - lo) * inner[j]
+    starts = [0]
+    for d, (a, b) in enumerate(box[:j]):
+        starts = [s + i * inner[d] for s in starts for i in range(a, b)]
+    return [(s + lo * inner[j], run) for s in starts]
+
+
+def shard_box(shape: tuple[int, ...], dim: int, rank: int, size: int) -> Box:
+    """The box rank ``rank`` of ``size`` keeps of a tensor split evenly along ``dim`` (the last
+    rank keeps what is left when ``shape[dim]`` does not divide evenly: vLLM pads instead)."""
+    if not 0 <= dim < len(shape) or not 0 <= rank < size:
+        raise ValueError(f"no shard {rank} of {size} along dim {dim} of shape {shape}")
+    per = -(-shape[dim] // size)
+    lo = min(shape[dim], rank * per)
+    hi = min(shape[dim], lo + per)
+    return tuple((lo, hi) if d == dim else (0, n) for d, n in enumerate(shape))
+
+
+def plan_shards(
+    index: Index,
+    wants: Mapping[str, Box | None],
+    device: str,
+    *,
+    chunk_bytes: int,
+    gather: Callable[[int, int, int], bool] | None = None,
+) -> LoadPlan:
+    """Plan reading only a box of each tensor (a tensor-parallel rank's share).
+
+    ``wants`` maps stored tensor names to the box to read (``None``: the whole tensor); each
+    view has the box's shape. How a box is read depends on its runs in the file:
+
+    - whole tensors and boxes that are one run of the file (a row shard: rows ``[a, b)``) are
+      ranges of the partition, laid out like the file in one buffer per partition (mappable,
+      like ``plan_load``'s), each read to the byte (no page rounding, no merging across gaps);
+    - a box of several runs (a column shard: a segment of every row) is read as its runs only,
+      packed one after the other into a buffer of their own (exactly the bytes kept; never
+      mapped), or, where ``gather(runs, kept_bytes, span_bytes)`` says False (one read of the
+      span beats many small ones: the policy's ``gather_runs``), as the whole span from its
+      first to its last byte in the file-layout buffer, viewed with the tensor's strides.
+      Default: always gather.
+
+    Pure (no torch); ``LoadPlan.read_nbytes`` is what the rank reads.
+    """
+    _check_chunk(chunk_bytes)
+    device = resolve_device(device)
+    ranges: dict[int, list[tuple[int, int, TensorEntry, Box, bool]]] = {}
+    gathered: dict[int, list[tuple[TensorEntry, Box, list[tuple[int, int]]]]] = {}
+    for name, box in wants.items():
+        e = index.tensors.get(name)
+        if e is None:
+            raise KeyError(f"tensor {name!r} is not stored in the checkpoint at {index.root}")
+        box = whole_box(e.shape) if box is None else check_box(e.shape, box, name)
+        itemsize = dtypes.get(e.dtype).itemsize
+        runs = box_runs(e.shape, box, itemsize) if e.nbytes else []
+        if len(runs) <= 1:
+            lo, n = runs[0] if runs else (0, 0)
+            ranges.setdefault(e.partition, []).append((e.offset + lo, n, e, box, False))
+            continue
+        kept = sum(n for _, n in runs)
+        span = runs[-1][0] + runs[-1][1] - runs[0][0]
+        if gather is None or gather(len(runs), kept, span):
+            gathered.setdefault(e.partition, []).append((e, box, runs))
+        else:
+            ranges.setdefault(e.partition, []).append((e.offset + runs[0][0], span, e, box, True))
+
+    buffers: list[BufferPlan] = []
+    reads: list[ReadOp] = []
+    views: list[ViewPlan] = []
+    for part_i in sorted(set(ranges) | set(gathered)):
+        mine = sorted(ranges.get(part_i, []), key=lambda r: (r[0], r[1]))
+        if mine:
+            buf_i = len(buffers)
+            segs = _segments(
+                ((lo, lo + n) for lo, n, *_ in mine if n),
+                index.partitions[part_i].nbytes,
+                None,
+                exact=True,
+            )
+            placed, seg_reads, cursor = _place(segs, buf_i, part_i, chunk_bytes)
+            reads.extend(seg_reads)
+            buffers.append(
+                BufferPlan(
+                    buf_i, device, part_i, _align_up(cursor, PAGE), tuple(placed), mappable=True
+                )
+            )
+            for lo, n, e, box, strided in mine:
+                rel = next((d + lo - s for s, t, d in placed if s <= lo and lo + n <= t), 0)
+                shape = tuple(hi - a for a, hi in box)
+                itemsize = dtypes.get(e.dtype).itemsize
+                views.append(
+                    ViewPlan(
+                        name=e.name,
+                        buffer=buf_i,
+                        rel_offset=rel,
+                        nbytes=math.prod(shape) * itemsize if n else 0,
+                        dtype=e.dtype,
+                        shape=shape,
+                        aligned=rel % itemsize == 0,
+                        partition=part_i,
+                        file_offset=lo,
+                        strides=contiguous_strides(e.shape) if strided else None,
+                    )
+                )
+        packed = gathered.get(part_i, [])
+        if packed:
+            buf_i = len(buffers)
+            segments: list[tuple[int, int, int]] = []
+            cursor = 0
+            for e, box, runs in packed:
+                itemsize = dtypes.get(e.dtype).itemsize
+                start = _align_up(cursor, max(itemsize, 64))
+                segs_e, reads_e, cursor = _packed(
+                    buf_i, part_i, ((e.offset + lo, n) for lo, n in runs), start, chunk_bytes
+                )
+                segments.extend(segs_e)
+                reads.extend(reads_e)
+                views.append(
+                    ViewPlan(
+                        name=e.name,
+                        buffer=buf_i,
+                        rel_offset=start,
+                        nbytes=cursor - start,
+                        dtype=e.dtype,
+                        shape=tuple(hi - lo for lo, hi in box),
+                        aligned=True,
+                        partition=part_i,
+                        file_offset=e.offset + runs[0][0],
+                    )
+                )
+            buffers.append(
+                BufferPlan(buf_i, device, part_i, cursor, tuple(segments), mappable=False)
+            )
+    return LoadPlan(
+        buffers=tuple(buffers),
+        reads=tuple(reads),
+        views=tuple(views),
+        aliases={},
+        checks=(),
+        devices=(device,) if buffers else (),
+    )
+
+
+def plan_into(index: Index, names: Iterable[str], device: str, *, chunk_bytes: int) -> LoadPlan:
+    """Plan reading whole stored tensors each into memory of its own that the caller hands to
+    the executor (``Loader.execute(into=...)``: buffer ``i`` is the i-th name's tensor, exactly
+    its bytes): a model's own parameters, filled with no copy on the device. Buffers are never
+    mapped."""
+    _check_chunk(chunk_bytes)
+    device = resolve_device(device)
+    buffers: list[BufferPlan] = []
+    reads: list[ReadOp] = []
+    views: list[ViewPlan] = []
+    for name in names:
+        e = index.tensors.get(name)
+        if e is None:
+            raise KeyError(f"tensor {name!r} is not stored in the checkpoint at {index.root}")
+        buf_i = len(buffers)
+        segments, mine, _ = _packed(
+            buf_i, e.partition, [(e.offset, e.nbytes)] if e.nbytes else [], 0, chunk_bytes
+        )
+        reads.extend(mine)
+        buffers.append(
+            BufferPlan(buf_i, device, e.partition, e.nbytes, tuple(segments), mappable=False)
+        )
+        views.append(
+            ViewPlan(e.name, buf_i, 0, e.nbytes, e.dtype, e.shape, True, e.partition, e.offset)
+        )
+    return LoadPlan(
+        buffers=tuple(buffers),
+        reads=tuple(reads),
+        views=tuple(views),
+        aliases={},
+        checks=(),
+        devices=(device,) if buffers else (),
+    )
+
+
+def _check_chunk(chunk_bytes: int) -> None:
+    if chunk_bytes <= 0 or chunk_bytes % PAGE:
+        raise ValueError(f"chunk_bytes={chunk_bytes}: must be a positive multiple of {PAGE}")

@@ -433,12 +433,20 @@ class Loader:
         tiers: bool = True,
         t_start: float | None = None,
         plan: LoadPlan | None = None,
+        into: Mapping[int, Any] | None = None,
     ) -> tuple[dict[str, Any], stats.LoadStats]:
         """Read ``names`` (default all) of an opened checkpoint onto ``target`` (canonical):
         one policy decision, one executor run. ``tiers`` lets the load use and fill the GPU and
         DRAM tiers (whole loads); windows and single tensors only use what the DRAM tier and the
-        daemon already hold. A ready ``plan`` may be passed (slices)."""
+        daemon already hold. A ready ``plan`` may be passed (slices, shards). ``into`` maps
+        buffers of that plan to the caller's own memory (contiguous uint8 tensors of the
+        buffer's size on its device, e.g. a model's parameters, as ``plan_into`` plans them),
+        which the load fills instead of allocating; only without tiers."""
         self._check_open()
+        if into and (tiers or plan is None):
+            raise ValueError(
+                "execute(into=...) fills a caller's memory: pass its plan, tiers=False"
+            )
         cfg = cfg or self.config()
         t_start = time.perf_counter() if t_start is None else t_start
         index, files = opened.index, opened.files
@@ -527,6 +535,7 @@ class Loader:
                 stage=lambda dev: self.stage(dev, cfg),
                 reclaim=self.gpu_tier.free_idle,
                 open_partition=self._open_partition,
+                into=into or {},
             )
             executor = Executor(index, plan, decision, sources, cfg=cfg, verify=verify)
             try:
@@ -651,6 +660,21 @@ class Loader:
             largest = max(cold, key=lambda p: index.partitions[p].nbytes)
             prof = profile.profile_for(index.partitions[largest].path, cfg, self.engine(cfg))
         return residency, prof
+
+    def read_gbps(self, opened: Opened, cfg: Config | None = None) -> float:
+        """The rate a read of ``opened`` can expect now (``policy.read_gbps``): the page cache's
+        when its partitions are resident (or the daemon serves them), else what the read
+        profile measured for the cold mode."""
+        cfg = cfg or self.config()
+        parts = opened.index.partitions
+        if opened.daemon or not parts:
+            return policy.PAGE_CACHE_GBPS
+        resident = min(self._residency(p.path) for p in parts)
+        prof = None
+        if resident < policy.Settings().buffered_min_resident and cfg.read_mode == "auto":
+            largest = max(parts, key=lambda p: p.nbytes)
+            prof = profile.profile_for(largest.path, cfg, self.engine(cfg))
+        return policy.read_gbps(prof, resident)
 
     # ------------------------------------------------------------------ tiers API
     def prefetch(
