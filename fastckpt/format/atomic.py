@@ -64,8 +64,10 @@ def _refuse_message(dst: str, what: str) -> str:
     )
 
 
-def check_destination(dst: str, *, overwrite: bool) -> None:
-    """Raise ``DestinationExistsError`` unless ``dst`` may be created or replaced.
+def check_destination(dst: str, *, overwrite: bool, marker: str = INDEX_FILE) -> None:
+    """Raise ``DestinationExistsError`` unless ``dst`` may be created or replaced (with
+    ``overwrite``: an empty directory, or one holding ``marker``, the file that makes a
+    directory one of ours: a checkpoint's index, an export's manifest).
 
     Cheap; called before any work so that a long conversion does not fail at its very end.
     """
@@ -77,7 +79,7 @@ def check_destination(dst: str, *, overwrite: bool) -> None:
         raise DestinationExistsError(errno.EEXIST, _refuse_message(dst, "a symbolic link"), dst)
     if not os.path.isdir(dst):
         raise DestinationExistsError(errno.EEXIST, _refuse_message(dst, "not a directory"), dst)
-    if os.path.lexists(os.path.join(dst, INDEX_FILE)):
+    if os.path.lexists(os.path.join(dst, marker)):
         return
     try:
         empty = not os.listdir(dst)
@@ -197,10 +199,11 @@ def sweep_stale(dst: str) -> list[str]:
     return removed
 
 
-def _remove_tree(path: str) -> None:
-    """Remove a directory; its index goes first so a half-removed tree never looks valid."""
+def _remove_tree(path: str, marker: str = INDEX_FILE) -> None:
+    """Remove a directory; its index (``marker``) goes first so a half-removed tree never looks
+    valid."""
     with contextlib.suppress(OSError):
-        os.unlink(os.path.join(path, INDEX_FILE))
+        os.unlink(os.path.join(path, marker))
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -211,7 +214,7 @@ class Staging:
     ``KeyboardInterrupt``) removes the temporary directory and everything in it.
     """
 
-    def __init__(self, dst: str, *, overwrite: bool) -> None:
+    def __init__(self, dst: str, *, overwrite: bool, marker: str = INDEX_FILE) -> None:
         dst = os.path.abspath(os.fspath(dst))
         name = os.path.basename(dst)
         if not name:
@@ -221,10 +224,11 @@ class Staging:
         self.parent = os.path.dirname(dst)
         self.path = ""
         self.published = False
+        self.marker = marker
         self._name = name
 
     def __enter__(self) -> Staging:
-        check_destination(self.dst, overwrite=self.overwrite)
+        check_destination(self.dst, overwrite=self.overwrite, marker=self.marker)
         os.makedirs(self.parent, exist_ok=True)
         sweep_stale(self.dst)
         tag = _owner_tag()
@@ -250,7 +254,7 @@ class Staging:
     def discard(self) -> None:
         """Remove the temporary directory (idempotent)."""
         if self.path and os.path.lexists(self.path):
-            _remove_tree(self.path)
+            _remove_tree(self.path, self.marker)
 
     def publish(self) -> None:
         """Flush the temporary directory and rename it to ``dst`` (replacing per ``overwrite``).
@@ -260,7 +264,7 @@ class Staging:
         if self.published:
             raise RuntimeError("already published")
         fsync_path(self.path, directory=True)
-        check_destination(self.dst, overwrite=self.overwrite)
+        check_destination(self.dst, overwrite=self.overwrite, marker=self.marker)
         if not os.path.lexists(self.dst):
             try:
                 # os.rename would silently replace an empty directory created meanwhile; that
@@ -279,7 +283,7 @@ class Staging:
         if _rename_exchange(self.path, self.dst):
             self.published = True
             fsync_path(self.parent, directory=True)
-            _remove_tree(self.path)  # now holds the old checkpoint
+            _remove_tree(self.path, self.marker)  # now holds the old checkpoint
             return
         aside = os.path.join(
             self.parent, f".{self._name}.old-{_owner_tag()}-{secrets.token_hex(6)}"
@@ -292,7 +296,7 @@ class Staging:
             raise
         self.published = True
         fsync_path(self.parent, directory=True)
-        _remove_tree(aside)
+        _remove_tree(aside, self.marker)
 
 
 __all__ = [

@@ -21,8 +21,8 @@ being read.
 
 Each tensor is yielded once, in storage order (partition, then offset); an alias (a tied weight
 stored once in a fastckpt checkpoint) is yielded right after its target, as the same tensor
-object. The index is validated as for ``load``. No chunk checksums are checked (use
-``fastckpt.verify`` or ``fastckpt.load(verify=True)``).
+object. The index is validated as for ``load``. Chunk checksums are checked with ``verify=True``
+(each window then reads the whole checksum chunks its tensors touch).
 
 ``boxes`` reads only a sub-array of some tensors (a tensor-parallel rank's share): each window is
 then planned by ``plan.plan_shards`` (a row shard is one range of the file, a column shard its row
@@ -38,6 +38,7 @@ import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from fastckpt.errors import FormatError
 from fastckpt.format import dtypes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,6 +63,7 @@ def iter_tensors(
     index: Index | None = None,
     loader: Loader | None = None,
     stats: list[LoadStats] | None = None,
+    verify: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` in storage order (see the module docstring).
 
@@ -81,6 +83,8 @@ def iter_tensors(
             against it again).
         loader: the ``fastckpt.Loader`` to read through (default: the current or default one).
         stats: a list each window's ``LoadStats`` is appended to (bytes read, sources, times).
+        verify: check the chunk checksums of every byte yielded (each window reads the whole
+            checksum chunks its tensors touch; a fastckpt checkpoint only; not with ``boxes``).
 
     Raises:
         FormatError (and subclasses): the checkpoint is invalid (before the first tensor) or a
@@ -96,8 +100,20 @@ def iter_tensors(
     window = 4 * cfg.ring_slot_bytes if window_bytes is None else int(window_bytes)
     if window <= 0:
         raise ValueError(f"window_bytes={window_bytes}: must be positive")
-    opened = session.open_source(index if index is not None else path, cfg=cfg, convert=False)
+    if verify and boxes is not None:
+        raise ValueError(
+            "verify=True checks whole checksum chunks; it cannot be combined with boxes"
+        )
+    opened = session.open_source(
+        index if index is not None else path, cfg=cfg, convert=False, verify=verify
+    )
     try:
+        if verify and opened.index.checksum_algorithm is None:
+            raise FormatError(
+                f"verify=True needs chunk checksums, and a {opened.index.kind} checkpoint has "
+                "none; convert it with fastckpt.convert to get them",
+                path=opened.index.root,
+            )
         shards = None
         if boxes is not None:
             for name in boxes:
@@ -108,7 +124,7 @@ def iter_tensors(
     except BaseException:
         opened.close()
         raise
-    return _run(session, opened, dev, groups, cfg, shards, stats)
+    return _run(session, opened, dev, groups, cfg, shards, stats, verify)
 
 
 def windows(
@@ -175,11 +191,12 @@ def _run(
     cfg: Any,
     shards: _Shards | None = None,
     stats: list[LoadStats] | None = None,
+    verify: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     ahead: _Ahead | None = None
 
     def start(group: list[tuple[str, list[str]]]) -> _Ahead:
-        return _Ahead(loader, opened, device, group, cfg, shards, stats)
+        return _Ahead(loader, opened, device, group, cfg, shards, stats, verify)
 
     try:
         if groups:
@@ -210,6 +227,7 @@ class _Ahead:
         cfg: Any,
         shards: _Shards | None = None,
         stats: list[LoadStats] | None = None,
+        verify: bool = False,
     ) -> None:
         self._out: dict[str, Any] = {}
         self._error: BaseException | None = None
@@ -229,7 +247,7 @@ class _Ahead:
                         gather=shards.gather,
                     )
                 tensors, result = loader.execute(
-                    opened, device, names=names, cfg=cfg, tiers=False, plan=plan
+                    opened, device, names=names, cfg=cfg, tiers=False, plan=plan, verify=verify
                 )
                 if stats is not None:
                     stats.append(result)

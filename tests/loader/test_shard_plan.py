@@ -4,6 +4,7 @@ through ``Loader.execute`` on real files, to the CPU and to a fake device."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def test_runs_cover_exactly_the_bytes_the_rank_keeps(
     assert len(covered) == len(set(covered))  # no byte read twice
     assert set(covered) == _kept_bytes(shape, box, item)
     # runs are in order, maximal (none touches the next), and a row shard is one run
-    assert all(a + n < b for (a, n), (b, _) in zip(runs, runs[1:], strict=False))
+    assert all(a + n < b for (a, n), (b, _) in itertools.pairwise(runs))
     if runs and (dim == 0 or box[1] == (0, shape[1])):
         assert len(runs) == 1
 
@@ -112,7 +113,7 @@ def test_plan_reads_exactly_the_kept_bytes_of_each_tensor(
     # reads stay inside their buffer; packed buffers are never mapped
     for r in plan.reads:
         b = plan.buffers[r.buffer]
-        assert 0 <= r.dest_offset and r.dest_offset + r.nbytes <= b.nbytes
+        assert r.dest_offset >= 0 and r.dest_offset + r.nbytes <= b.nbytes
     runs = box_runs(shape, box, item)
     if len(runs) > 1:
         assert not plan.buffers[views["w"].buffer].mappable
