@@ -294,3 +294,18 @@ def test_iter_weights_takes_the_bytes_from_the_nodes_daemon(tmp_path: Path) -> N
         daemon.stop()
         thread.join(30)
     assert not thread.is_alive()
+
+
+def test_vllm_export_without_vllm_says_which_python_to_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    from fastckpt.cli import main
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is importable here: the command would run it")
+    assert main(["vllm-export", str(tmp_path), str(tmp_path / "out"), "-tp", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "fastckpt vllm-export runs vLLM" in err and ".vllm-venv/bin/fastckpt" in err
+    assert not (tmp_path / "out").exists()
