@@ -160,7 +160,12 @@ def run_cases(
     results: dict[str, dict[str, object]] = {}
     timers: list[float] = []  # vLLM's "Loading weights took", one per rank that logs it
     ranks: list[dict[str, object]] = []  # the plug-in's bytes read, one per rank
+    # fastckpt's errors logged by the case's workers: with spawned workers vLLM's exception says
+    # only "Engine core initialization failed", the worker's own message is in the log
+    errors: list[str] = []
     for line in log.splitlines():
+        if "fastckpt" in line and ("MismatchError" in line or "OptionsError" in line):
+            errors.append(line[-3000:])
         m = _WEIGHTS_RE.search(line)
         r = _RANK_RE.search(line)
         if m:
@@ -181,7 +186,9 @@ def run_cases(
             out = json.loads(line.split(" ", 1)[1])
             out["weights_s"] = timers
             out["ranks"] = sorted(ranks, key=lambda x: int(str(x["tp_rank"])))
-            timers, ranks = [], []
+            if "error" in out:
+                out["error"] = "\n".join([out["error"], *errors[-4:]])
+            timers, ranks, errors = [], [], []
             results[out.pop("case")] = out
     if proc.returncode != 0 or len(results) != len(cases):
         results["_runner"] = {"error": f"runner exited {proc.returncode}", "log_tail": log[-6000:]}

@@ -141,6 +141,9 @@ def timed_loader(load_config):
         start = time.perf_counter()
         inner(model, model_config)
         print(f"BENCH_TIMER {time.perf_counter() - start:.6f}", flush=True)
+        # the process's peak RSS up to here: model built and weights loaded (vLLM's KV cache,
+        # 10% of host memory on its CPU build, comes after)
+        print(f"BENCH_RSS {peak_rss()}", flush=True)
     loader.load_weights = load_weights
     return loader
 
@@ -171,7 +174,7 @@ from vllm import SamplingParams
 first_token = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
 
 def load(entry):
-    out = {"error": None, "first_token_s": None, "peak_rss_bytes": None}
+    out = {"error": None, "first_token_s": None}
     try:
         gc.collect()
         peak_rss_reset()
@@ -182,7 +185,6 @@ def load(entry):
               model_loader_extra_config=entry.get("extra") or {}, seed=0)
         llm.generate([{"prompt_token_ids": [1, 2, 3]}], first_token, use_tqdm=False)
         out["first_token_s"] = time.perf_counter() - start
-        out["peak_rss_bytes"] = peak_rss()
         del llm
     except Exception as e:  # a peer loader that does not run here: reported, not fatal
         out["error"] = f"{type(e).__name__}: {e}"[:500]
@@ -229,6 +231,7 @@ def parse_round_log(log: str) -> list[dict[str, Any]]:
     pending: float | None = None
     logged: float | None = None
     read: list[tuple[int, int]] = []  # the plug-in's (rank, bytes read)
+    rss: int | None = None  # peak RSS of the process once the weights were loaded
     for line in log.splitlines():
         m = _WEIGHTS_RE.search(line)
         r = _RANK_RE.search(line)
@@ -238,6 +241,9 @@ def parse_round_log(log: str) -> list[dict[str, Any]]:
             read.append((int(r.group(1)), int(r.group(2))))
         if line.startswith("BENCH_TIMER "):
             pending = float(line.split(" ", 1)[1])
+        elif line.startswith("BENCH_RSS "):
+            value = line.split(" ", 1)[1].strip()
+            rss = int(value) if value.isdigit() else None
         elif line.startswith("BENCH_MARK "):
             mark = json.loads(line.split(" ", 1)[1])
             if "warmup" not in mark:
@@ -250,9 +256,10 @@ def parse_round_log(log: str) -> list[dict[str, Any]]:
                         "weights_s": weights,
                         "vllm_log_s": logged,
                         "read_nbytes": [n for _, n in sorted(read)],
+                        "peak_rss_bytes": rss,
                     }
                 )
-            pending = logged = None
+            pending = logged = rss = None
             read = []
     return out
 
