@@ -6,11 +6,9 @@
 #               box has no pkg-config): Debian 12 packages, unpacked there with dpkg -x.
 #   .gpu/bin/fio  fio built here from Debian's own source package (apt-get source fio), static,
 #               without the ceph/gluster/rdma/pmem/nbd engines: about 3 MB, runs on any x86-64
-#               Linux. Debian's fio binary instead needs 56 more library packages (librados,
-#               librbd, glusterfs, libicu72, ...; ~38 MB): --fio=debs fetches those instead (it
-#               runs from a dpkg -x prefix with LD_LIBRARY_PATH, checked in a chroot holding only
-#               libc6), --fio=none fetches no fio (the harness then measures the O_DIRECT ceiling
-#               with fastckpt's own engine).
+#               Linux (Debian's own fio binary links 56 more library packages). --fio=none
+#               fetches no fio (the harness then measures the O_DIRECT ceiling with fastckpt's
+#               own engine).
 #   .gpu/core/  fastckpt's C++ core built HERE for the box's Python 3.12 (a pyenv or system
 #               python3.12 is needed here; liburing linked in statically): gpu_check.sh copies it
 #               into fastckpt/ there, so the box needs no build (it builds if the file is absent
@@ -19,15 +17,15 @@
 #               instanttensor (versions of the project's benchmark brief). Their dependencies (torch, numpy,
 #               humanize, typer) are already on the box.
 #
-# Usage: bash benchmarks/fetch_gpu_deps.sh [--fio=static|debs|none]
+# Usage: bash benchmarks/fetch_gpu_deps.sh [--fio=static|none]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 FIO_MODE=static
 for arg in "$@"; do
   case "$arg" in
-    --fio=static|--fio=debs|--fio=none) FIO_MODE=${arg#--fio=} ;;
-    *) echo "usage: $0 [--fio=static|debs|none]" >&2; exit 2 ;;
+    --fio=static|--fio=none) FIO_MODE=${arg#--fio=} ;;
+    *) echo "usage: $0 [--fio=static|none]" >&2; exit 2 ;;
   esac
 done
 PEERS=(runai-model-streamer==0.16.1 fastsafetensors==0.5.0 instanttensor==0.2.2)
@@ -55,18 +53,7 @@ fi
 echo "== .deb files"
 (cd .gpu/debs && apt-get download -q liburing2 liburing-dev pkgconf-bin libpkgconf3 >/dev/null)
 
-if [ "$FIO_MODE" = debs ]; then
-  # fio's libraries, as linked by Debian 12's binary (libc6 stays the box's own).
-  FIO_DEPS=(fio libacl1 libaio1 libargon2-1 libblkid1 libboost-iostreams1.74.0
-    libboost-thread1.74.0 libbz2-1.0 libcom-err2 libcryptsetup12 libdaxctl1 libdevmapper1.02.1
-    libffi8 libfmt9 libgcc-s1 libgfapi0 libgfrpc0 libgfxdr0 libglusterfs0 libgmp10 libgnutls30
-    libgssapi-krb5-2 libhogweed6 libibverbs1 libicu72 libidn2-0 libjson-c5 libk5crypto3
-    libkeyutils1 libkmod2 libkrb5-3 libkrb5support0 liblzma5 libnbd0 libndctl6 libnettle8
-    libnl-3-200 libnl-route-3-200 libnuma1 libp11-kit0 libpcre2-8-0 libpmem1 libpmemblk1 librados2
-    librbd1 librdmacm1 libselinux1 libssl3 libstdc++6 libtasn1-6 libtirpc3 libudev1 libunistring2
-    libuuid1 libxml2 libzstd1 zlib1g)
-  (cd .gpu/debs && apt-get download -q "${FIO_DEPS[@]}" >/dev/null)
-elif [ "$FIO_MODE" = static ]; then
+if [ "$FIO_MODE" = static ]; then
   echo "== fio (static, from Debian's source package)"
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT

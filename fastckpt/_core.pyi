@@ -172,9 +172,11 @@ def run_copy_pipeline(
     backend: CopyBackend,
     *,
     crc: bool = False,
+    crc_threads: int = 4,
     cancel: CancelFlag | None = None,
     max_slots: int = 0,
     host_window: int = 16,
     gate_timeout_s: float | None = None,
     copy_poll_s: float = 0.0001,
+    _crc_delay_s: float = 0.0,
 ) -> dict[str, Any]: ...

@@ -25,7 +25,8 @@ staging slot is overwritten before its copy ran). This part is internal to the l
 device addresses are plain ints, and the public API never shows them.
 
 Everything outside this module reaches ``_core`` through it, except ``fastckpt.format.spec``,
-which imports ``_core`` lazily for CRC32C and falls back to a table when it is not built.
+which imports ``_core`` lazily for CRC32C and falls back to a table when it is not built. That is
+why it is longer than 600 lines: it is the one gateway, for the engine and the copy pipeline.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ __all__ = [
     "crc32c_combine",
     "cuda_copy_backend",
     "cuda_driver_problem",
+    "default_crc_threads",
     "drop_page_cache",
     "engine_info",
     "residency",
@@ -514,6 +516,15 @@ class CancelFlag(_core.CancelFlag):
 CopyOp = tuple[str, File, int, int, int, RangeGate | None] | tuple[str, int, int, int]
 
 
+def default_crc_threads() -> int:
+    """Checksum workers of a pipeline run with ``crc``: half the CPUs, at most 8.
+
+    Measured on an H200 box (16 cores, 4 GiB warm, 16 pread threads): 0 workers (the loop's
+    thread) 10 GB/s, 2: 18, 4: 29, 8: 33, against 42 GB/s without checksums.
+    """
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
 @dataclass(frozen=True)
 class CopyResult:
     """What one :func:`run_copy_pipeline` did.
@@ -548,11 +559,13 @@ def run_copy_pipeline(
     backend: CopyBackend,
     *,
     crc: bool = False,
+    crc_threads: int | None = None,
     cancel: CancelFlag | None = None,
     max_slots: int = 0,
     host_window: int = 16,
     gate_timeout_s: float | None = None,
     copy_poll_s: float = 1e-4,
+    _crc_delay_s: float = 0.0,
 ) -> CopyResult:
     """Runs every op through read -> host-to-device copy; returns when all copies completed.
 
@@ -561,7 +574,11 @@ def run_copy_pipeline(
     it, and its slot goes back once that event completed. Host ops are copied directly, at most
     ``host_window`` in flight. The loop blocks only when nothing can proceed (then on a read, or
     on the oldest copy; while reads and copies are both in flight, copies are polled every
-    ``copy_poll_s``). The GIL is released throughout; Ctrl-C on the main thread interrupts it.
+    ``copy_poll_s``). With ``crc``, ``crc_threads`` workers (None: :func:`default_crc_threads`)
+    checksum each op's bytes while the device copies them (0: the loop's own thread, about
+    10 GB/s); a slot goes back once both are done (``_crc_delay_s``, a test hook, slows each
+    worker checksum down). The GIL is released throughout; Ctrl-C on the main thread interrupts
+    it.
 
     Raises ValueError for a bad op (nothing runs; a read longer than a slot is refused), OSError
     for a failed read or gate, TimeoutError when a read waits on its gate longer than
@@ -575,11 +592,13 @@ def run_copy_pipeline(
         slots,
         backend,
         crc=crc,
+        crc_threads=default_crc_threads() if crc_threads is None else crc_threads,
         cancel=cancel,
         max_slots=max_slots,
         host_window=host_window,
         gate_timeout_s=gate_timeout_s,
         copy_poll_s=copy_poll_s,
+        _crc_delay_s=_crc_delay_s,
     )
     raw["crcs"] = tuple(raw["crcs"])
     return CopyResult(**raw)

@@ -130,12 +130,16 @@ bool on_main_thread() {
 py::dict run_copy_pipeline(const py::object& engine, const py::iterable& ops_obj,
                            const std::shared_ptr<SlotSource>& slots,
                            const std::shared_ptr<CopyBackend>& backend, bool crc,
-                           const std::shared_ptr<CancelFlag>& cancel, int64_t max_slots,
+                           int64_t crc_threads, const std::shared_ptr<CancelFlag>& cancel,
+                           int64_t max_slots,
                            int64_t host_window, std::optional<double> gate_timeout_s,
-                           double copy_poll_s) {
+                           double copy_poll_s, double crc_delay_s) {
   if (!slots) throw py::type_error("slots must be a SlotSource");
   if (!backend) throw py::type_error("backend must be a CopyBackend");
   if (max_slots < 0) throw py::value_error("max_slots must be >= 0");
+  if (crc_threads < 0 || crc_threads > 64)
+    throw py::value_error("crc_threads must be between 0 and 64, got " +
+                          std::to_string(crc_threads));
   if (host_window < 1) throw py::value_error("host_window must be >= 1");
   if (std::isnan(copy_poll_s) || copy_poll_s <= 0 || copy_poll_s > 1)
     throw py::value_error("copy_poll_s must be in (0, 1]");
@@ -143,6 +147,11 @@ py::dict run_copy_pipeline(const py::object& engine, const py::iterable& ops_obj
   const std::vector<CopyOp> ops = parse_ops(ops_obj);
   fastckpt::PipelineOptions opts;
   opts.crc = crc;
+  opts.crc_threads = static_cast<size_t>(crc_threads);
+  if (std::isnan(crc_delay_s) || crc_delay_s < 0 || crc_delay_s > 1)
+    throw py::value_error("_crc_delay_s must be in [0, 1]");
+  opts.crc_test_delay = std::chrono::duration_cast<std::chrono::nanoseconds>(
+      std::chrono::duration<double>(crc_delay_s));
   opts.max_slots = static_cast<size_t>(max_slots);
   opts.host_window = static_cast<size_t>(host_window);
   opts.gate_timeout = duration_arg(gate_timeout_s, "gate_timeout_s");
@@ -361,8 +370,10 @@ void bind_copy(py::module_& m) {
       .def_property_readonly("is_set", &CancelFlag::is_set);
 
   m.def("run_copy_pipeline", &run_copy_pipeline, "engine"_a, "ops"_a, "slots"_a, "backend"_a,
-        py::kw_only(), "crc"_a = false, "cancel"_a = nullptr, "max_slots"_a = 0,
-        "host_window"_a = 16, "gate_timeout_s"_a = py::none(), "copy_poll_s"_a = 1e-4);
+        py::kw_only(), "crc"_a = false, "crc_threads"_a = 4, "cancel"_a = nullptr,
+        "max_slots"_a = 0,
+        "host_window"_a = 16, "gate_timeout_s"_a = py::none(), "copy_poll_s"_a = 1e-4,
+        "_crc_delay_s"_a = 0.0);
 }
 
 }  // namespace fastckpt_py

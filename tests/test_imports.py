@@ -147,7 +147,8 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_graph_sees_the_package() -> None:
     graph = _graph(eager_only=False)
     assert "fastckpt.rules.devices" in graph["fastckpt.loader.plan"]
-    assert "fastckpt.format.reader" in graph["fastckpt.loader.session"]
+    assert "fastckpt.format.reader" in graph["fastckpt.loader.opening"]
+    assert "fastckpt.loader.opening" in graph["fastckpt.loader.session"]
 
 
 def test_cycle_finder_finds_cycles() -> None:

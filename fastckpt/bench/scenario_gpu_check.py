@@ -334,8 +334,11 @@ print(json.dumps({"first_s": first, "stats": st.as_dict(), "ring": ring}, defaul
 
 
 def _first_loads(env: _Env, paths: dict[str, str]) -> dict[str, Any]:
+    """The first load of a fresh process, of each form: the machine's very first (it measures
+    the pinning methods once and stores them with the machine profile), then a typical one."""
     out: dict[str, Any] = {}
-    for name, path in paths.items():
+    runs = [("machine_first", paths["fastckpt"]), *paths.items()]
+    for name, path in runs:
         proc = subprocess.run(
             [sys.executable, "-c", _CHILD, path, env.device, "1" if env.fake else "0"],
             capture_output=True,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastckpt.errors import FormatError
 from fastckpt.format.reader import read_index
-from fastckpt.loader import dramfill, policy
+from fastckpt.loader import dramfill, facts, policy
 from fastckpt.loader.plan import plan_load
 from fastckpt.loader.ssdconvert import ssd_key
 from fastckpt.loader.target import resolve_target
@@ -52,7 +52,15 @@ def prefetch(loader: Loader, path: str, tier: str, device: Any) -> bool:
         if sum(p.nbytes for p in opened.index.partitions) > tier_obj.capacity_bytes:
             return False
         plan = plan_load(opened.index, "cpu", chunk_bytes=cfg.ring_slot_bytes)
-        residency, prof = loader._inputs(opened.index, plan, frozenset(), False, cfg)
+        residency, prof = facts.read_inputs(
+            opened.index,
+            plan,
+            frozenset(),
+            False,
+            cfg,
+            residency=loader._residency,
+            engine=lambda: loader.engine(cfg),
+        )
         item, _ = dramfill.fill(
             tier_obj,
             loader.flights,

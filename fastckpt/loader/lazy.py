@@ -42,13 +42,15 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from fastckpt.format import dtypes
-from fastckpt.loader.plan import box_runs, plan_gather, split_dim
+from fastckpt.loader.plan import plan_gather
+from fastckpt.loader.shardplan import box_runs, split_dim
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from fastckpt.format.index import Index, TensorEntry
-    from fastckpt.loader.session import Loader, Opened
+    from fastckpt.loader.opening import Opened
+    from fastckpt.loader.session import Loader
 
 __all__ = ["LazyCheckpoint", "TensorSlice", "open"]
 

@@ -11,9 +11,11 @@ vLLM weight source all go through a Loader (the process's default one unless tol
    run the one executor over the byte sources, offer fresh device buffers to the GPU tier, and
    report ``LoadStats``.
 
-Helpers around it live beside it: ``dramfill`` (the DRAM tier's lookup and fill), ``ssdconvert``
-(the SSD tier's converted copies), ``cachectl`` (prefetch, evict, cache_info), ``stats``
-(assembling ``LoadStats``), ``daemonsource`` (the cache daemon as a byte source).
+Helpers around it live beside it: ``opening`` (step 1), ``facts`` (what the policy is told:
+the cached plan, GPU-tier revival, residency, the read profile), ``dramfill`` (the DRAM tier's
+lookup and fill), ``ssdconvert`` (the SSD tier's converted copies), ``cachectl`` (prefetch,
+evict, cache_info), ``stats`` (assembling ``LoadStats``), ``daemonsource`` (the cache daemon as
+a byte source).
 """
 
 from __future__ import annotations
@@ -24,10 +26,8 @@ import os
 import threading
 import time
 import weakref
-from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastckpt import io_engine
@@ -40,20 +40,19 @@ from fastckpt.errors import (
     MissingPartitionError,
     TruncatedError,
 )
-from fastckpt.format.fsdir import OpenFile
 from fastckpt.format.index import Index
-from fastckpt.format.reader import OpenCheckpoint, open_checkpoint, open_partitions
-from fastckpt.loader import cachectl, dramfill, policy, profile, stats
-from fastckpt.loader.daemonsource import fetch, warn_once
+from fastckpt.loader import cachectl, dramfill, facts, opening, policy, stats
+from fastckpt.loader.daemonsource import warn_once
 from fastckpt.loader.executor import Executor
-from fastckpt.loader.plan import LoadPlan, plan_load
+from fastckpt.loader.facts import PlanCache, buffers_on
+from fastckpt.loader.opening import Opened
+from fastckpt.loader.plan import LoadPlan
 from fastckpt.loader.policy import DramAction, Facts, Source
 from fastckpt.loader.sources import Sources
 from fastckpt.loader.sources import open_partition as _open_partition
-from fastckpt.loader.ssdconvert import through_ssd
 from fastckpt.loader.staging import StagingRing, pin_method, process_ring
 from fastckpt.loader.target import resolve_target
-from fastckpt.loader.tiering import SingleFlight, checkpoint_identity, plan_signature
+from fastckpt.loader.tiering import SingleFlight
 from fastckpt.rules.devices import check_cuda_visible
 from fastckpt.tiers.dram import DramItem, DramTier
 from fastckpt.tiers.gpu import GpuTier
@@ -61,22 +60,12 @@ from fastckpt.tiers.held import PageLocker, lock_file_pages
 from fastckpt.tiers.pool import HostPool
 from fastckpt.tiers.ssd import SsdTier
 
-# Windows sampled to estimate residency: an exact count costs ~4 ms per GiB, a sample ~0.1 ms.
-RESIDENCY_SAMPLES = 256
 TIERS = ("gpu", "dram", "ssd")
 ENGINES = ("auto", "uring", "pread")
-PLANS_KEPT = 32  # plans remembered per Loader (a GPU-tier hit then makes views, little else)
 
 _current: contextvars.ContextVar[Loader | None] = contextvars.ContextVar(
     "fastckpt_loader", default=None
 )
-
-
-def _sampled_residency(path: str) -> float:
-    try:
-        return io_engine.residency(path, sample_windows=RESIDENCY_SAMPLES)
-    except OSError:
-        return 0.0
 
 
 def cuda_ring(backend: Any, cfg: Config) -> StagingRing:
@@ -94,33 +83,6 @@ def cuda_ring(backend: Any, cfg: Config) -> StagingRing:
         return StagingRing(backend, slot, max(2, cfg.ring_bytes // slot), method=method)
 
     return process_ring(slot, make)
-
-
-@dataclass
-class Opened:
-    """A checkpoint opened for reading through the core: the validated ``index`` and the open
-    ``files`` it was validated against, its tier identity, the cache daemon's sealed copies
-    (``daemon``, one per partition, when it serves it), and what else must be released."""
-
-    index: Index
-    files: Sequence[OpenFile]
-    ident: tuple[str, str]
-    daemon: tuple[OpenFile, ...] = ()
-    notes: list[str] = field(default_factory=list)
-    ssd_key: str | None = None  # the SSD tier's copy these files are, if they are one
-    _close: list[Callable[[], None]] = field(default_factory=list)
-
-    def close(self) -> None:
-        for fn in reversed(self._close):
-            with contextlib.suppress(Exception):
-                fn()
-        self._close.clear()
-
-    def __enter__(self) -> Opened:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class Loader:
@@ -168,13 +130,13 @@ class Loader:
             if value is not None:
                 self._overrides[name] = value
         cfg = self.config()  # validates the settings now
-        self._residency = residency or _sampled_residency
+        self._residency = residency or facts.sampled_residency
         self._open_partition = open_partition or _open_partition
         self._stage_factory = device_stage
         self._lock = threading.Lock()
         self._engines: dict[tuple[str, int, int, int], io_engine.Engine] = {}
         self._stages: dict[str, Any] = {}
-        self._plans: OrderedDict[Hashable, tuple[weakref.ref[Index], LoadPlan]] = OrderedDict()
+        self._plans = PlanCache()
         self.pool = HostPool(piece_bytes=cfg.pool_piece_bytes, retain_bytes=cfg.ring_bytes)
         self._pinning_ready = False
         self.gpu_tier = GpuTier(cfg.gpu_tier_bytes)
@@ -304,6 +266,7 @@ class Loader:
         # process, and pinned memory would be unregistered through a CUDA context it cannot use.
         _ABANDONED.append((self._engines, self._stages, self.pool, self.gpu_tier, self.dram_tier))
         self._lock = threading.Lock()
+        self._plans = PlanCache()
         self._engines = {}
         self._stages = {}
         self._background = None
@@ -335,43 +298,13 @@ class Loader:
         daemon: bool = True,
         verify: bool = False,
     ) -> Opened:
-        """Open ``path`` for reading through the core (see ``Opened``): its validated files (the
-        SSD tier's converted copy of a slow source when ``convert`` and the tier is on), and the
-        cache daemon's copies when a server is configured and ``daemon``."""
+        """Open ``path`` for reading through the core (``fastckpt.loader.opening``): its
+        validated files (the SSD tier's converted copy of a slow source when ``convert`` and the
+        tier is on), and the cache daemon's copies when a server is configured and ``daemon``."""
         self._check_open()
-        cfg = cfg or self.config()
-        ck = (
-            OpenCheckpoint(path, open_partitions(path), {})
-            if isinstance(path, Index)
-            else open_checkpoint(path)
+        return opening.open_source(
+            self, path, cfg or self.config(), convert=convert, daemon=daemon, verify=verify
         )
-        closers: list[Callable[[], None]] = [ck.close]
-        try:
-            use = ck
-            ssd_key: str | None = None
-            if convert and self.ssd_tier is not None and not isinstance(path, Index):
-                converted, ssd_key = through_ssd(self.ssd_tier, ck.index, os.fspath(path))
-                if converted is not None and ssd_key is not None:
-                    tier, key = self.ssd_tier, ssd_key
-                    closers.append(lambda: tier.unpin(key))
-                    closers.append(converted.close)
-                    use = converted
-            opened = Opened(
-                use.index, use.partitions, checkpoint_identity(use.index, use.partitions)
-            )
-            opened.ssd_key = ssd_key
-            opened._close = closers
-            if daemon and cfg.server:
-                fds = fetch(opened.index, opened.files, cfg, verify=verify, notes=opened.notes)
-                if fds:
-                    opened.daemon = fds
-                    closers.extend(f.close for f in fds)
-            return opened
-        except BaseException:
-            for fn in reversed(closers):
-                with contextlib.suppress(Exception):
-                    fn()
-            raise
 
     # ------------------------------------------------------------------ load
     def load(
@@ -457,7 +390,7 @@ class Loader:
                 path=index.root,
             )
         if plan is None:
-            plan = self._plan(index, target, names, cfg.ring_slot_bytes, verify)
+            plan = self._plans.get(index, target, names, cfg.ring_slot_bytes, verify)
         if not self.simulated_devices:
             _check_devices(plan.devices)
         for dev in plan.devices:
@@ -475,9 +408,11 @@ class Loader:
         notes = set(opened.notes)
         flight = ""
         try:
-            revived, gpu_keys = self._revive(opened.ident, plan, held) if tiers else ({}, {})
+            revived, gpu_keys = (
+                facts.revive(self.gpu_tier, opened.ident, plan, held) if tiers else ({}, {})
+            )
             gpu_devices = frozenset(
-                d for d in gpu_keys if any(b.index in revived for b in _bufs(plan, d))
+                d for d in gpu_keys if any(b.index in revived for b in buffers_on(plan, d))
             )
             dram_item, can_fill = dramfill.lookup(
                 self.dram_tier,
@@ -490,8 +425,16 @@ class Loader:
                 may_fill=tiers,
                 held=held,
             )
-            residency, prof = self._inputs(index, plan, gpu_devices, dram_item is not None, cfg)
-            facts = Facts(
+            residency, prof = facts.read_inputs(
+                index,
+                plan,
+                gpu_devices,
+                dram_item is not None,
+                cfg,
+                residency=self._residency,
+                engine=lambda: self.engine(cfg),
+            )
+            known = Facts(
                 residency=residency,
                 gpu_devices=gpu_devices,
                 dram=dram_item is not None,
@@ -499,7 +442,7 @@ class Loader:
                 daemon=bool(opened.daemon),
                 profile=prof,
             )
-            decision = policy.decide(plan, facts, settings)
+            decision = policy.decide(plan, known, settings)
             if decision.dram is DramAction.FILL:
                 fill_notes: list[str] = []
                 dram_item, led = dramfill.fill(
@@ -555,7 +498,7 @@ class Loader:
                 for dev, gkey in gpu_keys.items():
                     if dev in gpu_devices:
                         continue
-                    mine = {b.index: executor.buffers[b.index] for b in _bufs(plan, dev)}
+                    mine = {b.index: executor.buffers[b.index] for b in buffers_on(plan, dev)}
                     self.gpu_tier.offer(gkey, mine)
         finally:
             for tier, hkey in held:
@@ -583,98 +526,12 @@ class Loader:
         stats.record(result)
         return tensors, result
 
-    # ------------------------------------------------------------------ pieces
-    def _plan(
-        self,
-        index: Index,
-        target: Any,
-        names: Iterable[str] | None,
-        chunk_bytes: int,
-        verify: bool,
-    ) -> LoadPlan:
-        """``plan_load``, remembered for the very same ``Index`` object (a checkpoint loaded
-        again gets the same object from the reader while its index bytes are unchanged)."""
-        names_key = None if names is None else tuple(names)
-        target_key = tuple(sorted(target.items())) if isinstance(target, Mapping) else target
-        key = (id(index), target_key, names_key, chunk_bytes, verify)
-        with self._lock:
-            hit = self._plans.get(key)
-            if hit is not None and hit[0]() is index:
-                self._plans.move_to_end(key)
-                return hit[1]
-        plan = plan_load(
-            index,
-            dict(target) if isinstance(target, Mapping) else target,
-            names=names_key,
-            chunk_bytes=chunk_bytes,
-            verify=verify,
-        )
-        with self._lock:
-            self._plans[key] = (weakref.ref(index), plan)
-            while len(self._plans) > PLANS_KEPT:
-                self._plans.popitem(last=False)
-        return plan
-
-    def _revive(
-        self, ident: tuple[str, str], plan: LoadPlan, held: list[tuple[Any, Hashable]]
-    ) -> tuple[dict[int, Any], dict[str, Hashable]]:
-        """GPU tier: idle buffers of this very plan, revived (pinned in the tier, and recorded in
-        ``held``, until the load ends)."""
-        revived: dict[int, Any] = {}
-        keys: dict[str, Hashable] = {}
-        if self.gpu_tier.capacity_bytes == 0:
-            return revived, keys
-        for dev in plan.devices:
-            if dev == "cpu":
-                continue
-            keys[dev] = key = (*ident, dev, plan_signature(plan, dev))
-            item = self.gpu_tier.revive(key)
-            if item is not None:
-                held.append((self.gpu_tier, key))
-                revived.update(item.buffers)
-        return revived, keys
-
-    def _inputs(
-        self,
-        index: Index,
-        plan: LoadPlan,
-        gpu_devices: frozenset[str],
-        dram: bool,
-        cfg: Config,
-    ) -> tuple[dict[int, float], policy.ReadProfile | None]:
-        """Residency of the partitions the policy may read, and the read-mode profile when some
-        of them are cold."""
-        if dram:
-            return {}, None
-        parts = sorted(
-            {
-                b.partition
-                for b in plan.buffers
-                if b.nbytes and not (b.device != "cpu" and b.device in gpu_devices)
-            }
-        )
-        residency = {p: self._residency(index.partitions[p].path) for p in parts}
-        cold = [p for p in parts if residency[p] < policy.Settings().buffered_min_resident]
-        prof = None
-        if cold and cfg.read_mode == "auto":
-            largest = max(cold, key=lambda p: index.partitions[p].nbytes)
-            prof = profile.profile_for(index.partitions[largest].path, cfg, self.engine(cfg))
-        return residency, prof
-
     def read_gbps(self, opened: Opened, cfg: Config | None = None) -> float:
-        """The rate a read of ``opened`` can expect now (``policy.read_gbps``): the page cache's
-        when its partitions are resident (or the daemon serves them), else what the read
-        profile measured for the cold mode."""
+        """The rate a read of ``opened`` can expect now (``facts.read_gbps``)."""
         cfg = cfg or self.config()
-        parts = opened.index.partitions
-        if opened.daemon or not parts:
-            return policy.PAGE_CACHE_GBPS
-        resident = min(self._residency(p.path) for p in parts)
-        prof = None
-        if resident < policy.Settings().buffered_min_resident and cfg.read_mode == "auto":
-            largest = max(parts, key=lambda p: p.nbytes)
-            prof = profile.profile_for(largest.path, cfg, self.engine(cfg))
-        return policy.read_gbps(prof, resident)
+        return facts.read_gbps(
+            opened.index, bool(opened.daemon), cfg, self._residency, lambda: self.engine(cfg)
+        )
 
     # ------------------------------------------------------------------ tiers API
     def prefetch(
@@ -706,10 +563,6 @@ def _check_devices(devices: Iterable[str]) -> None:
 
     note = f" (torch {torch.__version__}, built with CUDA {torch.version.cuda})"
     check_cuda_visible(devices, torch.cuda, note=note)
-
-
-def _bufs(plan: LoadPlan, device: str) -> list[Any]:
-    return [b for b in plan.buffers if b.device == device]
 
 
 def _free_tiers(gpu: GpuTier, dram: DramTier, pool: HostPool) -> None:

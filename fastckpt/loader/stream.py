@@ -25,31 +25,30 @@ object. The index is validated as for ``load``. Chunk checksums are checked with
 (each window then reads the whole checksum chunks its tensors touch).
 
 ``boxes`` reads only a sub-array of some tensors (a tensor-parallel rank's share): each window is
-then planned by ``plan.plan_shards`` (a row shard is one range of the file, a column shard its row
-segments or, where the policy's ``gather_runs`` finds one read cheaper, the span they lie in),
-and the tensor yielded has the box's shape.
+then planned by ``shardplan.plan_shards`` (a row shard is one range of the file, a column shard
+its row segments or, where the policy's ``gather_runs`` finds one read cheaper, the span they lie
+in), and the tensor yielded has the box's shape.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from fastckpt.errors import FormatError
-from fastckpt.format import dtypes
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from fastckpt.format.index import Index
-    from fastckpt.loader.plan import Box
-    from fastckpt.loader.session import Loader, Opened
+    from fastckpt.loader.opening import Opened
+    from fastckpt.loader.session import Loader
+    from fastckpt.loader.shardplan import Box
     from fastckpt.loader.stats import LoadStats
 
-__all__ = ["iter_tensors", "windows"]
+__all__ = ["iter_tensors"]
 
 
 def iter_tensors(
@@ -92,6 +91,7 @@ def iter_tensors(
         DeviceError: the device is unknown or unavailable. KeyError: an unknown name.
     """
     from fastckpt.loader.api import default_loader
+    from fastckpt.loader.plan import windows
     from fastckpt.loader.target import check_single_device
 
     session = loader if loader is not None else default_loader()
@@ -125,47 +125,6 @@ def iter_tensors(
         opened.close()
         raise
     return _run(session, opened, dev, groups, cfg, shards, stats, verify)
-
-
-def windows(
-    index: Index,
-    names: Iterable[str] | None,
-    window_bytes: int,
-    *,
-    boxes: Mapping[str, Box | None] | None = None,
-) -> list[list[tuple[str, list[str]]]]:
-    """The stored tensors to yield, in storage order, cut into windows of at most
-    ``window_bytes`` (of the boxes read, where ``boxes`` names some): each item is (stored name,
-    [names to yield for it: itself if asked, then its aliases that were asked])."""
-    wanted: set[str] | None = None
-    if names is not None:
-        wanted = set()
-        for name in names:
-            if name not in index.tensors and name not in index.aliases:
-                raise KeyError(f"no tensor {name!r} in {index.root}")
-            wanted.add(name)
-    aliases: dict[str, list[str]] = {}
-    for alias, target in index.aliases.items():
-        if wanted is None or alias in wanted:
-            aliases.setdefault(target, []).append(alias)
-    order = sorted(index.tensors.values(), key=lambda e: (e.partition, e.offset, e.name))
-    out: list[list[tuple[str, list[str]]]] = []
-    size = 0
-    for entry in order:
-        own = wanted is None or entry.name in wanted
-        if not own and entry.name not in aliases:
-            continue
-        yields = ([entry.name] if own else []) + aliases.get(entry.name, [])
-        box = boxes.get(entry.name) if boxes is not None else None
-        nbytes = entry.nbytes
-        if box is not None:
-            nbytes = math.prod(hi - lo for lo, hi in box) * dtypes.get(entry.dtype).itemsize
-        if not out or (size + nbytes > window_bytes and size > 0):
-            out.append([])
-            size = 0
-        out[-1].append((entry.name, yields))
-        size += nbytes
-    return out
 
 
 class _Shards:
@@ -237,7 +196,7 @@ class _Ahead:
             try:
                 plan = None
                 if shards is not None:
-                    from fastckpt.loader.plan import plan_shards
+                    from fastckpt.loader.shardplan import plan_shards
 
                     plan = plan_shards(
                         opened.index,

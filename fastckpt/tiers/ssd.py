@@ -212,11 +212,17 @@ class SsdTier(LruTier[str]):
                 self._remove(e.path)
 
     # ------------------------------------------------------------------ what a load calls
-    def open_copy(self, files: Sequence[str], source: str) -> tuple[OpenCheckpoint, str] | None:
+    def open_copy(
+        self,
+        files: Sequence[str],
+        source: str,
+        *,
+        convert: Callable[[str, str], Any] | None = None,
+    ) -> tuple[OpenCheckpoint, str] | None:
         """The copy of ``source`` (whose bytes are ``files``), checked, opened and pinned for the
-        caller (``unpin(key)`` when done), converted first when there is none. None when the
-        tier cannot hold one (too large, no room, disk full, the source changing while it is
-        read): the caller reads the source."""
+        caller (``unpin(key)`` when done), converted first when there is none (by ``convert``,
+        else the tier's own). None when the tier cannot hold one (too large, no room, disk full,
+        the source changing while it is read): the caller reads the source."""
         try:
             skey = stamp_key(files, source)
         except OSError:
@@ -250,7 +256,7 @@ class SsdTier(LruTier[str]):
             if key is None:
                 with self._lock:
                     self._misses += 1  # not looked up: nothing of this shape is held
-            made = self._make(source, files, skey, shape, key)
+            made = self._make(source, files, skey, shape, key, convert)
             got = None if made is None else self._open_checked(made)
             if made is not None and got is not None:
                 self._add_alias(made, skey)
@@ -359,12 +365,18 @@ class SsdTier(LruTier[str]):
         return None
 
     def _make(
-        self, source: str, files: Sequence[str], skey: str, shape: list[int], key: str | None
+        self,
+        source: str,
+        files: Sequence[str],
+        skey: str,
+        shape: list[int],
+        key: str | None,
+        convert: Callable[[str, str], Any] | None = None,
     ) -> str | None:
         """Convert ``source`` and publish it under its content key (``key``, or hashed on a
         thread while the conversion runs); returns the key, or None when it could not be kept."""
         staged = self.stage(skey)
-        convert = self._convert
+        convert = convert or self._convert
         if convert is None:
             from fastckpt.format.convert import convert as _convert
 

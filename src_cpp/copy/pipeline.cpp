@@ -10,6 +10,7 @@
 
 #include "checksum.hpp"
 #include "common.hpp"
+#include "copy/crc_pool.hpp"
 
 namespace fastckpt {
 namespace {
@@ -83,6 +84,7 @@ class Pipeline {
   bool host_blocked_ = false;
   Clock::time_point gate_since_{};  // when the read next in line started waiting on its gate
   Clock::time_point last_interrupt_check_{};
+  std::unique_ptr<CrcPool> crc_pool_;  // checksum workers (options.crc with crc_threads > 0)
   std::vector<bool> stream_busy_;  // recycle(): a stream whose oldest pending event is not done
   std::unordered_set<uint32_t> used_;
   PipelineResult res_;
@@ -129,7 +131,12 @@ PipelineResult Pipeline::run() {
   validate();
   for (size_t i = 0; i < ops_.size(); ++i)
     (ops_[i].kind == CopyOp::Kind::kRead ? read_ops_ : host_ops_).push_back(i);
-  if (opts_.crc) res_.crcs.assign(ops_.size(), 0);
+  if (opts_.crc) {
+    res_.crcs.assign(ops_.size(), 0);
+    if (opts_.crc_threads > 0)
+      crc_pool_ = std::make_unique<CrcPool>(opts_.crc_threads, res_.crcs, notifier_,
+                                            opts_.crc_test_delay);
+  }
   stream_busy_.assign(static_cast<size_t>(be_.streams()), false);
   last_interrupt_check_ = t0;
   source_.begin_pipeline();  // CancelledError when closed
@@ -144,6 +151,7 @@ PipelineResult Pipeline::run() {
     throw;
   }
   source_.end_pipeline();
+  crc_pool_.reset();  // idle since drain(); it refers to res_.crcs, which is moved out below
   res_.slots_used = used_.size();
   res_.total_s = seconds(Clock::now() - t0);
   return std::move(res_);
@@ -193,6 +201,10 @@ bool Pipeline::recycle() {
   std::fill(stream_busy_.begin(), stream_busy_.end(), false);
   for (auto it = copying_.begin(); it != copying_.end();) {
     const auto s = static_cast<size_t>(it->event.stream);
+    if (crc_pool_ && !crc_pool_->done(it->op)) {  // still being checksummed: keep the slot
+      ++it;
+      continue;
+    }
     if (stream_busy_[s] || !be_.query(it->event)) {
       stream_busy_[s] = true;
       ++it;
@@ -224,7 +236,10 @@ void Pipeline::issue_copy(size_t op, const void* src, const Slot* slot) {
   ++res_.copies;
   res_.max_copies_in_flight = std::max<uint64_t>(res_.max_copies_in_flight, copying_.size());
   // The checksum reads the source while the device copies it: both only read.
-  if (opts_.crc) res_.crcs[op] = crc32c(0, src, o.nbytes);
+  if (crc_pool_)
+    crc_pool_->submit(op, src, o.nbytes);
+  else if (opts_.crc)
+    res_.crcs[op] = crc32c(0, src, o.nbytes);
 }
 
 bool Pipeline::harvest() {
@@ -361,7 +376,10 @@ void Pipeline::block(uint64_t seen) {
   const bool copies = !copying_.empty();
   // A completed copy would let something proceed: a slot this pipeline holds, or the window.
   const bool want_copy = (read_blocked_ == Blocked::kSlot && held_slots_ > 0) || host_blocked_;
-  if (!reads && copies && want_copy) {
+  // With checksums pending, the oldest copy may be done while its slot is not: wait on the
+  // notifier (the checksum workers signal it) and poll the copies.
+  const bool checksums = crc_pool_ && !crc_pool_->idle();
+  if (!reads && copies && want_copy && !checksums) {
     // Every slot this pipeline holds (or the host window) waits on a copy: wait for the oldest.
     be_.synchronize(copying_.front().event);
     res_.copy_wait_s += seconds(Clock::now() - t0);
@@ -392,6 +410,7 @@ void Pipeline::block(uint64_t seen) {
 
 void Pipeline::drain() {
   const auto t0 = Clock::now();
+  if (crc_pool_) crc_pool_->wait_all();
   while (!copying_.empty()) {
     Copying& c = copying_.front();
     be_.synchronize(c.event);
@@ -433,7 +452,9 @@ void Pipeline::stop() noexcept {
       }
     }
   }
-  // 3. Every slot goes back.
+  // 3. No checksum worker may still read a slot or a host source.
+  if (crc_pool_) crc_pool_->cancel_and_wait();
+  // 4. Every slot goes back.
   for (const Copying& c : copying_) {
     if (c.has_event) be_.release(c.event);
     if (c.has_slot) source_.give(c.slot);

@@ -53,6 +53,8 @@ class CancelFlag {
 
 struct PipelineOptions {
   bool crc = false;         // crc32c of every op's bytes (PipelineResult::crcs)
+  size_t crc_threads = 4;   // workers computing them; 0: on the loop's thread
+  std::chrono::nanoseconds crc_test_delay{0};  // test hook: each worker checksum sleeps first
   size_t max_slots = 0;     // slots this pipeline may hold at once; 0: no limit
   size_t host_window = 16;  // host-op copies in flight at most (>= 1)
   // How long a read may wait for its gate (from when it is next in line); beyond: WaitTimeout.

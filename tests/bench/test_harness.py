@@ -27,6 +27,7 @@ TINY = {
     "daemon": {"size": "2MB"},
     "iterator": {"size": "2MB"},
     "vllm": {"size": "2MB"},
+    "gpu-check": {"size": "4MB", "fake_device": True, "check_json": None},
 }
 
 
@@ -66,6 +67,8 @@ def test_scenario_plans_and_measures_at_a_tiny_size(
 ) -> None:
     """Each distinct method measured once, in this process (the fresh-process path is below)."""
     monkeypatch.delenv("FASTCKPT_VLLM_PYTHON", raising=False)  # vllm: its skip path (below)
+    if scenario == "gpu-check":
+        pytest.skip("gpu-check runs its steps end to end: tests/bench/test_gpu_check_script.py")
     import torch
 
     device = "cuda:0" if scenario == "gpu-tier" and torch.cuda.is_available() else "cpu"

@@ -205,7 +205,11 @@ def test_the_fake_device_without_checks_or_copies(engine: Engine, f: File) -> No
     assert_clean(slots, null)
 
 
-def test_crcs_per_op(engine: Engine, f: File, data: np.ndarray) -> None:
+@pytest.mark.parametrize("crc_threads", [0, 1, 3])
+def test_crcs_per_op(engine: Engine, f: File, data: np.ndarray, crc_threads: int) -> None:
+    # Checksums on the loop's thread (0) or on workers. The workers are slowed down (2 ms each)
+    # so that copies finish first: a slot must still wait for its checksum before it is refilled,
+    # or the checksum would be of the next read's bytes.
     backend = FakeCopyBackend()
     slots = make_slots(backend, 3, 100_000)
     dst = np.zeros(data.size, dtype=np.uint8)
@@ -214,7 +218,9 @@ def test_crcs_per_op(engine: Engine, f: File, data: np.ndarray) -> None:
     ops = read_ops(f, dst, data.size, 99_999)
     ops.insert(2, ("read", f, 123, 0, addr(dst), None))  # empty: CRC 0, nothing copied
     ops.append(("host", addr(host_src), host_src.size, addr(host_dst)))
-    result = run_copy_pipeline(engine, ops, slots, backend, crc=True)
+    result = run_copy_pipeline(
+        engine, ops, slots, backend, crc=True, crc_threads=crc_threads, _crc_delay_s=0.002
+    )
     assert len(result.crcs) == len(ops)
     for op, got in zip(ops, result.crcs, strict=True):
         if op[0] == "read":
@@ -483,7 +489,13 @@ def test_a_closed_file_and_a_bad_gate_are_refused(engine: Engine, data_path: Pat
 def test_settings_are_checked(engine: Engine) -> None:
     backend = FakeCopyBackend()
     slots = make_slots(backend, 1, 4 * KiB)
-    for kwargs in ({"max_slots": -1}, {"host_window": 0}, {"copy_poll_s": 0.0}):
+    for kwargs in (
+        {"max_slots": -1},
+        {"host_window": 0},
+        {"copy_poll_s": 0.0},
+        {"crc_threads": -1},
+        {"crc_threads": 65},
+    ):
         with pytest.raises(ValueError):
             run_copy_pipeline(engine, [], slots, backend, **kwargs)
     with pytest.raises(ValueError, match="gate_timeout_s"):
@@ -808,7 +820,11 @@ def test_cuda_events_are_reused_across_runs() -> None:
 
 
 @pytest.mark.gpu
-def test_cuda_bad_device_index_is_named() -> None:
+def test_cuda_bad_arguments_are_named() -> None:
     torch = _cuda()
     with pytest.raises(RuntimeError, match="cuDeviceGet failed: CUDA_ERROR_INVALID_DEVICE"):
         cuda_copy_backend(torch.cuda.device_count() + 7, [0])
+    with pytest.raises(ValueError, match="needs 1 to 64 streams"):
+        cuda_copy_backend(0, [])
+    with pytest.raises(ValueError, match="device index must be >= 0"):
+        cuda_copy_backend(-1, [0])

@@ -155,3 +155,43 @@ def test_a_closed_loader_refuses_use(tmp_path: Path) -> None:
         fastckpt.open(path, loader=loader)
     with pytest.raises(RuntimeError, match="closed"):
         fastckpt.iter_tensors(path, loader=loader)
+
+
+def _stock(root: Path, mask: bytes) -> Path:
+    """A stock safetensors folder (one shard, a config.json beside it) holding a bool tensor
+    with the given bytes."""
+    from safetensors.torch import save_file
+
+    folder = root / "stock"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(2)
+    t = {"w": torch.randn(5000, generator=g), "mask": torch.zeros(len(mask), dtype=torch.bool)}
+    save_file(t, str(folder / "model.safetensors"))
+    entry = fastckpt.read_index(folder).tensors["mask"]
+    with open(folder / "model.safetensors", "r+b") as f:
+        f.seek(entry.offset)
+        f.write(mask)
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    return folder
+
+
+def test_the_ssd_tiers_conversion_reads_through_the_core(tmp_path: Path) -> None:
+    folder = _stock(tmp_path, bytes([1, 0, 1, 1]))
+    with fastckpt.Loader(ssd_tier_bytes=1 << 30, ssd_tier_dir=str(tmp_path / "ssd")) as loader:
+        got, st = loader.load(folder, stats=True)
+        assert st.kind == "fastckpt"  # served from the converted copy
+        copy = Path(st.path)
+        assert (copy / "config.json").read_text() == '{"model_type": "llama"}'
+        assert got["mask"].tolist() == [True, False, True, True]
+    bad = (
+        _stock(tmp_path / "bad", bytes([1, 0, 2, 1]))
+        if (tmp_path / "bad").mkdir() is None
+        else None
+    )
+    assert bad is not None
+    with (
+        fastckpt.Loader(ssd_tier_bytes=1 << 30, ssd_tier_dir=str(tmp_path / "ssd2")) as loader,
+        pytest.raises(CorruptDataError, match="bool"),
+    ):
+        loader.load(bad)
+    assert not any((tmp_path / "ssd2").glob("[0-9a-f]*"))  # nothing kept from the bad source

@@ -1,5 +1,5 @@
-"""Shard-range planning (``plan.plan_shards`` and its helpers): a tensor-parallel rank reads only
-the bytes it keeps. The planning is pure (no torch, no files); the last tests run the plans
+"""Shard-range planning (``shardplan.plan_shards`` and its helpers): a tensor-parallel rank reads
+only the bytes it keeps. The planning is pure (no torch, no files); the last tests run the plans
 through ``Loader.execute`` on real files, to the CPU and to a fake device."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastckpt.format.index import Index, PartitionEntry, TensorEntry
-from fastckpt.loader.plan import (
+from fastckpt.loader.policy import gather_runs
+from fastckpt.loader.shardplan import (
     PAGE,
     box_runs,
     plan_into,
@@ -21,7 +22,6 @@ from fastckpt.loader.plan import (
     shard_box,
     split_dim,
 )
-from fastckpt.loader.policy import gather_runs
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "int8": 1, "float64": 8}
 
@@ -256,7 +256,7 @@ def test_plan_into_fills_the_callers_memory(tmp_path: Path) -> None:
     import torch
 
     import fastckpt
-    from fastckpt.loader.plan import plan_into
+    from fastckpt.loader.shardplan import plan_into
 
     path, sd = _save(tmp_path)
     names = ["down", "emb", "flag"]

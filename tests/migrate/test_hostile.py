@@ -8,15 +8,13 @@ Future changes to the transport or the host run these."""
 from __future__ import annotations
 
 import contextlib
-import random
 import socket
 import struct
-import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hostile_peers import Frames, hostile_peers, hung_up, trickle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from migrate_helpers import MemTarget
@@ -65,119 +63,43 @@ def _connect(server: SocketServer) -> socket.socket:
     return s
 
 
-def _hung_up(s: socket.socket, within_s: float) -> bool:
-    end = time.monotonic() + within_s
-    while time.monotonic() < end:
-        s.settimeout(max(0.01, end - time.monotonic()))
-        try:
-            if s.recv(65536) == b"":
-                return True
-        except TimeoutError:
-            return False
-        except OSError:
-            return True
-    return False
-
-
 def test_a_trickling_peer_is_dropped_at_its_request_deadline() -> None:
     server = _server(None)
     try:
-        s = _connect(server)
-        recv_frame(s)  # the greeting
-        frame = encode_frame({"op": "ping", "pad": "x" * 2000})
-        sent, closed = 0, False
-        for byte in frame[:60]:
-            try:
-                s.sendall(bytes([byte]))
-            except OSError:
-                closed = True
-                break
-            sent += 1
-            if _hung_up(s, 0.2):
-                closed = True
-                break
-        s.close()
-        assert closed and sent < 60, f"still listening after {sent} trickled bytes"
+
+        def connect() -> socket.socket:
+            s = _connect(server)
+            recv_frame(s)  # the greeting
+            return s
+
+        sent = trickle(connect, encode_frame({"op": "ping", "pad": "x" * 2000}))
+        assert 0 <= sent < 60, f"still listening after {sent} trickled bytes"
     finally:
         server.shutdown()
 
 
-def _peer_slow(server: SocketServer, stop: threading.Event) -> None:
-    while not stop.is_set():
-        with contextlib.suppress(OSError), _connect(server) as s:
-            for byte in encode_frame({"op": "ping", "pad": "y" * 300}):
-                if stop.is_set():
-                    return
-                s.sendall(bytes([byte]))
-                time.sleep(0.1)
-
-
-def _peer_idle(server: SocketServer, stop: threading.Event) -> None:
-    while not stop.is_set():
-        with contextlib.suppress(OSError), _connect(server) as s:
-            _hung_up(s, 3 * DEADLINE_S)
-
-
-def _peer_garbage(server: SocketServer, stop: threading.Event) -> None:
-    rng = random.Random(5)
-    while not stop.is_set():
-        with contextlib.suppress(OSError), _connect(server) as s:
-            s.sendall(rng.randbytes(rng.randint(1, 400)))
-            _hung_up(s, 0.5)
-
-
-def _peer_oversize(server: SocketServer, stop: threading.Event) -> None:
-    while not stop.is_set():
-        with contextlib.suppress(OSError), _connect(server) as s:
-            s.sendall(FRAME.pack(1 << 30, 1 << 30) + b"{" * 65536)
-            _hung_up(s, 0.5)
-
-
-def _peer_disconnecting(server: SocketServer, stop: threading.Event) -> None:
-    rng = random.Random(6)
-    frame = encode_frame({"op": "commit", "request_id": "d"}, _state("d").to_bytes())
-    while not stop.is_set():
-        with contextlib.suppress(OSError):
-            s = _connect(server)
-            s.sendall(frame[: rng.randint(1, len(frame))])
-            time.sleep(rng.uniform(0, 0.05))
-            s.close()
+def _frames() -> Frames:
+    commit = encode_frame({"op": "commit", "request_id": "d"}, _state("d").to_bytes())
+    return Frames(
+        slow=encode_frame({"op": "ping", "pad": "y" * 300}),
+        oversize=FRAME.pack(1 << 30, 1 << 30) + b"{" * 65536,
+        partial=commit,
+    )
 
 
 @pytest.mark.parametrize("secret", [None, SECRET], ids=["no-secret", "hmac"])
 def test_a_well_behaved_driver_is_served_among_hostile_peers(secret: bytes | None) -> None:
     server = _server(secret)
-    stop = threading.Event()
-    kinds: list[tuple[Callable[[SocketServer, threading.Event], None], int]] = [
-        (_peer_slow, 3),
-        (_peer_idle, 4),
-        (_peer_garbage, 2),
-        (_peer_oversize, 2),
-        (_peer_disconnecting, 2),
-    ]
-    peers = [
-        threading.Thread(target=fn, args=(server, stop), daemon=True)
-        for fn, n in kinds
-        for _ in range(n)
-    ]
-    for t in peers:
-        t.start()
-    try:
-        time.sleep(0.3)
-        with SocketTransport(server.host, server.port, timeout_s=2.0, secret=secret) as tr:
-            for i in range(12):
-                rid = f"good-{i}"
-                t = RemoteTarget(tr, rid)
-                assert t.prefill(_state(rid)) == 3
-                t.commit(_state(rid))
-                assert t.status()["status"] == "committed"
-                assert t.result(timeout_s=1)["finished"] is True
-                time.sleep(0.05)
-    finally:
-        stop.set()
-        for t in peers:
-            t.join(10)
-    assert not any(t.is_alive() for t in peers)
+    peers = hostile_peers(lambda: _connect(server), _frames(), deadline_s=DEADLINE_S, seed=5)
+    with peers, SocketTransport(server.host, server.port, timeout_s=2.0, secret=secret) as tr:
+        for i in range(12):
+            rid = f"good-{i}"
+            t = RemoteTarget(tr, rid)
+            assert t.prefill(_state(rid)) == 3
+            t.commit(_state(rid))
+            assert t.status()["status"] == "committed"
+            assert t.result(timeout_s=1)["finished"] is True
+            time.sleep(0.05)
     deadline = time.monotonic() + 10
     while (s := server.stats())["open_connections"] > 0 or s["threads"] > 0:
         assert time.monotonic() < deadline, s
@@ -295,7 +217,7 @@ def test_a_frame_header_that_lies_about_its_length_is_dropped() -> None:
         recv_frame(s)
         s.sendall(struct.pack("<II", 10, 0) + b"{}")
         s.shutdown(socket.SHUT_WR)
-        assert _hung_up(s, 5)
+        assert hung_up(s, 5)
         s.close()
         with SocketTransport(server.host, server.port, timeout_s=5, secret=None) as tr:
             assert tr.request({"op": "ping"})[0]["ok"] is True

@@ -7,16 +7,13 @@ seconds. Future changes to the daemon run these."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import random
 import socket
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hostile_peers import Frames, hostile_peers, trickle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -36,21 +33,6 @@ def _connect(path: str) -> socket.socket:
     return s
 
 
-def _closed_by_peer(s: socket.socket, within_s: float) -> bool:
-    """Whether the daemon closes ``s`` within ``within_s`` (reading and dropping anything)."""
-    end = time.monotonic() + within_s
-    while time.monotonic() < end:
-        s.settimeout(max(0.01, end - time.monotonic()))
-        try:
-            if s.recv(65536) == b"":
-                return True
-        except TimeoutError:
-            return False
-        except OSError:
-            return True
-    return False
-
-
 def test_a_trickling_peer_is_closed_at_its_request_deadline(
     tmp_path: Path, inproc_daemon: Any
 ) -> None:
@@ -60,69 +42,15 @@ def test_a_trickling_peer_is_closed_at_its_request_deadline(
     root.mkdir()
     d = inproc_daemon(str(root), idle_timeout_s=DEADLINE_S)
     frame = protocol.HEADER.pack(protocol.MAGIC, protocol.VERSION, protocol.HELLO, 2000)
-    frame += b" " * 2000
-    s = _connect(d.socket)
-    sent = 0
-    closed = False
-    try:
-        for byte in frame[:60]:  # 12 s of trickle at most
-            try:
-                s.sendall(bytes([byte]))
-            except OSError:
-                closed = True
-                break
-            sent += 1
-            if _closed_by_peer(s, 0.2):
-                closed = True
-                break
-    finally:
-        s.close()
-    assert closed, f"the daemon still listened after {sent} trickled bytes"
-    assert sent < 60
+    sent = trickle(lambda: _connect(d.socket), frame + b" " * 2000)  # 12 s of trickle at most
+    assert 0 <= sent < 60, f"the daemon still listened after {sent} trickled bytes"
 
 
-def _peer_slow(path: str, stop: threading.Event) -> None:
-    while not stop.is_set():
-        with contextlib.suppress(OSError), _connect(path) as s:
-            frame = protocol.HEADER.pack(protocol.MAGIC, protocol.VERSION, protocol.HELLO, 500)
-            for byte in frame + b" " * 500:
-                if stop.is_set():
-                    return
-                s.sendall(bytes([byte]))
-                time.sleep(0.1)
-
-
-def _peer_idle(path: str, stop: threading.Event) -> None:
-    while not stop.is_set():
-        with contextlib.suppress(OSError), _connect(path) as s:
-            _closed_by_peer(s, 3 * DEADLINE_S)
-
-
-def _peer_garbage(path: str, stop: threading.Event) -> None:
-    rng = random.Random(1)
-    while not stop.is_set():
-        with contextlib.suppress(OSError), _connect(path) as s:
-            s.sendall(rng.randbytes(rng.randint(1, 300)))
-            _closed_by_peer(s, 0.5)
-
-
-def _peer_oversize(path: str, stop: threading.Event) -> None:
-    while not stop.is_set():
-        with contextlib.suppress(OSError), _connect(path) as s:
-            head = protocol.HEADER.pack(protocol.MAGIC, protocol.VERSION, protocol.GET, 1 << 31)
-            s.sendall(head + b"{" * 65536)
-            _closed_by_peer(s, 0.5)
-
-
-def _peer_disconnecting(path: str, stop: threading.Event, roots: list[str]) -> None:
-    rng = random.Random(2)
-    get = protocol.encode(protocol.GET, {"root": 0, "name": "a", "identity": "0" * 32})
-    while not stop.is_set():
-        with contextlib.suppress(OSError):
-            s = _connect(path)
-            s.sendall(get[: rng.randint(1, len(get))])
-            time.sleep(rng.uniform(0, 0.05))
-            s.close()
+def _frames() -> Frames:
+    hello = protocol.HEADER.pack(protocol.MAGIC, protocol.VERSION, protocol.HELLO, 500)
+    get = protocol.HEADER.pack(protocol.MAGIC, protocol.VERSION, protocol.GET, 1 << 31)
+    partial = protocol.encode(protocol.GET, {"root": 0, "name": "a", "identity": "0" * 32})
+    return Frames(slow=hello + b" " * 500, oversize=get + b"{" * 65536, partial=partial)
 
 
 def test_a_well_behaved_client_is_served_among_hostile_peers(
@@ -131,33 +59,12 @@ def test_a_well_behaved_client_is_served_among_hostile_peers(
     root = tmp_path / "models"
     sd = save_ckpt(root / "a", seed=100)
     d = inproc_daemon(str(root), idle_timeout_s=DEADLINE_S, max_connections=24)
-    stop = threading.Event()
-    kinds: list[tuple[Callable[..., None], int]] = [
-        (_peer_slow, 3),
-        (_peer_idle, 4),
-        (_peer_garbage, 2),
-        (_peer_oversize, 2),
-        (lambda p, s: _peer_disconnecting(p, s, [str(root)]), 2),
-    ]
-    peers = [
-        threading.Thread(target=fn, args=(d.socket, stop), daemon=True)
-        for fn, n in kinds
-        for _ in range(n)
-    ]
-    for t in peers:
-        t.start()
-    try:
-        time.sleep(0.3)  # the peers are at it
+    with hostile_peers(lambda: _connect(d.socket), _frames(), deadline_s=DEADLINE_S, seed=1):
         for _ in range(8):
             got, st = load_via_server(root / "a", stats=True, server=d.socket, timeout_s=2.0)
             assert st.path_taken == "daemon" and same(got, sd)
             del got
             time.sleep(0.1)
-    finally:
-        stop.set()
-        for t in peers:
-            t.join(10)
-    assert not any(t.is_alive() for t in peers)
     deadline = time.monotonic() + 10
     while True:
         with Client(d.socket, timeout_s=5) as c:

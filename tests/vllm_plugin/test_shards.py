@@ -22,7 +22,7 @@ import fastckpt
 from fastckpt.integrations.vllm.options import VllmLoadOptions
 from fastckpt.integrations.vllm.shards import SKIP, learn_boxes, per_stored
 from fastckpt.integrations.vllm.weights import iter_weights, storage_order
-from fastckpt.loader.plan import shard_box
+from fastckpt.loader.shardplan import shard_box
 
 # --------------------------------------------------------------------- a vLLM-like model
 

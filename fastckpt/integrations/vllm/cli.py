@@ -37,19 +37,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fastckpt.cli import UsageError
-
+    """Run the export; a usage problem is a ValueError (the command line prints it, status 1;
+    this module does not import ``fastckpt.cli``, which imports it)."""
     if importlib.util.find_spec("vllm") is None:
-        raise UsageError(
+        raise ValueError(
             "fastckpt vllm-export runs vLLM, which this Python cannot import; run it with the "
             "fastckpt of the environment that has vLLM (e.g. .vllm-venv/bin/fastckpt)"
         )
     try:
         engine_args: Any = json.loads(args.engine_args)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"--engine-args: not JSON ({exc})") from None
+        raise ValueError(f"--engine-args: not JSON ({exc})") from None
     if not isinstance(engine_args, dict):
-        raise UsageError("--engine-args: expected a JSON object")
+        raise ValueError("--engine-args: expected a JSON object")
     from fastckpt.integrations.vllm.export import export_model
 
     target = export_model(

@@ -16,7 +16,7 @@ once) is saved as a fastckpt checkpoint of its own. The folder::
 
 ``vllm serve OUT --load-format fastckpt`` (same TP/PP sizes, dtype, quantization, vLLM release)
 then reads, in each worker, only that rank's checkpoint into the parameters' own memory
-(``plan.plan_into`` + ``Loader.execute(into=...)``: no ``load_weights``, no slicing, no extra
+(``shardplan.plan_into`` + ``Loader.execute(into=...)``: no ``load_weights``, no slicing, no extra
 copy on the device; on a GPU through the pinned staging ring), and vLLM post-processes as
 usual. Anything else is refused with ``CheckpointMismatchError`` saying what differs and the
 command that exports again; never a silent fallback, never wrong weights.
@@ -348,7 +348,7 @@ def _read_into(
     parameters with gaps in their memory (read, then copied in)."""
     import torch
 
-    from fastckpt.loader.plan import plan_into
+    from fastckpt.loader.shardplan import plan_into
     from fastckpt.loader.stats import combine
     from fastckpt.loader.stream import iter_tensors
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from fastckpt.loader.plan import Box, whole_box
+from fastckpt.loader.shardplan import Box, whole_box
 
 SKIP = "skip"
 """``learn_boxes``' answer for a tensor nothing was copied from: it need not be read."""

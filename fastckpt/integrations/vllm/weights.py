@@ -30,8 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from fastckpt.format.index import Index
-    from fastckpt.loader.plan import Box
     from fastckpt.loader.session import Loader
+    from fastckpt.loader.shardplan import Box
     from fastckpt.loader.stats import LoadStats
 
 
@@ -43,7 +43,7 @@ class CheckpointMismatchError(FastckptError, ValueError):
 def storage_order(index: Index) -> list[tuple[str, str]]:
     """``(name, stored name)`` of every tensor name, in the order ``iter_weights`` yields them
     (storage order; an alias right after its target)."""
-    from fastckpt.loader.stream import windows
+    from fastckpt.loader.plan import windows
 
     out: list[tuple[str, str]] = []
     for group in windows(index, None, 1 << 62):
