@@ -60,6 +60,18 @@ def test_ci_builds_the_vllm_venv_as_the_readme_says() -> None:
     assert len(readme) == 1 and readme[0] in ci
 
 
+def test_ci_runs_each_vllm_suite_in_a_step_of_its_own() -> None:
+    """The vLLM plug-in's tests and the migration between vLLM engines each run in a CI step of
+    their own (the main suite skips both: vLLM is not in its venv); the migration step, whose
+    two engines start in two processes, has a time budget of its own."""
+    ci = _ci_commands()
+    for suite in ("tests/vllm_plugin", "tests/vllm_migrate"):
+        steps = [line for line in ci if line.split()[-1] == suite]
+        assert len(steps) == 1, f".ci/run should run {suite} in one step, found {steps}"
+    (migrate_step,) = [line for line in ci if line.endswith("tests/vllm_migrate")]
+    assert re.match(r"timeout \d+ \.vllm-venv/bin/python -m pytest ", migrate_step), migrate_step
+
+
 def test_readme_demo_command_is_what_ci_runs() -> None:
     readme = [
         line

@@ -9,7 +9,8 @@ Engine-agnostic pieces import without torch: ``TokenState`` (and its bytes), the
 ``MigrationSource`` / ``MigrationTarget`` protocols, the ``migrate`` driver and its report, the
 ``Transport`` interface with a TCP implementation, ``TargetHost`` / ``RemoteTarget``, and the
 recompute cost model. ``ReferenceEngine`` (torch, transformers) implements both sides over a
-transformers causal LM and is imported only when asked for.
+transformers causal LM and ``VllmEngine`` over vLLM's engine; each is imported only when asked
+for (``fastckpt.migrate.vllm`` imports vLLM only when an engine is made).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "SocketTransport": ("fastckpt.migrate.transport", "SocketTransport"),
     "Transport": ("fastckpt.migrate.transport", "Transport"),
     "ReferenceEngine": ("fastckpt.migrate.reference", "ReferenceEngine"),
+    "VllmEngine": ("fastckpt.migrate.vllm", "VllmEngine"),
     "checkpoint_fingerprint": ("fastckpt.migrate.fingerprint", "checkpoint_fingerprint"),
     "model_fingerprint": ("fastckpt.migrate.fingerprint", "model_fingerprint"),
 }
@@ -54,6 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from fastckpt.migrate.reference import ReferenceEngine
     from fastckpt.migrate.remote import RemoteTarget, TargetHost
     from fastckpt.migrate.transport import SocketServer, SocketTransport, Transport
+    from fastckpt.migrate.vllm import VllmEngine
 
 
 def __getattr__(name: str) -> Any:
@@ -92,6 +95,7 @@ __all__ = [
     "TokenStateVersionError",
     "Transport",
     "TransportError",
+    "VllmEngine",
     "checkpoint_fingerprint",
     "fit_recompute",
     "migrate",

@@ -29,8 +29,8 @@ KIND = "fastckpt.recompute_cost"
 VERSION = 1
 
 
-def _solve3(a: list[list[float]], b: list[float]) -> list[float]:
-    """Gaussian elimination with partial pivoting for a 3x3 system."""
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting for a small square system."""
     m = [[*row, bi] for row, bi in zip(a, b, strict=True)]
     n = len(m)
     for col in range(n):
@@ -149,11 +149,20 @@ class RecomputeCostModel:
         )
 
 
-def fit(points: Sequence[tuple[int, float]], **meta: str) -> RecomputeCostModel:
+def fit(
+    points: Sequence[tuple[int, float]], *, nonnegative: bool = True, **meta: str
+) -> RecomputeCostModel:
     """Least-squares fit of ``c0 + c1 n + c2 n^2`` to ``(tokens, seconds)`` points.
 
     Rows are weighted by 1/seconds so that the fit minimises *relative* error (short prefills
     count as much as long ones). Needs at least three distinct token counts.
+
+    With ``nonnegative`` (the default) every coefficient is at least 0: a fixed cost, a cost per
+    token and a cost per token pair cannot be negative, and a negative one (noise can make the
+    plain fit put a small negative intercept or curvature) would predict negative times outside
+    the measured range, and the startup-time estimator refuses it. The constrained optimum is
+    found exactly: the best plain fit over each set of coefficients allowed to be non-zero,
+    keeping the best whose coefficients are all non-negative.
     """
     pts = [(int(n), float(t)) for n, t in points]
     if len({n for n, _ in pts}) < 3:
@@ -161,17 +170,24 @@ def fit(points: Sequence[tuple[int, float]], **meta: str) -> RecomputeCostModel:
     if any(t <= 0 for _, t in pts):
         raise ValueError("measured times must be positive")
     scale = max(n for n, _ in pts)  # condition the normal equations
-    ata = [[0.0] * 3 for _ in range(3)]
-    atb = [0.0] * 3
-    for n, t in pts:
-        w = 1.0 / t
-        x = n / scale
-        row = [w, w * x, w * x * x]
-        for i in range(3):
-            atb[i] += row[i] * (w * t)
-            for j in range(3):
-                ata[i][j] += row[i] * row[j]
-    c0, c1, c2 = _solve3(ata, atb)
+    # weighted rows: minimise sum((c0 + c1 x + c2 x^2) / t - 1)^2 with x = n / scale
+    rows = [[1.0 / t, (n / scale) / t, (n / scale) ** 2 / t] for n, t in pts]
+
+    def solve(free: tuple[int, ...]) -> tuple[list[float], float]:
+        ata = [[sum(r[i] * r[j] for r in rows) for j in free] for i in free]
+        atb = [sum(r[i] for r in rows) for i in free]
+        coef = [0.0, 0.0, 0.0]
+        for k, v in zip(free, _solve(ata, atb), strict=True):
+            coef[k] = v
+        resid = sum((sum(c * x for c, x in zip(coef, r, strict=True)) - 1.0) ** 2 for r in rows)
+        return coef, resid
+
+    best, _ = solve((0, 1, 2))
+    if nonnegative and min(best) < 0:
+        subsets = [(0, 1), (0, 2), (1, 2), (0,), (1,), (2,)]
+        feasible = [fitted for fitted in map(solve, subsets) if min(fitted[0]) >= 0]
+        best = min(feasible, key=lambda f: f[1])[0]  # (c0 alone is always feasible)
+    c0, c1, c2 = best
     return RecomputeCostModel(
         c0_s=c0,
         c1_s_per_token=c1 / scale,

@@ -41,6 +41,7 @@ import inspect
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -168,6 +169,7 @@ class _Generation:
         self.generated: list[int] = []
         self.delivered = 0
         self.emitted: list[tuple[int, int]] = []
+        self.emit_times: list[float] = []  # time.monotonic() of each emitted token
         self.sampling = SamplingParams()
         self.stop = StopCriteria(max_new_tokens=1)
         self.generator: torch.Generator | None = None
@@ -184,6 +186,7 @@ class _Generation:
             i = self.delivered
             self.delivered += 1
             self.emitted.append((i, self.generated[i]))
+            self.emit_times.append(time.monotonic())
             if self.emit is not None:
                 self.emit(i, self.generated[i])
 
@@ -224,6 +227,7 @@ class _Generation:
                 "tokens": [list(p) for p in self.emitted],
                 "finished": self.finished,
                 "finish_reason": self.finish_reason,
+                "emit_times": list(self.emit_times),
             }
             if self.error is not None:
                 out["error"] = self.error

@@ -49,7 +49,7 @@ from fastckpt.migrate.errors import (
 
 MAGIC = b"FCKTOKS\0"
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 1  # 1.1: rng mode "engine"
 HEADER = struct.Struct("<8sHHII")
 _CRC_AT = 16  # the checksum covers the 16 header bytes before it and the body
 MAX_BODY_BYTES = 64 << 20
@@ -57,7 +57,8 @@ MAX_TOKEN_ID = (1 << 31) - 1
 
 RNG_POSITION = "position"
 RNG_GENERATOR = "generator"
-RNG_MODES = (RNG_POSITION, RNG_GENERATOR)
+RNG_ENGINE = "engine"
+RNG_MODES = (RNG_POSITION, RNG_GENERATOR, RNG_ENGINE)
 
 _MASK64 = (1 << 64) - 1
 
@@ -113,6 +114,9 @@ class SamplingParams:
             a fresh generator seeded with ``step_seed(seed, p)``, so nothing random travels.
             ``"generator"``: the request owns one generator; its state is shipped in
             ``generator_state`` (opaque engine bytes) at each snapshot.
+            ``"engine"``: the engine's own random stream, which cannot be restored elsewhere
+            (vLLM's per-request generator). A target continues with a fresh stream keyed by
+            (seed, position of the switch): the same distribution, not the same tokens.
         generator_state: the generator's state at the snapshot's step boundary (``"generator"``
             mode only; None before the first draw).
     """
@@ -340,6 +344,7 @@ def _from_obj(obj: Any) -> TokenState:
 
 __all__ = [
     "MAGIC",
+    "RNG_ENGINE",
     "RNG_GENERATOR",
     "RNG_POSITION",
     "VERSION_MAJOR",

@@ -101,9 +101,10 @@ class Instance:
 
 
 _COEFF_ALIASES: dict[str, tuple[str, ...]] = {
-    "a": ("a", "a_s", "intercept_s", "fixed_s", "const_s"),
-    "b": ("b", "b_s", "per_token_s", "linear_s"),
-    "c": ("c", "c_s", "per_token2_s", "per_token_sq_s", "quadratic_s"),
+    # the last name of each is what fastckpt.migrate's RecomputeCostModel.to_dict() writes
+    "a": ("a", "a_s", "intercept_s", "fixed_s", "const_s", "c0_s"),
+    "b": ("b", "b_s", "per_token_s", "linear_s", "c1_s_per_token"),
+    "c": ("c", "c_s", "per_token2_s", "per_token_sq_s", "quadratic_s", "c2_s_per_token2"),
 }
 
 
@@ -130,8 +131,9 @@ class RecomputeModel:
     def from_dict(cls, data: Mapping[str, Any]) -> RecomputeModel:
         """Read ``{"a": s, "b": s/token, "c": s/token^2}``.
 
-        Also accepted: ``{"coefficients": [a, b, c]}`` (or a nested ``"recompute"`` mapping) and
-        the spelled-out keys ``intercept_s``, ``per_token_s``, ``per_token2_s``. Unknown extra
+        Also accepted: ``{"coefficients": [a, b, c]}`` (or a nested ``"recompute"`` mapping),
+        the spelled-out keys ``intercept_s``, ``per_token_s``, ``per_token2_s``, and the export
+        of ``fastckpt.migrate`` (``c0_s``, ``c1_s_per_token``, ``c2_s_per_token2``). Unknown extra
         keys (units, fit quality, provenance) are ignored; a missing coefficient is 0.
         """
         if not isinstance(data, Mapping):

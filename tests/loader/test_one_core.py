@@ -119,6 +119,38 @@ def test_files_swapped_after_opening_are_never_read(tmp_path: Path, entry: str) 
         assert all(torch.equal(bits(got[k]), bits(sd[k])) for k in sd)
 
 
+def _next_generation() -> dict[str, torch.Tensor]:
+    """Another generation of ``_ckpt``'s checkpoint: other sizes, another order, other bytes, so
+    the first generation's offsets land inside other tensors of this one."""
+    g = torch.Generator().manual_seed(6)
+    return {
+        "b.w": torch.randn(9000, generator=g),
+        "mask": torch.tensor([False, True] * 200),
+        "a.w": torch.randn(7000, generator=g),
+    }
+
+
+@pytest.mark.parametrize("entry", ["open.get_tensor", "open.get_slice", "iter_tensors"])
+def test_a_republish_after_opening_is_never_read(tmp_path: Path, entry: str) -> None:
+    """The checkpoint is republished (atomically, another layout) after ``open`` or
+    ``iter_tensors`` validated it: what they return is the generation they validated, never
+    bytes of the new one at the old offsets."""
+    path, sd = _ckpt(tmp_path)
+    new = _next_generation()
+    if entry.startswith("open"):
+        with fastckpt.open(path) as f:
+            fastckpt.save(new, path, partition_bytes=1 << 20, metadata=None, overwrite=True)
+            got = {
+                k: f.get_tensor(k) if entry == "open.get_tensor" else f.get_slice(k)[:] for k in sd
+            }
+    else:
+        it = fastckpt.iter_tensors(path, window_bytes=4096)
+        fastckpt.save(new, path, partition_bytes=1 << 20, metadata=None, overwrite=True)
+        got = dict(it)
+    assert all(torch.equal(bits(got[k]), bits(sd[k])) for k in sd)
+    assert fastckpt.load(path)["a.w"].numel() == 7000  # the new generation is there for others
+
+
 def test_a_forked_child_loads(tmp_path: Path) -> None:
     """Engines, rings and pools made in the parent are reset in a child: its loads work (the
     engine's threads do not exist there)."""

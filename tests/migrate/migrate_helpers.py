@@ -16,23 +16,34 @@ VOCAB = 96
 PROMPT = (3, 14, 15, 92, 65, 35, 89, 79)
 
 
-def build_tiny_llama(root: Path, *, dtype: str | None = None, seed: int = 0) -> Path:
-    """Save a tiny random LlamaForCausalLM (from a config, nothing downloaded) and convert it
-    to a fastckpt checkpoint; returns the fastckpt directory."""
+def build_tiny_llama(
+    root: Path,
+    *,
+    dtype: str | None = None,
+    seed: int = 0,
+    convert: bool = True,
+    **config: Any,
+) -> Path:
+    """Save a tiny random LlamaForCausalLM (from a config, nothing downloaded; ``config``
+    overrides its fields) and convert it to a fastckpt checkpoint; returns the fastckpt
+    directory, or the stock one with ``convert=False``."""
     import torch
     import transformers
 
     import fastckpt
 
     cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
+        **{
+            "vocab_size": VOCAB,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 256,
+            "tie_word_embeddings": False,
+            **config,
+        }
     )
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg)
@@ -45,6 +56,8 @@ def build_tiny_llama(root: Path, *, dtype: str | None = None, seed: int = 0) -> 
         model = model.to(getattr(torch, dtype))
     src = root / f"llama-{dtype or 'f32'}-src"
     model.save_pretrained(src, safe_serialization=True)
+    if not convert:
+        return src
     fck = root / f"llama-{dtype or 'f32'}-fck"
     fastckpt.convert(src, fck)
     return fck
@@ -69,8 +82,14 @@ class Server:
 
 
 def start_server(
-    model_dir: Path, *, lease_s: float, extra: tuple[str, ...] = ("--exit-on-stdin-eof",)
+    model_dir: Path,
+    *,
+    lease_s: float,
+    extra: tuple[str, ...] = ("--exit-on-stdin-eof",),
+    env: dict[str, str] | None = None,
 ) -> Server:
+    """Start ``python -m fastckpt.migrate.serve`` and wait for its ``listening`` line (lines
+    before it, such as an engine's log, are skipped)."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -87,13 +106,18 @@ def start_server(
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        env=env,
     )
     assert proc.stdout is not None
-    line = proc.stdout.readline().split()
-    if len(line) != 3 or line[0] != "listening":
-        proc.kill()
-        raise RuntimeError(f"target server did not start: {line!r}")
-    return Server(proc, line[1], int(line[2]))
+    seen: list[str] = []
+    for raw in proc.stdout:
+        line = raw.split()
+        if len(line) == 3 and line[0] == "listening":
+            return Server(proc, line[1], int(line[2]))
+        seen.append(raw)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"target server did not start; its output ended with {seen[-20:]!r}")
 
 
 class Client:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -95,3 +96,37 @@ def test_predict_migration_follows_the_driver_loop() -> None:
     assert not predict_migration(m, 1000, 50.0, remaining_tokens=100).finishes_on_source
     fast = predict_migration(m, 1000, 5000.0, max_rounds=3)
     assert fast.rounds == 3 and fast.final_tokens > 20  # the cap, not the threshold, ended it
+
+
+def test_fit_keeps_every_coefficient_nonnegative() -> None:
+    """Noise that tilts the plain fit to a negative intercept: the default fit pins it at 0
+    and is the best fit with non-negative coefficients."""
+    truth = RecomputeCostModel(c0_s=0.0, c1_s_per_token=4e-5, c2_s_per_token2=2e-8)
+    tilt = {32: 0.8, 64: 0.9, 128: 1.0, 512: 1.05, 1024: 1.0, 2048: 1.0}
+    pts = [(n, truth.predict_s(n) * f) for n, f in tilt.items()]
+    plain = fit(pts, nonnegative=False)
+    assert plain.c0_s < 0  # what the constraint is for
+    m = fit(pts)
+    assert min(m.c0_s, m.c1_s_per_token, m.c2_s_per_token2) >= 0 and m.c0_s == 0.0
+
+    def rel_sq(model: RecomputeCostModel) -> float:
+        return sum((model.predict_s(n) / t - 1) ** 2 for n, t in pts)
+
+    # no non-negative model does better: nudge each coefficient up and see the error grow
+    for field in ("c0_s", "c1_s_per_token", "c2_s_per_token2"):
+        bumped = dataclasses.replace(m, **{field: getattr(m, field) * 1.01 + 1e-9})
+        assert rel_sq(bumped) >= rel_sq(m)
+    # a fit whose plain optimum is already non-negative is unchanged
+    clean = [(n, TRUE.predict_s(n)) for n in (16, 64, 256, 1024)]
+    assert fit(clean) == fit(clean, nonnegative=False)
+
+
+def test_the_export_is_read_by_the_scheduler() -> None:
+    """fastckpt.sched reads the plain dict as exported (both sides agree on the formula)."""
+    from fastckpt.sched import RecomputeModel
+
+    m = fit([(n, TRUE.predict_s(n)) for n in (16, 64, 256, 1024)], engine="vllm-cpu")
+    plain = json.loads(json.dumps(m.to_dict()))
+    sched = RecomputeModel.from_dict(plain)
+    for n in (1, 100, 3000):
+        assert sched.cost_s(n) == pytest.approx(m.predict_s(n))

@@ -1,5 +1,5 @@
-"""The engine-agnostic parts of fastckpt.migrate import without torch or transformers, and
-migrate never imports the scheduler."""
+"""The engine-agnostic parts of fastckpt.migrate (and the vLLM adapter's module) import without
+torch, transformers or vLLM, and migrate never imports the scheduler."""
 
 from __future__ import annotations
 
@@ -10,9 +10,14 @@ CODE = """
 import sys
 import fastckpt.migrate as m
 from fastckpt.migrate import costmodel, driver, fingerprint, protocol, remote, sampling, serve
-from fastckpt.migrate import state, transport
+from fastckpt.migrate import state, transport, vllm, vllm_params, vllm_sides
 m.RemoteTarget, m.SocketTransport, m.RecomputeCostModel, m.checkpoint_fingerprint
-bad = [n for n in ("torch", "transformers", "fastckpt.sched", "fastckpt._core") if n in sys.modules]
+m.VllmEngine
+bad = [
+    n
+    for n in ("torch", "transformers", "vllm", "fastckpt.sched", "fastckpt._core")
+    if n in sys.modules
+]
 assert not bad, bad
 """
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hostile_peers import hung_up
 from migrate_helpers import MemTarget
 
 from fastckpt.migrate import (
@@ -156,6 +157,34 @@ def test_connection_threads_are_reaped() -> None:
             assert time.monotonic() < deadline, f"{_dead_threads() - before} dead threads kept"
             time.sleep(0.05)
     finally:
+        server.shutdown()
+
+
+def test_connections_past_the_bound_are_closed_and_silent_ones_dropped() -> None:
+    """At most ``max_connections`` peers are served at once: one more is closed at accept, before
+    any greeting. Peers that say nothing after the greeting are dropped at their request
+    deadline, and a driver is served afterwards (before: no bound and no deadline, every
+    connection was kept, with its thread, for as long as its peer liked)."""
+    server = SocketServer(_host().handle, secret=None, max_connections=3, idle_timeout_s=1.0)
+    server.start()
+    held: list[socket.socket] = []
+    try:
+        for _ in range(3):
+            s = socket.create_connection((server.host, server.port), timeout=5)
+            recv_frame(s)  # greeted: this one is served
+            held.append(s)
+        extra = socket.create_connection((server.host, server.port), timeout=5)
+        assert hung_up(extra, 10), "a connection past the bound was served"
+        extra.close()
+        assert server.stats()["refused_full"] == 1
+        for s in held:  # silent since their greeting
+            assert hung_up(s, 10), "a silent peer was kept past its request deadline"
+        with SocketTransport(server.host, server.port, timeout_s=5, secret=None) as tr:
+            assert tr.request({"op": "ping"})[0]["ok"] is True
+        assert server.stats()["dropped"] >= 3
+    finally:
+        for s in held:
+            s.close()
         server.shutdown()
 
 

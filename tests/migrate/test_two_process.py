@@ -7,7 +7,6 @@ once, for every migration point and round count, greedy and sampled, and under f
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -15,19 +14,12 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+import migrate_scenarios as scenarios
 from conftest import LEASE_S
-from migrate_helpers import (
-    PROMPT,
-    Client,
-    FaultyTarget,
-    MappedSource,
-    drop_generator_state,
-    pace,
-)
+from migrate_helpers import PROMPT, Client, MappedSource, drop_generator_state, pace
+from migrate_scenarios import Pair, Run
 
 from fastckpt.migrate import (
-    LeaseExpiredError,
-    ModelMismatchError,
     Outcome,
     RemoteTarget,
     SamplingParams,
@@ -72,7 +64,7 @@ def run_migration(
     wrap_source: Any = None,
     hook: Any = None,
     **kw: Any,
-) -> tuple[Any, Client, Any, Any]:
+) -> Run:
     rid = f"req-{next(_ids)}"
     client = Client()
     src = engine.start(rid, PROMPT, sampling=sampling, stop=STOP, emit=client.emit)
@@ -93,37 +85,44 @@ def run_migration(
     else:
         src.run()  # the source goes on as if nothing happened
     transport.close()
-    return report, client, src, remote
+    return Run(report, client, src, remote)
+
+
+@pytest.fixture
+def pair(source_engine: Any, target_server: Any) -> Pair:
+    return Pair(
+        server=target_server,
+        start=lambda rid, sampling, client: source_engine.start(
+            rid, PROMPT, sampling=sampling, stop=STOP, emit=client.emit
+        ),
+        run_migration=lambda sampling, begin, rounds, **kw: run_migration(
+            source_engine, target_server, sampling, begin, rounds, **kw
+        ),
+        reference=lambda sampling: reference(source_engine, sampling),
+        prompt_len=len(PROMPT),
+        max_new_tokens=N,
+        lease_s=LEASE_S,
+    )
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("rounds", [0, 1, 3])
 @pytest.mark.parametrize("point", ["start", "middle", "end"])
 def test_migrated_equals_unmigrated(
-    source_engine: Any, target_server: Any, sampling: SamplingParams, rounds: int, point: str
+    pair: Pair, source_engine: Any, sampling: SamplingParams, rounds: int, point: str
 ) -> None:
-    expected = reference(source_engine, sampling)
     begin = begin_at(point, rounds)
-    report, client, src, _ = run_migration(source_engine, target_server, sampling, begin, rounds)
-    assert report.outcome is Outcome.COMMITTED, report
-    assert report.rounds == rounds
-    assert report.context_tokens == len(PROMPT) + begin + sum(PACES[rounds])
-    if rounds:
-        assert report.tokens_per_round[0] == len(PROMPT) + begin
-        assert list(report.tokens_per_round[1:]) == PACES[rounds][: rounds - 1]
-    assert report.final_tokens == (PACES[rounds][-1] if rounds else report.context_tokens)
-    assert client.output() == expected
-    assert len(src.emitted) == begin + sum(PACES[rounds])  # the rest came from the target
+    run = pair.run_migration(sampling, begin, rounds)
+    scenarios.check_migrated(pair, run, PACES[rounds], begin, rounds)
+    assert run.client.output() == reference(source_engine, sampling)
 
 
 @pytest.mark.parametrize("point", ["start", "end"])
 def test_generator_state_shipping(source_engine: Any, target_server: Any, point: str) -> None:
     expected = reference(source_engine, SAMPLED_GEN)
-    report, client, _, _ = run_migration(
-        source_engine, target_server, SAMPLED_GEN, begin_at(point, 1), 1
-    )
-    assert report.outcome is Outcome.COMMITTED
-    assert client.output() == expected
+    run = run_migration(source_engine, target_server, SAMPLED_GEN, begin_at(point, 1), 1)
+    assert run.report.outcome is Outcome.COMMITTED
+    assert run.client.output() == expected
 
 
 def test_negative_control_without_sampling_state(source_engine: Any, target_server: Any) -> None:
@@ -131,7 +130,7 @@ def test_negative_control_without_sampling_state(source_engine: Any, target_serv
     passes because the state travels, not by luck."""
     expected = reference(source_engine, SAMPLED_GEN)
     begin = begin_at("middle", 1)
-    report, client, _, _ = run_migration(
+    run = run_migration(
         source_engine,
         target_server,
         SAMPLED_GEN,
@@ -139,9 +138,9 @@ def test_negative_control_without_sampling_state(source_engine: Any, target_serv
         1,
         wrap_source=lambda s: MappedSource(s, drop_generator_state),
     )
-    assert report.outcome is Outcome.COMMITTED
-    out = client.output()
-    switch = report.context_tokens - len(PROMPT)
+    assert run.report.outcome is Outcome.COMMITTED
+    out = run.client.output()
+    switch = run.report.context_tokens - len(PROMPT)
     assert out[:switch] == expected[:switch]
     assert out[switch:] != expected[switch:]
 
@@ -151,7 +150,7 @@ def test_negative_control_other_seed(source_engine: Any, target_server: Any) -> 
     from dataclasses import replace
 
     expected = reference(source_engine, SAMPLED)
-    report, client, _, _ = run_migration(
+    run = run_migration(
         source_engine,
         target_server,
         SAMPLED,
@@ -161,8 +160,8 @@ def test_negative_control_other_seed(source_engine: Any, target_server: Any) -> 
             s, lambda st: st.replace(sampling=replace(st.sampling, seed=st.sampling.seed + 1))
         ),
     )
-    out = client.output()
-    switch = report.context_tokens - len(PROMPT)
+    out = run.client.output()
+    switch = run.report.context_tokens - len(PROMPT)
     assert out[:switch] == expected[:switch]
     assert out[switch:] != expected[switch:]
 
@@ -170,144 +169,34 @@ def test_negative_control_other_seed(source_engine: Any, target_server: Any) -> 
 # --- failure injection: the client gets every token once, the output equals unmigrated ---------
 
 
-def _status(server: Any, rid: str) -> dict[str, Any]:
-    with SocketTransport(server.host, server.port) as t:
-        return RemoteTarget(t, rid).status()
-
-
 @pytest.mark.parametrize("at", [1, 3])
-def test_target_fails_mid_round(source_engine: Any, target_server: Any, at: int) -> None:
-    expected = reference(source_engine, SAMPLED)
-    faulty: list[FaultyTarget] = []
-
-    def wrap(t: Any) -> FaultyTarget:
-        faulty.append(FaultyTarget(t, fail_prefill_at=at))
-        return faulty[0]
-
-    report, client, src, remote = run_migration(
-        source_engine, target_server, SAMPLED, begin_at("start", 3), 3, wrap_target=wrap
-    )
-    assert report.outcome is Outcome.TARGET_FAILED
-    assert "mid-round" in (report.error or "")
-    assert faulty[0].aborts == [True]
-    assert _status(target_server, remote.request_id)["status"] == "unknown"  # freed
-    assert not src.released and src.finished
-    assert client.output() == expected
+def test_target_fails_mid_round(pair: Pair, at: int) -> None:
+    scenarios.target_fails_mid_round(pair, SAMPLED, at)
 
 
-def test_target_fails_at_commit(source_engine: Any, target_server: Any) -> None:
-    expected = reference(source_engine, GREEDY)
-    report, client, _, remote = run_migration(
-        source_engine,
-        target_server,
-        GREEDY,
-        6,
-        1,
-        commit_retries=0,
-        wrap_target=lambda t: FaultyTarget(t, commit="before"),
-    )
-    assert report.outcome is Outcome.TARGET_FAILED
-    assert report.downtime_s is not None  # frozen, then rolled back
-    assert _status(target_server, remote.request_id)["status"] == "unknown"
-    assert client.output() == expected
+def test_target_fails_at_commit(pair: Pair) -> None:
+    scenarios.target_fails_at_commit(pair, GREEDY)
 
 
 @pytest.mark.parametrize("retries", [0, 2])
-def test_commit_reply_lost(source_engine: Any, target_server: Any, retries: int) -> None:
-    """The target committed but its reply was lost: a retry (idempotent) or the abort that it
-    refuses shows the commit happened, so the source does not decode a second copy."""
-    expected = reference(source_engine, SAMPLED)
-    report, client, src, _ = run_migration(
-        source_engine,
-        target_server,
-        SAMPLED,
-        6,
-        1,
-        commit_retries=retries,
-        wrap_target=lambda t: FaultyTarget(t, commit="after"),
-    )
-    assert report.outcome is Outcome.COMMITTED
-    assert report.commit_attempts == min(retries, 1) + 1
-    assert src.released
-    assert client.output() == expected
+def test_commit_reply_lost(pair: Pair, retries: int) -> None:
+    scenarios.commit_reply_lost(pair, SAMPLED, retries)
 
 
-def test_duplicate_commit(source_engine: Any, target_server: Any) -> None:
-    expected = reference(source_engine, SAMPLED)
-    report, client, _, _ = run_migration(
-        source_engine,
-        target_server,
-        SAMPLED,
-        begin_at("middle", 3),
-        3,
-        wrap_target=lambda t: FaultyTarget(t, commit="twice"),
-    )
-    assert report.outcome is Outcome.COMMITTED and report.rounds == 3
-    assert client.output() == expected
+def test_duplicate_commit(pair: Pair) -> None:
+    scenarios.duplicate_commit(pair, SAMPLED, begin_at("middle", 3))
 
 
-def test_generation_finishes_mid_migration(source_engine: Any, target_server: Any) -> None:
-    expected = reference(source_engine, GREEDY)
-    report, client, src, remote = run_migration(
-        source_engine,
-        target_server,
-        GREEDY,
-        N - 4,
-        1,
-        hook=lambda src: lambda info: src.run(),  # the source ends during round 1
-    )
-    assert report.outcome is Outcome.FINISHED_ON_SOURCE, report
-    assert report.rounds == 1
-    assert _status(target_server, remote.request_id)["status"] == "unknown"  # target freed
-    assert src.finished and not src.released
-    assert client.output() == expected
+def test_generation_finishes_mid_migration(pair: Pair) -> None:
+    scenarios.generation_finishes_mid_migration(pair, GREEDY)
 
 
-def test_source_lost_target_frees_after_lease(source_engine: Any, target_server: Any) -> None:
-    """The source side vanishes mid-migration (its connection drops, no abort is sent): the
-    target keeps the reservation for the lease, then frees it and refuses the request."""
-    expected = reference(source_engine, GREEDY)
-    client = Client()
-    rid = f"lost-{next(_ids)}"
-    src = engine_start(source_engine, rid, client)
-    src.run(5)
-    transport = SocketTransport(target_server.host, target_server.port)
-    covered = RemoteTarget(transport, rid).prefill(src.snapshot())
-    assert covered == len(PROMPT) + 5
-    transport.close()  # the source is gone
-    assert _status(target_server, rid)["status"] == "prefilling"
-    deadline = time.monotonic() + 10 * LEASE_S
-    while _status(target_server, rid)["status"] != "expired":
-        assert time.monotonic() < deadline, "the target never freed the silent migration"
-        time.sleep(LEASE_S / 4)
-    with (
-        SocketTransport(target_server.host, target_server.port) as t,
-        pytest.raises(LeaseExpiredError),
-    ):
-        RemoteTarget(t, rid).prefill(src.snapshot())
-    src.run()  # the source (its engine still alive here) finishes; nothing was lost or doubled
-    assert client.output() == expected
+def test_source_lost_target_frees_after_lease(pair: Pair) -> None:
+    scenarios.source_lost_target_frees_after_lease(pair, GREEDY, f"lost-{next(_ids)}")
 
 
-def engine_start(engine: Any, rid: str, client: Client) -> Any:
-    return engine.start(rid, PROMPT, sampling=GREEDY, stop=STOP, emit=client.emit)
-
-
-def test_wrong_model_is_refused_by_the_remote_target(
-    source_engine: Any, target_server: Any
-) -> None:
-    client = Client()
-    src = engine_start(source_engine, f"other-{next(_ids)}", client)
-    src.run(3)
-    wrong = MappedSource(src, lambda s: s.replace(model_fingerprint="model-sha256:other"))
-    with SocketTransport(target_server.host, target_server.port) as t:
-        with pytest.raises(ModelMismatchError):
-            RemoteTarget(t, src.request_id).prefill(wrong.snapshot())
-        report = migrate(wrong, RemoteTarget(t, src.request_id))
-    assert report.outcome is Outcome.TARGET_FAILED
-    assert "ModelMismatchError" in (report.error or "")
-    src.run()
-    assert client.output() == reference(source_engine, GREEDY)
+def test_wrong_model_is_refused_by_the_remote_target(pair: Pair) -> None:
+    scenarios.wrong_model_is_refused(pair, GREEDY, f"other-{next(_ids)}")
 
 
 def test_background_source_migrates_while_decoding(source_engine: Any, target_server: Any) -> None:

