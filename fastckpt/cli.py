@@ -382,6 +382,24 @@ register(
 )
 
 
+# --- vllm-export (fastckpt/integrations/vllm/cli.py; runs vLLM) ---------------------------------
+
+
+def _vllm_cli() -> Any:
+    from fastckpt.integrations.vllm import cli as vllm_cli
+
+    return vllm_cli
+
+
+register(
+    "vllm-export",
+    "run vLLM once and save each tensor-parallel rank's weights as vLLM holds them "
+    "(load with --load-format fastckpt)",
+    lambda p: _vllm_cli().add_arguments(p),
+    lambda a: _vllm_cli().run(a),
+)
+
+
 # --- entry points -------------------------------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
 """Scenario ``vllm``: weight-loading time inside vLLM, fastckpt beside vLLM's own loaders
-(``fastckpt/integrations/vllm/bench.py``), warm and cold.
+(``fastckpt/integrations/vllm/bench.py``), warm and cold: stock and converted folders, a per-rank
+export and the ``fastckpt serve`` daemon; start to the first token, peak RSS, bytes read per rank.
 
 vLLM lives in an interpreter of its own (it pins other versions than this one; see
 ``tests/vllm_plugin/make_venv.sh``), named by ``FASTCKPT_VLLM_PYTHON``. When that is unset, or
@@ -76,7 +77,16 @@ def results_from(result: dict[str, Any]) -> list[dict[str, Any]]:
             "state": s["cache"],
             "round": i // per_round,
             "nbytes": nbytes,
-            "extra": {k: s.get(k) for k in ("vllm_log_s", "resident_bytes")},
+            "extra": {
+                k: s.get(k)
+                for k in (
+                    "vllm_log_s",
+                    "resident_bytes",
+                    "first_token_s",
+                    "peak_rss_bytes",
+                    "read_nbytes",
+                )
+            },
         }
         if res["ok"]:
             res["seconds"] = float(s["weights_s"])

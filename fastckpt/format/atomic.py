@@ -64,35 +64,38 @@ def _refuse_message(dst: str, what: str) -> str:
     )
 
 
-def check_destination(dst: str, *, overwrite: bool) -> None:
-    """Raise ``DestinationExistsError`` unless ``dst`` may be created or replaced.
+def check_destination(dst: str, *, overwrite: bool, marker: str = INDEX_FILE) -> None:
+    """Raise ``DestinationExistsError`` unless ``dst`` may be created or replaced (with
+    ``overwrite``: an empty directory, or one holding ``marker``, the file that makes a
+    directory one of ours: a checkpoint's index, an export's manifest).
 
     Cheap; called before any work so that a long conversion does not fail at its very end. A
     destination that ``overwrite`` could not replace either (a file, a link, a directory that is
-    not a checkpoint) is refused with that reason, never with a suggestion to overwrite.
+    not ours) is refused with that reason, never with a suggestion to overwrite.
     """
     if not os.path.lexists(dst):
         return
-    why = _irreplaceable(dst)
+    why = _irreplaceable(dst, marker)
     if why is not None:
         raise DestinationExistsError(errno.EEXIST, _refuse_message(dst, why), dst)
     if not overwrite:
         raise DestinationExistsError(errno.EEXIST, _exists_message(dst), dst)
 
 
-def _irreplaceable(dst: str) -> str | None:
-    """Why an existing ``dst`` is no checkpoint that may be replaced (None: it may be)."""
+def _irreplaceable(dst: str, marker: str) -> str | None:
+    """Why an existing ``dst`` is nothing of ours that may be replaced (None: it may be)."""
     if os.path.islink(dst):
         return "a symbolic link"
     if not os.path.isdir(dst):
         return "a file, not a directory (a fastckpt checkpoint is a directory)"
-    if os.path.lexists(os.path.join(dst, INDEX_FILE)):
+    if os.path.lexists(os.path.join(dst, marker)):
         return None
     try:
         empty = not os.listdir(dst)
     except OSError as exc:
         return f"unreadable ({exc.strerror})"
-    return None if empty else "a non-empty directory without a fastckpt index"
+    what = "a fastckpt index" if marker == INDEX_FILE else marker
+    return None if empty else f"a non-empty directory without {what}"
 
 
 def _rename_exchange(a: str, b: str) -> bool:
@@ -199,10 +202,11 @@ def sweep_stale(dst: str) -> list[str]:
     return removed
 
 
-def _remove_tree(path: str) -> None:
-    """Remove a directory; its index goes first so a half-removed tree never looks valid."""
+def _remove_tree(path: str, marker: str = INDEX_FILE) -> None:
+    """Remove a directory; its index (``marker``) goes first so a half-removed tree never looks
+    valid."""
     with contextlib.suppress(OSError):
-        os.unlink(os.path.join(path, INDEX_FILE))
+        os.unlink(os.path.join(path, marker))
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -213,7 +217,7 @@ class Staging:
     ``KeyboardInterrupt``) removes the temporary directory and everything in it.
     """
 
-    def __init__(self, dst: str, *, overwrite: bool) -> None:
+    def __init__(self, dst: str, *, overwrite: bool, marker: str = INDEX_FILE) -> None:
         dst = os.path.abspath(os.fspath(dst))
         name = os.path.basename(dst)
         if not name:
@@ -223,10 +227,11 @@ class Staging:
         self.parent = os.path.dirname(dst)
         self.path = ""
         self.published = False
+        self.marker = marker
         self._name = name
 
     def __enter__(self) -> Staging:
-        check_destination(self.dst, overwrite=self.overwrite)
+        check_destination(self.dst, overwrite=self.overwrite, marker=self.marker)
         os.makedirs(self.parent, exist_ok=True)
         sweep_stale(self.dst)
         tag = _owner_tag()
@@ -252,7 +257,7 @@ class Staging:
     def discard(self) -> None:
         """Remove the temporary directory (idempotent)."""
         if self.path and os.path.lexists(self.path):
-            _remove_tree(self.path)
+            _remove_tree(self.path, self.marker)
 
     def publish(self) -> None:
         """Flush the temporary directory and rename it to ``dst`` (replacing per ``overwrite``).
@@ -262,7 +267,7 @@ class Staging:
         if self.published:
             raise RuntimeError("already published")
         fsync_path(self.path, directory=True)
-        check_destination(self.dst, overwrite=self.overwrite)
+        check_destination(self.dst, overwrite=self.overwrite, marker=self.marker)
         if not os.path.lexists(self.dst):
             try:
                 # os.rename would silently replace an empty directory created meanwhile; that
@@ -281,7 +286,7 @@ class Staging:
         if _rename_exchange(self.path, self.dst):
             self.published = True
             fsync_path(self.parent, directory=True)
-            _remove_tree(self.path)  # now holds the old checkpoint
+            _remove_tree(self.path, self.marker)  # now holds the old checkpoint
             return
         aside = os.path.join(
             self.parent, f".{self._name}.old-{_owner_tag()}-{secrets.token_hex(6)}"
@@ -294,7 +299,7 @@ class Staging:
             raise
         self.published = True
         fsync_path(self.parent, directory=True)
-        _remove_tree(aside)
+        _remove_tree(aside, self.marker)
 
 
 __all__ = [

@@ -34,7 +34,7 @@ from fastckpt.format import dtypes
 from fastckpt.format.index import Index
 from fastckpt.loader.checks import ChunkVerifier
 from fastckpt.loader.hugepages import HugePages
-from fastckpt.loader.plan import BufferPlan, LoadPlan, ReadOp, ViewPlan
+from fastckpt.loader.plan import BufferPlan, LoadPlan, ReadOp, ViewPlan, contiguous_strides
 from fastckpt.loader.policy import Decision, LoadDecision, Source
 from fastckpt.loader.sources import EngineFiles, Sources
 
@@ -108,6 +108,8 @@ class Executor:
             b.index: (b.segments[0][0], b.segments[-1][1]) if b.segments else (0, 0)
             for b in plan.buffers
         }
+        for i, mem in sources.into.items():
+            _check_into(plan.buffers[i], mem)
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -183,6 +185,9 @@ class Executor:
         return tensor
 
     def _alloc_cpu(self, b: BufferPlan) -> tuple[torch.Tensor, Any]:
+        mine = self.sources.into.get(b.index)
+        if mine is not None:
+            return mine, memoryview(mine.numpy())
         dest = self.sources.cpu_dest.get(b.index)
         if dest is not None:
             return torch.frombuffer(dest, dtype=torch.uint8)[: b.nbytes], dest
@@ -196,7 +201,7 @@ class Executor:
             source = self.source_of(b.index)
             if source is Source.EMPTY:
                 self.buffers[b.index] = torch.empty(0, dtype=torch.uint8)
-            elif source.maps_on_cpu and b.index not in self.sources.cpu_dest:
+            elif source.maps_on_cpu and b.mappable and b.index not in self.sources.cpu_dest:
                 self.buffers[b.index] = self._map(b, source)
             else:
                 tensor, mem = self._alloc_cpu(b)
@@ -294,9 +299,20 @@ class Executor:
         stage = self.sources.stage(device)
         self.timings.add("ring_s", time.perf_counter() - t0)
         t0 = time.perf_counter()
+        if any(b.index in self.sources.into for b in bufs):
+            here = stage.alloc(0).device
+            for b in bufs:
+                mem = self.sources.into.get(b.index)
+                if mem is not None and mem.device != here:
+                    raise ValueError(
+                        f"buffer {b.index} is to be filled on {here}; the memory given is on "
+                        f"{mem.device}"
+                    )
         for b in bufs:
             if self.source_of(b.index) is Source.GPU_TIER:
                 self.buffers[b.index] = self.sources.gpu[b.index]
+            elif b.index in self.sources.into:
+                self.buffers[b.index] = self.sources.into[b.index]
             else:
                 self.buffers[b.index] = stage.alloc(b.nbytes, self.sources.reclaim)
         self.timings.add("alloc_s", time.perf_counter() - t0)
@@ -388,25 +404,31 @@ class Executor:
         if v.nbytes == 0:
             return torch.empty(v.shape, dtype=dt, device=buf.device)
         rel = v.file_offset - self.mapped[v.buffer] if v.buffer in self.mapped else v.rel_offset
-        if v.dtype == "bool" and bool((buf[rel : rel + v.nbytes] > 1).any()):  # FORMAT.md 3
+        itemsize = dtypes.get(v.dtype).itemsize
+        strides = v.strides if v.strides is not None else contiguous_strides(v.shape)
+        # bytes from the view's first element to past its last (a strided view spans gaps)
+        span = itemsize * (1 + sum((n - 1) * st for n, st in zip(v.shape, strides, strict=True)))
+        if v.dtype == "bool" and bool((buf[rel : rel + span] > 1).any()):  # FORMAT.md 3
             raise CorruptDataError(
                 "bool tensor holds bytes other than 0 and 1",
                 path=self.index.partitions[v.partition].path,
                 tensor=v.name,
             )
-        itemsize = dtypes.get(v.dtype).itemsize
         if rel % itemsize:
             # Not aligned for its dtype: cannot be a view; give it memory of its own.
             own = torch.empty(v.shape, dtype=dt, device=buf.device)
-            own.reshape(-1).view(torch.uint8).copy_(buf[rel : rel + v.nbytes])
+            byte_view = buf.as_strided(
+                (*v.shape, itemsize),
+                (*(st * itemsize for st in strides), 1),
+                buf.storage_offset() + rel,
+            )
+            own.reshape(-1).view(torch.uint8).view(*v.shape, itemsize).copy_(byte_view)
             return own
         whole = typed.get((v.buffer, v.dtype))
         if whole is None:
             n = buf.numel() - buf.numel() % itemsize
             whole = typed[(v.buffer, v.dtype)] = buf[:n].view(dt)
-        return whole.as_strided(
-            v.shape, _contiguous_strides(v.shape), whole.storage_offset() + rel // itemsize
-        )
+        return whole.as_strided(v.shape, strides, whole.storage_offset() + rel // itemsize)
 
 
 _DTYPES: dict[str, torch.dtype] = {}
@@ -419,11 +441,18 @@ def _torch_dtype(name: str, tensor: str) -> torch.dtype:
     return dt
 
 
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    out = [1] * len(shape)
-    for i in range(len(shape) - 2, -1, -1):
-        out[i] = out[i + 1] * max(shape[i + 1], 1)
-    return tuple(out)
+def _check_into(b: BufferPlan, mem: Any) -> None:
+    """A caller's memory for buffer ``b`` must be exactly a buffer: reads and copies write to its
+    address, so anything else would write out of bounds."""
+    if not isinstance(mem, torch.Tensor):
+        raise TypeError(f"memory for buffer {b.index} must be a torch.Tensor, not {type(mem)}")
+    if mem.dtype != torch.uint8 or not mem.is_contiguous() or mem.numel() != b.nbytes:
+        raise ValueError(
+            f"memory for buffer {b.index} must be a contiguous uint8 tensor of {b.nbytes} bytes; "
+            f"got {mem.dtype}, shape {list(mem.shape)}, contiguous={mem.is_contiguous()}"
+        )
+    if b.device == "cpu" and mem.device.type != "cpu":  # devices: checked against their stage
+        raise ValueError(f"buffer {b.index} is on {b.device}; the memory given is on {mem.device}")
 
 
 def _whole(crc: int, nbytes: int) -> Any:

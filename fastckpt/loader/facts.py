@@ -130,6 +130,27 @@ def read_inputs(
     return fractions, prof
 
 
+def read_gbps(
+    index: Index,
+    daemon: bool,
+    cfg: Config,
+    residency: Callable[[str], float],
+    engine: Callable[[], Any],
+) -> float:
+    """The rate a read of the checkpoint can expect now (``policy.read_gbps``): the page
+    cache's when its partitions are resident (or the daemon serves them), else what the read
+    profile measured for the cold mode. Used to choose how a column shard is read."""
+    parts = index.partitions
+    if daemon or not parts:
+        return policy.PAGE_CACHE_GBPS
+    resident = min(residency(p.path) for p in parts)
+    prof = None
+    if resident < policy.Settings().buffered_min_resident and cfg.read_mode == "auto":
+        largest = max(parts, key=lambda p: p.nbytes)
+        prof = profile.profile_for(largest.path, cfg, engine())
+    return policy.read_gbps(prof, resident)
+
+
 def buffers_on(plan: LoadPlan, device: str) -> list[Any]:
     """The plan's buffers on ``device``."""
     return [b for b in plan.buffers if b.device == device]
@@ -140,6 +161,7 @@ __all__ = [
     "RESIDENCY_SAMPLES",
     "PlanCache",
     "buffers_on",
+    "read_gbps",
     "read_inputs",
     "revive",
     "sampled_residency",

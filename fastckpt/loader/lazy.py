@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastckpt.format import dtypes
 from fastckpt.loader.plan import plan_gather
+from fastckpt.loader.shardplan import box_runs, split_dim
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -186,7 +187,7 @@ class LazyCheckpoint:
         shape = list(entry.shape)
         box_shape = tuple(hi - lo for lo, hi in box)
         nbytes = math.prod(box_shape) * itemsize
-        runs = _runs(shape, box, itemsize) if nbytes else []
+        runs = box_runs(shape, box, itemsize) if nbytes else []
         cfg = self._loader.config(cpu_map_cached=False)
         plan = plan_gather(entry, runs, box_shape, self._device, chunk_bytes=cfg.ring_slot_bytes)
         tensors, _ = self._loader.execute(
@@ -296,14 +297,6 @@ def _is_int(value: Any) -> bool:
     return not isinstance(value, bool) and hasattr(value, "__index__")
 
 
-def _split_dim(shape: list[int], box: list[tuple[int, int]]) -> int:
-    """The innermost dimension that ``box`` does not hold whole (its runs are spans along it)."""
-    j = len(shape) - 1
-    while j > 0 and box[j] == (0, shape[j]):
-        j -= 1
-    return j
-
-
 def _widen(shape: list[int], box: list[tuple[int, int]], itemsize: int) -> list[tuple[int, int]]:
     """``box``, with short runs widened to whole rows where that costs at most
     ``_WIDEN_FACTOR`` x the bytes, or where it would otherwise take over ``_MAX_RUNS`` reads."""
@@ -311,7 +304,7 @@ def _widen(shape: list[int], box: list[tuple[int, int]], itemsize: int) -> list[
     if any(hi == lo for lo, hi in box):
         return box
     while shape:
-        j = _split_dim(shape, box)
+        j = split_dim(shape, box)
         if j == 0:
             return box
         runs = math.prod(hi - lo for lo, hi in box[:j])
@@ -323,23 +316,3 @@ def _widen(shape: list[int], box: list[tuple[int, int]], itemsize: int) -> list[
             return box
         box[j] = (0, shape[j])
     return box
-
-
-def _runs(shape: list[int], box: list[tuple[int, int]], itemsize: int) -> list[tuple[int, int]]:
-    """(byte offset in the tensor, length) of each contiguous run that makes up ``box``, in
-    the order of the box's elements."""
-    ndim = len(shape)
-    if ndim == 0:
-        return [(0, itemsize)]
-    # inner[j] = bytes of one step along dim j (the product of the dims after it)
-    inner = [itemsize] * ndim
-    for j in range(ndim - 2, -1, -1):
-        inner[j] = inner[j + 1] * shape[j + 1]
-    j = _split_dim(shape, box)
-    lo, hi = box[j]
-    run = (hi - lo) * inner[j]
-    outer = box[:j]
-    starts = [0]
-    for d, (a, b) in enumerate(outer):
-        starts = [s + i * inner[d] for s in starts for i in range(a, b)]
-    return [(s + lo * inner[j], run) for s in starts]

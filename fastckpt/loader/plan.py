@@ -12,14 +12,19 @@ file offset, so that O_DIRECT can read straight into it and tensors become views
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastckpt.errors import DeviceError
 from fastckpt.format import dtypes
 from fastckpt.format.index import Index, TensorEntry
 from fastckpt.rules.devices import canonical_device as resolve_device
 from fastckpt.rules.devices import canonical_device_map, device_for
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fastckpt.loader.shardplan import Box
 
 PAGE = 4096
 # Two tensors of one device whose byte ranges are at most this far apart share a segment (the gap
@@ -49,6 +54,9 @@ class BufferPlan:
     nbytes: int
     # (file_start, file_end, dest_offset) of every segment, in file order
     segments: tuple[tuple[int, int, int], ...]
+    # False when the buffer is not laid out like the file (packed runs, a caller's own memory):
+    # it is read, never mapped
+    mappable: bool = True
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,9 @@ class ViewPlan:
     aligned: bool
     partition: int = 0
     file_offset: int = 0  # the tensor's absolute offset in its partition file
+    # element strides of the view when it is not contiguous (a column shard read with the rest
+    # of its rows), else None
+    strides: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -142,26 +153,62 @@ def _resolve_targets(index: Index, target: object, names: Iterable[str]) -> dict
 
 
 def _segments(
-    entries: list[TensorEntry], file_nbytes: int, chunk_bytes: int | None
+    ranges: Iterable[tuple[int, int]],
+    file_nbytes: int,
+    chunk_bytes: int | None,
+    *,
+    exact: bool = False,
 ) -> list[tuple[int, int]]:
-    """Merge the byte ranges of ``entries`` (sorted by offset) into [start, end) segments.
+    """Merge byte ranges [start, end) of one partition (sorted by start, none empty) into
+    [start, end) segments.
 
     Segments start and end on page boundaries (capped at the file size), or on checksum chunk
-    boundaries when ``chunk_bytes`` is given, so every chunk the segment touches is read whole.
+    boundaries when ``chunk_bytes`` is given, so every chunk the segment touches is read whole;
+    ranges at most ``MERGE_GAP_BYTES`` apart share a segment. ``exact``: segments are the ranges
+    themselves, merged only where they touch (a rank's share, read to the byte).
     """
-    grain = chunk_bytes or PAGE
+    grain = 1 if exact else chunk_bytes or PAGE
+    gap = 0 if exact else MERGE_GAP_BYTES
     segs: list[tuple[int, int]] = []
-    for e in entries:
-        if e.nbytes == 0:
-            continue
-        start = _align_down(e.offset, grain)
-        end = min(_align_up(e.end, grain), file_nbytes)
-        if segs and start <= segs[-1][1] + MERGE_GAP_BYTES:
+    for lo, hi in ranges:
+        start = _align_down(lo, grain)
+        end = min(_align_up(hi, grain), file_nbytes)
+        if segs and start <= segs[-1][1] + gap:
             prev_start, prev_end = segs[-1]
             segs[-1] = (prev_start, max(prev_end, end))
         else:
             segs.append((start, end))
     return segs
+
+
+def _place(
+    segs: list[tuple[int, int]], buffer: int, partition: int, chunk_bytes: int
+) -> tuple[list[tuple[int, int, int]], list[ReadOp], int]:
+    """Lay file segments out in one buffer, each at a destination offset with the same remainder
+    modulo ``PAGE`` as its file offset (O_DIRECT reads land straight in it), and cut their reads
+    into pieces of at most ``chunk_bytes`` on ``chunk_bytes`` boundaries of the file. Returns
+    (placed segments, reads, bytes used)."""
+    placed: list[tuple[int, int, int]] = []
+    reads: list[ReadOp] = []
+    cursor = 0
+    for start, end in segs:
+        dest = _align_up(cursor, PAGE) + start % PAGE
+        placed.append((start, end, dest))
+        cursor = dest + (end - start)
+        piece_start = start
+        while piece_start < end:
+            piece_end = min(end, _align_down(piece_start, chunk_bytes) + chunk_bytes)
+            reads.append(
+                ReadOp(
+                    buffer=buffer,
+                    partition=partition,
+                    file_offset=piece_start,
+                    nbytes=piece_end - piece_start,
+                    dest_offset=dest + (piece_start - start),
+                )
+            )
+            piece_start = piece_end
+    return placed, reads, cursor
 
 
 def plan_load(
@@ -178,8 +225,7 @@ def plan_load(
     Reads are split into pieces of at most ``chunk_bytes`` (kept on checksum chunk boundaries
     when ``verify`` is set, so each piece can be checked on its own).
     """
-    if chunk_bytes <= 0 or chunk_bytes % PAGE:
-        raise ValueError(f"chunk_bytes={chunk_bytes}: must be a positive multiple of {PAGE}")
+    check_chunk_bytes(chunk_bytes)
     if names is None:
         stored = list(index.tensors)
         wanted_aliases = dict(index.aliases)
@@ -223,27 +269,11 @@ def plan_load(
     for part_i, dev in order:
         entries = sorted(groups[(part_i, dev)], key=lambda e: e.offset)
         part = index.partitions[part_i]
-        segs = _segments(entries, part.nbytes, check_chunk)
+        segs = _segments(((e.offset, e.end) for e in entries if e.nbytes), part.nbytes, check_chunk)
         buf_i = len(buffers)
-        placed: list[tuple[int, int, int]] = []
-        cursor = 0
-        for start, end in segs:
-            dest = _align_up(cursor, PAGE) + start % PAGE
-            placed.append((start, end, dest))
-            cursor = dest + (end - start)
-            piece_start = start
-            while piece_start < end:
-                piece_end = min(end, _align_down(piece_start, chunk_bytes) + chunk_bytes)
-                reads.append(
-                    ReadOp(
-                        buffer=buf_i,
-                        partition=part_i,
-                        file_offset=piece_start,
-                        nbytes=piece_end - piece_start,
-                        dest_offset=dest + (piece_start - start),
-                    )
-                )
-                piece_start = piece_end
+        placed, seg_reads, cursor = _place(segs, buf_i, part_i, chunk_bytes)
+        reads.extend(seg_reads)
+        for start, end, dest in placed:
             if check_chunk and part.checksums is not None:
                 first = start // check_chunk
                 last = -(-end // check_chunk)
@@ -301,8 +331,7 @@ def plan_load(
 def plan_partitions(index: Index, partitions: Iterable[int], *, chunk_bytes: int) -> LoadPlan:
     """Read whole partitions into host memory, file offset = buffer offset (a DRAM-tier fill):
     one CPU buffer per partition, no views."""
-    if chunk_bytes <= 0 or chunk_bytes % PAGE:
-        raise ValueError(f"chunk_bytes={chunk_bytes}: must be a positive multiple of {PAGE}")
+    check_chunk_bytes(chunk_bytes)
     buffers: list[BufferPlan] = []
     reads: list[ReadOp] = []
     for part_i in partitions:
@@ -330,6 +359,24 @@ def plan_partitions(index: Index, partitions: Iterable[int], *, chunk_bytes: int
     )
 
 
+def _packed(
+    buffer: int, partition: int, runs: Iterable[tuple[int, int]], dest: int, chunk_bytes: int
+) -> tuple[list[tuple[int, int, int]], list[ReadOp], int]:
+    """Read file runs ``(file offset, length)`` one after the other into ``buffer`` from ``dest``
+    on, each read at most ``chunk_bytes``. Returns (segments, reads, end offset)."""
+    segments: list[tuple[int, int, int]] = []
+    reads: list[ReadOp] = []
+    for lo, length in runs:
+        segments.append((lo, lo + length, dest))
+        off = 0
+        while off < length:
+            n = min(chunk_bytes, length - off)
+            reads.append(ReadOp(buffer, partition, lo + off, n, dest + off))
+            off += n
+        dest += length
+    return segments, reads, dest
+
+
 def plan_gather(
     entry: TensorEntry,
     runs: Iterable[tuple[int, int]],
@@ -342,21 +389,11 @@ def plan_gather(
     and view them as a tensor of ``shape`` (a slice's bounding box). ``runs`` are (offset in the
     tensor, length). The buffer is packed, not laid out like the file, so it is read, never
     mapped."""
-    if chunk_bytes <= 0 or chunk_bytes % PAGE:
-        raise ValueError(f"chunk_bytes={chunk_bytes}: must be a positive multiple of {PAGE}")
-    segments: list[tuple[int, int, int]] = []
-    reads: list[ReadOp] = []
-    dest = 0
-    for start, length in runs:
-        lo = entry.offset + start
-        segments.append((lo, lo + length, dest))
-        off = 0
-        while off < length:
-            n = min(chunk_bytes, length - off)
-            reads.append(ReadOp(0, entry.partition, lo + off, n, dest + off))
-            off += n
-        dest += length
-    buf = BufferPlan(0, device, entry.partition, dest, tuple(segments))
+    check_chunk_bytes(chunk_bytes)
+    segments, reads, dest = _packed(
+        0, entry.partition, ((entry.offset + s, n) for s, n in runs), 0, chunk_bytes
+    )
+    buf = BufferPlan(0, device, entry.partition, dest, tuple(segments), mappable=False)
     view = ViewPlan(
         name=entry.name,
         buffer=0,
@@ -378,12 +415,24 @@ def plan_gather(
     )
 
 
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Element strides of a C-contiguous tensor of ``shape``."""
+    out = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        out[i] = out[i + 1] * max(shape[i + 1], 1)
+    return tuple(out)
+
+
 def windows(
-    index: Index, names: Iterable[str] | None, window_bytes: int
+    index: Index,
+    names: Iterable[str] | None,
+    window_bytes: int,
+    *,
+    boxes: Mapping[str, Box | None] | None = None,
 ) -> list[list[tuple[str, list[str]]]]:
     """The stored tensors to yield, in storage order, cut into windows of at most
-    ``window_bytes``: each item is (stored name, [names to yield for it: itself if asked, then its
-    aliases that were asked])."""
+    ``window_bytes`` (of the boxes read, where ``boxes`` names some): each item is (stored name,
+    [names to yield for it: itself if asked, then its aliases that were asked])."""
     wanted: set[str] | None = None
     if names is not None:
         wanted = set()
@@ -403,9 +452,18 @@ def windows(
         if not own and entry.name not in aliases:
             continue
         yields = ([entry.name] if own else []) + aliases.get(entry.name, [])
-        if not out or (size + entry.nbytes > window_bytes and size > 0):
+        box = boxes.get(entry.name) if boxes is not None else None
+        nbytes = entry.nbytes
+        if box is not None:
+            nbytes = math.prod(hi - lo for lo, hi in box) * dtypes.get(entry.dtype).itemsize
+        if not out or (size + nbytes > window_bytes and size > 0):
             out.append([])
             size = 0
         out[-1].append((entry.name, yields))
-        size += entry.nbytes
+        size += nbytes
     return out
+
+
+def check_chunk_bytes(chunk_bytes: int) -> None:
+    if chunk_bytes <= 0 or chunk_bytes % PAGE:
+        raise ValueError(f"chunk_bytes={chunk_bytes}: must be a positive multiple of {PAGE}")

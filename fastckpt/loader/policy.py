@@ -33,6 +33,14 @@ The rule, per buffer, in order (first match wins):
    faults read ahead, as safetensors does) where mapping measured fastest; the configuration may
    force a mode.
 
+A buffer that is not laid out like the file (``BufferPlan.mappable`` False: packed runs of a
+shard, a caller's own memory) is never mapped: rules 3, 4 and 6 read it, and rule 7 takes the
+mode of a device buffer.
+
+How a column shard is read (its runs, or the whole span they lie in) is ``gather_runs``: the
+cheaper of the two by the read rate the profile measured (or the page cache's) and a fixed cost
+per read.
+
 No source makes a pageable host-to-device copy: every byte bound for a device is read into the
 pinned staging ring or copied from memory the DRAM tier pinned.
 """
@@ -331,10 +339,13 @@ def decide(plan: LoadPlan, facts: Facts = Facts(), settings: Settings = Settings
     )
     out: list[Decision] = []
     for b in plan.buffers:
+        # a buffer not laid out like the file (packed runs, a caller's memory) is read, never
+        # mapped: it takes the cold mode of a device buffer
+        mapped_ok = b.device == "cpu" and b.mappable
         if facts.streaming:
-            plain = stream_cpu if b.device == "cpu" else Source.STREAM
+            plain = stream_cpu if mapped_ok else Source.STREAM
         else:
-            plain = _plain(b, facts, settings, cpu_mode if b.device == "cpu" else gpu_mode)
+            plain = _plain(b, facts, settings, cpu_mode if mapped_ok else gpu_mode)
         if b.nbytes == 0:
             src = Source.EMPTY
         elif b.device != "cpu" and b.device in facts.gpu_devices:
@@ -361,6 +372,7 @@ def _plain(b: BufferPlan, facts: Facts, settings: Settings, cold_mode: str) -> S
     resident = facts.residency.get(b.partition, 0.0)
     if (
         b.device == "cpu"
+        and b.mappable
         and settings.cpu_map_cached
         and not settings.verify
         and resident >= settings.mmap_min_resident
@@ -402,3 +414,38 @@ def is_slow_source(kind: str, fs_type: str) -> bool:
     """Should the SSD tier keep a converted copy of this source? Stock safetensors (converted on
     first use: aligned, checksummed) and anything on a network or FUSE filesystem."""
     return kind != "fastckpt" or fs_type in NETWORK_FS or fs_type.startswith("fuse")
+
+
+# What one more read costs beyond its bytes: a buffered read (a system call, or an io_uring entry,
+# on the 2-core VM) and, for a device, also a host-to-device copy of its own from the ring.
+READ_OP_S = 4e-6
+DEVICE_OP_S = 15e-6
+# Rate of reads served by the page cache (a copy by the kernel), when nothing better is known.
+PAGE_CACHE_GBPS = 4.0
+
+
+def gather_runs(
+    runs: int,
+    kept_bytes: int,
+    span_bytes: int,
+    *,
+    device: bool = False,
+    gbps: float = PAGE_CACHE_GBPS,
+) -> bool:
+    """Read a column shard as its ``runs`` (``kept_bytes`` in all; True) rather than as the one
+    span of ``span_bytes`` they lie in (False), when that costs no more time: each read costs
+    ``READ_OP_S`` (``DEVICE_OP_S`` to a device) plus its bytes at ``gbps``."""
+    op_s = DEVICE_OP_S if device else READ_OP_S
+    rate = max(gbps, 1e-3) * 1e9
+    return runs * op_s + kept_bytes / rate <= op_s + span_bytes / rate
+
+
+def read_gbps(
+    profile: ReadProfile | None, resident: float, settings: Settings = Settings()
+) -> float:
+    """The rate a read of a partition can expect: the page cache's when it is resident, else
+    what the profile measured for the cold mode (the page cache's rate when nothing was)."""
+    if resident >= settings.buffered_min_resident or profile is None:
+        return PAGE_CACHE_GBPS
+    measured = getattr(profile, f"{profile.best}_gbps", 0.0)
+    return measured if measured > 0 else PAGE_CACHE_GBPS

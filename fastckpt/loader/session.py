@@ -26,7 +26,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -371,12 +371,20 @@ class Loader:
         tiers: bool = True,
         t_start: float | None = None,
         plan: LoadPlan | None = None,
+        into: Mapping[int, Any] | None = None,
     ) -> tuple[dict[str, Any], stats.LoadStats]:
         """Read ``names`` (default all) of an opened checkpoint onto ``target`` (canonical):
         one policy decision, one executor run. ``tiers`` lets the load use and fill the GPU and
         DRAM tiers (whole loads); windows and single tensors only use what the DRAM tier and the
-        daemon already hold. A ready ``plan`` may be passed (slices)."""
+        daemon already hold. A ready ``plan`` may be passed (slices, shards). ``into`` maps
+        buffers of that plan to the caller's own memory (contiguous uint8 tensors of the
+        buffer's size on its device, e.g. a model's parameters, as ``plan_into`` plans them),
+        which the load fills instead of allocating; only without tiers."""
         self._check_open()
+        if into and (tiers or plan is None):
+            raise ValueError(
+                "execute(into=...) fills a caller's memory: pass its plan, tiers=False"
+            )
         cfg = cfg or self.config()
         t_start = time.perf_counter() if t_start is None else t_start
         index, files = opened.index, opened.files
@@ -482,6 +490,7 @@ class Loader:
                 reclaim=self.gpu_tier.free_idle,
                 open_partition=self._open_partition,
                 stream=opened.stream,
+                into=into or {},
             )
             executor = Executor(index, plan, decision, sources, cfg=cfg, verify=verify)
             try:
@@ -528,6 +537,13 @@ class Loader:
         )
         stats.record(result)
         return tensors, result
+
+    def read_gbps(self, opened: Opened, cfg: Config | None = None) -> float:
+        """The rate a read of ``opened`` can expect now (``facts.read_gbps``)."""
+        cfg = cfg or self.config()
+        return facts.read_gbps(
+            opened.index, bool(opened.daemon), cfg, self._residency, lambda: self.engine(cfg)
+        )
 
     # ------------------------------------------------------------------ tiers API
     def prefetch(

@@ -91,10 +91,11 @@ class Sources:
     ``files[i]``: partition i's validated open file. ``daemon[i]``: the daemon's sealed memfd of
     partition i (as an ``OpenFile``), when the policy may use the daemon. ``dram[i]``: the DRAM
     tier's block of partition i (file offset = block offset). ``gpu[b]``: the revived device
-    buffer of buffer b. ``engine`` returns the I/O engine (started on first use); ``stage``
-    returns the device stage of a device (pinned ring, copy streams); ``reclaim`` frees what a
-    cache keeps idle on a device (returns bytes freed). ``open_partition`` turns a descriptor into
-    an engine file or a mapping descriptor (a seam for tests).
+    buffer of buffer b. ``into[b]``: the caller's memory that buffer b is read into. ``engine``
+    returns the I/O engine (started on first use); ``stage`` returns the device stage of a
+    device (pinned ring, copy streams); ``reclaim`` frees what a cache keeps idle on a device
+    (returns bytes freed). ``open_partition`` turns a descriptor into an engine file or a mapping
+    descriptor (a seam for tests).
     """
 
     engine: Callable[[], io_engine.Engine]
@@ -109,6 +110,9 @@ class Sources:
     cpu_dest: Mapping[int, Any] = field(default_factory=dict)
     # the files' bytes are still arriving: reads of streaming sources wait on it
     stream: Stream | None = None
+    # buffer index -> a caller's contiguous uint8 tensor of the buffer's size on its device
+    # (a model's parameter), filled instead of a new buffer (``plan_into``)
+    into: Mapping[int, Any] = field(default_factory=dict)
 
     def descriptor(self, source: Source, partition: int) -> OpenFile:
         """The descriptor holding ``partition``'s bytes under ``source``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -135,4 +136,48 @@ def assemble(
         notes=tuple(sorted(timings.notes | (notes or set()))),
         copies=timings.copies,
         max_copies_in_flight=timings.max_copies_in_flight,
+    )
+
+
+def combine(parts: Sequence[LoadStats], *, seconds: float | None = None) -> LoadStats:
+    """One ``LoadStats`` for loads that together make one (the windows of a stream): bytes,
+    tensors, buffers, copies and stage times added, sources and tiers joined; ``seconds`` is the
+    wall time when given (windows overlap), else the sum."""
+    if not parts:
+        raise ValueError("no loads to combine")
+    first = parts[0]
+
+    def total(name: str) -> Any:
+        return sum(getattr(p, name) for p in parts)
+
+    tiers: dict[str, int] = {}
+    for p in parts:
+        for k, v in p.tier_nbytes.items():
+            tiers[k] = tiers.get(k, 0) + v
+    taken = sorted({s for p in parts for s in p.path_taken.split("+") if s and s != "none"})
+    decisions = tuple(d for p in parts for d in p.decisions)
+    return LoadStats(
+        path=first.path,
+        kind=first.kind,
+        devices=tuple(sorted({d for p in parts for d in p.devices})),
+        nbytes=total("nbytes"),
+        read_nbytes=total("read_nbytes"),
+        tensors=total("tensors"),
+        buffers=total("buffers"),
+        seconds=total("seconds") if seconds is None else seconds,
+        plan_s=total("plan_s"),
+        alloc_s=total("alloc_s"),
+        read_wait_s=total("read_wait_s"),
+        copy_wait_s=total("copy_wait_s"),
+        verify_s=total("verify_s"),
+        ring_s=total("ring_s"),
+        finalize_s=total("finalize_s"),
+        engine="+".join(sorted({p.engine for p in parts})),
+        path_taken="+".join(taken) or "none",
+        verified_chunks=total("verified_chunks"),
+        decisions=decisions,
+        tier_nbytes=tiers,
+        notes=tuple(sorted({n for p in parts for n in p.notes})),
+        copies=total("copies"),
+        max_copies_in_flight=max(p.max_copies_in_flight for p in parts),
     )

@@ -21,16 +21,23 @@ being read.
 
 Each tensor is yielded once, in storage order (partition, then offset); an alias (a tied weight
 stored once in a fastckpt checkpoint) is yielded right after its target, as the same tensor
-object. The index is validated as for ``load``. No chunk checksums are checked (use
-``fastckpt.verify`` or ``fastckpt.load(verify=True)``).
+object. The index is validated as for ``load``. Chunk checksums are checked with ``verify=True``
+(each window then reads the whole checksum chunks its tensors touch).
+
+``boxes`` reads only a sub-array of some tensors (a tensor-parallel rank's share): each window is
+then planned by ``shardplan.plan_shards`` (a row shard is one range of the file, a column shard
+its row segments or, where the policy's ``gather_runs`` finds one read cheaper, the span they lie
+in), and the tensor yielded has the box's shape.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
+
+from fastckpt.errors import FormatError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -38,6 +45,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from fastckpt.format.index import Index
     from fastckpt.loader.opening import Opened
     from fastckpt.loader.session import Loader
+    from fastckpt.loader.shardplan import Box
+    from fastckpt.loader.stats import LoadStats
 
 __all__ = ["iter_tensors"]
 
@@ -47,10 +56,13 @@ def iter_tensors(
     device: Any = "cpu",
     *,
     names: Iterable[str] | None = None,
+    boxes: Mapping[str, Box | None] | None = None,
     window_bytes: int | None = None,
     engine: str | None = None,
     index: Index | None = None,
     loader: Loader | None = None,
+    stats: list[LoadStats] | None = None,
+    verify: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` in storage order (see the module docstring).
 
@@ -60,12 +72,18 @@ def iter_tensors(
         device: ``"cpu"``, ``"cuda"`` (the current device), ``"cuda:N"`` or an int (one
             device).
         names: only these tensors (stored or alias names), still in storage order.
+        boxes: stored name -> the sub-array to read of it (one ``(lo, hi)`` per dimension;
+            None: all of it); the tensor yielded for that name (and its aliases) has the box's
+            shape. Tensors not named here are read whole.
         window_bytes: bytes of tensors per window (default: 4 ring slots, 128 MiB with the
             default config). Reads run one window ahead of the consumer.
         engine: ``"auto"`` (default: config ``io_engine``), ``"uring"`` or ``"pread"``.
         index: the checkpoint's index when read already (its files are opened and checked
             against it again).
         loader: the ``fastckpt.Loader`` to read through (default: the current or default one).
+        stats: a list each window's ``LoadStats`` is appended to (bytes read, sources, times).
+        verify: check the chunk checksums of every byte yielded (each window reads the whole
+            checksum chunks its tensors touch; a fastckpt checkpoint only; not with ``boxes``).
 
     Raises:
         FormatError (and subclasses): the checkpoint is invalid (before the first tensor) or a
@@ -82,13 +100,46 @@ def iter_tensors(
     window = 4 * cfg.ring_slot_bytes if window_bytes is None else int(window_bytes)
     if window <= 0:
         raise ValueError(f"window_bytes={window_bytes}: must be positive")
-    opened = session.open_source(index if index is not None else path, cfg=cfg, convert=False)
+    if verify and boxes is not None:
+        raise ValueError(
+            "verify=True checks whole checksum chunks; it cannot be combined with boxes"
+        )
+    opened = session.open_source(
+        index if index is not None else path, cfg=cfg, convert=False, verify=verify
+    )
     try:
-        groups = windows(opened.index, names, window)
+        if verify and opened.index.checksum_algorithm is None:
+            raise FormatError(
+                f"verify=True needs chunk checksums, and a {opened.index.kind} checkpoint has "
+                "none; convert it with fastckpt.convert to get them",
+                path=opened.index.root,
+            )
+        shards = None
+        if boxes is not None:
+            for name in boxes:
+                if name not in opened.index.tensors:
+                    raise KeyError(f"boxes: {name!r} is not a stored tensor of {opened.index.root}")
+            shards = _Shards(boxes, session.read_gbps(opened, cfg), dev != "cpu")
+        groups = windows(opened.index, names, window, boxes=boxes)
     except BaseException:
         opened.close()
         raise
-    return _run(session, opened, dev, groups, cfg)
+    return _run(session, opened, dev, groups, cfg, shards, stats, verify)
+
+
+class _Shards:
+    """What a window of a sharded read needs: the boxes, and whether a column shard reads its
+    runs or its span (``policy.gather_runs`` at the rate the checkpoint's reads can expect)."""
+
+    def __init__(self, boxes: Mapping[str, Box | None], gbps: float, device: bool) -> None:
+        self.boxes = boxes
+        self.gbps = gbps
+        self.device = device
+
+    def gather(self, runs: int, kept: int, span: int) -> bool:
+        from fastckpt.loader.policy import gather_runs
+
+        return gather_runs(runs, kept, span, device=self.device, gbps=self.gbps)
 
 
 def _run(
@@ -97,16 +148,21 @@ def _run(
     device: str,
     groups: list[list[tuple[str, list[str]]]],
     cfg: Any,
+    shards: _Shards | None = None,
+    stats: list[LoadStats] | None = None,
+    verify: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     ahead: _Ahead | None = None
+
+    def start(group: list[tuple[str, list[str]]]) -> _Ahead:
+        return _Ahead(loader, opened, device, group, cfg, shards, stats, verify)
+
     try:
         if groups:
-            ahead = _Ahead(loader, opened, device, groups[0], cfg)
+            ahead = start(groups[0])
         for i in range(len(groups)):
             tensors = ahead.result() if ahead is not None else {}
-            ahead = (
-                _Ahead(loader, opened, device, groups[i + 1], cfg) if i + 1 < len(groups) else None
-            )
+            ahead = start(groups[i + 1]) if i + 1 < len(groups) else None
             for stored, yields in groups[i]:
                 tensor = tensors.pop(stored)
                 for name in yields:
@@ -128,6 +184,9 @@ class _Ahead:
         device: str,
         group: list[tuple[str, list[str]]],
         cfg: Any,
+        shards: _Shards | None = None,
+        stats: list[LoadStats] | None = None,
+        verify: bool = False,
     ) -> None:
         self._out: dict[str, Any] = {}
         self._error: BaseException | None = None
@@ -135,7 +194,22 @@ class _Ahead:
 
         def work() -> None:
             try:
-                tensors, _ = loader.execute(opened, device, names=names, cfg=cfg, tiers=False)
+                plan = None
+                if shards is not None:
+                    from fastckpt.loader.shardplan import plan_shards
+
+                    plan = plan_shards(
+                        opened.index,
+                        {n: shards.boxes.get(n) for n in names},
+                        device,
+                        chunk_bytes=cfg.ring_slot_bytes,
+                        gather=shards.gather,
+                    )
+                tensors, result = loader.execute(
+                    opened, device, names=names, cfg=cfg, tiers=False, plan=plan, verify=verify
+                )
+                if stats is not None:
+                    stats.append(result)
                 self._out = {n: tensors[n] for n in names}
             except BaseException as exc:
                 self._error = exc

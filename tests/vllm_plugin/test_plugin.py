@@ -239,3 +239,75 @@ def test_fastckpt_does_not_import_vllm() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+# --- iter_weights: one pass in windows, and the node's daemon -----------------------------------
+
+
+def test_iter_weights_hands_over_the_first_tensor_before_reading_the_rest(tmp_path: Path) -> None:
+    """One pass: the first tensor comes after at most two windows were read (the one handed
+    over and the one read ahead), never after the whole checkpoint."""
+    torch = pytest.importorskip("torch")
+    import fastckpt
+    from fastckpt.integrations.vllm.weights import iter_weights
+
+    mib = 1 << 20
+    state = {f"layer{i:02d}.w": torch.full((mib // 4,), float(i)) for i in range(16)}
+    fastckpt.save(state, tmp_path / "ck", metadata=None)
+    stats: list[fastckpt.LoadStats] = []
+    with fastckpt.Loader(ring_slot_bytes=mib // 2) as loader:  # windows of 2 MiB
+        weights = iter_weights(tmp_path / "ck", VllmLoadOptions(), loader=loader, stats=stats)
+        name, first = next(weights)
+        assert name == "layer00.w" and torch.equal(first, state[name])
+        read_before = sum(s.read_nbytes for s in stats)
+        assert 0 < read_before <= 4 * mib < 16 * mib
+        rest = dict(weights)
+    assert sorted([name, *rest]) == sorted(state)
+    assert all(torch.equal(t, state[n]) for n, t in rest.items())
+    assert sum(s.read_nbytes for s in stats) == 16 * mib
+    assert len(stats) >= 8
+
+
+def test_iter_weights_takes_the_bytes_from_the_nodes_daemon(tmp_path: Path) -> None:
+    """With ``server`` set, the weights come from the daemon (a restart of vLLM's workers
+    maps what the node's daemon holds) and equal the files' bytes."""
+    torch = pytest.importorskip("torch")
+    import threading
+
+    import fastckpt
+    from fastckpt.integrations.vllm.weights import iter_weights
+    from fastckpt.serve.daemon import Daemon, ServeConfig
+
+    root = tmp_path / "models"
+    state = {f"w{i}": torch.randn(4096 + i) for i in range(6)}
+    fastckpt.save(state, root / "m", metadata=None)
+    sock = str(tmp_path / "run" / "sock")
+    daemon = Daemon(ServeConfig(socket_path=sock, roots=[str(root)], dram_budget_bytes=8 << 20))
+    daemon.bind()
+    thread = threading.Thread(target=daemon.serve_forever, daemon=True)
+    thread.start()
+    try:
+        for _ in range(2):  # the first start fills the daemon, the second is served by it
+            stats: list[fastckpt.LoadStats] = []
+            got = dict(iter_weights(root / "m", VllmLoadOptions(server=sock), stats=stats))
+            assert all(torch.equal(got[n], t) for n, t in state.items())
+        assert {s.path_taken for s in stats} == {"daemon"}
+    finally:
+        daemon.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+
+
+def test_vllm_export_without_vllm_says_which_python_to_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    from fastckpt.cli import main
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is importable here: the command would run it")
+    assert main(["vllm-export", str(tmp_path), str(tmp_path / "out"), "-tp", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "fastckpt vllm-export runs vLLM" in err and ".vllm-venv/bin/fastckpt" in err
+    assert not (tmp_path / "out").exists()

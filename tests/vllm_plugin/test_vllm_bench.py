@@ -24,8 +24,13 @@ LOG = "\n".join(
         "BENCH_TIMER 0.500001",
         _mark(name="safetensors", cache="warm", resident_bytes=10, error=None),
         "INFO Loading weights took 0.20 seconds (fastckpt, /m, engine=auto, verify=False)",
+        "INFO fastckpt rank tp=1/2 pp=0/1 on cpu: read 300000000 bytes for 300000000 bytes of "
+        "tensors (checkpoint 600000000 bytes) via page-cache-map",
+        "INFO fastckpt rank tp=0/2 pp=0/1 on cpu: read 400000000 bytes for 300000000 bytes of "
+        "tensors (checkpoint 600000000 bytes) via page-cache-map",
         "BENCH_TIMER 0.2",
-        _mark(name="fastckpt", cache="warm", resident_bytes=10, error=None),
+        "BENCH_RSS 2000000000",
+        _mark(name="fastckpt", cache="warm", resident_bytes=10, error=None, first_token_s=3.5),
         _mark(name="runai_streamer", cache="warm", resident_bytes=10, error="ValueError: no"),
         "BENCH_TIMER 0.7",
         _mark(name="safetensors", cache="warm", resident_bytes=10, error=None),
@@ -41,6 +46,8 @@ def test_parse_round_log_pairs_each_timer_with_its_load() -> None:
         ("runai_streamer", None, None),
         ("safetensors", 0.7, None),
     ]
+    assert samples[1]["read_nbytes"] == [400000000, 300000000]
+    assert samples[0]["read_nbytes"] == [] and samples[3]["read_nbytes"] == []
 
 
 def test_parse_round_log_refuses_a_load_without_timer() -> None:
@@ -63,5 +70,10 @@ def test_summary_and_markdown() -> None:
     text = to_markdown(
         {"machine": {"vllm": "0.32.0", "cpus": 2}, "model": {"nbytes": 10**9}, "rows": rows}
     )
-    assert "| fastckpt | stock | warm | 0.20 (0.20-0.20) | 5.00 | 1 |" in text
+    assert rows[1]["read_nbytes_per_rank"] == [400000000, 300000000]
+    assert rows[1]["first_token_s"] == 3.5 and rows[1]["peak_rss_bytes"] == 2 * 10**9
+    assert (
+        "| fastckpt | stock | warm | 0.20 (0.20-0.20) | 3.00 | 5.00 | 3.5 | 2.00 | 0.40 / 0.30 "
+        "| 1 |" in text
+    )
     assert "failed: ValueError: no" in text

@@ -96,16 +96,27 @@ if __name__ == "__main__":
     for case in job["cases"]:
         out = {"case": case["name"]}
         start = time.perf_counter()
+        backend = None if job["spawn"] else "uni"
         try:
-            llm = LLM(model=case["model"], load_format=case["load_format"],
-                      skip_tokenizer_init=True,
-                      dtype="bfloat16", max_model_len=128, max_num_seqs=4, enforce_eager=True,
-                      gpu_memory_utilization=job["mem"], tensor_parallel_size=case.get("tp", 1),
-                      distributed_executor_backend=None if job["spawn"] else "uni",
-                      model_loader_extra_config=case.get("extra") or {}, seed=0)
-            res = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params)
-            out["tokens"] = [list(o.outputs[0].token_ids) for o in res]
-            del llm
+            if "export" in case:  # fastckpt vllm-export, run here (one vLLM engine)
+                from fastckpt.integrations.vllm.export import export_model
+                made = export_model(case["model"], case["export"], overwrite=True,
+                                    tensor_parallel_size=case.get("tp", 1), dtype="bfloat16",
+                                    engine_args=dict(gpu_memory_utilization=job["mem"],
+                                                     distributed_executor_backend=backend,
+                                                     seed=0))
+                out["exported"] = made.describe()
+            else:
+                llm = LLM(model=case["model"], load_format=case["load_format"],
+                          skip_tokenizer_init=True, dtype=case.get("dtype", "bfloat16"),
+                          max_model_len=128, max_num_seqs=4, enforce_eager=True,
+                          gpu_memory_utilization=job["mem"],
+                          tensor_parallel_size=case.get("tp", 1),
+                          distributed_executor_backend=backend,
+                          model_loader_extra_config=case.get("extra") or {}, seed=0)
+                res = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params)
+                out["tokens"] = [list(o.outputs[0].token_ids) for o in res]
+                del llm
         except Exception as e:
             out["error"] = f"{type(e).__name__}: {e}"
             out["traceback"] = traceback.format_exc()[-3000:]
@@ -116,6 +127,11 @@ if __name__ == "__main__":
 """
 
 _WEIGHTS_RE = re.compile(r"Loading weights took ([0-9.]+) seconds")
+# the plug-in's line per rank (fastckpt/integrations/vllm/loader.py)
+_RANK_RE = re.compile(
+    r"fastckpt rank tp=(\d+)/(\d+) pp=\d+/\d+ on (\S+): read (\d+) bytes for (\d+) bytes of "
+    r"tensors \(checkpoint (-?\d+) bytes\) via (\S+)"
+)
 
 
 def run_cases(
@@ -143,14 +159,36 @@ def run_cases(
     log = proc.stdout
     results: dict[str, dict[str, object]] = {}
     timers: list[float] = []  # vLLM's "Loading weights took", one per rank that logs it
+    ranks: list[dict[str, object]] = []  # the plug-in's bytes read, one per rank
+    # fastckpt's errors logged by the case's workers: with spawned workers vLLM's exception says
+    # only "Engine core initialization failed", the worker's own message is in the log
+    errors: list[str] = []
     for line in log.splitlines():
+        if "fastckpt" in line and ("MismatchError" in line or "OptionsError" in line):
+            errors.append(line[-3000:])
         m = _WEIGHTS_RE.search(line)
+        r = _RANK_RE.search(line)
         if m:
             timers.append(float(m.group(1)))
-        elif line.startswith("E2E_RESULT "):
+        if r:
+            ranks.append(
+                dict(
+                    tp_rank=int(r.group(1)),
+                    tp_size=int(r.group(2)),
+                    device=r.group(3),
+                    read_nbytes=int(r.group(4)),
+                    tensor_nbytes=int(r.group(5)),
+                    checkpoint_nbytes=int(r.group(6)),
+                    via=r.group(7),
+                )
+            )
+        if line.startswith("E2E_RESULT "):
             out = json.loads(line.split(" ", 1)[1])
             out["weights_s"] = timers
-            timers = []
+            out["ranks"] = sorted(ranks, key=lambda x: int(str(x["tp_rank"])))
+            if "error" in out:
+                out["error"] = "\n".join([out["error"], *errors[-4:]])
+            timers, ranks, errors = [], [], []
             results[out.pop("case")] = out
     if proc.returncode != 0 or len(results) != len(cases):
         results["_runner"] = {"error": f"runner exited {proc.returncode}", "log_tail": log[-6000:]}
@@ -169,6 +207,43 @@ def cpu_bind(ranks: int) -> str:
     return "|".join(str(c[0]) if len(c) == 1 else f"{c[0]}-{c[-1]}" for c in runs)
 
 
+def start_daemon(workdir: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A ``fastckpt serve`` daemon for the models under ``workdir`` (the node's DRAM tier that
+    outlives vLLM's processes); returns it and its socket path once it answers."""
+    import time
+
+    from fastckpt.serve.client import Client
+
+    sock = os.path.join(workdir, "run", "fastckpt.sock")
+    os.makedirs(os.path.dirname(sock), mode=0o700, exist_ok=True)
+    cmd = [sys.executable, "-c", "import sys; from fastckpt.cli import main; sys.exit(main())"]
+    args = ["serve", "--socket", sock, "--root", workdir, "--dram-budget", "256MiB"]
+    proc = subprocess.Popen([*cmd, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with Client(sock, timeout_s=5) as c:
+                c.roots()
+            return proc, sock
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"fastckpt serve did not start: {err[-2000:]}") from None
+            time.sleep(0.1)
+
+
+def stop_daemon(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(20)
+    if proc.stderr:
+        proc.stderr.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("workdir")
@@ -177,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--spawn", action="store_true", help="also run the converted llama with spawned workers"
     )
-    ap.add_argument("--tp", type=int, default=0, help="also run the converted llama with this TP")
+    ap.add_argument(
+        "--export", action="store_true", help="per-rank exports (vllm-export) and their refusal"
+    )
+    ap.add_argument("--server", action="store_true", help="restarts served by fastckpt serve")
+    ap.add_argument("--tp", type=int, default=0, help="also run every model with this TP size")
     a = ap.parse_args(argv)
     os.makedirs(a.workdir, exist_ok=True)
     cases: list[dict[str, object]] = []
@@ -192,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
             dict(name=f"{kind}/fastckpt_stock", model=stock, load_format="fastckpt"),
             dict(name=f"{kind}/fastckpt_converted", model=converted, load_format="fastckpt"),
         ]
+        if a.export:
+            out = os.path.join(a.workdir, f"{kind}-export-tp1")
+            cases += [
+                dict(name=f"{kind}/export_tp1", model=stock, export=out),
+                dict(name=f"{kind}/fastckpt_export", model=out, load_format="fastckpt"),
+            ]
     # Clear errors, checked through vLLM: an unknown option, and a checkpoint of another model.
     first, other = models[0], models[-1]
     cases.append(
@@ -211,7 +296,34 @@ def main(argv: list[str] | None = None) -> int:
                 extra={"checkpoint": folders[other][1]},
             )
         )
+    if a.export:  # an export made for bfloat16, run as float16: refused, saying so
+        cases.append(
+            dict(
+                name="error/export_dtype",
+                model=os.path.join(a.workdir, f"{first}-export-tp1"),
+                load_format="fastckpt",
+                dtype="float16",
+            )
+        )
     results, _ = run_cases(cases, mem=a.mem)
+    if a.server:
+        daemon, sock = start_daemon(a.workdir)
+        try:
+            server_cases: list[dict[str, object]] = [
+                dict(
+                    name=f"{first}/fastckpt_server_{when}",
+                    model=folders[first][1],
+                    load_format="fastckpt",
+                    extra={"server": sock},
+                )
+                for when in ("first", "restart")
+            ]
+            # each start in a fresh engine process, as a restarted vLLM would be
+            for case in server_cases:
+                got, _ = run_cases([case], spawn=True, mem=a.mem)
+                results.update(got)
+        finally:
+            stop_daemon(daemon)
     if a.spawn:
         spawned, _ = run_cases(
             [
@@ -226,22 +338,40 @@ def main(argv: list[str] | None = None) -> int:
         )
         results.update(spawned)
     if a.tp > 1:
-        tp_cases = [
-            dict(
-                name=f"{first}/safetensors_tp{a.tp}",
-                model=folders[first][0],
-                load_format="safetensors",
-                tp=a.tp,
-            ),
-            dict(
-                name=f"{first}/fastckpt_converted_tp{a.tp}",
-                model=folders[first][1],
-                load_format="fastckpt",
-                tp=a.tp,
-            ),
-        ]
+        tp = a.tp
+        tp_cases: list[dict[str, object]] = []
+        for kind, (stock, converted) in folders.items():
+            tp_cases += [
+                dict(name=f"{kind}/safetensors_tp{tp}", model=stock, load_format="safetensors"),
+                dict(name=f"{kind}/fastckpt_stock_tp{tp}", model=stock, load_format="fastckpt"),
+                dict(
+                    name=f"{kind}/fastckpt_converted_tp{tp}",
+                    model=converted,
+                    load_format="fastckpt",
+                ),
+            ]
+            if a.export:
+                out = os.path.join(a.workdir, f"{kind}-export-tp{tp}")
+                tp_cases += [
+                    dict(name=f"{kind}/export_tp{tp}", model=stock, export=out),
+                    dict(name=f"{kind}/fastckpt_export_tp{tp}", model=out, load_format="fastckpt"),
+                ]
+        if a.export:  # the TP=1 export under a TP=2 engine: refused
+            tp_cases.append(
+                dict(
+                    name=f"error/export_tp1_under_tp{tp}",
+                    model=os.path.join(a.workdir, f"{first}-export-tp1"),
+                    load_format="fastckpt",
+                )
+            )
+        for case in tp_cases:
+            case["tp"] = tp
         tp_results, _ = run_cases(
-            tp_cases, spawn=True, mem=a.mem, env_extra={"VLLM_CPU_OMP_THREADS_BIND": cpu_bind(a.tp)}
+            tp_cases,
+            spawn=True,
+            mem=a.mem,
+            timeout_s=2400,
+            env_extra={"VLLM_CPU_OMP_THREADS_BIND": cpu_bind(tp)},
         )
         results.update(tp_results)
     print("E2E_ALL " + json.dumps(results))

@@ -39,13 +39,18 @@ from typing import Any
 
 _WEIGHTS_RE = re.compile(r"Loading weights took ([0-9.]+) seconds")
 
-# (row name, load format, folder: "stock" | "converted", python module that must be installed)
+_RANK_RE = re.compile(r"fastckpt rank tp=(\d+)/\d+ .*: read (\d+) bytes for (\d+) bytes")
+
+# (row name, load format, folder: "stock" | "converted" | "export", python module that must be
+# be installed); the row "fastckpt (daemon)" reads the converted copy through `fastckpt serve`.
 LOADERS: tuple[tuple[str, str, str, str | None], ...] = (
     ("safetensors", "safetensors", "stock", None),
     ("fastckpt", "fastckpt", "stock", None),
     ("runai_streamer", "runai_streamer", "stock", "runai_model_streamer"),
     ("fastsafetensors", "fastsafetensors", "stock", "fastsafetensors"),
     ("fastckpt (converted copy)", "fastckpt", "converted", None),
+    ("fastckpt (per-rank export)", "fastckpt", "export", None),
+    ("fastckpt (daemon)", "fastckpt", "converted", None),
 )
 
 
@@ -82,12 +87,39 @@ def make_model(workdir: str, size_bytes: int) -> tuple[str, str]:
     return stock, converted
 
 
+def make_export(stock: str, tp: int) -> str:
+    """``fastckpt vllm-export`` of the stock folder for this TP size (once), in a fresh
+    interpreter."""
+    out = f"{stock}-export-tp{tp}"
+    if not os.path.exists(out):
+        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false")
+        proc = subprocess.run(
+            [
+                *(sys.executable, "-m", "fastckpt.cli", "vllm-export", stock, out),
+                *("--tensor-parallel-size", str(tp), "--dtype", "bfloat16"),
+                '--engine-args={"gpu_memory_utilization": 0.1, "seed": 0}',
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            timeout=3600,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"fastckpt vllm-export failed:\n{proc.stdout[-4000:]}")
+    return out
+
+
 def weight_files(folder: str) -> list[str]:
-    return sorted(
-        os.path.join(folder, n)
-        for n in os.listdir(folder)
-        if n.endswith(".safetensors") or n.startswith("part-") or n == "fastckpt.index"
-    )
+    """The files a load of ``folder`` reads (a per-rank export: every rank's)."""
+    out = []
+    for root, _, names in os.walk(folder):
+        out += [
+            os.path.join(root, n)
+            for n in names
+            if n.endswith(".safetensors") or n.startswith("part-") or n == "fastckpt.index"
+        ]
+    return sorted(out)
 
 
 _ROUND = r"""
@@ -109,8 +141,23 @@ def timed_loader(load_config):
         start = time.perf_counter()
         inner(model, model_config)
         print(f"BENCH_TIMER {time.perf_counter() - start:.6f}", flush=True)
+        # the process's peak RSS up to here: model built and weights loaded (vLLM's KV cache,
+        # 10% of host memory on its CPU build, comes after)
+        print(f"BENCH_RSS {peak_rss()}", flush=True)
     loader.load_weights = load_weights
     return loader
+
+def peak_rss_reset():
+    # the kernel's high-water mark of this process's resident memory, reset (Linux >= 4.0)
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+def peak_rss():
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return None
 
 ml.get_model_loader = timed_loader
 
@@ -123,30 +170,38 @@ def prepare(files, cache):
                 while fh.read(1 << 24):
                     pass
 
+from vllm import SamplingParams
+first_token = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
+
 def load(entry):
+    out = {"error": None, "first_token_s": None}
     try:
+        gc.collect()
+        peak_rss_reset()
+        start = time.perf_counter()
         llm = LLM(model=entry["model"], load_format=entry["load_format"], skip_tokenizer_init=True,
               dtype="bfloat16", max_model_len=128, max_num_seqs=1, enforce_eager=True,
               gpu_memory_utilization=job["mem"], distributed_executor_backend="uni",
-              model_loader_extra_config={}, seed=0)
+              model_loader_extra_config=entry.get("extra") or {}, seed=0)
+        llm.generate([{"prompt_token_ids": [1, 2, 3]}], first_token, use_tqdm=False)
+        out["first_token_s"] = time.perf_counter() - start
         del llm
-        error = None
     except Exception as e:  # a peer loader that does not run here: reported, not fatal
-        error = f"{type(e).__name__}: {e}"[:500]
+        out["error"] = f"{type(e).__name__}: {e}"[:500]
     gc.collect()
     cleanup_dist_env_and_memory()
-    return error
+    return out
 
 for entry in job["warmup"]:
     prepare(entry["files"], "warm")
-    error = load(entry)
-    print("BENCH_MARK " + json.dumps({"warmup": entry["name"], "error": error}), flush=True)
+    got = load(entry)
+    print("BENCH_MARK " + json.dumps({"warmup": entry["name"], **got}), flush=True)
 for entry in job["timed"]:
     prepare(entry["files"], entry["cache"])
     resident = sum(io.residency(f) * os.path.getsize(f) for f in entry["files"])
-    error = load(entry)
+    got = load(entry)
     print("BENCH_MARK " + json.dumps({"name": entry["name"], "cache": entry["cache"],
-                                      "resident_bytes": resident, "error": error}), flush=True)
+                                      "resident_bytes": resident, **got}), flush=True)
 """
 
 
@@ -175,20 +230,37 @@ def parse_round_log(log: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     pending: float | None = None
     logged: float | None = None
+    read: list[tuple[int, int]] = []  # the plug-in's (rank, bytes read)
+    rss: int | None = None  # peak RSS of the process once the weights were loaded
     for line in log.splitlines():
         m = _WEIGHTS_RE.search(line)
+        r = _RANK_RE.search(line)
         if m:
             logged = float(m.group(1))
-        elif line.startswith("BENCH_TIMER "):
+        if r:
+            read.append((int(r.group(1)), int(r.group(2))))
+        if line.startswith("BENCH_TIMER "):
             pending = float(line.split(" ", 1)[1])
+        elif line.startswith("BENCH_RSS "):
+            value = line.split(" ", 1)[1].strip()
+            rss = int(value) if value.isdigit() else None
         elif line.startswith("BENCH_MARK "):
             mark = json.loads(line.split(" ", 1)[1])
             if "warmup" not in mark:
                 if mark["error"] is None and pending is None:
                     raise RuntimeError(f"no BENCH_TIMER line before {mark}")
                 weights = None if mark["error"] else pending
-                out.append({**mark, "weights_s": weights, "vllm_log_s": logged})
-            pending = logged = None
+                out.append(
+                    {
+                        **mark,
+                        "weights_s": weights,
+                        "vllm_log_s": logged,
+                        "read_nbytes": [n for _, n in sorted(read)],
+                        "peak_rss_bytes": rss,
+                    }
+                )
+            pending = logged = rss = None
+            read = []
     return out
 
 
@@ -200,6 +272,29 @@ def available_loaders() -> list[tuple[str, str, str]]:
     ]
 
 
+def start_daemon(workdir: str) -> tuple[subprocess.Popen[bytes], str]:
+    """``fastckpt serve`` over ``workdir`` (the node's DRAM tier), once it answers."""
+    from fastckpt.serve.client import Client
+
+    sock = os.path.join(workdir, "run", "fastckpt.sock")
+    os.makedirs(os.path.dirname(sock), mode=0o700, exist_ok=True)
+    cmd = [sys.executable, "-m", "fastckpt.cli", "serve", "--socket", sock, "--root", workdir]
+    proc = subprocess.Popen(
+        [*cmd, "--dram-budget", "8GiB"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with Client(sock, timeout_s=5) as c:
+                c.roots()
+            return proc, sock
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("fastckpt serve did not start") from None
+            time.sleep(0.1)
+
+
 def run(
     size_bytes: int, rounds: int, workdir: str, *, caches: tuple[str, ...] = ("warm", "cold")
 ) -> dict[str, Any]:
@@ -207,22 +302,28 @@ def run(
     import vllm
 
     stock, converted = make_model(workdir, size_bytes)
-    folders = {"stock": stock, "converted": converted}
+    folders = {"stock": stock, "converted": converted, "export": make_export(stock, 1)}
     loaders = available_loaders()
-    entries = [
-        {
-            "name": name,
-            "load_format": fmt,
-            "model": folders[folder],
-            "files": weight_files(folders[folder]),
-        }
-        for name, fmt, folder in loaders
-    ]
-    samples: list[dict[str, Any]] = []
-    for r in range(rounds):
-        order = entries[r % len(entries) :] + entries[: r % len(entries)]
-        timed = [{**e, "cache": c} for c in caches for e in order]
-        samples += run_round({"warmup": entries, "timed": timed, "mem": 0.1})
+    daemon, sock = start_daemon(workdir)
+    try:
+        entries = [
+            {
+                "name": name,
+                "load_format": fmt,
+                "model": folders[folder],
+                "files": weight_files(folders[folder]),
+                "extra": {"server": sock} if name == "fastckpt (daemon)" else {},
+            }
+            for name, fmt, folder in loaders
+        ]
+        samples: list[dict[str, Any]] = []
+        for r in range(rounds):
+            order = entries[r % len(entries) :] + entries[: r % len(entries)]
+            timed = [{**e, "cache": c} for c in caches for e in order]
+            samples += run_round({"warmup": entries, "timed": timed, "mem": 0.1})
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
     nbytes = sum(os.path.getsize(f) for f in weight_files(stock) if f.endswith(".safetensors"))
     return {
         "machine": {
@@ -237,13 +338,20 @@ def run(
     }
 
 
+def _median(values: list[Any]) -> float | None:
+    got = [v for v in values if v is not None]
+    return statistics.median(got) if got else None
+
+
 def summarise(
     samples: list[dict[str, Any]],
     loaders: list[tuple[str, str]],
     caches: tuple[str, ...],
     nbytes: int,
 ) -> list[dict[str, Any]]:
-    """One row per (loader, cache): median and spread of the timed samples, or the error."""
+    """One row per (loader, cache): median and spread of the timed samples (seconds in
+    ``load_weights``; vLLM's start to the first token; peak RSS; bytes read per rank), or the
+    error."""
     rows: list[dict[str, Any]] = []
     for name, folder in loaders:
         for cache in caches:
@@ -254,6 +362,7 @@ def summarise(
                 rows.append({"loader": name, "files": folder, "cache": cache, "error": errors[0]})
                 continue
             med = statistics.median(secs)
+            read = [s.get("read_nbytes") or [] for s in mine if s["weights_s"] is not None]
             rows.append(
                 {
                     "loader": name,
@@ -264,6 +373,9 @@ def summarise(
                     "max_s": max(secs),
                     "gbps": nbytes / med / 1e9 if med > 0 else None,
                     "n": len(secs),
+                    "first_token_s": _median([s.get("first_token_s") for s in mine]),
+                    "peak_rss_bytes": _median([s.get("peak_rss_bytes") for s in mine]),
+                    "read_nbytes_per_rank": read[0] if read else [],
                 }
             )
     return rows
@@ -272,20 +384,32 @@ def summarise(
 def to_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"vLLM {result['machine']['vllm']}, {result['machine']['cpus']} CPUs, model "
-        f"{result['model']['nbytes'] / 1e9:.2f} GB bf16; seconds in the loader's load_weights",
+        f"{result['model']['nbytes'] / 1e9:.2f} GB bf16; seconds in the loader's load_weights "
+        "(median, min-max); start = LLM() to the first token; peak RSS of the process",
         "",
-        "| loader | files | cache | median s (min-max) | GB/s | n |",
-        "|---|---|---|---|---|---|",
+        "| loader | files | cache | load_weights s | x safetensors | GB/s | start s | "
+        "peak RSS GB | read per rank GB | n |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    base = {
+        r["cache"]: r["median_s"]
+        for r in result["rows"]
+        if r["loader"] == "safetensors" and "median_s" in r
+    }
     for r in result["rows"]:
         if "error" in r:
             failed = f"failed: {r['error']}"
-            lines.append(f"| {r['loader']} | {r['files']} | {r['cache']} | {failed} | | |")
+            lines.append(f"| {r['loader']} | {r['files']} | {r['cache']} | {failed} |||||||")
             continue
         gbps = f"{r['gbps']:.2f}" if r["gbps"] else "-"
+        ratio = f"{base[r['cache']] / r['median_s']:.2f}" if r["cache"] in base else "-"
+        start = f"{r['first_token_s']:.1f}" if r.get("first_token_s") else "-"
+        rss = f"{r['peak_rss_bytes'] / 1e9:.2f}" if r.get("peak_rss_bytes") else "-"
+        read = " / ".join(f"{b / 1e9:.2f}" for b in r.get("read_nbytes_per_rank") or []) or "-"
         lines.append(
             f"| {r['loader']} | {r['files']} | {r['cache']} | {r['median_s']:.2f} "
-            f"({r['min_s']:.2f}-{r['max_s']:.2f}) | {gbps} | {r['n']} |"
+            f"({r['min_s']:.2f}-{r['max_s']:.2f}) | {ratio} | {gbps} | {start} | {rss} | "
+            f"{read} | {r['n']} |"
         )
     return "\n".join(lines)
 

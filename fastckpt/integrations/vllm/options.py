@@ -37,12 +37,16 @@ class VllmLoadOptions:
             worker then maps a checkpoint the daemon holds instead of reading it; without a
             reachable daemon it reads the files, with one warning). ``None``: the
             ``FASTCKPT_SERVER`` setting, if any.
+        export_dir: write each rank's weights, as loaded and before vLLM post-processes them,
+            into this folder (what ``fastckpt vllm-export`` runs vLLM with; the folder becomes
+            a per-rank export once that command writes its manifest).
     """
 
     engine: str = "auto"
     verify: bool = False
     checkpoint: str | None = None
     server: str | None = None
+    export_dir: str | None = None
 
 
 _DOC = {
@@ -50,6 +54,7 @@ _DOC = {
     "verify": "true or false",
     "checkpoint": "a path or an s3:// or https:// URL of a fastckpt or safetensors checkpoint",
     "server": "the socket path of a fastckpt serve daemon",
+    "export_dir": "a folder for fastckpt vllm-export's per-rank checkpoints",
 }
 
 
@@ -96,4 +101,11 @@ def parse_options(extra: Mapping[str, Any] | None) -> VllmLoadOptions:
         raise VllmOptionsError(
             f"--model-loader-extra-config: server={server!r}; expected {_DOC['server']}"
         )
-    return VllmLoadOptions(engine=engine, verify=verify, checkpoint=checkpoint, server=server)
+    export_dir = extra.get("export_dir")
+    if export_dir is not None and (not isinstance(export_dir, str) or not export_dir):
+        raise VllmOptionsError(
+            f"--model-loader-extra-config: export_dir={export_dir!r}; expected {_DOC['export_dir']}"
+        )
+    return VllmLoadOptions(
+        engine=engine, verify=verify, checkpoint=checkpoint, server=server, export_dir=export_dir
+    )

@@ -1,17 +1,26 @@
-"""Where vLLM's weights come from: one small function, ``iter_weights``, plus the checks that turn
-a model/checkpoint mismatch into a clear error. Imports no vLLM (torch only when a load runs), so
-it is testable without vLLM.
+"""Where vLLM's weights come from: ``iter_weights`` (the weight source), plus the checks that
+turn a model/checkpoint mismatch into a clear error. Imports no vLLM (torch only when a load
+runs), so it is testable without vLLM.
 
-``iter_weights`` is the seam for other weight sources: today it loads the whole checkpoint with
-``fastckpt.load`` (one pipeline pass, whole buffers) and hands the tensors out in storage order;
-a storage-order streaming iterator or a fastckpt Loader/daemon replaces its body without
-touching the vLLM side.
+The weight source is ``fastckpt.iter_tensors`` run on the worker's device: windows of tensors in
+storage order, one window read ahead while vLLM copies from the one before.
+
+- To a GPU, each window is read through the Loader's pinned staging ring into device memory, and
+  vLLM's weight loaders copy device to device; a window is freed once vLLM has copied the last
+  tensor in it. Host memory held: the ring, whatever the model's size; extra device memory: at
+  most two windows.
+- To the CPU, the first tensor is handed over after one window, not after the whole checkpoint;
+  page-cached bytes are private mappings (no copy before vLLM's own), others are read straight
+  into the window's memory.
+- With tensor parallelism, ``boxes`` (from ``shards.learn_boxes``) names the part of each tensor
+  this rank keeps: only that is read, and vLLM's loaders get a ``shards.Lazy`` holding it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from fastckpt.errors import FastckptError
@@ -20,32 +29,158 @@ from fastckpt.integrations.vllm.options import VllmLoadOptions
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+    from fastckpt.format.index import Index
+    from fastckpt.loader.session import Loader
+    from fastckpt.loader.shardplan import Box
+    from fastckpt.loader.stats import LoadStats
+
 
 class CheckpointMismatchError(FastckptError, ValueError):
-    """The checkpoint's tensors do not fit the model vLLM built (names, shapes or count)."""
+    """The checkpoint's tensors do not fit the model vLLM built (names, shapes or count), or a
+    per-rank export was made for another engine configuration."""
+
+
+def storage_order(index: Index) -> list[tuple[str, str]]:
+    """``(name, stored name)`` of every tensor name, in the order ``iter_weights`` yields them
+    (storage order; an alias right after its target)."""
+    from fastckpt.loader.plan import windows
+
+    out: list[tuple[str, str]] = []
+    for group in windows(index, None, 1 << 62):
+        for stored, names in group:
+            out.extend((name, stored) for name in names)
+    return out
+
+
+def open_loader(options: VllmLoadOptions) -> tuple[Loader, Callable[[], None]]:
+    """The Loader a vLLM worker reads through, and how to release it: one configured with the
+    ``server`` option when it is set (the node's cache daemon), else the process's default."""
+    from fastckpt.loader.api import default_loader
+    from fastckpt.loader.session import Loader
+
+    if options.server:
+        own = Loader(server=options.server)
+        return own, own.close
+    return default_loader(), lambda: None
 
 
 def iter_weights(
-    path: str | os.PathLike[str], options: VllmLoadOptions
+    path: str | os.PathLike[str],
+    options: VllmLoadOptions,
+    *,
+    device: str = "cpu",
+    boxes: Mapping[str, Box | str | None] | None = None,
+    loader: Loader | None = None,
+    stats: list[LoadStats] | None = None,
+    index: Index | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, CPU tensor)`` for every tensor of the checkpoint at ``path``, in storage
-    order, aliases (tied weights) last. ``path`` is a fastckpt folder or a safetensors folder.
+    """Yield ``(name, tensor)`` for every tensor of the checkpoint at ``path`` on ``device``, in
+    storage order, aliases (tied weights) right after their target. ``path`` is a fastckpt
+    folder or a safetensors folder.
 
-    The whole checkpoint is read by one ``fastckpt.load`` before the first tensor is yielded:
-    on CPU the tensors of a page-cached file are views of a private mapping (no copy until vLLM
-    copies them into its parameters); on a cold file the pipeline reads at full depth. Each
-    yielded tensor is dropped from the result as it goes, so a buffer is freed as soon as vLLM
-    has copied the last tensor that lives in it.
+    Args:
+        boxes: per stored name, what this rank keeps (``shards.learn_boxes``): a box (only it is
+            read; the name gets a ``shards.Lazy`` holding it), ``shards.SKIP`` (not read; the
+            name gets a ``Lazy`` that reads the tensor if it is ever used), or None (whole).
+        loader: the Loader to read through (default: per ``options.server``).
+        stats: each window's ``LoadStats`` is appended here (bytes read, sources).
+        index: the checkpoint's index, when read already.
     """
-    from fastckpt.loader.api import load
-    from fastckpt.loader.session import Loader
+    from fastckpt.format.reader import read_index
+    from fastckpt.loader.stream import iter_tensors
+    from fastckpt.rules.urls import is_url
 
-    # with a daemon named, a Loader configured with it (it asks the daemon first)
-    loader = Loader(server=options.server) if options.server else None
-    tensors = load(path, "cpu", engine=options.engine, verify=options.verify, loader=loader)
-    while tensors:
-        name = next(iter(tensors))
-        yield name, tensors.pop(name)
+    release: Callable[[], None] = lambda: None  # noqa: E731
+    if loader is None:
+        loader, release = open_loader(options)
+    remote = None
+    try:
+        if index is None and is_url(path):
+            # the download starts here; the windows' opens below join it (one flight)
+            remote = loader.open_source(path, convert=False)
+            index = remote.index
+        elif index is None:
+            index = read_index(os.fspath(path))
+        wanted = dict(boxes or {})
+        skip = {n for n, b in wanted.items() if isinstance(b, str)}
+        read_boxes = {n: b for n, b in wanted.items() if isinstance(b, tuple)}
+        order = storage_order(index)
+        stream = iter_tensors(
+            path,
+            device,
+            names=[n for n, stored in order if stored not in skip],
+            boxes=read_boxes or None,
+            engine=options.engine,
+            index=None if remote is not None else index,
+            loader=loader,
+            stats=stats,
+            verify=options.verify,
+        )
+        whole = _WholeReader(path, device, loader)
+        try:
+            yield from _with_stand_ins(order, stream, index, read_boxes, skip, whole.get)
+        finally:
+            whole.close()
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+    finally:
+        if remote is not None:
+            remote.close()
+        release()
+
+
+def _with_stand_ins(
+    order: list[tuple[str, str]],
+    stream: Iterator[tuple[str, Any]],
+    index: Index,
+    boxes: Mapping[str, Box],
+    skip: set[str],
+    fetch: Callable[[str], Any],
+) -> Iterator[tuple[str, Any]]:
+    from fastckpt.format import dtypes
+    from fastckpt.integrations.vllm.shards import stand_in
+
+    last: tuple[str, Any] | None = None  # (stored name, the stand-in yielded for it)
+    for name, stored in order:
+        entry = index.tensors[stored]
+        if stored in skip:
+            if last is None or last[0] != stored:
+                dtype = dtypes.torch_dtype(entry.dtype, tensor=stored)
+                last = (stored, stand_in(stored, entry.shape, dtype, None, None, fetch))
+            yield name, last[1]
+            continue
+        got_name, tensor = next(stream)
+        if got_name != name:
+            raise RuntimeError(f"internal error: expected tensor {name!r}, got {got_name!r}")
+        box = boxes.get(stored)
+        if box is not None:
+            if last is None or last[0] != stored:
+                dtype = dtypes.torch_dtype(entry.dtype, tensor=stored)
+                last = (stored, stand_in(stored, entry.shape, dtype, box, tensor, fetch))
+            tensor = last[1]
+        yield name, tensor
+        del tensor
+
+
+class _WholeReader:
+    """Reads a whole tensor on demand (a stand-in used in a way the probe did not see)."""
+
+    def __init__(self, path: str | os.PathLike[str], device: str, loader: Loader) -> None:
+        self._path, self._device, self._loader = path, device, loader
+        self._open: Any = None
+
+    def get(self, name: str) -> Any:
+        from fastckpt.loader.lazy import open as open_lazy
+
+        if self._open is None:
+            self._open = open_lazy(self._path, device=self._device, loader=self._loader)
+        return self._open.get_tensor(name)
+
+    def close(self) -> None:
+        if self._open is not None:
+            with contextlib.suppress(Exception):
+                self._open.close()
 
 
 class WeightsTracker:
