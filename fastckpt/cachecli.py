@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = get_config()
     action = args.cache_command
     if action in ("ls", "size", "clear"):
-        from fastckpt.tiers import ssd
+        from fastckpt.tiers import ssdfiles as ssd
 
         directory = args.dir or ssd_tier_dir(cfg)
         if action == "clear":

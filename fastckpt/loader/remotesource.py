@@ -63,7 +63,8 @@ from fastckpt.loader.tiering import checkpoint_identity
 from fastckpt.remote.download import Download, RetryingStore, Target, fetch_whole
 from fastckpt.remote.store import ObjectInfo, Store, Transient, store_for
 from fastckpt.rules.urls import Url, parse_url
-from fastckpt.tiers.ssd import FlightLock, SsdTier
+from fastckpt.tiers.ssd import SsdTier
+from fastckpt.tiers.ssdfiles import FlightLock
 
 # Files probed by name in an HTTP folder (no listing there): what load_model needs beside weights
 HTTP_CARRIED_PROBES = ("config.json", "generation_config.json")

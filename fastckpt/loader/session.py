@@ -52,9 +52,8 @@ from fastckpt.loader.policy import DramAction, Facts, Source
 from fastckpt.loader.sources import Sources
 from fastckpt.loader.sources import open_partition as _open_partition
 from fastckpt.loader.staging import StagingRing, pin_method, process_ring
-from fastckpt.loader.target import resolve_target
+from fastckpt.loader.target import check_devices, resolve_target
 from fastckpt.loader.tiering import SingleFlight
-from fastckpt.rules.devices import check_cuda_visible
 from fastckpt.tiers.dram import DramItem, DramTier
 from fastckpt.tiers.gpu import GpuTier
 from fastckpt.tiers.held import PageLocker, lock_file_pages
@@ -397,7 +396,7 @@ class Loader:
         if plan is None:
             plan = self._plans.get(index, target, names, cfg.ring_slot_bytes, verify)
         if not self.simulated_devices:
-            _check_devices(plan.devices)
+            check_devices(plan.devices)
         for dev in plan.devices:
             if dev != "cpu":
                 self.stage(dev, cfg)  # made once; a DRAM-tier fill pins through its backend
@@ -566,15 +565,6 @@ class Loader:
     def cache_info(self) -> dict[str, Any]:
         """Each tier's statistics and items, the pool, and single-flight counts."""
         return cachectl.cache_info(self)
-
-
-def _check_devices(devices: Iterable[str]) -> None:
-    if not any(d.startswith("cuda") for d in devices):
-        return
-    import torch
-
-    note = f" (torch {torch.__version__}, built with CUDA {torch.version.cuda})"
-    check_cuda_visible(devices, torch.cuda, note=note)
 
 
 def _free_tiers(gpu: GpuTier, dram: DramTier, pool: HostPool) -> None:

@@ -26,7 +26,8 @@ from fastckpt.format.stored import StoredTensor
 from fastckpt.format.writer import tool_name, write_checkpoint
 from fastckpt.loader import policy, profile
 from fastckpt.loader.plan import windows
-from fastckpt.tiers.ssd import SsdTier, source_files
+from fastckpt.tiers.ssd import SsdTier
+from fastckpt.tiers.ssdfiles import source_files
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastckpt.loader.opening import Opened

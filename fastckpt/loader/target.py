@@ -3,10 +3,10 @@ calling thread's current CUDA device (``torch.cuda.current_device()``), not devi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from fastckpt.rules.devices import canonical_device, check_device_map
+from fastckpt.rules.devices import canonical_device, check_cuda_visible, check_device_map
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastckpt.loader.session import Loader
@@ -46,3 +46,13 @@ def check_single_device(loader: Loader, device: Any, verb: str) -> str:
                 f"cannot {verb} {dev}: this process sees {torch.cuda.device_count()} CUDA device(s)"
             )
     return str(dev)
+
+
+def check_devices(devices: Iterable[str]) -> None:
+    """Raise a clear error unless every CUDA device of ``devices`` is visible to torch."""
+    if not any(d.startswith("cuda") for d in devices):
+        return
+    import torch
+
+    note = f" (torch {torch.__version__}, built with CUDA {torch.version.cuda})"
+    check_cuda_visible(devices, torch.cuda, note=note)

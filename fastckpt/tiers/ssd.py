@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import itertools
 import json
 import os
@@ -40,132 +39,31 @@ import shutil
 import threading
 import time
 import warnings
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from fastckpt.errors import CacheWarning, FormatError
 from fastckpt.format.reader import OpenCheckpoint, open_checkpoint
 from fastckpt.tiers.base import LruTier
+from fastckpt.tiers.ssdfiles import (
+    META_FILE,
+    STAMP_FILE,
+    FlightLock,
+    content_key,
+    disk_usage,
+    owner_gone,
+    read_meta,
+    scan,
+    stamp_key,
+)
 
-HASH_PIECE_BYTES = 64 << 20
 META_VERSION = 2
 MAX_ALIASES = 16
-_STAMP = ".last-used"
-_META = ".source.json"
+_STAMP = STAMP_FILE
+_META = META_FILE
 _counter = itertools.count()
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-Stamp = list[int]  # [st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns]
-
-
-def _stamp(st: os.stat_result) -> Stamp:
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
-def source_files(index: Any) -> list[str]:
-    """The files whose bytes make a source's content: its data files and, for a directory, the
-    files a conversion carries over (config, tokenizer...)."""
-    out = [p.path for p in index.partitions]
-    if os.path.isdir(index.root):
-        for rel in (*index.files, *index.tree):
-            full = os.path.join(index.root, rel)
-            if os.path.isfile(full) and full not in out:
-                out.append(full)
-    return out
-
-
-def stamp_key(files: Iterable[str], root: str) -> str:
-    """A hash of the source's resolved path and each file's stamp: cheap (``stat`` calls), and
-    different after any write to a file (its ctime moves). Raises OSError for a missing file."""
-    h = hashlib.sha256(os.path.realpath(root).encode())
-    for path in sorted(files):
-        st = os.stat(path)
-        h.update(f"\0{path}\0{_stamp(st)}".encode())
-    return h.hexdigest()[:32]
-
-
-def content_key(files: Iterable[str], threads: int = 4) -> str:
-    """SHA-256 tree hash of the files' bytes (each ``HASH_PIECE_BYTES`` piece hashed on a thread
-    pool, then the pieces' digests with each file's name and size): the content's identity."""
-    paths = sorted(files, key=os.path.basename)
-    fds = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in paths]
-    try:
-        sizes = [os.fstat(fd).st_size for fd in fds]
-        pieces = [(i, off) for i, n in enumerate(sizes) for off in range(0, n, HASH_PIECE_BYTES)]
-
-        def piece(job: tuple[int, int]) -> bytes:
-            i, off = job
-            n = min(HASH_PIECE_BYTES, sizes[i] - off)
-            h = hashlib.sha256()
-            while n > 0:
-                data = os.pread(fds[i], min(n, 8 << 20), off)
-                if not data:
-                    raise OSError(errno.EIO, f"{paths[i]} ended while it was hashed")
-                h.update(data)
-                off += len(data)
-                n -= len(data)
-            return h.digest()
-
-        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="fastckpt-hash") as pool:
-            digests = list(pool.map(piece, pieces))
-    finally:
-        for fd in fds:
-            os.close(fd)
-    top = hashlib.sha256(b"fastckpt-ssd-content-1")
-    at = 0
-    for i, path in enumerate(paths):
-        count = -(-sizes[i] // HASH_PIECE_BYTES)
-        top.update(f"\0{os.path.basename(path)}\0{sizes[i]}\0".encode())
-        for d in digests[at : at + count]:
-            top.update(d)
-        at += count
-    return top.hexdigest()[:32]
-
-
-def _du(path: str) -> int:
-    total = 0
-    for dirpath, _, names in os.walk(path):
-        for n in names:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, n)).st_size
-    return total
-
-
-@dataclass(frozen=True)
-class SsdEntry:
-    key: str
-    path: str
-    nbytes: int
-    last_used: float
-    source: str
-
-
-def scan(directory: str) -> list[SsdEntry]:
-    """Entries in ``directory``, least recently used first (for ``fastckpt cache ls``)."""
-    out: list[SsdEntry] = []
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return out
-    for name in names:
-        path = os.path.join(directory, name)
-        if name.startswith(".") or not os.path.isdir(path):
-            continue
-        try:
-            last = os.stat(os.path.join(path, _STAMP)).st_mtime
-        except OSError:
-            last = 0.0
-        source = ""
-        try:
-            with open(os.path.join(path, _META), encoding="utf-8") as f:
-                source = str(json.load(f).get("source", ""))
-        except (OSError, ValueError):
-            pass
-        out.append(SsdEntry(name, path, _du(path), last, source))
-    out.sort(key=lambda e: e.last_used)
-    return out
 
 
 class SsdTier(LruTier[str]):
@@ -200,14 +98,14 @@ class SsdTier(LruTier[str]):
         os.makedirs(directory, exist_ok=True)
         for name in os.listdir(directory):
             if name.startswith(".old-") or (
-                name.startswith((".tmp-", "..tmp-")) and _owner_gone(name)
+                name.startswith((".tmp-", "..tmp-")) and owner_gone(name)
             ):
                 shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
         for e in scan(directory):
             if self._used + e.nbytes <= capacity_bytes:
                 super().put(e.key, e.path, e.nbytes)
                 self._in -= e.nbytes  # found on disk, not brought in
-                self._learn(e.key, _read_meta(e.path))
+                self._learn(e.key, read_meta(e.path))
             else:
                 self._remove(e.path)
 
@@ -267,7 +165,7 @@ class SsdTier(LruTier[str]):
         load). Warns; loads that already opened its files keep reading them, and unpin as
         usual; the next load of its source builds a new one."""
         path = self.peek(key) or os.path.join(self.directory, key)
-        source = _read_meta(path).get("source", "?")
+        source = read_meta(path).get("source", "?")
         warnings.warn(
             f"fastckpt: the SSD-tier copy of {source} failed a check ({reason}); it was "
             "removed and is rebuilt from the source",
@@ -320,9 +218,9 @@ class SsdTier(LruTier[str]):
     def adopt(self, key: str) -> bool:
         """Take in an entry another process sharing the directory published under ``key``."""
         path = os.path.join(self.directory, key)
-        if self.holds(key) or not os.path.isdir(path) or not _read_meta(path):
+        if self.holds(key) or not os.path.isdir(path) or not read_meta(path):
             return self.holds(key)
-        if super().put(key, path, _du(path)):
+        if super().put(key, path, disk_usage(path)):
             with self._lock:
                 self._in -= self.size_of(key)  # found on disk, not brought in
             return True
@@ -336,7 +234,7 @@ class SsdTier(LruTier[str]):
             path = os.path.join(self.directory, name)
             if name.startswith(".") or not os.path.isdir(path):
                 continue
-            meta = _read_meta(path)
+            meta = read_meta(path)
             if meta.get("source") == source and isinstance(meta.get("remote"), dict):
                 out.append((name, meta))
         out.sort(key=lambda e: -float(e[1]["remote"].get("validated", 0.0)))
@@ -344,12 +242,12 @@ class SsdTier(LruTier[str]):
 
     def record(self, key: str) -> dict[str, Any]:
         """What entry ``key`` records of itself (source, remote identity...), or {}."""
-        return _read_meta(os.path.join(self.directory, key))
+        return read_meta(os.path.join(self.directory, key))
 
     def validated(self, key: str) -> None:
         """Record that the store confirmed entry ``key``'s identity now."""
         path = os.path.join(self.directory, key)
-        meta = _read_meta(path)
+        meta = read_meta(path)
         if isinstance(meta.get("remote"), dict):
             meta["remote"]["validated"] = time.time()
             with contextlib.suppress(OSError):
@@ -398,7 +296,7 @@ class SsdTier(LruTier[str]):
                 "remote": {**remote, "validated": time.time()},
             }
             _write_json(os.path.join(staged, _META), meta)
-            return self.put(key, staged, _du(staged)) or self.holds(key)
+            return self.put(key, staged, disk_usage(staged)) or self.holds(key)
         except OSError as exc:
             self._discard(staged)
             if exc.errno in _FULL:
@@ -437,8 +335,8 @@ class SsdTier(LruTier[str]):
             # another process sharing the directory may have recorded it
             for k in self.keys():
                 path = self.peek(k)
-                if path is not None and skey in _read_meta(path).get("aliases", ()):
-                    self._learn(str(k), _read_meta(path))
+                if path is not None and skey in read_meta(path).get("aliases", ()):
+                    self._learn(str(k), read_meta(path))
                     return str(k)
         return key
 
@@ -455,7 +353,7 @@ class SsdTier(LruTier[str]):
             self._aliases[skey] = key
         if path is None:
             return
-        meta = _read_meta(path)
+        meta = read_meta(path)
         aliases = [a for a in meta.get("aliases", []) if a != skey][-(MAX_ALIASES - 1) :]
         meta["aliases"] = [*aliases, skey]
         with contextlib.suppress(OSError):
@@ -535,7 +433,7 @@ class SsdTier(LruTier[str]):
                 self._discard(staged)
                 raise
         try:
-            kept = self.put(key, staged, _du(staged)) or self.holds(key)
+            kept = self.put(key, staged, disk_usage(staged)) or self.holds(key)
         except OSError as exc:
             if exc.errno in _FULL:
                 self._say_once("full", f"fastckpt: no space left for the SSD tier ({exc})")
@@ -548,7 +446,7 @@ class SsdTier(LruTier[str]):
         it); one small read per copy held."""
         for k in self.keys():
             path = self.peek(k)
-            if path is not None and _read_meta(path).get("shape") == shape:
+            if path is not None and read_meta(path).get("shape") == shape:
                 return True
         return False
 
@@ -630,70 +528,6 @@ class SsdTier(LruTier[str]):
         shutil.rmtree(gone, ignore_errors=True)
 
 
-class FlightLock:
-    """An exclusive ``flock`` on a lock file of the tier directory, held by the process that
-    fills an entry; the kernel lets it go when that process dies, however it dies."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    def acquire(self, timeout_s: float, poll_s: float = 0.05) -> bool:
-        """True once held; False when another process held it for ``timeout_s``. Waits in
-        short slices, so Ctrl-C interrupts it."""
-        import fcntl
-
-        deadline = time.monotonic() + timeout_s
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                if time.monotonic() >= deadline:
-                    return False
-                time.sleep(poll_s)
-                continue
-            except BaseException:
-                os.close(fd)
-                raise
-            try:  # the file may have been removed by its last holder meanwhile: lock the new one
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except OSError:
-                same = False
-            if same:
-                self._fd = fd
-                return True
-            os.close(fd)
-
-    def release(self, *, remove: bool = True) -> None:
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        if remove:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
-        os.close(fd)
-
-
-def _owner_gone(name: str) -> bool:
-    """Whether the process that staged ``name`` (``.tmp-<key>-<pid>-<n>`` or the writer's
-    ``..tmp-<key>-<pid>-<n>.tmp-...``) is gone (its leftovers can go)."""
-    try:
-        pid = int(name.lstrip(".")[4:].split(".")[0].split("-")[1])
-    except (IndexError, ValueError):
-        return True
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 def _shape(files: Sequence[str]) -> list[int]:
     return sorted(os.stat(f).st_size for f in files)
 
@@ -715,7 +549,7 @@ def _copy_stamps(path: str) -> dict[str, list[int]]:
 def _check_copy(path: str) -> str | None:
     """Why the copy at ``path`` cannot be used (its files differ from what was published), or
     None. One ``lstat`` per file."""
-    meta = _read_meta(path)
+    meta = read_meta(path)
     want = meta.get("files")
     if meta.get("version") != META_VERSION or not isinstance(want, dict):
         return "it has no record of its files"
@@ -729,15 +563,6 @@ def _check_copy(path: str) -> str | None:
     return None
 
 
-def _read_meta(path: str) -> dict[str, Any]:
-    try:
-        with open(os.path.join(path, _META), encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError, RecursionError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
 def _write_json(path: str, value: Any) -> None:
     tmp = f"{path}.{os.getpid()}.{next(_counter)}"
     try:
@@ -748,26 +573,3 @@ def _write_json(path: str, value: Any) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def clear(directory: str) -> tuple[int, int]:
-    """Delete every entry (and leftover temporary directory) of an SSD tier directory; returns
-    (entries, bytes) removed."""
-    entries = scan(directory)
-    removed = sum(e.nbytes for e in entries)
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return 0, 0
-    for name in names:
-        path = os.path.join(directory, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-    return len(entries), removed
-
-
-def describe(entries: list[SsdEntry]) -> list[dict[str, Any]]:
-    return [
-        {"key": e.key, "nbytes": e.nbytes, "last_used": e.last_used, "source": e.source}
-        for e in entries
-    ]

@@ -94,7 +94,7 @@ class LoaderTiers:
     def refresh(self) -> None:
         if not self.ssd_dir:
             return
-        from fastckpt.tiers.ssd import scan
+        from fastckpt.tiers.ssdfiles import scan
 
         found = {}
         for e in scan(self.ssd_dir):
