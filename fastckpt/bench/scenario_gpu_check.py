@@ -364,16 +364,29 @@ def _first_loads(env: _Env, paths: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def _repeat_loads(
+    env: _Env, loader: Any, path: str, repeats: int, *, collect: bool = False
+) -> tuple[list[float], Any]:
+    """Time ``repeats`` loads of ``path`` by ``loader``; the seconds of each and the last
+    ``LoadStats``. ``collect`` runs the garbage collector after each, so a GPU-tier hit finds
+    the buffers the previous load left idle."""
+    runs: list[float] = []
+    last = None
+    for _ in range(repeats):
+        seconds, (tensors, st) = _timed(env, lambda: loader.load(path, env.device, stats=True))
+        runs.append(seconds)
+        last = st
+        del tensors
+        if collect:
+            gc.collect()
+    return runs, last
+
+
 def _warm_repeat(env: _Env, path: str, repeats: int = 3) -> dict[str, Any]:
     with env.loader() as loader:
         loader.load(path, env.device)  # the first load (ring, engine) is not a repeat
         env.sync()
-        runs, last = [], None
-        for _ in range(repeats):
-            seconds, (tensors, st) = _timed(env, lambda: loader.load(path, env.device, stats=True))
-            runs.append(seconds)
-            last = st
-            del tensors
+        runs, last = _repeat_loads(env, loader, path, repeats)
         ring = loader.cache_info()["ring"]
     med = statistics.median(runs)
     return {
@@ -393,12 +406,7 @@ def _dram_tier(env: _Env, path: str, repeats: int = 3) -> dict[str, Any]:
         t0 = time.perf_counter()
         pinned = _wait_pinned(loader, timeout_s=120.0)
         pin_s = time.perf_counter() - t0
-        runs, last = [], None
-        for _ in range(repeats):
-            seconds, (tensors, st) = _timed(env, lambda: loader.load(path, env.device, stats=True))
-            runs.append(seconds)
-            last = st
-            del tensors
+        runs, last = _repeat_loads(env, loader, path, repeats)
     med = statistics.median(runs)
     return {
         "hit_s_median": round(med, 4),
@@ -441,13 +449,7 @@ def _gpu_tier(env: _Env, path: str, repeats: int = 3) -> dict[str, Any]:
         count = len(tensors)
         del tensors
         gc.collect()
-        runs, last = [], None
-        for _ in range(repeats):
-            seconds, (tensors, st) = _timed(env, lambda: loader.load(path, env.device, stats=True))
-            runs.append(seconds)
-            last = st
-            del tensors
-            gc.collect()
+        runs, last = _repeat_loads(env, loader, path, repeats, collect=True)
     med = statistics.median(runs)
     return {
         "hit_s_median": round(med, 5),
