@@ -79,6 +79,15 @@ def test_a_source_whose_metadata_changed_but_not_its_bytes_reuses_its_copy(
     assert len(_copies(ssd)) == 1
 
 
+def _flip(path: Path | str, *, at: int, mask: int) -> None:
+    """XOR one byte of ``path`` in place with ``mask``."""
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ mask]))
+
+
 def test_a_copy_written_to_is_evicted_and_rebuilt_with_a_warning(tmp_path: Path) -> None:
     src = tmp_path / "model.safetensors"
     sd = _source(src, seed=3)
@@ -87,11 +96,7 @@ def test_a_copy_written_to_is_evicted_and_rebuilt_with_a_warning(tmp_path: Path)
         assert same(loader.load(src), sd)
         (copy,) = _copies(ssd)
         part = _partition(copy)
-        with open(part, "r+b") as f:
-            f.seek(100)
-            b = f.read(1)
-            f.seek(100)
-            f.write(bytes([b[0] ^ 0xFF]))
+        _flip(part, at=100, mask=0xFF)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             got = loader.load(src)  # no verify: the tier's own check catches it
@@ -111,11 +116,7 @@ def test_a_copy_failing_verification_is_evicted_and_rebuilt(tmp_path: Path) -> N
         assert same(loader.load(src), sd)
         (copy,) = _copies(ssd)
         part = _partition(copy)
-        with open(part, "r+b") as f:
-            f.seek(200)
-            b = f.read(1)
-            f.seek(200)
-            f.write(bytes([b[0] ^ 0x01]))
+        _flip(part, at=200, mask=0x01)
         _forget_the_write(copy)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
