@@ -80,6 +80,12 @@ class Config:
         ssd_tier_bytes: disk budget of the SSD tier (0 = off): converted copies of slower
             sources (stock safetensors, network filesystems) in ``ssd_tier_dir``.
         ssd_tier_dir: directory of the SSD tier; empty = ``<cache dir>/fastckpt/ssd``.
+        ssd_convert: when the SSD tier makes its copy of a slow source it does not hold yet:
+            ``background`` (the load reads the source directly, as without the tier, and the
+            copy is made after it on a thread of the Loader, for the next load) or ``inline``
+            (the load converts first, then reads the copy: the first load waits for the
+            conversion, about 5 s per GiB on a 2-core VM, but the process is done with the
+            source once it returns).
         pool_piece_bytes: the Loader's pinned host pool pins memory in pieces of this size,
             lazily, the first time a piece is used for a GPU copy; pinned pieces are reused.
         server: socket path of a ``fastckpt serve`` cache daemon that loads ask first (empty:
@@ -140,6 +146,7 @@ class Config:
     dram_tier_bytes: int = 0
     ssd_tier_bytes: int = 0
     ssd_tier_dir: str = ""
+    ssd_convert: str = "background"
     pool_piece_bytes: int = 64 * _MiB
     server: str = ""
     server_timeout_s: float = 10.0
@@ -169,6 +176,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "pin_method": ("auto", "register", "memfd", "alloc"),
     "read_mode": ("auto", "direct", "buffered", "mixed", "map"),
     "cpu_huge_pages": ("auto", "always", "never"),
+    "ssd_convert": ("background", "inline"),
 }
 
 _PATHS = ("profile_dir", "ssd_tier_dir", "server", "migrate_secret_file")
@@ -215,6 +223,9 @@ def get_config(**overrides: Any) -> Config:
         if value is not None:
             values[key] = value
     cfg = Config(**values)
+    for name, choices in _CHOICES.items():
+        if getattr(cfg, name) not in choices:
+            raise ValueError(f"{name}={getattr(cfg, name)!r}: expected one of {', '.join(choices)}")
     if cfg.alignment_bytes < 256 or cfg.alignment_bytes & (cfg.alignment_bytes - 1):
         raise ValueError(f"alignment_bytes={cfg.alignment_bytes}: must be a power of two >= 256")
     if cfg.checksum_chunk_bytes < 4096 or cfg.checksum_chunk_bytes % 4096:

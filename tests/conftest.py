@@ -56,8 +56,8 @@ def _fastckpt_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
 @pytest.fixture(autouse=True)
 def _private_cache_dir(request: pytest.FixtureRequest) -> None:
     """Machine profiles and SSD tiers of the loader and tier tests go to a fresh temporary
-    directory per test, never ~/.cache, and ignore the user's FASTCKPT_PROFILE_DIR and
-    FASTCKPT_SSD_TIER_DIR."""
+    directory per test, never ~/.cache, and ignore the user's FASTCKPT_PROFILE_DIR,
+    FASTCKPT_SSD_TIER_DIR and FASTCKPT_SSD_CONVERT."""
     if request.path.relative_to(Path(__file__).parent).parts[0] not in _PRIVATE_CACHE_DIRS:
         return
     root: Path = request.getfixturevalue("tmp_path_factory").mktemp("cache")
@@ -65,3 +65,4 @@ def _private_cache_dir(request: pytest.FixtureRequest) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(root))
     monkeypatch.delenv("FASTCKPT_PROFILE_DIR", raising=False)
     monkeypatch.delenv("FASTCKPT_SSD_TIER_DIR", raising=False)
+    monkeypatch.delenv("FASTCKPT_SSD_CONVERT", raising=False)

@@ -29,7 +29,9 @@ def prefetch(loader: Loader, path: str, tier: str, device: Any) -> bool:
         with loader.open_source(path, daemon=False) as opened:
             ident = opened.ident
         return any(k[:2] == ident for k in _tuple_keys(loader.gpu_tier.keys()))
-    cfg = loader.config()
+    # warming the SSD tier makes its copy now (joining a conversion of it running here); a
+    # DRAM-tier fill reads what a load would, and schedules the copy as a load does
+    cfg = loader.config(ssd_convert="inline") if tier == "ssd" else loader.config()
     with loader.open_source(path, cfg=cfg, convert=tier == "ssd" or tier == "dram") as opened:
         if is_url(path):
             # written through to the SSD tier as it arrives; the DRAM tier reads it once whole
@@ -142,7 +144,8 @@ def _evict_url(loader: Loader, url: str) -> int:
 
 
 def cache_info(loader: Loader) -> dict[str, Any]:
-    """Each tier's statistics and items, the pool, the staging ring and single-flight counts."""
+    """Each tier's statistics and items, the pool, the staging ring and single-flight counts;
+    the SSD tier's also its background conversions (``ssdconvert.Conversions.info``)."""
     loader.gpu_tier.sweep_modified()
     out: dict[str, Any] = {}
     for name, tier in (
@@ -156,6 +159,8 @@ def cache_info(loader: Loader) -> dict[str, Any]:
         info = tier.stats().as_dict()
         if isinstance(tier, DramTier):
             info.update(tier.describe())
+        if name == "ssd":  # copies being made are not items (``keys``) until published
+            info["conversions"] = loader.conversions.info()
         info["keys"] = [
             {"key": list(k) if isinstance(k, tuple) else k, "nbytes": tier.size_of(k)}
             for k in tier.keys()  # noqa: SIM118 - a tier, not a dict

@@ -51,7 +51,8 @@ from fastckpt.loader.plan import LoadPlan
 from fastckpt.loader.policy import DramAction, Facts, Source
 from fastckpt.loader.sources import Sources
 from fastckpt.loader.sources import open_partition as _open_partition
-from fastckpt.loader.staging import StagingRing, pin_method, process_ring
+from fastckpt.loader.ssdconvert import Conversions, convert_opened
+from fastckpt.loader.staging import StagingRing, cuda_ring
 from fastckpt.loader.target import check_devices, resolve_target
 from fastckpt.loader.tiering import SingleFlight
 from fastckpt.tiers.dram import DramItem, DramTier
@@ -66,23 +67,6 @@ ENGINES = ("auto", "uring", "pread")
 _current: contextvars.ContextVar[Loader | None] = contextvars.ContextVar(
     "fastckpt_loader", default=None
 )
-
-
-def cuda_ring(backend: Any, cfg: Config) -> StagingRing:
-    """The process's pinned staging ring for CUDA loads with ``cfg``'s slot size (made, with
-    the machine's fastest pinning method, on the first device load)."""
-    from fastckpt.config import profile_dir
-
-    slot = cfg.ring_slot_bytes
-
-    def make() -> StagingRing:
-        import torch
-
-        key = f"cuda-{torch.cuda.get_device_name(0)}"
-        method = pin_method(backend, cfg.pin_method, profile_dir(cfg), key)
-        return StagingRing(backend, slot, max(2, cfg.ring_bytes // slot), method=method)
-
-    return process_ring(slot, make)
 
 
 class Loader:
@@ -101,6 +85,9 @@ class Loader:
         device_stage: a function ``(device, loader) -> DeviceStage`` that makes the stage moving
             bytes to a device (default: the CUDA stage). A seam: tests pass a stage over a fake
             copy backend, so the whole device path runs on CPU.
+        ssd_converter: how the SSD tier's copy of a slow source is written: a function
+            ``(loader, opened, dst)`` (default ``fastckpt.loader.ssdconvert.convert_opened``,
+            which reads ``opened`` through this Loader's core). A seam for tests.
         **settings: any other configuration field (``read_mode``, ``ring_bytes``, ``server``...),
             fixed for this Loader. Settings not given are read from the environment at each load.
     """
@@ -117,6 +104,7 @@ class Loader:
         open_partition: Callable[..., Any] | None = None,
         page_locker: PageLocker | None = lock_file_pages,
         device_stage: Callable[[str, Loader], Any] | None = None,
+        ssd_converter: Callable[[Loader, Opened, str], Any] | None = None,
         **settings: Any,
     ) -> None:
         self._overrides: dict[str, Any] = dict(settings)
@@ -145,6 +133,8 @@ class Loader:
             SsdTier(cfg.ssd_tier_bytes, _ssd_dir(cfg)) if cfg.ssd_tier_bytes > 0 else None
         )
         self.flights = SingleFlight()
+        self.ssd_converter = ssd_converter or convert_opened
+        self.conversions = Conversions()  # the SSD tier's, in the background
         self._background: ThreadPoolExecutor | None = None
         self._closed = False
         # a Loader dropped without close() still frees its tiers' items (locked memory,
@@ -244,11 +234,15 @@ class Loader:
 
     def close(self) -> None:
         """Free everything the tiers hold (except what callers still use), the pool and engines.
-        Later use of the Loader raises; a second ``close()`` does nothing."""
+        A running SSD-tier conversion is cancelled (waited for until it stops; nothing of it is
+        kept), queued ones never start. Later use of the Loader raises; a second ``close()``
+        does nothing."""
         with self._lock:
             if self._closed:
                 return
+            self.conversions.cancel()
             self._closed = True
+        self.conversions.close()
         if self._background is not None:
             self._background.shutdown(wait=True)
         self._free_tiers()
@@ -270,6 +264,7 @@ class Loader:
         self._engines = {}
         self._stages = {}
         self._background = None
+        self.conversions = Conversions()  # the parent's conversion thread is not in this process
         self._pinning_ready = False
         self.pool = HostPool(piece_bytes=cfg.pool_piece_bytes, retain_bytes=cfg.ring_bytes)
         self.gpu_tier = GpuTier(cfg.gpu_tier_bytes)
@@ -563,7 +558,8 @@ class Loader:
         return cachectl.evict(self, path)
 
     def cache_info(self) -> dict[str, Any]:
-        """Each tier's statistics and items, the pool, and single-flight counts."""
+        """Each tier's statistics and items (the SSD tier's also its conversions in the
+        background: ``conversions``), the pool, and single-flight counts."""
         return cachectl.cache_info(self)
 
 

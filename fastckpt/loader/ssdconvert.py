@@ -5,29 +5,42 @@ network or FUSE filesystem). Keying by content, one conversion for concurrent ca
 copy before it is used, dropping and rebuilding one that fails a check and falling back to the
 source on a full disk are the tier's (``SsdTier.open_copy``).
 
-The conversion itself reads the source through the one load core: the checkpoint the load has
-already opened and validated is read window by window by ``Loader.execute`` (mapped where it is
-in the page cache, FORMAT.md's rules checked on every tensor) and handed to the writer, so a
-converted copy is made of exactly the bytes a load of the source would return.
+When the copy is made (``ssd_convert``): by default (``background``) a load that finds no
+complete copy reads the source directly, as it would without the tier, and the conversion starts
+after it, on the Loader's conversion thread (``Conversions``): one at a time per Loader, one per
+source for concurrent loads and for processes sharing the tier's directory (``FlightLock``). A
+load while it runs reads the source too (a copy is found only once it is published and checked);
+the next load after it reads the copy. ``inline`` converts first and reads the copy (the first
+load waits for the conversion). Why after the load and not beside it: docs/tiers.md (measured).
+
+The conversion itself reads the source through the one load core: the checkpoint is opened and
+validated and read window by window by ``Loader.execute`` (mapped where it is in the page cache,
+as it is right after a load of it; FORMAT.md's rules checked on every tensor) and handed to the
+writer, so a converted copy is made of exactly the bytes a load of the source would return.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from fastckpt.errors import MissingPartitionError
 from fastckpt.format.fsdir import CheckpointDir
 from fastckpt.format.index import Index, TensorEntry
-from fastckpt.format.reader import OpenCheckpoint
+from fastckpt.format.reader import OpenCheckpoint, open_checkpoint, open_partitions
 from fastckpt.format.stored import StoredTensor
 from fastckpt.format.writer import tool_name, write_checkpoint
 from fastckpt.loader import policy, profile
 from fastckpt.loader.plan import windows
+from fastckpt.loader.tiering import checkpoint_identity
 from fastckpt.tiers.ssd import SsdTier
-from fastckpt.tiers.ssdfiles import source_files
+from fastckpt.tiers.ssdfiles import source_files, stamp_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastckpt.loader.opening import Opened
@@ -35,29 +48,206 @@ if TYPE_CHECKING:  # pragma: no cover
 
 WINDOW_BYTES = 256 << 20  # tensors read per executor run while converting
 
+log = logging.getLogger("fastckpt.loader")
 
-def through_ssd(
-    tier: SsdTier,
-    index: Index,
-    source: str,
-    convert: Callable[[str, str], Any] | None = None,
-) -> tuple[OpenCheckpoint | None, str | None]:
-    """(the converted copy, opened; its key, pinned in the tier until the caller unpins it), or
-    (None, None) when the source is not slow or no copy could be had. ``convert(src, dst)``
-    makes the copy (default: the tier's own)."""
+
+def slow_source(index: Index) -> bool:
+    """Whether the SSD tier keeps a copy of this source (``policy.is_slow_source`` on its kind
+    and the filesystem of its first data file)."""
+    if not index.partitions:
+        return False
     try:
-        _, fs_type = profile.fs_key(index.partitions[0].path) if index.partitions else ("", "")
+        _, fs_type = profile.fs_key(index.partitions[0].path)
     except OSError:
-        return None, None
-    if not policy.is_slow_source(index.kind, fs_type) or not index.partitions:
-        return None, None
-    got = tier.open_copy(source_files(index), source, convert=convert)
-    return (None, None) if got is None else got
+        return False
+    return policy.is_slow_source(index.kind, fs_type)
 
 
 def ssd_key(tier: SsdTier, index: Index, source: str) -> str | None:
     """The key of the copy the tier holds for this source as it is now (None: none known)."""
     return tier.key_of(source_files(index), source)
+
+
+def source_stamp(index: Index, source: str) -> str | None:
+    """The source's stamp key as it is now (``stat`` calls; None when a file is gone): what
+    names one source's conversion while it runs."""
+    try:
+        return stamp_key(source_files(index), source)
+    except OSError:
+        return None
+
+
+class ConversionCancelled(Exception):
+    """A background conversion stopped because its Loader closed (nothing of it is kept)."""
+
+
+class Conversions:
+    """The conversions a Loader runs in the background: one thread, one conversion at a time,
+    one per source (its stamp key) however many loads ask; what ran, for ``cache_info``.
+
+    A conversion that failed, or whose copy the tier could not keep (too large, no room, disk
+    full), is not tried again for the same source stamps by this Loader (a changed source, or
+    a new Loader, tries again); a failure is logged once (``fastckpt.loader``) and noted in the
+    next loads of that source. ``close`` cancels: a conversion running then stops at its next
+    window (its staged files are removed, as for any failed conversion), queued ones never
+    start."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._running: dict[str, tuple[str, float]] = {}  # stamp key -> (source, since)
+        self._given_up: dict[str, str] = {}  # stamp key -> why
+        self._cancel = threading.Event()
+        self._lane: ThreadPoolExecutor | None = None
+        self.counts = {
+            "scheduled": 0,
+            "done": 0,
+            "not_kept": 0,
+            "failed": 0,
+            "cancelled": 0,
+            "elsewhere": 0,
+        }
+        self.last_error = ""
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def state(self, skey: str) -> str:
+        """``running`` (scheduled or running), ``given up: <why>``, or ``""``."""
+        with self._lock:
+            if skey in self._running:
+                return "running"
+            why = self._given_up.get(skey)
+        return f"given up: {why}" if why is not None else ""
+
+    def schedule(self, skey: str, source: str, work: Callable[[], str]) -> bool:
+        """Run ``work`` (returns an outcome: ``done``, ``not_kept``, ``elsewhere``) on the
+        conversion thread, unless this source's conversion is running, was given up, or the
+        Loader is closing; True when scheduled."""
+        with self._lock:
+            if self._cancel.is_set() or skey in self._running or skey in self._given_up:
+                return False
+            if self._lane is None:
+                self._lane = ThreadPoolExecutor(1, thread_name_prefix="fastckpt-ssd-convert")
+            self._running[skey] = (source, time.time())
+            self.counts["scheduled"] += 1
+            lane = self._lane
+        try:
+            lane.submit(self._run, skey, source, work)
+        except RuntimeError:  # shut down meanwhile (the Loader closed)
+            with self._lock:
+                self._running.pop(skey, None)
+                self.counts["scheduled"] -= 1
+                self._idle.notify_all()
+            return False
+        return True
+
+    def _run(self, skey: str, source: str, work: Callable[[], str]) -> None:
+        outcome, why = "failed", ""
+        try:
+            if self._cancel.is_set():
+                raise ConversionCancelled
+            outcome = work()
+        except BaseException as exc:  # a conversion never fails anyone's load
+            if self._cancel.is_set() or isinstance(exc, ConversionCancelled):
+                outcome = "cancelled"
+            else:
+                why = f"{type(exc).__name__}: {exc}"
+                log.warning("fastckpt: the SSD-tier conversion of %s failed (%s)", source, why)
+        with self._lock:
+            self._running.pop(skey, None)
+            self.counts[outcome] += 1
+            if outcome == "failed":
+                self.last_error = f"{source}: {why}"
+                self._given_up[skey] = why
+            elif outcome == "not_kept":
+                self._given_up[skey] = "the SSD tier could not keep the copy"
+            self._idle.notify_all()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Wait until no conversion is running or queued (those scheduled meanwhile too);
+        False when ``timeout_s`` passed first. ``Loader.close`` cancels conversions: a caller
+        that wants the copy kept waits here first (or warms the tier with
+        ``Loader.prefetch(path, tier="ssd")``, which makes it before it returns)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._running, timeout_s)
+
+    def cancel(self) -> None:
+        """From now on nothing starts, and a running conversion stops at its next window (it
+        is not published)."""
+        self._cancel.set()
+
+    def close(self) -> None:
+        """Cancel, drop queued conversions and wait for the running one to stop."""
+        self.cancel()
+        with self._lock:
+            lane, self._lane = self._lane, None
+        if lane is not None:
+            lane.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self.counts["cancelled"] += len(self._running)  # queued, never started
+            self._running.clear()
+            self._idle.notify_all()
+
+    def info(self) -> dict[str, Any]:
+        """Counts by outcome, the conversions running or queued (``converting``: source and
+        since when), the last error."""
+        with self._lock:
+            return {
+                **self.counts,
+                "converting": [
+                    {"source": src, "since": since} for src, since in self._running.values()
+                ],
+                "last_error": self.last_error,
+            }
+
+
+def convert_later(
+    loader: Loader, path: str | os.PathLike[str] | Index, source: str, skey: str
+) -> str:
+    """A background conversion's work (``Conversions.schedule``): open the source again and
+    make the tier's copy of it through the core (``SsdTier.open_copy``: a copy found by hashing
+    is reused), unless another process sharing the directory is making it (``elsewhere``)."""
+    from fastckpt.loader.opening import Opened
+
+    tier = loader.ssd_tier
+    if tier is None:
+        return "not_kept"
+    lock = tier.flight_lock(f"convert-{skey}")
+    if not lock.acquire(timeout_s=0):
+        return "elsewhere"
+    try:
+        ck = (
+            OpenCheckpoint(path, open_partitions(path), {})
+            if isinstance(path, Index)
+            else open_checkpoint(path)
+        )
+        with ck:
+            opened = Opened(
+                ck.index,
+                ck.partitions,
+                checkpoint_identity(ck.index, ck.partitions),
+                carried=ck.carried,
+            )
+
+            def convert(_src: str, dst: str) -> Any:
+                if loader.conversions.cancelled:
+                    raise ConversionCancelled
+                made = loader.ssd_converter(loader, opened, dst)
+                if loader.conversions.cancelled:
+                    raise ConversionCancelled  # made, but the Loader closed: not published
+                return made
+
+            got = tier.open_copy(source_files(ck.index), source, convert=convert)
+    finally:
+        lock.release()
+    if got is None:
+        return "not_kept"
+    copy, key = got
+    copy.close()
+    tier.unpin(key)
+    return "done"
 
 
 class _Windows:

@@ -31,6 +31,8 @@ import warnings
 from typing import Any
 
 from fastckpt import io_engine
+from fastckpt.config import Config
+from fastckpt.config import profile_dir as _profile_dir
 
 MIN_SLOTS = 2
 PIN_PROBE_BYTES = 16 << 20
@@ -249,6 +251,21 @@ def _forget_rings() -> None:
     _pin_memo.clear()
     _rings_lock = threading.Lock()
     _pin_lock = threading.Lock()
+
+
+def cuda_ring(backend: Any, cfg: Config) -> StagingRing:
+    """The process's pinned staging ring for CUDA loads with ``cfg``'s slot size (made, with
+    the machine's fastest pinning method, on the first device load)."""
+    slot = cfg.ring_slot_bytes
+
+    def make() -> StagingRing:
+        import torch
+
+        key = f"cuda-{torch.cuda.get_device_name(0)}"
+        method = pin_method(backend, cfg.pin_method, _profile_dir(cfg), key)
+        return StagingRing(backend, slot, max(2, cfg.ring_bytes // slot), method=method)
+
+    return process_ring(slot, make)
 
 
 _abandoned: list[Any] = []

@@ -116,11 +116,16 @@ class SsdTier(LruTier[str]):
         source: str,
         *,
         convert: Callable[[str, str], Any] | None = None,
+        make: bool = True,
     ) -> tuple[OpenCheckpoint, str] | None:
         """The copy of ``source`` (whose bytes are ``files``), checked, opened and pinned for the
         caller (``unpin(key)`` when done), converted first when there is none (by ``convert``,
         else the tier's own). None when the tier cannot hold one (too large, no room, disk full,
-        the source changing while it is read): the caller reads the source."""
+        the source changing while it is read): the caller reads the source.
+
+        Without ``make``, only a complete copy already recorded for the source's stamps is
+        looked for (``stat`` calls and the copy's check: nothing is hashed or converted, and a
+        copy still being made is never found); None otherwise."""
         try:
             skey = stamp_key(files, source)
         except OSError:
@@ -130,6 +135,8 @@ class SsdTier(LruTier[str]):
             got = self._open_checked(key)
             if got is not None:
                 return got
+        if not make:
+            return None
         with self._flight(skey):  # one hash and one conversion for concurrent loads
             key = self._alias(skey)
             if key is not None:
@@ -332,13 +339,28 @@ class SsdTier(LruTier[str]):
         with self._alias_lock:
             key = self._aliases.get(skey)
         if key is None:
-            # another process sharing the directory may have recorded it
+            # another process sharing the directory may have recorded it on a copy held here
             for k in self.keys():
                 path = self.peek(k)
                 if path is not None and skey in read_meta(path).get("aliases", ()):
                     self._learn(str(k), read_meta(path))
                     return str(k)
+            # or published a copy of it since this tier scanned the directory
+            for name in self._unheld():
+                meta = read_meta(os.path.join(self.directory, name))
+                known = skey in meta.get("aliases", ()) and meta.get("version") == META_VERSION
+                if known and self.adopt(name):
+                    self._learn(name, meta)
+                    return name
         return key
+
+    def _unheld(self) -> list[str]:
+        """Names of published entries in the directory this tier does not hold."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        return [n for n in names if not n.startswith(".") and not self.holds(n)]
 
     def _learn(self, key: str, meta: dict[str, Any]) -> None:
         if meta.get("version") != META_VERSION:

@@ -30,12 +30,15 @@ def test_load_model_keeps_a_converted_copy_in_the_ssd_tier(tiny_factory, tmp_pat
     with fastckpt.Loader(ssd_tier_bytes=1 << 30, ssd_tier_dir=str(tmp_path / "ssd")) as loader:
         with loader.use():
             first = fastckpt.load_model(tiny.src)
+        assert loader.conversions.wait(60)
         ssd = loader.cache_info()["ssd"]
-        assert len(ssd["keys"]) == 1 and ssd["misses"] == 1  # converted on the first load
+        assert len(ssd["keys"]) == 1 and ssd["misses"] == 1  # converted after the first load
+        assert ssd["conversions"]["done"] == 1
         with loader.use():
             second = fastckpt.load_model(tiny.src)
         again = loader.cache_info()["ssd"]
         assert (again["misses"], again["hits"]) == (1, ssd["hits"] + 1)  # the copy, reused
+        assert again["conversions"]["scheduled"] == 1
     _same_weights(first, ref)
     _same_weights(second, ref)
 

@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import fastckpt
 from fastckpt.integrations.ray_serve.catalog import Catalog, CatalogError
 from fastckpt.integrations.ray_serve.state import HostState, LoaderTiers, NoTiers
+from fastckpt.loader.ssdconvert import convert_opened
 from fastckpt.sched import Estimator, ModelSpec
 from fastckpt.sched.profile import MachineProfile, TierProfile
 from fastckpt.sched.wire import server_from_dict
@@ -162,15 +165,28 @@ def test_failed_and_abandoned_starts_leave_no_trace() -> None:
 def test_loader_view_maps_tier_items_to_model_names(tiny_factory, tmp_path) -> None:
     tiny = tiny_factory("llama")
     cat = Catalog.from_dict({"models": {"src": {"path": tiny.src}, "fck": {"path": tiny.fck}}})
+    go = threading.Event()
+
+    def held_back(loader: Any, opened: Any, dst: str) -> Any:
+        assert go.wait(60)
+        return convert_opened(loader, opened, dst)
+
     with fastckpt.Loader(dram_tier_bytes=64 << 20, ssd_tier_bytes=64 << 20,
-                         ssd_tier_dir=str(tmp_path / "ssd")) as loader:  # fmt: skip
+                         ssd_tier_dir=str(tmp_path / "ssd"),
+                         ssd_converter=held_back) as loader:  # fmt: skip
         view = LoaderTiers(loader, cat)
         assert view.held() == {"dram": {}, "ssd": {}}
         with loader.use():
-            fastckpt.load_model(tiny.src)  # converted into the SSD tier, then held in DRAM
+            fastckpt.load_model(tiny.src)  # held in DRAM; converted into the SSD tier after
             fastckpt.load_model(tiny.fck)  # a fastckpt checkpoint: held in DRAM as it is
         view.refresh()
         held = view.held()
+        # the copy is being made: not reported on SSD until it is complete
+        assert set(held["dram"]) == {"src", "fck"} and held["ssd"] == {}
+        assert loader.cache_info()["ssd"]["conversions"]["converting"]
+        go.set()
+        assert loader.conversions.wait(60)
+        held = view.held()  # no refresh needed: a new copy is looked up by itself
         assert set(held["dram"]) == {"src", "fck"} and set(held["ssd"]) == {"src"}
         loader.evict(tiny.src)
         assert set(view.held()["dram"]) == {"fck"} and view.held()["ssd"] == {}

@@ -211,6 +211,10 @@ def test_the_ssd_tiers_conversion_reads_through_the_core(tmp_path: Path) -> None
     folder = _stock(tmp_path, bytes([1, 0, 1, 1]))
     with fastckpt.Loader(ssd_tier_bytes=1 << 30, ssd_tier_dir=str(tmp_path / "ssd")) as loader:
         got, st = loader.load(folder, stats=True)
+        assert st.kind == "safetensors"  # the source; converted after the load
+        assert got["mask"].tolist() == [True, False, True, True]
+        assert loader.conversions.wait(60)
+        got, st = loader.load(folder, stats=True)
         assert st.kind == "fastckpt"  # served from the converted copy
         copy = Path(st.path)
         assert (copy / "config.json").read_text() == '{"model_type": "llama"}'
@@ -221,9 +225,15 @@ def test_the_ssd_tiers_conversion_reads_through_the_core(tmp_path: Path) -> None
         else None
     )
     assert bad is not None
-    with (
-        fastckpt.Loader(ssd_tier_bytes=1 << 30, ssd_tier_dir=str(tmp_path / "ssd2")) as loader,
-        pytest.raises(CorruptDataError, match="bool"),
-    ):
-        loader.load(bad)
+    ssd2 = str(tmp_path / "ssd2")
+    for mode in ("background", "inline"):
+        with (
+            fastckpt.Loader(ssd_tier_bytes=1 << 30, ssd_tier_dir=ssd2, ssd_convert=mode) as ld,
+            pytest.raises(CorruptDataError, match="bool"),
+        ):
+            ld.load(bad)  # background: the source's read; inline: the conversion's
+    with fastckpt.Loader(ssd_tier_bytes=1 << 30, ssd_tier_dir=ssd2) as loader:
+        with pytest.raises(CorruptDataError, match="bool"):  # the conversion reads the core
+            loader.prefetch(bad, tier="ssd").result(timeout=60)
+        assert loader.cache_info()["ssd"]["conversions"]["scheduled"] == 0  # after no failure
     assert not any((tmp_path / "ssd2").glob("[0-9a-f]*"))  # nothing kept from the bad source

@@ -170,27 +170,35 @@ def test_sixteen_threads_overlapping_checkpoints(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ SSD tier
 
 
-def test_ssd_tier_converts_stock_safetensors_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["background", "inline"])
+def test_ssd_tier_converts_stock_safetensors_once(tmp_path: Path, mode: str) -> None:
     g = torch.Generator().manual_seed(5)
     sd = {"a": torch.randn(1000, generator=g), "b": torch.randn(33, 7, generator=g)}
     src = tmp_path / "model.safetensors"
     save_file(sd, str(src))
     ssd = tmp_path / "ssd"
-    with fastckpt.Loader(ssd_tier_bytes=10 << 20, ssd_tier_dir=str(ssd)) as loader:
+    tier = {"ssd_tier_bytes": 10 << 20, "ssd_tier_dir": str(ssd), "ssd_convert": mode}
+    with fastckpt.Loader(**tier) as loader:
         loaded, stats = loader.load(src, stats=True)
         assert same(loaded, sd)
-        assert stats.kind == "fastckpt"  # served from the converted copy
+        # inline: served from the converted copy; background: from the source, the copy after
+        assert stats.kind == ("fastckpt" if mode == "inline" else "safetensors")
+        assert loader.conversions.wait(60)
         info = loader.cache_info()["ssd"]
         assert (info["misses"], info["items"]) == (1, 1)
     entries = [n for n in os.listdir(ssd) if not n.startswith(".")]
     assert len(entries) == 1
-    with fastckpt.Loader(ssd_tier_bytes=10 << 20, ssd_tier_dir=str(ssd)) as again:
-        assert same(again.load(src), sd)
+    with fastckpt.Loader(**tier) as again:
+        loaded, stats = again.load(src, stats=True)
+        assert same(loaded, sd) and stats.kind == "fastckpt"
         assert again.cache_info()["ssd"]["hits"] == 1
         # a rewritten source gets a new copy, never the old one
         sd2 = {"a": torch.zeros(1000), "b": torch.ones(33, 7)}
         save_file(sd2, str(src))
         assert same(again.load(src), sd2)
+        assert again.conversions.wait(60)
+        loaded, stats = again.load(src, stats=True)
+        assert same(loaded, sd2) and stats.kind == "fastckpt"
         assert again.evict(src) == 1
 
 
@@ -204,22 +212,28 @@ def test_ssd_tier_budget_evicts_lru(tmp_path: Path) -> None:
     with fastckpt.Loader(ssd_tier_bytes=200_000, ssd_tier_dir=str(tmp_path / "ssd")) as loader:
         for p, sd in srcs:
             assert same(loader.load(p), sd)
+            assert loader.conversions.wait(60)  # the copy is made after the load
             assert loader.ssd_tier is not None
             assert loader.ssd_tier.used_bytes <= 200_000
         assert loader.cache_info()["ssd"]["evictions"] >= 1
+        assert loader.cache_info()["ssd"]["conversions"]["done"] == 3
 
 
 def test_evict_of_a_converted_source_drops_the_copys_dram_item(tmp_path: Path) -> None:
-    # the load reads the SSD tier's copy, so the DRAM tier keys its item by the copy's root
+    # a load that reads the SSD tier's copy keys its DRAM-tier item by the copy's root
     sd = {"w": torch.arange(5000, dtype=torch.float32)}
     src = tmp_path / "m.safetensors"
     save_file(sd, str(src))
-    with fastckpt.Loader(
-        dram_tier_bytes=1 << 20, ssd_tier_bytes=1 << 20, ssd_tier_dir=str(tmp_path / "ssd")
-    ) as loader:
-        assert same(loader.load(src), sd)
+    tiers = {"ssd_tier_bytes": 1 << 20, "ssd_tier_dir": str(tmp_path / "ssd")}
+    with fastckpt.Loader(**tiers) as first:  # makes the copy
+        assert same(first.load(src), sd)
+        assert first.conversions.wait(60)
+    with fastckpt.Loader(dram_tier_bytes=1 << 20, **tiers) as loader:
+        loaded, stats = loader.load(src, stats=True)
+        assert same(loaded, sd) and stats.kind == "fastckpt"
         info = loader.cache_info()
         assert len(info["dram"]["keys"]) == 1 and len(info["ssd"]["keys"]) == 1
+        assert info["dram"]["keys"][0]["key"][0] == stats.path  # the copy's root
         assert loader.evict(src) == 2
         info = loader.cache_info()
         assert info["dram"]["keys"] == [] and info["ssd"]["keys"] == []

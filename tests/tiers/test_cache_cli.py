@@ -20,6 +20,7 @@ def test_ls_size_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     save_file({"w": torch.arange(5000, dtype=torch.float32)}, str(src))
     with fastckpt.Loader(ssd_tier_bytes=1 << 30, ssd_tier_dir=str(ssd)) as loader:
         loader.load(src)
+        assert loader.conversions.wait(60)  # the copy is made after the load
     assert main(["cache", "ls", "--dir", str(ssd), "--json"]) == 0
     entries = json.loads(capsys.readouterr().out)
     assert len(entries) == 1 and entries[0]["source"] == os.path.realpath(src)

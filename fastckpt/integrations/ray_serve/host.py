@@ -262,9 +262,11 @@ class ModelHost:
                     gpu_tier_bytes=0,
                 )
             try:
-                for _ in range(2):  # a cold load (conversion, DRAM fill), then a DRAM hit
+                for _ in range(2):  # a cold load (DRAM fill, conversion after it), a DRAM hit
                     model = self._model_loader(ModelEntry("warm-up", src, 1), self.device, loader)
                     decode_step(model, [1, 2, 3], None)
+                if loader is not None:
+                    loader.conversions.wait()  # the conversion's code paths too
             finally:
                 if loader is not None:
                     loader.close()

@@ -9,7 +9,10 @@ fields for people and logs.
 
 Reporting is cheap and never blocks on a load: it reads counters under a lock and asks the tier
 view, whose Loader view is in-memory bookkeeping (``Loader.cache_info()``); the SSD tier's
-key -> model mapping is refreshed only after this replica's own loads.
+key -> model mapping is refreshed (a scan of its directory) only after this replica's own loads
+and when the tier holds a copy not seen before (a conversion finished in the background). A copy
+still being made is not an item of the tier, so a model is never reported on SSD before its
+copy is complete.
 
 Tiers, in load order: ``dram`` (the Loader's DRAM tier or the node's ``fastckpt serve``
 daemon), ``ssd`` (the Loader's SSD tier: converted copies of slower sources), ``remote`` (the
@@ -72,8 +75,9 @@ class LoaderTiers:
     """The DRAM and SSD tiers of a ``fastckpt.Loader``, read from ``Loader.cache_info()``.
 
     DRAM-tier items are keyed by the resolved checkpoint root, which is the catalog path or,
-    for a source the SSD tier converted, the converted copy ``<ssd dir>/<key>``; SSD-tier items
-    by a key whose source path the tier records beside the copy (read by ``refresh``).
+    for a source loaded from the SSD tier's converted copy, the copy ``<ssd dir>/<key>``;
+    SSD-tier items by a key whose source path the tier records beside the copy (read by
+    ``refresh``).
     """
 
     kind = "loader"
@@ -89,6 +93,7 @@ class LoaderTiers:
             else ""
         )
         self.by_ssd_key: dict[str, str] = {}
+        self._unmapped: set[str] = set()  # SSD-tier keys of no catalog model
         self.refresh()
 
     def refresh(self) -> None:
@@ -117,7 +122,12 @@ class LoaderTiers:
             model = self._model_of_root(str(key[0])) if isinstance(key, list) and key else None
             if model is not None:
                 out["dram"][model] = int(item["nbytes"])
-        for item in (info.get("ssd") or {}).get("keys", ()):
+        ssd_items = (info.get("ssd") or {}).get("keys", ())
+        new = {str(i["key"]) for i in ssd_items} - set(self.by_ssd_key) - self._unmapped
+        if new:  # published since the last refresh (a conversion ends after its load)
+            self.refresh()
+            self._unmapped |= new - set(self.by_ssd_key)
+        for item in ssd_items:
             model = self.by_ssd_key.get(str(item["key"]))
             if model is not None:
                 out["ssd"][model] = int(item["nbytes"])
