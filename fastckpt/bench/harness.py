@@ -12,6 +12,8 @@ or one of the scenarios registered here, chosen with ``--scenario``:
 - ``gpu-sweep``: the loader's pipeline settings (ring, slots, streams, chunk) on one checkpoint;
 - ``dram-tier``, ``gpu-tier`` (CUDA): a hit of a ``fastckpt.Loader``'s DRAM / GPU tier (filled
   by an untimed load in the same process) beside loads without a tier, cold and warm;
+- ``ssd-tier``: the first load of a stock safetensors checkpoint with the SSD tier on, its copy
+  made inline, after the load or beside it, and a second load from the copy, beside no tier;
 - ``daemon``: a fresh process loading from a ``fastckpt serve`` daemon beside cold and warm loads;
 - ``iterator``: ``fastckpt.iter_tensors`` beside ``fastckpt.load`` (time and peak RSS);
 - ``remote``: a checkpoint on a local S3 server (moto): fastckpt streamed, written through to
@@ -95,6 +97,7 @@ SCENARIOS: dict[str, str] = {
     "serverless": "fastckpt.bench.scenario_serverless",
     "gpu-check": "fastckpt.bench.scenario_gpu_check",
     "remote": "fastckpt.bench.scenario_remote",
+    "ssd-tier": "fastckpt.bench.scenario_ssd",
 }
 """Scenario name -> module (see the module docstring for what a module provides)."""
 

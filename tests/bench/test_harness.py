@@ -30,6 +30,7 @@ TINY = {
     "serverless": {"size": "2MB"},
     "gpu-check": {"size": "4MB", "fake_device": True, "check_json": None},
     "remote": {"size": "2MB"},
+    "ssd-tier": {"size": "2MB"},
 }
 
 
