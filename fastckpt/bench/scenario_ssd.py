@@ -6,20 +6,20 @@ cache before each measurement (``--states`` is not used).
 
 - ``no tier``: ``fastckpt.load`` of the folder by a Loader without an SSD tier (the baseline);
 - ``safetensors load_file``: ``safetensors.torch.load_file`` of every shard;
-- ``first load, inline``: an empty SSD tier, ``ssd_convert="inline"``: the conversion, then a
+- ``first load inline``: an empty SSD tier, ``ssd_convert="inline"``: the conversion, then a
   load of the copy (before this scenario: every first load);
-- ``first load, background``: an empty SSD tier, ``ssd_convert="background"`` (the default): the
+- ``first load background``: an empty SSD tier, ``ssd_convert="background"`` (the default): the
   load reads the source, the conversion starts after it;
-- ``first load, conversion beside``: the same, with the conversion started just before the load
+- ``first load beside``: the same, with the conversion started just before the load
   (``Loader.prefetch(tier="ssd")``), so both read the source at once;
-- ``second load, from the copy``: a tier holding the copy (made once by ``plan``; the copy's
+- ``second load from the copy``: a tier holding the copy (made once by ``plan``; the copy's
   files dropped from the page cache too).
 
-``seconds`` is the load until usable (every page of every tensor touched); for the first loads
-``extra.copy_ready_s`` is the time from the start until the copy was published and
-``extra.kind`` which files the load read (``safetensors``: the source; ``fastckpt``: a copy). A
-measurement that made a copy removes it and flushes the disk (``sync``) before it ends, so its
-writes do not slow the next one.
+``--ssd-methods`` chooses and orders the methods of a round. ``seconds`` is the load until
+usable (every page of every tensor touched); for the first loads ``extra.copy_ready_s`` is the
+time from the start until the copy was published and ``extra.kind`` which files the load read
+(``safetensors``: the source; ``fastckpt``: a copy). A measurement that made a copy removes it
+and flushes the disk (``sync``) before it ends, so its writes do not slow the next one.
 """
 
 from __future__ import annotations
@@ -36,18 +36,25 @@ from fastckpt.bench.harness import Context, Measurement
 HELP = "a first load of stock safetensors with the SSD tier on (conversion inline, after or "
 HELP += "beside the load) and a second load from the copy, beside no tier"
 BASELINES = {"ssd-tier": "no tier"}
-METHODS = (
-    "no tier",
-    "safetensors load_file",
-    "first load, inline",
-    "first load, background",
-    "first load, conversion beside",
-    "second load, from the copy",
-)
+METHODS = {  # --ssd-methods key -> method
+    "none": "no tier",
+    "load_file": "safetensors load_file",
+    "inline": "first load inline",
+    "background": "first load background",
+    "beside": "first load beside",
+    "copy": "second load from the copy",
+}
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
-    """No options of its own: ``--size``, ``--repeats``, ``--workdir``, ``--keep``."""
+    """``--ssd-methods``; and the shared ``--size``, ``--repeats``, ``--workdir``, ``--keep``."""
+    group.add_argument(
+        "--ssd-methods",
+        default=",".join(METHODS),
+        help="ssd-tier: the methods of one round, in order (a method may come more than once: "
+        "the harness rotates the order between rounds, so a method always follows the same "
+        f"one; repeat one to give two methods the same predecessor); of {', '.join(METHODS)}",
+    )
 
 
 def plan(ctx: Context) -> list[Measurement]:
@@ -70,14 +77,18 @@ def plan(ctx: Context) -> list[Measurement]:
         "copy_dir": copy_dir,
         "scratch": ctx.workdir,
     }
+    keys = [k.strip() for k in str(ctx.option("ssd_methods") or ",".join(METHODS)).split(",")]
+    unknown = [k for k in keys if k not in METHODS]
+    if unknown or not keys:
+        raise ValueError(f"--ssd-methods {unknown or keys}: expected some of {', '.join(METHODS)}")
     return [
         Measurement(
-            method,
-            {**spec, "method": method},
+            METHODS[key],
+            {**spec, "method": METHODS[key]},
             state="cold",
-            files=[*ckpt.safetensors_files, *(copy_files if "copy" in method else [])],
+            files=[*ckpt.safetensors_files, *(copy_files if key == "copy" else [])],
         )
-        for method in METHODS
+        for key in keys
     ]
 
 
@@ -114,7 +125,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             seconds = time.perf_counter() - t0
         extra.update(kind=stats.kind, path_taken=stats.path_taken)
         return {"seconds": seconds, "nbytes": _nbytes(state), "extra": extra}
-    if method == "second load, from the copy":
+    if method == "second load from the copy":
         with fastckpt.Loader(ssd_tier_bytes=1 << 50, ssd_tier_dir=spec["copy_dir"]) as ld:
             t0 = time.perf_counter()
             state, stats = ld.load(spec["source"], stats=True)
