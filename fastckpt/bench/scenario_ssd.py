@@ -18,7 +18,8 @@ cache before each measurement (``--states`` is not used).
 ``--ssd-methods`` chooses and orders the methods of a round. ``seconds`` is the load until
 usable (every page of every tensor touched); for the first loads ``extra.copy_ready_s`` is the
 time from the start until the copy was published and ``extra.kind`` which files the load read
-(``safetensors``: the source; ``fastckpt``: a copy). A measurement that made a copy removes it
+(``safetensors``: the source; ``fastckpt``: a copy); ``extra.load_s`` is the load before
+the touch (no tier and first loads). A measurement that made a copy removes it
 and flushes the disk (``sync``) before it ends, so its writes do not slow the next one.
 """
 
@@ -121,6 +122,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         with fastckpt.Loader(ssd_tier_bytes=0) as ld:
             t0 = time.perf_counter()
             state, stats = ld.load(spec["source"], stats=True)
+            extra["load_s"] = time.perf_counter() - t0  # before the touch
             touch_pages(state)
             seconds = time.perf_counter() - t0
         extra.update(kind=stats.kind, path_taken=stats.path_taken)
@@ -147,6 +149,7 @@ def _first_load(spec: dict[str, Any], method: str, extra: dict[str, Any]) -> dic
             t0 = time.perf_counter()
             beside = ld.prefetch(spec["source"], tier="ssd") if method.endswith("beside") else None
             state, stats = ld.load(spec["source"], stats=True)
+            extra["load_s"] = time.perf_counter() - t0  # before the touch
             touch_pages(state)
             seconds = time.perf_counter() - t0
             kept = beside.result() if beside is not None else True

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -258,3 +260,39 @@ def test_a_verified_first_load_converts_first(tmp_path: Path) -> None:
         got, st = loader.load(src, verify=True, stats=True)
         assert same(got, sd) and st.kind == "fastckpt" and st.verified_chunks > 0
         assert loader.cache_info()["ssd"]["conversions"]["scheduled"] == 0
+
+
+_EXIT_RIGHT_AFTER_THE_LOAD = """
+import sys
+import fastckpt
+tensors, stats = fastckpt.load(sys.argv[1], stats=True)
+assert stats.kind == "safetensors", stats
+print("loaded")
+"""
+
+
+def test_an_exit_right_after_the_first_load_leaves_no_partial_copy(tmp_path: Path) -> None:
+    # the default Loader is never closed: the exit cancels its conversion (or the copy, if it
+    # was quick enough, is complete); never a failure, never a staged or half copy
+    g = torch.Generator().manual_seed(9)
+    src = tmp_path / "model.safetensors"
+    save_file({"w": torch.randn(4 << 20, generator=g)}, str(src))  # 16 MiB
+    ssd = tmp_path / "ssd"
+    env = {
+        **os.environ,
+        "FASTCKPT_SSD_TIER_BYTES": str(1 << 30),
+        "FASTCKPT_SSD_TIER_DIR": str(ssd),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_RIGHT_AFTER_THE_LOAD, str(src)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "loaded", done.stderr
+    assert "failed" not in done.stderr, done.stderr
+    assert _leftovers(ssd) == []
+    for entry in _entries(ssd):  # complete, or not there
+        assert fastckpt.read_index(ssd / entry).kind == "fastckpt"
