@@ -411,8 +411,8 @@ NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "lustre", "gluster
 
 
 def is_slow_source(kind: str, fs_type: str) -> bool:
-    """Should the SSD tier keep a converted copy of this source? Stock safetensors (converted on
-    first use: aligned, checksummed) and anything on a network or FUSE filesystem."""
+    """Should the SSD tier keep a converted copy of this source? Stock safetensors (the copy is
+    aligned and checksummed) and anything on a network or FUSE filesystem."""
     return kind != "fastckpt" or fs_type in NETWORK_FS or fs_type.startswith("fuse")
 
 

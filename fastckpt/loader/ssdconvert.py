@@ -1,4 +1,5 @@
-"""The SSD tier's side of a load: a converted local copy of a slower source, made on first use.
+"""The SSD tier's side of a load: a converted local copy of a slower source, made after (or,
+``inline``, before) the first load that finds none.
 
 Whether a source is slow is the policy's rule (``policy.is_slow_source``: stock safetensors, a
 network or FUSE filesystem). Keying by content, one conversion for concurrent callers, checking a
@@ -15,8 +16,9 @@ load waits for the conversion). Why after the load and not beside it: docs/tiers
 
 The conversion itself reads the source through the one load core: the checkpoint is opened and
 validated and read window by window by ``Loader.execute`` (mapped where it is in the page cache,
-as it is right after a load of it; FORMAT.md's rules checked on every tensor) and handed to the
-writer, so a converted copy is made of exactly the bytes a load of the source would return.
+as after a buffered or mapped load of it, else read from storage again; FORMAT.md's rules
+checked on every tensor) and handed to the writer, so a converted copy is made of exactly the
+bytes a load of the source would return.
 """
 
 from __future__ import annotations
