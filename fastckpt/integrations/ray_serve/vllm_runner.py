@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import itertools
 import logging
 import os
@@ -173,17 +172,17 @@ def greedy_params(max_new_tokens: int) -> Any:
 
 
 def vllm_cleanup() -> None:
-    """Clear vLLM's per-process state (process groups, caches) after an engine shut down."""
+    """Clear vLLM's per-process state (process groups, caches) after an engine shut down, and
+    collect the engine (vLLM freezes the objects it made at start-up out of the garbage
+    collector's reach; this unfreezes them first)."""
     from vllm.distributed import cleanup_dist_env_and_memory
 
     cleanup_dist_env_and_memory()
 
 
 def _free(name: str, cleanup: Callable[[], None] = vllm_cleanup) -> None:
-    """Collect the dropped engine, clear vLLM's per-process state, and let the next engine of
-    the process start."""
+    """Free the dropped engine (``cleanup``) and let the next engine of the process start."""
     try:
-        gc.collect()
         cleanup()
     finally:
         with _live_lock:
