@@ -11,8 +11,10 @@ temporary directory and free ports, on 127.0.0.1) runs the deployment with one r
 one model resident, and asks: llama (a start from the checkpoint), qwen2 (llama evicted: its
 engine shut down, its checkpoint kept in the replica's DRAM tier), llama again (a start from
 the DRAM tier), then qwen2 through a second application with ``mode="plain"`` (vLLM's default
-loader). Prints "CLUSTER_TEMP <dir>" once the cluster is up and one line "RAY_VLLM {json}" at
-the end; the cluster is stopped before it exits.
+loader), then llama, qwen2, llama through a third with ``tiers="daemon"`` (a ``fastckpt serve``
+daemon the script starts: the evicted llama's next start maps the daemon's copy). Prints
+"CLUSTER_TEMP <dir>" once the cluster is up and one line "RAY_VLLM {json}" at the end; the
+cluster and the daemon are stopped before it exits.
 """
 
 from __future__ import annotations
@@ -138,6 +140,28 @@ def serve_requests(workdir: Path, paths: dict[str, str], out: dict[str, Any]) ->
         asyncio.run(plain_scenario())
         serve.delete("plain")
         serve.delete("fast")
+        # The node's fastckpt serve daemon as the tiers (tiers="daemon"): it keeps the
+        # checkpoints for every process of the node; the replica's engine maps its copy.
+        daemon, sock = vllm_e2e.start_daemon(str(workdir))
+        out["daemon_socket"] = sock
+        try:
+            shared = serve.run(
+                build_app(catalog, name="VllmDaemon", tiers="daemon", server=sock, **common),
+                name="daemon",
+                route_prefix="/daemon",
+            )
+
+            async def daemon_scenario() -> None:
+                for model in ("llama", "qwen", "llama"):
+                    step = await ask(shared, model)
+                    step["app"] = "daemon"
+                    out["steps"].append(step)
+                out["daemon_report"] = await shared.report.remote()
+
+            asyncio.run(daemon_scenario())
+            serve.delete("daemon")
+        finally:
+            vllm_e2e.stop_daemon(daemon)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,11 +2,12 @@
 alone's greedy continuation, a model Ray Serve evicted (one model per replica) is started
 again from the replica's DRAM tier, the routing stats count those loads and evictions, an
 evicted model's engine is shut down, ``mode="plain"`` (vLLM's default loader) answers the same,
-and nothing of the cluster is left running afterwards.
+the node's ``fastckpt serve`` daemon as the tiers (``tiers="daemon"``) serves the restart in its
+place, and nothing of the cluster is left running afterwards.
 
 Runs where vLLM and Ray Serve are importable: in the interpreter running pytest, or in the one
 ``FASTCKPT_VLLM_PYTHON`` names (the venv of ``tests/vllm_plugin/make_venv.sh``). Skips
-elsewhere, saying how to enable it. About a minute and a half on 2 busy cores; CI:
+elsewhere, saying how to enable it. About two minutes on 2 busy cores; CI:
 
     FASTCKPT_VLLM_PYTHON=.vllm-venv/bin/python timeout 900 python3 -m pytest -q tests/vllm_ray_serve
 """
@@ -40,20 +41,23 @@ def _python() -> str | None:
     return None
 
 
-def _kill_leftovers(temp_dir: str) -> list[int]:
-    """End the process groups of any process still using the cluster's temporary directory
-    (after a driver killed by its timeout); returns their pids."""
+def _kill_leftovers(*marks: str) -> list[int]:
+    """End any process still using the cluster's temporary directory or the work directory
+    (after a driver killed by its timeout: the cluster's nodes, the daemon): its process group,
+    or only itself when it is in this test's group; returns their pids."""
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         with contextlib.suppress(OSError):
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            if temp_dir.encode() in cmd:
+            if any(m.encode() in cmd for m in marks):
                 found.append(int(pid))
                 group = os.getpgid(int(pid))
-                if group != os.getpgrp():  # never this test's own group
+                if group != os.getpgrp():
                     os.killpg(group, signal.SIGKILL)
+                else:  # never this test's own group
+                    os.kill(int(pid), signal.SIGKILL)
     return found
 
 
@@ -91,7 +95,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         proc.kill()
         log, _ = proc.communicate()
     temp = [ln.split(" ", 1)[1] for ln in log.splitlines() if ln.startswith("CLUSTER_TEMP ")]
-    left = _kill_leftovers(temp[0]) if temp else []
+    left = _kill_leftovers(str(work), *temp)
     lines = [ln for ln in log.splitlines() if ln.startswith("RAY_VLLM ")]
     assert proc.returncode == 0 and lines, log[-6000:]
     result: dict[str, Any] = json.loads(lines[-1].split(" ", 1)[1])
@@ -105,7 +109,8 @@ def test_every_response_is_vllm_alones_greedy_continuation(run: dict[str, Any]) 
     ref = run["reference"]
     assert len(ref["llama"]) == 12 and ref["llama"] != ref["qwen"]
     steps = run["steps"]
-    assert [s["model"] for s in steps] == ["llama", "qwen", "llama", "qwen"]
+    asked = ["llama", "qwen", "llama", "qwen", "llama", "qwen", "llama"]
+    assert [s["model"] for s in steps] == asked
     for step in steps:
         assert step["tokens"] == ref[step["model"]], step
 
@@ -140,6 +145,17 @@ def test_plain_mode_uses_vllms_own_loader_without_tiers(run: dict[str, Any]) -> 
     report = plain["report"]  # no Loader at all: vLLM's default loader read the folder
     assert report["tier_source"] == "none" and report["held_bytes"] == {}, report
     assert report["loads"] == {"dram": 0, "ssd": 0, "remote": 1}, report
+
+
+@pytest.mark.slow
+def test_the_nodes_daemon_keeps_the_checkpoints_for_the_engines(run: dict[str, Any]) -> None:
+    steps = [s for s in run["steps"] if s.get("app") == "daemon"]
+    assert [s["header"]["tier"] for s in steps] == ["remote", "remote", "dram"], steps
+    report = run["daemon_report"]
+    # only the engines' loads (through the plug-in, by the replica's daemon client) put the
+    # checkpoints in the daemon, which this script started empty
+    assert report["tier_source"] == "daemon" and report["holds"] == {"dram": ["llama", "qwen"]}
+    assert report["loads"] == {"dram": 1, "ssd": 0, "remote": 2} and report["evictions"] == 2
 
 
 @pytest.mark.slow
