@@ -115,6 +115,12 @@ def test_vllm_args_the_replica_decides_are_refused() -> None:
         check_args({"tensor_parallel_size": 2})
 
 
+def test_a_vllm_replica_with_bad_vllm_args_fails_before_any_load(monkeypatch) -> None:
+    monkeypatch.setattr(runners, "vllm_importable", lambda: True)
+    with ThreadPoolExecutor(1) as pool, pytest.raises(ValueError, match="load_format"):
+        runner_load("vllm", pool, vllm_args={"load_format": "auto"})
+
+
 def test_a_vllm_deployment_keeps_one_engine_per_replica() -> None:
     pytest.importorskip("ray.serve")
     from fastckpt.integrations.ray_serve.host import build_app

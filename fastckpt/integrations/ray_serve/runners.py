@@ -167,9 +167,10 @@ def runner_load(
             "model_loader makes transformers models; engine='vllm' builds vLLM engines "
             "(configure them with vllm_args)"
         )
-    from fastckpt.integrations.ray_serve.vllm_runner import load_vllm
+    from fastckpt.integrations.ray_serve.vllm_runner import check_args, load_vllm
 
     args = dict(vllm_args or {})
+    check_args(args)  # before any load: a replica with bad arguments does not start
 
     def load_engine(entry: ModelEntry, device: str, loader: Any) -> Runner:
         return load_vllm(entry, device, loader, engine_args=args)
