@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fastckpt.bench.common import cpu_model
+from fastckpt.bench.serverless_prep import coruns_of
 from fastckpt.integrations.ray_serve.state import STEP_THREADS
 from fastckpt.rules.host import meminfo
 from fastckpt.rules.units import format_bytes
@@ -72,6 +73,9 @@ def predict_all(data: dict[str, Any]) -> None:
             "machine": machine,
             "step_workers": STEP_THREADS,
         }
+        corun = coruns_of(data["calibration"].get("corun") or {}).get(name)
+        if corun:
+            kw["corun"] = corun
         reps = replicas_from(data, name)
         pred = predict(reps, sizes, trace, POLICY[name], compute, **kw)
         sim = simulate_serving(reps, sizes, trace, POLICY[name], compute, **kw)

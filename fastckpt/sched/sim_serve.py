@@ -25,7 +25,9 @@ exactly that (event-driven, pure Python, seeded):
   (routing, calls, streaming);
 - the replicas share a ``Machine``'s cores, and a replica's running jobs share its process (one
   interpreter lock, one torch thread): processor sharing at both levels (off by default; see
-  ``Machine``);
+  ``Machine``); where a ``CoRun`` is given for the tier a replica loads from, its load and its
+  token steps share the replica as measured instead of equally (a load that holds the
+  interpreter lock or faults pages in stalls the steps far more than it is slowed by them);
 - routing, on the state at the request's arrival (real routers see reports up to one period
   old): ``default`` is Ray Serve's own router for multiplexed requests (replicas whose model ids
   include the model, else those with the fewest models, else all; two picked at random, the one
@@ -163,6 +165,21 @@ class Machine:
         return seconds * self.share(1, self.calibration_background) / self.replica_cores
 
 
+@dataclass(frozen=True)
+class CoRun:
+    """How a start and the token steps of one replica slow each other, measured in one process
+    (``fastckpt.bench.serverless_prep``): while both run, the load takes ``load_slowdown``
+    times its time alone and each step ``step_slowdown`` times its time alone (the steps
+    share that between them). Equal processor sharing of one core is ``CoRun(2, 2)``."""
+
+    step_slowdown: float
+    load_slowdown: float
+
+    def __post_init__(self) -> None:
+        if not (self.step_slowdown >= 1.0 and self.load_slowdown >= 1.0):
+            raise SchedError(f"co-run slowdowns must be >= 1, got {self}")
+
+
 @dataclass
 class _Job:
     replica: _Rep
@@ -215,6 +232,7 @@ class ServeSimulation:
         overhead_s: float = 0.0,
         machine: Machine | None = None,
         step_workers: int | None = None,
+        corun: Mapping[str, CoRun] | None = None,
         seed: int = 0,
     ) -> None:
         if policy not in POLICIES:
@@ -236,6 +254,7 @@ class ServeSimulation:
         self.overhead_s = overhead_s
         self.machine = machine or Machine()
         self.step_workers = step_workers
+        self.corun = dict(corun or {})
         self.seed = seed
         self.rng = random.Random(f"serve-{seed}-{policy}")
         self.estimator = Estimator(migrate=False)
@@ -386,14 +405,25 @@ class ServeSimulation:
         self._next_load(r)
 
     def _rates(self) -> dict[int, float]:
-        """Progress per second of each running job (see ``Machine``)."""
-        if self.machine.cores is None:
-            return {id(j): 1.0 for j in self.jobs}
-        per: dict[int, int] = {}
+        """Progress per second of each running job (see ``Machine`` and ``CoRun``)."""
+        per: dict[int, list[_Job]] = {}
         for j in self.jobs:
-            per[id(j.replica)] = per.get(id(j.replica), 0) + 1
-        share = self.machine.share(len(per)) / self.machine.replica_cores
-        return {id(j): share / per[id(j.replica)] for j in self.jobs}
+            per.setdefault(id(j.replica), []).append(j)
+        shared = self.machine.cores is not None
+        base = self.machine.share(len(per)) / self.machine.replica_cores if shared else 1.0
+        rates: dict[int, float] = {}
+        for jobs in per.values():
+            r = jobs[0].replica
+            co = self.corun.get(r.load_tier) if r.load is not None else None
+            steps = [j for j in jobs if j.kind == "step"]
+            if co is not None and steps and r.load is not None:
+                rates[id(r.load)] = base / co.load_slowdown
+                for j in steps:
+                    rates[id(j)] = base / (co.step_slowdown * len(steps))
+            else:
+                each = base / len(jobs) if shared else 1.0
+                rates.update((id(j), each) for j in jobs)
+        return rates
 
     def run(self) -> ServeSimResult:
         k = 0  # next arrival
@@ -454,6 +484,7 @@ def simulate_serving(
     overhead_s: float = 0.0,
     machine: Machine | None = None,
     step_workers: int | None = None,
+    corun: Mapping[str, CoRun] | None = None,
     seed: int = 0,
 ) -> ServeSimResult:
     return ServeSimulation(
@@ -466,6 +497,7 @@ def simulate_serving(
         overhead_s=overhead_s,
         machine=machine,
         step_workers=step_workers,
+        corun=corun,
         seed=seed,
     ).run()
 
@@ -481,6 +513,7 @@ def predict(
     overhead_s: float = 0.0,
     machine: Machine | None = None,
     step_workers: int | None = None,
+    corun: Mapping[str, CoRun] | None = None,
     seeds: int = 20,
 ) -> dict[str, Any]:
     """The summary averaged over ``seeds`` runs (the default router picks at random; the
@@ -497,6 +530,7 @@ def predict(
             overhead_s=overhead_s,
             machine=machine,
             step_workers=step_workers,
+            corun=corun,
             seed=s,
         ).summary()
         for s in range(n)

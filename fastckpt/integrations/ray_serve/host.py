@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -298,6 +299,7 @@ class ModelHost:
     # ------------------------------------------------------------------ requests
     async def generate(self, prompt: list[int], max_new_tokens: int = 8) -> AsyncIterator[Any]:
         """Stream: a header dict, then ``max_new_tokens`` greedy token ids (ints)."""
+        t_in = time.perf_counter()
         model_id = serve.get_multiplexed_model_id()
         _check_request(prompt, max_new_tokens)
         waited = self.state.request(model_id)
@@ -314,6 +316,9 @@ class ModelHost:
             "tier": res.tier if waited else "resident",
             "load_s": res.seconds if waited else 0.0,
             "load": res.load_id if waited else "",
+            # seconds from the request's arrival at the replica until its model was there
+            # (its own start, or a wait for the model lock behind other starts)
+            "wait_s": time.perf_counter() - t_in,
         }
         loop = asyncio.get_running_loop()
         ids, past = list(prompt), None
