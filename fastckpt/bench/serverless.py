@@ -288,7 +288,11 @@ def run(setup: Setup, workdir: str, out: str, runs: Sequence[str] = RUNS) -> dic
     log(f"  other tenants: {cal.background:.1f} runnable scheduling groups on average")
     trace = trace_from(setup.trace_params(), [s.name for s in setup.models])
     data: dict[str, Any] = {
-        "setup": {**asdict(setup), "models": [asdict(m) for m in setup.models]},
+        "setup": {
+            **asdict(setup),
+            "models": [asdict(m) for m in setup.models],
+            "ids_lag_s": report.ids_lag_s(),
+        },
         "model_bytes": sizes,
         "machine": report.machine(),
         "calibration": {

@@ -31,7 +31,9 @@ exactly that (event-driven, pure Python, seeded):
 - routing, on the state at the request's arrival (real routers see reports up to one period
   old): ``default`` is Ray Serve's own router for multiplexed requests (replicas whose model ids
   include the model, else those with the fewest models, else all; two picked at random, the one
-  with fewer requests in flight wins; replicas at ``max_ongoing`` requests are skipped) and
+  with fewer requests in flight wins; replicas at ``max_ongoing`` requests are skipped), its
+  view of the replicas' model ids ``ids_lag_s`` old (a replica pushes them every 0.1 s to Ray
+  Serve's controller, which passes them on to the routers), and
   ``start-time`` is ``StartTimeRouter`` (replicas with the model resident, loading or queued,
   fewest requests in flight first; else the estimator's pick on each replica's tiers, holdings
   and serial load queue, nearly equal starts going where a slot is free: ``prefer_room``).
@@ -56,6 +58,7 @@ from fastckpt.sched.sim import TraceParams, make_trace
 
 POLICIES = ("default", "start-time")
 TIERS = ("dram", "ssd", "remote")
+NO_IDS: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,8 @@ class _Rep:
     steps: list[tuple[int, int]] = field(default_factory=list)  # (request, step) waiting, FIFO
     running_steps: int = 0
     ongoing: int = 0
+    # (time, model ids from then on): what routers see, ``ids_lag_s`` late
+    ids_log: list[tuple[float, frozenset[str]]] = field(default_factory=lambda: [(0.0, NO_IDS)])
 
     @property
     def loading(self) -> str | None:
@@ -215,6 +220,20 @@ class _Rep:
         if self.load is not None:
             out.add(self.load.model)
         return out
+
+    def note_ids(self, now: float) -> None:
+        ids = frozenset(self.ids())
+        if ids != self.ids_log[-1][1]:
+            self.ids_log.append((now, ids))
+
+    def ids_at(self, t: float) -> frozenset[str]:
+        """The model ids the replica had at time ``t``."""
+        seen = self.ids_log[0][1]
+        for at, ids in reversed(self.ids_log):
+            if at <= t:
+                seen = ids
+                break
+        return seen
 
 
 class ServeSimulation:
@@ -233,6 +252,7 @@ class ServeSimulation:
         machine: Machine | None = None,
         step_workers: int | None = None,
         corun: Mapping[str, CoRun] | None = None,
+        ids_lag_s: float = 0.0,
         seed: int = 0,
     ) -> None:
         if policy not in POLICIES:
@@ -245,6 +265,8 @@ class ServeSimulation:
             raise SchedError(f"the trace names models without a size: {unknown}")
         if step_workers is not None and step_workers < 1:
             raise SchedError("step_workers must be >= 1 (or None: unlimited)")
+        if not ids_lag_s >= 0:
+            raise SchedError(f"ids_lag_s must be >= 0, got {ids_lag_s}")
         self.reps = [_Rep(r) for r in replicas]
         self.models = dict(models)
         self.trace = list(trace)
@@ -255,6 +277,7 @@ class ServeSimulation:
         self.machine = machine or Machine()
         self.step_workers = step_workers
         self.corun = dict(corun or {})
+        self.ids_lag_s = ids_lag_s
         self.seed = seed
         self.rng = random.Random(f"serve-{seed}-{policy}")
         self.estimator = Estimator(migrate=False)
@@ -280,12 +303,14 @@ class ServeSimulation:
 
     def _route(self, model: str) -> _Rep:
         free = [r for r in self.reps if r.ongoing < self.max_ongoing] or self.reps
-        warm = [r for r in free if model in r.ids()]
         if self.policy == "default":
+            seen = {id(r): r.ids_at(self.now - self.ids_lag_s) for r in free}
+            warm = [r for r in free if model in seen[id(r)]]
             if warm:
                 return self._pow2(warm)
-            fewest = min(len(r.ids()) for r in free)
-            return self._pow2([r for r in free if len(r.ids()) == fewest])
+            fewest = min(len(seen[id(r)]) for r in free)
+            return self._pow2([r for r in free if len(seen[id(r)]) == fewest])
+        warm = [r for r in free if model in r.ids()]
         if warm:
             return min(warm, key=lambda r: (r.ongoing, r.spec.name))
         spec = ModelSpec(model, self.models[model], 0)
@@ -391,7 +416,7 @@ class ServeSimulation:
             r.ongoing -= 1
         self._next_steps(r)
 
-    def _arrive(self, i: int) -> None:
+    def _arrive(self, i: int) -> _Rep:
         model = self.trace[i].model
         r = self._route(model)
         r.ongoing += 1
@@ -399,10 +424,11 @@ class ServeSimulation:
         if model in r.resident:
             r.resident.move_to_end(model)
             self._enqueue_step(r, i, 0)
-            return
+            return r
         self.waited[i] = True
         r.queue.append((model, i))
         self._next_load(r)
+        return r
 
     def _rates(self) -> dict[int, float]:
         """Progress per second of each running job (see ``Machine`` and ``CoRun``)."""
@@ -443,11 +469,13 @@ class ServeSimulation:
                 for j in done:
                     if j.kind == "load":
                         self._loaded(j.replica)
+                        j.replica.note_ids(self.now)
                     else:
                         self._stepped(j)
                 continue
             if t_arr <= t_next:
-                self._arrive(self.arrivals[k])
+                r = self._arrive(self.arrivals[k])
+                r.note_ids(self.now)
                 k += 1
         return ServeSimResult(
             self.policy,
@@ -485,6 +513,7 @@ def simulate_serving(
     machine: Machine | None = None,
     step_workers: int | None = None,
     corun: Mapping[str, CoRun] | None = None,
+    ids_lag_s: float = 0.0,
     seed: int = 0,
 ) -> ServeSimResult:
     return ServeSimulation(
@@ -498,6 +527,7 @@ def simulate_serving(
         machine=machine,
         step_workers=step_workers,
         corun=corun,
+        ids_lag_s=ids_lag_s,
         seed=seed,
     ).run()
 
@@ -514,6 +544,7 @@ def predict(
     machine: Machine | None = None,
     step_workers: int | None = None,
     corun: Mapping[str, CoRun] | None = None,
+    ids_lag_s: float = 0.0,
     seeds: int = 20,
 ) -> dict[str, Any]:
     """The summary averaged over ``seeds`` runs (the default router picks at random; the
@@ -531,6 +562,7 @@ def predict(
             machine=machine,
             step_workers=step_workers,
             corun=corun,
+            ids_lag_s=ids_lag_s,
             seed=s,
         ).summary()
         for s in range(n)

@@ -58,3 +58,50 @@ def test_calibrated_coruns_become_the_simulators_per_tier() -> None:
         "plain": {"remote": CoRun(3.5, 1.1)},
         "fastckpt": {"dram": CoRun(1.2, 1.4)},
     }
+
+
+def _data() -> dict:
+    tiers = {t: {"bandwidth_bps": bw, "overhead_s": 0.01} for t, bw in
+             (("dram", 1e10), ("ssd", 1e9), ("remote", 1e8), ("plain", 5e8))}  # fmt: skip
+    sizes = {"a": 100_000_000, "b": 50_000_000}
+    trace = [{"t": 0.0, "model": "a", "tokens": 2}, {"t": 5.0, "model": "b", "tokens": 2}]
+    reqs = [
+        {"ok": True, "waited": True, "load": "r:1", "tier": "remote", "model": "a", "load_s": 2.0},
+        {"ok": True, "waited": True, "load": "r:2", "tier": "remote", "model": "b", "load_s": 1.0},
+    ]
+    run = {"mean_ttft_s": 1.0, "p50_ttft_s": 1.0, "p99_ttft_s": 2.0, "overhead_s": 0.0,
+           "background": 0.0, "loads": {"dram": 0, "ssd": 0, "remote": 2}, "requests": 2, "waited": 2}  # fmt: skip
+    return {
+        "setup": {"nodes": 1, "slots": 1, "dram_bytes": 10**9, "ssd_bytes": 10**9},
+        "model_bytes": sizes,
+        "machine": {"cpu_count": 2},
+        "calibration": {
+            "tiers": tiers,
+            "compute": {m: {"first_token_s": 0.01, "per_token_s": 0.01} for m in sizes},
+            "background": 0.0,
+        },
+        "trace": trace,
+        "runs": {"plain": run, "fastckpt": run},
+        "requests": {"plain": reqs, "fastckpt": reqs},
+        "ttft": {},
+        "predicted": {},
+        "difference": {},
+    }
+
+
+def test_the_report_predicts_again_on_the_load_speeds_the_run_observed() -> None:
+    from fastckpt.bench.serverless_report import observed_tiers, predict_all, table
+
+    data = _data()
+    # two loads, 100 MB in 2 s and 50 MB in 1 s: 50 MB/s, no overhead
+    seen = observed_tiers(data, "fastckpt")
+    assert seen["remote"]["bandwidth_bps"] == pytest.approx(50e6)
+    assert seen["remote"]["overhead_s"] == pytest.approx(0.0, abs=1e-9)
+    assert set(observed_tiers(data, "plain")) == {"plain"}
+    predict_all(data)
+    for run in ("plain", "fastckpt"):
+        cal, obs = data["predicted"][run], data["predicted_observed"][run]
+        # calibrated: a's first load 1 s (remote) / 0.2 s (plain); observed: 2 s, slower
+        assert obs["mean_ttft_s"] > cal["mean_ttft_s"]
+        assert set(obs["difference"]) == {"mean_ttft_s", "p50_ttft_s", "p99_ttft_s"}
+    assert "observed load speeds" in table(data)

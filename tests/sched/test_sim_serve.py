@@ -163,3 +163,21 @@ def test_a_measured_co_run_replaces_equal_sharing_for_loads_from_its_tier() -> N
     assert equal.ttft_s == pytest.approx(plain.ttft_s)
     with pytest.raises(SchedError, match="co-run"):
         CoRun(0.5, 1.0)
+
+
+def test_the_default_router_sees_model_ids_late_and_starts_the_model_again() -> None:
+    # two replicas; a is requested at 0, again at 0.05 s: with no lag the second request sees
+    # a on the replica loading it and joins the load; 0.1 s late it sees nothing there, goes to
+    # a replica with the fewest models (the idle one: pow2 on in-flight requests) and loads a
+    # there too
+    trace = [ServeRequest(0.0, "a", 1), ServeRequest(0.05, "a", 1)]
+    reps = [_rep("r1"), _rep("r2")]
+    now = simulate_serving(reps, MODELS, trace, "default", COST)
+    late = simulate_serving(reps, MODELS, trace, "default", COST, ids_lag_s=0.1)
+    assert sum(now.loads.values()) == 1 and len(set(now.replica)) == 1
+    assert sum(late.loads.values()) == 2 and set(late.replica) == {"r1", "r2"}
+    # the start-time router keeps its own view: no lag there
+    st = simulate_serving(reps, MODELS, trace, "start-time", COST, ids_lag_s=0.1)
+    assert sum(st.loads.values()) == 1
+    with pytest.raises(SchedError, match="ids_lag_s"):
+        simulate_serving(reps, MODELS, trace, "default", COST, ids_lag_s=-1.0)
