@@ -70,7 +70,8 @@ def _data() -> dict:
         {"ok": True, "waited": True, "load": "r:2", "tier": "remote", "model": "b", "load_s": 1.0},
     ]
     run = {"mean_ttft_s": 1.0, "p50_ttft_s": 1.0, "p99_ttft_s": 2.0, "overhead_s": 0.0,
-           "background": 0.0, "loads": {"dram": 0, "ssd": 0, "remote": 2}, "requests": 2, "waited": 2}  # fmt: skip
+           "background": 0.0, "loads": {"dram": 0, "ssd": 0, "remote": 2}, "requests": 2,
+           "waited": 2}  # fmt: skip
     return {
         "setup": {"nodes": 1, "slots": 1, "dram_bytes": 10**9, "ssd_bytes": 10**9},
         "model_bytes": sizes,
