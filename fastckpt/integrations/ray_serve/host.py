@@ -150,10 +150,13 @@ class ModelHost:
             the file ``fastckpt calibrate`` writes; absent: nominal speeds, reported as such).
         torch_threads: ``torch.set_num_threads`` in the replica (None: torch's default).
         isolate_page_cache: emulate a node of its own on a machine shared with other emulated
-            nodes: after each load, evict from the page cache every catalog path (remote
+            nodes: after each load, evict from the page cache the catalog path it read (remote
             storage is never cached on a node) and the SSD-tier copies of every model this
             replica neither holds in its DRAM tier nor has resident (a node's memory holds what
-            its tiers hold). Without it the machine's one page cache serves every "node".
+            its tiers hold). Without it the machine's one page cache serves every "node". The
+            eviction runs on the replica's load thread after the model is handed over (a real
+            node has nothing to evict: requests do not wait for it, the next load does), and
+            leaves alone the store paths other replicas may be reading at the time.
         model_loader: ``(entry, device, loader) -> model``; default ``load_transformers``.
         warm_up: before serving, import the catalog's model classes and load and run a tiny
             model through ``model_loader`` (a fresh process's first load otherwise pays
@@ -288,8 +291,8 @@ class ModelHost:
             ok = True
         finally:
             seconds, seq = self.state.finish(model_id, ok)
-        if self._isolate:
-            await loop.run_in_executor(self._load_pool, self._drop_pages, model_id)
+        if self._isolate:  # not awaited: see isolate_page_cache
+            self._load_pool.submit(self._drop_pages, model_id).add_done_callback(_log_failure)
         logger.info("%s: loaded %s from %s in %.3f s", self.name, model_id, tier, seconds)
         return Resident(model_id, model, tier, seconds, self.state.evicted, f"{self.name}:{seq}")
 
@@ -358,7 +361,7 @@ class ModelHost:
 
         keep = set(self.state.view.held().get("dram", {})) | set(self.state.resident)
         keep.add(just_loaded)
-        files = _local_files([e.path for e in self.catalog.values()])
+        files = _local_files([self.catalog[just_loaded].path])
         files += _local_files([p for n in self.catalog if n not in keep for p in self._copies(n)])
         for path in files:
             with contextlib.suppress(OSError):
@@ -370,6 +373,12 @@ class ModelHost:
         if not isinstance(view, LoaderTiers) or not view.ssd_dir:
             return []
         return [os.path.join(view.ssd_dir, k) for k, m in view.by_ssd_key.items() if m == name]
+
+
+def _log_failure(fut: Any) -> None:
+    exc = fut.exception()
+    if exc is not None:
+        logger.warning("page-cache eviction after a load failed: %r", exc)
 
 
 def _check_request(prompt: Any, max_new_tokens: Any) -> None:
