@@ -198,6 +198,42 @@ def table(data: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def breakdown(data: Mapping[str, Any]) -> str:
+    """Where each run's time to first token went, by kind of request (mean seconds): resident
+    models, and starts by tier. ``wait`` is from the request's arrival at the replica until
+    its model was there (its own start, or the model lock behind other starts), ``load`` the
+    start itself, ``routing`` the rest until the reply's header (router, calls), ``first
+    token`` from the header to the first token (the prefill step and the stream)."""
+    lines = [
+        "| run | requests | n | TTFT | routing | wait for the model | of which its load "
+        "| first token | simulator TTFT |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in RUNS:
+        sim = data.get("ttft", {}).get(run, {}).get("simulator") or []
+        groups: dict[str, list[tuple[dict[str, Any], float | None]]] = {}
+        for k, r in enumerate(data["requests"].get(run, ())):
+            if not r.get("ok") or r.get("header_s") is None or r.get("wait_s") is None:
+                continue
+            kind = f"start from {r['tier']}" if r.get("waited") else "resident"
+            groups.setdefault(kind, []).append((r, sim[k] if k < len(sim) else None))
+        for kind in sorted(groups):
+            rows = groups[kind]
+
+            def mean(fn: Any, rows: Any = rows) -> float:
+                return sum(fn(r) for r, _ in rows) / len(rows)
+
+            sims = [x for _, x in rows if x is not None]
+            lines.append(
+                f"| {run} | {kind} | {len(rows)} | {mean(lambda r: r['ttft_s']):.3f} | "
+                f"{mean(lambda r: r['header_s'] - r['wait_s']):.3f} | "
+                f"{mean(lambda r: r['wait_s']):.3f} | {mean(lambda r: r.get('load_s') or 0):.3f} | "
+                f"{mean(lambda r: r['ttft_s'] - r['header_s']):.3f} | "
+                + (f"{sum(sims) / len(sims):.3f} |" if sims else "|")
+            )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def plot(data: Mapping[str, Any], path: str) -> None:
     import matplotlib
 
@@ -254,6 +290,9 @@ def write(data: Mapping[str, Any], out: str) -> dict[str, str]:
         diff += f"\n- more than {AGREEMENT:.0%} apart: " + "; ".join(off)
     with open(paths["md"], "w", encoding="utf-8") as fh:
         fh.write(head + table(data) + "\n\n" + diff + "\n" + (notes + "\n" if notes else ""))
+        parts = breakdown(data)
+        if parts:
+            fh.write("\nWhere the time to first token went (mean seconds):\n\n" + parts + "\n")
     plot(data, paths["png"])
     return paths
 

@@ -106,3 +106,19 @@ def test_the_report_predicts_again_on_the_load_speeds_the_run_observed() -> None
         assert obs["mean_ttft_s"] > cal["mean_ttft_s"]
         assert set(obs["difference"]) == {"mean_ttft_s", "p50_ttft_s", "p99_ttft_s"}
     assert "observed load speeds" in table(data)
+
+
+def test_the_breakdown_splits_each_kind_of_request_time() -> None:
+    from fastckpt.bench.serverless_report import breakdown
+
+    data = _data()
+    times = ((3.0, 2.5, 2.4), (1.5, 1.2, 1.1))
+    for r, (ttft, header, wait) in zip(data["requests"]["plain"], times, strict=True):
+        r.update(ttft_s=ttft, header_s=header, wait_s=wait)
+    data["ttft"] = {"plain": {"simulator": [2.0, 1.0]}}
+    rows = [ln for ln in breakdown(data).splitlines() if ln.startswith("| plain")]
+    # 2 starts: TTFT (3 + 1.5) / 2, routing 0.1, wait 1.75, load 1.5, first token 0.4, sim 1.5
+    assert rows == [
+        "| plain | start from remote | 2 | 2.250 | 0.100 | 1.750 | 1.500 | 0.400 | 1.500 |"
+    ]
+    assert breakdown({"requests": {}}) == ""  # runs recorded before the header times
