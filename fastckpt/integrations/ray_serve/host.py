@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -138,10 +139,13 @@ class ModelHost:
             the file ``fastckpt calibrate`` writes; absent: nominal speeds, reported as such).
         torch_threads: ``torch.set_num_threads`` in the replica (None: torch's default).
         isolate_page_cache: emulate a node of its own on a machine shared with other emulated
-            nodes: after each load, evict from the page cache every catalog path (remote
+            nodes: after each load, evict from the page cache the catalog path it read (remote
             storage is never cached on a node) and the SSD-tier copies of every model this
             replica neither holds in its DRAM tier nor has resident (a node's memory holds what
-            its tiers hold). Without it the machine's one page cache serves every "node".
+            its tiers hold). Without it the machine's one page cache serves every "node". The
+            eviction runs on the replica's load thread after the model is handed over (a real
+            node has nothing to evict: requests do not wait for it, the next load does), and
+            leaves alone the store paths other replicas may be reading at the time.
         model_loader: ``(entry, device, loader) -> model``; default ``load_transformers``
             (``engine="transformers"`` only).
         vllm_args: vLLM ``EngineArgs`` keywords for every model (``engine="vllm"`` only):
@@ -296,8 +300,8 @@ class ModelHost:
             ok = True
         finally:
             seconds, seq = self.state.finish(model_id, ok)
-        if self._isolate:
-            await loop.run_in_executor(self._load_pool, self._drop_pages, model_id)
+        if self._isolate:  # not awaited: see isolate_page_cache
+            self._load_pool.submit(self._drop_pages, model_id).add_done_callback(_log_failure)
         logger.info("%s: loaded %s from %s in %.3f s", self.name, model_id, tier, seconds)
         return Resident(model_id, runner, tier, seconds, self.state.evicted, f"{self.name}:{seq}")
 
@@ -307,6 +311,7 @@ class ModelHost:
     # ------------------------------------------------------------------ requests
     async def generate(self, prompt: list[int], max_new_tokens: int = 8) -> AsyncIterator[Any]:
         """Stream: a header dict, then ``max_new_tokens`` greedy token ids (ints)."""
+        t_in = time.perf_counter()
         model_id = serve.get_multiplexed_model_id()
         _check_request(prompt, max_new_tokens)
         waited = self.state.request(model_id)
@@ -323,6 +328,9 @@ class ModelHost:
             "tier": res.tier if waited else "resident",
             "load_s": res.seconds if waited else 0.0,
             "load": res.load_id if waited else "",
+            # seconds from the request's arrival at the replica until its model was there
+            # (its own start, or a wait for the model lock behind other starts)
+            "wait_s": time.perf_counter() - t_in,
         }
         async for token in res.runner.stream(prompt, max_new_tokens):
             yield token
@@ -366,7 +374,7 @@ class ModelHost:
 
         keep = set(self.state.view.held().get("dram", {})) | set(self.state.resident)
         keep.add(just_loaded)
-        files = _local_files([e.path for e in self.catalog.values()])
+        files = _local_files([self.catalog[just_loaded].path])
         files += _local_files([p for n in self.catalog if n not in keep for p in self._copies(n)])
         for path in files:
             with contextlib.suppress(OSError):
@@ -384,6 +392,12 @@ _ONE_ENGINE = (
     "engine='vllm' keeps one vLLM engine per replica process (vLLM's parallel state is per "
     "process): use max_models_per_replica=1 and more replicas"
 )
+
+
+def _log_failure(fut: Any) -> None:
+    exc = fut.exception()
+    if exc is not None:
+        logger.warning("page-cache eviction after a load failed: %r", exc)
 
 
 def _check_request(prompt: Any, max_new_tokens: Any) -> None:
