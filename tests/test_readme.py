@@ -115,15 +115,20 @@ def test_ci_builds_the_vllm_venv_as_the_readme_says() -> None:
 
 
 def test_ci_runs_each_vllm_suite_in_a_step_of_its_own() -> None:
-    """The vLLM plug-in's tests and the migration between vLLM engines each run in a CI step of
-    their own (the main suite skips both: vLLM is not in its venv); the migration step, whose
-    two engines start in two processes, has a time budget of its own."""
+    """The vLLM plug-in's tests, the migration between vLLM engines and the serving deployment
+    with vLLM engines each run in a CI step of their own (the main suite skips them: vLLM is
+    not in its venv); the migration step, whose two engines start in two processes, and the
+    deployment's, which starts a Ray cluster, have a time budget of their own."""
     ci = _ci_commands()
-    for suite in ("tests/vllm_plugin", "tests/vllm_migrate"):
+    for suite in ("tests/vllm_plugin", "tests/vllm_migrate", "tests/vllm_ray_serve"):
         steps = [line for line in ci if line.split()[-1] == suite]
         assert len(steps) == 1, f".ci/run should run {suite} in one step, found {steps}"
     (migrate_step,) = [line for line in ci if line.endswith("tests/vllm_migrate")]
     assert re.match(r"timeout \d+ \.vllm-venv/bin/python -m pytest ", migrate_step), migrate_step
+    (serving_step,) = [line for line in ci if line.endswith("tests/vllm_ray_serve")]
+    assert re.match(
+        r"FASTCKPT_VLLM_PYTHON=\.vllm-venv/bin/python timeout \d+ python3 -m pytest ", serving_step
+    ), serving_step
 
 
 def test_readme_demo_command_is_what_ci_runs() -> None:

@@ -246,6 +246,7 @@ async def _replay(
                 async for item in gen:
                     if isinstance(item, dict):
                         header.update(item)
+                        rec["header_s"] = time.perf_counter() - t_send
                     else:
                         if not got:
                             rec["ttft_s"] = time.perf_counter() - t_send
@@ -260,7 +261,7 @@ async def _replay(
             rec["ok"] = False
             rec["error"] = f"{type(exc).__name__}: {exc}"[:500]
         rec["total_s"] = time.perf_counter() - t_send
-        for key in ("replica", "node", "waited", "tier", "load_s", "load"):
+        for key in ("replica", "node", "waited", "tier", "load_s", "load", "wait_s"):
             rec[key] = header.get(key)
         return rec
 
@@ -287,13 +288,18 @@ def run(setup: Setup, workdir: str, out: str, runs: Sequence[str] = RUNS) -> dic
     log(f"  other tenants: {cal.background:.1f} runnable scheduling groups on average")
     trace = trace_from(setup.trace_params(), [s.name for s in setup.models])
     data: dict[str, Any] = {
-        "setup": {**asdict(setup), "models": [asdict(m) for m in setup.models]},
+        "setup": {
+            **asdict(setup),
+            "models": [asdict(m) for m in setup.models],
+            "ids_lag_s": report.ids_lag_s(),
+        },
         "model_bytes": sizes,
         "machine": report.machine(),
         "calibration": {
             "tiers": cal.tiers,
             "compute": {k: asdict(v) for k, v in cal.compute.items()},
             "background": cal.background,
+            "corun": cal.corun,
         },
         "trace": [asdict(r) for r in trace],
         "runs": {},

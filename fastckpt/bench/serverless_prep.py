@@ -9,13 +9,14 @@ import contextlib
 import os
 import shutil
 import statistics
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastckpt.bench.tenants import BackgroundSampler
-from fastckpt.sched.sim_serve import ComputeCost
+from fastckpt.sched.sim_serve import ComputeCost, CoRun
 
 PROMPTS = 4  # distinct prompts per model (references are computed once per prompt)
 PROMPT_LEN = 8
@@ -143,6 +144,20 @@ class Calibration:
     compute: dict[str, ComputeCost]
     profile_path: str
     background: float = 0.0  # other scheduling groups with runnable threads while calibrating
+    # run -> tier -> {"step_slowdown", "load_slowdown", "samples"}: a start and token steps in
+    # one process (``corun``)
+    corun: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    def coruns(self) -> dict[str, dict[str, CoRun]]:
+        return coruns_of(self.corun)
+
+
+def coruns_of(data: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, CoRun]]:
+    """``Calibration.corun`` as the simulator's ``CoRun`` per run and tier."""
+    return {
+        run: {t: CoRun(float(f["step_slowdown"]), float(f["load_slowdown"])) for t, f in by.items()}
+        for run, by in data.items()
+    }
 
     def speeds(self) -> dict[str, Any]:
         from fastckpt.sched.model import TierSpeed
@@ -272,6 +287,38 @@ def _calibrate(
                 steps.append(t2 - t1)
         compute[shape.name] = ComputeCost(statistics.median(firsts), statistics.median(steps))
         del model
+    # a start beside token steps in one process, per tier of each run: the largest model loads
+    # (prepared as above) while a middle one takes first-token steps
+    big, mid = order[-1], order[len(order) // 2]
+    stepper = load_transformers(entries[mid], "cpu", None)
+    shape = next(s for s in shapes if s.name == mid)
+
+    def step() -> None:
+        decode_step(stepper, prompt_of(shape, 0), None)
+
+    with fastckpt.Loader(**settings) as warm:
+
+        def dram_load() -> Any:
+            return load_transformers(entries[big], "cpu", warm)
+
+        dram_load()
+        cases: dict[str, dict[str, tuple[Callable[[], Any], Callable[[], Any]]]] = {
+            "plain": {
+                "remote": (
+                    lambda: _drop([paths[big]]),
+                    lambda: load_transformers(entries[big], "cpu", None),
+                )
+            },
+            "fastckpt": {
+                "remote": (lambda: cold_remote(big), lambda: fresh(big)),
+                "ssd": (lambda: cold_ssd(big), lambda: fresh(big)),
+                "dram": (lambda: None, dram_load),
+            },
+        }
+        corun = {
+            run: {t: measure_corun(prep, load, step, repeats) for t, (prep, load) in by.items()}
+            for run, by in cases.items()
+        }
     tiers = {
         t: {
             "bandwidth_bps": r.fit.bandwidth_bps,
@@ -283,4 +330,74 @@ def _calibrate(
         for t, r in runs.items()
     }
     shutil.rmtree(ssd_dir, ignore_errors=True)
-    return Calibration(tiers, compute, profile_path)
+    return Calibration(tiers, compute, profile_path, corun=corun)
+
+
+def measure_corun(
+    prepare: Callable[[], Any],
+    load: Callable[[], Any],
+    step: Callable[[], Any],
+    repeats: int,
+) -> dict[str, Any]:
+    """How ``load`` (after ``prepare``) and ``step`` slow each other in one process: each
+    repeat times steps alone, the load alone, then the load in a thread while this thread
+    takes steps until it ends. Slowdowns are medians over repeats, at least 1 (a co-run
+    faster than alone is noise); a load shorter than one step gives no step sample."""
+    samples: list[dict[str, Any]] = []
+    for _ in range(max(1, repeats)):
+        alone = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            step()
+            alone.append(time.perf_counter() - t0)
+        prepare()
+        t0 = time.perf_counter()
+        load()
+        load_alone = time.perf_counter() - t0
+        prepare()
+        load_during, during = _load_beside(load, step)
+        samples.append(
+            {
+                "step_alone_s": statistics.median(alone),
+                "step_during_s": statistics.median(during) if during else None,
+                "steps_during": len(during),
+                "load_alone_s": load_alone,
+                "load_during_s": load_during,
+            }
+        )
+    steps = [x["step_during_s"] / x["step_alone_s"] for x in samples if x["step_during_s"]]
+    loads = [x["load_during_s"] / x["load_alone_s"] for x in samples]
+    return {
+        "step_slowdown": max(1.0, statistics.median(steps)) if steps else 1.0,
+        "load_slowdown": max(1.0, statistics.median(loads)),
+        "samples": samples,
+    }
+
+
+def _load_beside(load: Callable[[], Any], step: Callable[[], Any]) -> tuple[float, list[float]]:
+    """``load`` in a thread while this thread takes steps until it ends: (the load's seconds,
+    each whole step's seconds)."""
+    done = threading.Event()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        t0 = time.perf_counter()
+        try:
+            load()
+        except BaseException as exc:  # re-raised in the caller
+            box["error"] = exc
+        box["s"] = time.perf_counter() - t0
+        done.set()
+
+    th = threading.Thread(target=run, name="fastckpt-corun-load")
+    th.start()
+    during = []
+    while not done.is_set():
+        t0 = time.perf_counter()
+        step()
+        if not done.is_set():  # a step the load's end cut short says nothing
+            during.append(time.perf_counter() - t0)
+    th.join()
+    if "error" in box:
+        raise box["error"]
+    return float(box["s"]), during

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fastckpt.bench.common import cpu_model
+from fastckpt.bench.serverless_prep import coruns_of
 from fastckpt.integrations.ray_serve.state import STEP_THREADS
 from fastckpt.rules.host import meminfo
 from fastckpt.rules.units import format_bytes
@@ -30,6 +31,10 @@ from fastckpt.sched.sim_serve import (
 
 RUNS = ("plain", "fastckpt")
 POLICY = {"plain": "default", "fastckpt": "start-time"}
+#: How late Ray Serve's default router sees a replica's model ids: the replica pushes them every
+#: 0.1 s (``ray.serve._private.constants.PUSH_MULTIPLEXED_MODEL_IDS_INTERVAL_S`` in Ray 2.60)
+#: to the controller, which passes them on to the routers. A run records Ray's value.
+IDS_LAG_S = 0.1
 AGREEMENT = 0.25  # the simulator should predict the measured mean and p50 within 25%
 MAX_ONGOING = 8  # requests in flight per replica (``build_app``'s ``max_ongoing_requests``)
 
@@ -55,33 +60,83 @@ def replicas_from(data: Mapping[str, Any], run: str) -> list[ReplicaSpec]:
 
 def predict_all(data: dict[str, Any]) -> None:
     """The simulator's prediction of every measured run, beside it in ``data`` (``predicted``,
-    ``difference``, ``ttft[run]["simulator"]``, ``disagreements``)."""
-    trace = [ServeRequest(r["t"], r["model"], r["tokens"]) for r in data["trace"]]
-    compute = {k: ComputeCost(**v) for k, v in data["calibration"]["compute"].items()}
-    sizes = {k: int(v) for k, v in data["model_bytes"].items()}
+    ``difference``, ``ttft[run]["simulator"]``, ``disagreements``), and a second one on the
+    load speeds the run's own replicas observed (``predicted_observed``): where the two
+    differ, the calibration did not describe the loads in the run."""
     data["disagreements"] = []
+    data["predicted_observed"] = {}
+    data["observed_tiers"] = {}
     for name, measured in data["runs"].items():
-        machine = Machine(
-            float(data["machine"]["cpu_count"] or 1),
-            float(measured["background"]),
-            float(data["calibration"]["background"]),
-        )
-        kw: dict[str, Any] = {
-            "max_ongoing": MAX_ONGOING,
-            "overhead_s": float(measured["overhead_s"]),
-            "machine": machine,
-            "step_workers": STEP_THREADS,
-        }
-        reps = replicas_from(data, name)
-        pred = predict(reps, sizes, trace, POLICY[name], compute, **kw)
-        sim = simulate_serving(reps, sizes, trace, POLICY[name], compute, **kw)
+        pred, ttft = _predict(data, name, data["calibration"]["tiers"])
         data["predicted"][name] = pred
         data["difference"][name] = compare(measured, pred)
-        data["ttft"].setdefault(name, {})["simulator"] = list(sim.ttft_s)
+        data["ttft"].setdefault(name, {})["simulator"] = ttft
         for key in ("mean_ttft_s", "p50_ttft_s"):
             d = data["difference"][name][key]
             if abs(d) > AGREEMENT:
                 data["disagreements"].append(f"{name} {key.split('_')[0]}: simulator {d:+.0%}")
+        seen = observed_tiers(data, name)
+        data["observed_tiers"][name] = seen
+        if seen:
+            tiers = {t: {**f, **seen.get(t, {})} for t, f in data["calibration"]["tiers"].items()}
+            obs, _ = _predict(data, name, tiers)
+            obs["difference"] = compare(measured, obs)
+            data["predicted_observed"][name] = obs
+
+
+def _predict(
+    data: Mapping[str, Any], name: str, tiers: Mapping[str, Mapping[str, Any]]
+) -> tuple[dict[str, Any], list[float]]:
+    """(the summary averaged over seeds, one seed's time to first token per request) of run
+    ``name`` on ``tiers``."""
+    trace = [ServeRequest(r["t"], r["model"], r["tokens"]) for r in data["trace"]]
+    cal = data["calibration"]
+    compute = {k: ComputeCost(**v) for k, v in cal["compute"].items()}
+    sizes = {k: int(v) for k, v in data["model_bytes"].items()}
+    measured = data["runs"][name]
+    kw: dict[str, Any] = {
+        "max_ongoing": MAX_ONGOING,
+        "overhead_s": float(measured["overhead_s"]),
+        "machine": Machine(
+            float(data["machine"]["cpu_count"] or 1),
+            float(measured["background"]),
+            float(cal["background"]),
+        ),
+        "step_workers": STEP_THREADS,
+        # runs made before the co-run calibration: equal sharing
+        "corun": coruns_of(cal.get("corun") or {}).get(name),
+        "ids_lag_s": float(data["setup"].get("ids_lag_s", IDS_LAG_S)),
+    }
+    reps = replicas_from({**data, "calibration": {**cal, "tiers": tiers}}, name)
+    pred = predict(reps, sizes, trace, POLICY[name], compute, **kw)
+    sim = simulate_serving(reps, sizes, trace, POLICY[name], compute, **kw)
+    return pred, list(sim.ttft_s)
+
+
+def observed_tiers(data: Mapping[str, Any], run: str) -> dict[str, dict[str, float]]:
+    """Each tier's ``overhead + bytes / bandwidth`` fitted on the loads the run's replicas
+    timed (each load once; tiers with loads of fewer than 2 sizes are left out), under the
+    calibration's tier names (plain's loads are its ``plain`` tier)."""
+    from fastckpt.sched.model import SchedError
+    from fastckpt.sched.profile import Sample, fit_tier
+
+    sizes = data["model_bytes"]
+    loads: dict[str, tuple[str, int, float]] = {}
+    for r in data["requests"].get(run, ()):
+        if r.get("ok") and r.get("waited") and r.get("load") and r.get("load_s"):
+            loads.setdefault(r["load"], (r["tier"], int(sizes[r["model"]]), float(r["load_s"])))
+    by: dict[str, list[Sample]] = {}
+    for tier, nbytes, seconds in loads.values():
+        by.setdefault("plain" if run == "plain" else tier, []).append(Sample(nbytes, seconds))
+    out = {}
+    for tier, samples in by.items():
+        try:
+            f = fit_tier(samples, warmup=0)
+        except SchedError:
+            continue
+        out[tier] = {"bandwidth_bps": f.bandwidth_bps, "overhead_s": f.overhead_s,
+                     "loads": len(samples)}  # fmt: skip
+    return out
 
 
 def compare(measured: Mapping[str, Any], predicted: Mapping[str, Any]) -> dict[str, float]:
@@ -129,7 +184,10 @@ def table(data: Mapping[str, Any]) -> str:
     for run in RUNS:
         if run not in data["runs"]:
             continue
-        for source, s in (("measured", data["runs"][run]), ("simulator", data["predicted"][run])):
+        rows = [("measured", data["runs"][run]), ("simulator", data["predicted"][run])]
+        if run in data.get("predicted_observed", {}):
+            rows.append(("simulator, observed load speeds", data["predicted_observed"][run]))
+        for source, s in rows:
             loads = s["loads"]
             lines.append(
                 f"| {run} | {source} | {s['requests']} | {s['mean_ttft_s']:.3f} | "
@@ -138,6 +196,42 @@ def table(data: Mapping[str, Any]) -> str:
                 f"{s.get('failed', '')} |"
             )
     return "\n".join(lines)
+
+
+def breakdown(data: Mapping[str, Any]) -> str:
+    """Where each run's time to first token went, by kind of request (mean seconds): resident
+    models, and starts by tier. ``wait`` is from the request's arrival at the replica until
+    its model was there (its own start, or the model lock behind other starts), ``load`` the
+    start itself, ``routing`` the rest until the reply's header (router, calls), ``first
+    token`` from the header to the first token (the prefill step and the stream)."""
+    lines = [
+        "| run | requests | n | TTFT | routing | wait for the model | of which its load "
+        "| first token | simulator TTFT |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in RUNS:
+        sim = data.get("ttft", {}).get(run, {}).get("simulator") or []
+        groups: dict[str, list[tuple[dict[str, Any], float | None]]] = {}
+        for k, r in enumerate(data["requests"].get(run, ())):
+            if not r.get("ok") or r.get("header_s") is None or r.get("wait_s") is None:
+                continue
+            kind = f"start from {r['tier']}" if r.get("waited") else "resident"
+            groups.setdefault(kind, []).append((r, sim[k] if k < len(sim) else None))
+        for kind in sorted(groups):
+            rows = groups[kind]
+
+            def mean(fn: Any, rows: Any = rows) -> float:
+                return sum(fn(r) for r, _ in rows) / len(rows)
+
+            sims = [x for _, x in rows if x is not None]
+            lines.append(
+                f"| {run} | {kind} | {len(rows)} | {mean(lambda r: r['ttft_s']):.3f} | "
+                f"{mean(lambda r: r['header_s'] - r['wait_s']):.3f} | "
+                f"{mean(lambda r: r['wait_s']):.3f} | {mean(lambda r: r.get('load_s') or 0):.3f} | "
+                f"{mean(lambda r: r['ttft_s'] - r['header_s']):.3f} | "
+                + (f"{sum(sims) / len(sims):.3f} |" if sims else "|")
+            )
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def plot(data: Mapping[str, Any], path: str) -> None:
@@ -196,5 +290,18 @@ def write(data: Mapping[str, Any], out: str) -> dict[str, str]:
         diff += f"\n- more than {AGREEMENT:.0%} apart: " + "; ".join(off)
     with open(paths["md"], "w", encoding="utf-8") as fh:
         fh.write(head + table(data) + "\n\n" + diff + "\n" + (notes + "\n" if notes else ""))
+        parts = breakdown(data)
+        if parts:
+            fh.write("\nWhere the time to first token went (mean seconds):\n\n" + parts + "\n")
     plot(data, paths["png"])
     return paths
+
+
+def ids_lag_s() -> float:
+    """Ray Serve's model-id push interval in the Ray installed here (``IDS_LAG_S`` if Ray does
+    not say)."""
+    with contextlib.suppress(Exception):
+        from ray.serve._private import constants
+
+        return float(constants.PUSH_MULTIPLEXED_MODEL_IDS_INTERVAL_S)
+    return IDS_LAG_S

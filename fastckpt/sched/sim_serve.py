@@ -25,11 +25,15 @@ exactly that (event-driven, pure Python, seeded):
   (routing, calls, streaming);
 - the replicas share a ``Machine``'s cores, and a replica's running jobs share its process (one
   interpreter lock, one torch thread): processor sharing at both levels (off by default; see
-  ``Machine``);
+  ``Machine``); where a ``CoRun`` is given for the tier a replica loads from, its load and its
+  token steps share the replica as measured instead of equally (a load that holds the
+  interpreter lock or faults pages in stalls the steps far more than it is slowed by them);
 - routing, on the state at the request's arrival (real routers see reports up to one period
   old): ``default`` is Ray Serve's own router for multiplexed requests (replicas whose model ids
   include the model, else those with the fewest models, else all; two picked at random, the one
-  with fewer requests in flight wins; replicas at ``max_ongoing`` requests are skipped) and
+  with fewer requests in flight wins; replicas at ``max_ongoing`` requests are skipped), its
+  view of the replicas' model ids ``ids_lag_s`` old (a replica pushes them every 0.1 s to Ray
+  Serve's controller, which passes them on to the routers), and
   ``start-time`` is ``StartTimeRouter`` (replicas with the model resident, loading or queued,
   fewest requests in flight first; else the estimator's pick on each replica's tiers, holdings
   and serial load queue, nearly equal starts going where a slot is free: ``prefer_room``).
@@ -54,6 +58,7 @@ from fastckpt.sched.sim import TraceParams, make_trace
 
 POLICIES = ("default", "start-time")
 TIERS = ("dram", "ssd", "remote")
+NO_IDS: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,21 @@ class Machine:
         return seconds * self.share(1, self.calibration_background) / self.replica_cores
 
 
+@dataclass(frozen=True)
+class CoRun:
+    """How a start and the token steps of one replica slow each other, measured in one process
+    (``fastckpt.bench.serverless_prep``): while both run, the load takes ``load_slowdown``
+    times its time alone and each step ``step_slowdown`` times its time alone (the steps
+    share that between them). Equal processor sharing of one core is ``CoRun(2, 2)``."""
+
+    step_slowdown: float
+    load_slowdown: float
+
+    def __post_init__(self) -> None:
+        if not (self.step_slowdown >= 1.0 and self.load_slowdown >= 1.0):
+            raise SchedError(f"co-run slowdowns must be >= 1, got {self}")
+
+
 @dataclass
 class _Job:
     replica: _Rep
@@ -187,6 +207,8 @@ class _Rep:
     steps: list[tuple[int, int]] = field(default_factory=list)  # (request, step) waiting, FIFO
     running_steps: int = 0
     ongoing: int = 0
+    # (time, model ids from then on): what routers see, ``ids_lag_s`` late
+    ids_log: list[tuple[float, frozenset[str]]] = field(default_factory=lambda: [(0.0, NO_IDS)])
 
     @property
     def loading(self) -> str | None:
@@ -198,6 +220,20 @@ class _Rep:
         if self.load is not None:
             out.add(self.load.model)
         return out
+
+    def note_ids(self, now: float) -> None:
+        ids = frozenset(self.ids())
+        if ids != self.ids_log[-1][1]:
+            self.ids_log.append((now, ids))
+
+    def ids_at(self, t: float) -> frozenset[str]:
+        """The model ids the replica had at time ``t``."""
+        seen = self.ids_log[0][1]
+        for at, ids in reversed(self.ids_log):
+            if at <= t:
+                seen = ids
+                break
+        return seen
 
 
 class ServeSimulation:
@@ -215,6 +251,8 @@ class ServeSimulation:
         overhead_s: float = 0.0,
         machine: Machine | None = None,
         step_workers: int | None = None,
+        corun: Mapping[str, CoRun] | None = None,
+        ids_lag_s: float = 0.0,
         seed: int = 0,
     ) -> None:
         if policy not in POLICIES:
@@ -227,6 +265,8 @@ class ServeSimulation:
             raise SchedError(f"the trace names models without a size: {unknown}")
         if step_workers is not None and step_workers < 1:
             raise SchedError("step_workers must be >= 1 (or None: unlimited)")
+        if not ids_lag_s >= 0:
+            raise SchedError(f"ids_lag_s must be >= 0, got {ids_lag_s}")
         self.reps = [_Rep(r) for r in replicas]
         self.models = dict(models)
         self.trace = list(trace)
@@ -236,6 +276,8 @@ class ServeSimulation:
         self.overhead_s = overhead_s
         self.machine = machine or Machine()
         self.step_workers = step_workers
+        self.corun = dict(corun or {})
+        self.ids_lag_s = ids_lag_s
         self.seed = seed
         self.rng = random.Random(f"serve-{seed}-{policy}")
         self.estimator = Estimator(migrate=False)
@@ -261,12 +303,14 @@ class ServeSimulation:
 
     def _route(self, model: str) -> _Rep:
         free = [r for r in self.reps if r.ongoing < self.max_ongoing] or self.reps
-        warm = [r for r in free if model in r.ids()]
         if self.policy == "default":
+            seen = {id(r): r.ids_at(self.now - self.ids_lag_s) for r in free}
+            warm = [r for r in free if model in seen[id(r)]]
             if warm:
                 return self._pow2(warm)
-            fewest = min(len(r.ids()) for r in free)
-            return self._pow2([r for r in free if len(r.ids()) == fewest])
+            fewest = min(len(seen[id(r)]) for r in free)
+            return self._pow2([r for r in free if len(seen[id(r)]) == fewest])
+        warm = [r for r in free if model in r.ids()]
         if warm:
             return min(warm, key=lambda r: (r.ongoing, r.spec.name))
         spec = ModelSpec(model, self.models[model], 0)
@@ -372,7 +416,7 @@ class ServeSimulation:
             r.ongoing -= 1
         self._next_steps(r)
 
-    def _arrive(self, i: int) -> None:
+    def _arrive(self, i: int) -> _Rep:
         model = self.trace[i].model
         r = self._route(model)
         r.ongoing += 1
@@ -380,20 +424,32 @@ class ServeSimulation:
         if model in r.resident:
             r.resident.move_to_end(model)
             self._enqueue_step(r, i, 0)
-            return
+            return r
         self.waited[i] = True
         r.queue.append((model, i))
         self._next_load(r)
+        return r
 
     def _rates(self) -> dict[int, float]:
-        """Progress per second of each running job (see ``Machine``)."""
-        if self.machine.cores is None:
-            return {id(j): 1.0 for j in self.jobs}
-        per: dict[int, int] = {}
+        """Progress per second of each running job (see ``Machine`` and ``CoRun``)."""
+        per: dict[int, list[_Job]] = {}
         for j in self.jobs:
-            per[id(j.replica)] = per.get(id(j.replica), 0) + 1
-        share = self.machine.share(len(per)) / self.machine.replica_cores
-        return {id(j): share / per[id(j.replica)] for j in self.jobs}
+            per.setdefault(id(j.replica), []).append(j)
+        shared = self.machine.cores is not None
+        base = self.machine.share(len(per)) / self.machine.replica_cores if shared else 1.0
+        rates: dict[int, float] = {}
+        for jobs in per.values():
+            r = jobs[0].replica
+            co = self.corun.get(r.load_tier) if r.load is not None else None
+            steps = [j for j in jobs if j.kind == "step"]
+            if co is not None and steps and r.load is not None:
+                rates[id(r.load)] = base / co.load_slowdown
+                for j in steps:
+                    rates[id(j)] = base / (co.step_slowdown * len(steps))
+            else:
+                each = base / len(jobs) if shared else 1.0
+                rates.update((id(j), each) for j in jobs)
+        return rates
 
     def run(self) -> ServeSimResult:
         k = 0  # next arrival
@@ -413,11 +469,13 @@ class ServeSimulation:
                 for j in done:
                     if j.kind == "load":
                         self._loaded(j.replica)
+                        j.replica.note_ids(self.now)
                     else:
                         self._stepped(j)
                 continue
             if t_arr <= t_next:
-                self._arrive(self.arrivals[k])
+                r = self._arrive(self.arrivals[k])
+                r.note_ids(self.now)
                 k += 1
         return ServeSimResult(
             self.policy,
@@ -454,6 +512,8 @@ def simulate_serving(
     overhead_s: float = 0.0,
     machine: Machine | None = None,
     step_workers: int | None = None,
+    corun: Mapping[str, CoRun] | None = None,
+    ids_lag_s: float = 0.0,
     seed: int = 0,
 ) -> ServeSimResult:
     return ServeSimulation(
@@ -466,6 +526,8 @@ def simulate_serving(
         overhead_s=overhead_s,
         machine=machine,
         step_workers=step_workers,
+        corun=corun,
+        ids_lag_s=ids_lag_s,
         seed=seed,
     ).run()
 
@@ -481,6 +543,8 @@ def predict(
     overhead_s: float = 0.0,
     machine: Machine | None = None,
     step_workers: int | None = None,
+    corun: Mapping[str, CoRun] | None = None,
+    ids_lag_s: float = 0.0,
     seeds: int = 20,
 ) -> dict[str, Any]:
     """The summary averaged over ``seeds`` runs (the default router picks at random; the
@@ -497,6 +561,8 @@ def predict(
             overhead_s=overhead_s,
             machine=machine,
             step_workers=step_workers,
+            corun=corun,
+            ids_lag_s=ids_lag_s,
             seed=s,
         ).summary()
         for s in range(n)

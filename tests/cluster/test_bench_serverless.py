@@ -27,5 +27,11 @@ def test_serverless_scenario_runs_and_reports(tmp_path: Path) -> None:
     report = json.loads((out / "serverless.json").read_text())
     assert set(report["runs"]) == {"plain", "fastckpt"}
     assert sum(report["runs"]["fastckpt"]["loads"].values()) >= 1
+    # the co-run calibration of every tier each run loads from, and Ray's model-id lag
+    corun = report["calibration"]["corun"]
+    assert set(corun) == {"plain", "fastckpt"}
+    assert set(corun["fastckpt"]) == {"remote", "ssd", "dram"}
+    assert all(f["step_slowdown"] >= 1 for by in corun.values() for f in by.values())
+    assert report["setup"]["ids_lag_s"] > 0
     assert (out / "serverless.png").stat().st_size > 0
     assert "simulator" in (out / "serverless.md").read_text()

@@ -1,5 +1,6 @@
 """The serving deployment's parts that need no Ray cluster: the catalog, a replica's state and
-its routing stats, the Loader tier view on a real Loader, the eviction hook."""
+its routing stats, the Loader tier view on a real Loader (the eviction hook:
+test_ray_serve_runners.py)."""
 
 from __future__ import annotations
 
@@ -190,17 +191,6 @@ def test_loader_view_maps_tier_items_to_model_names(tiny_factory, tmp_path) -> N
         assert set(held["dram"]) == {"src", "fck"} and set(held["ssd"]) == {"src"}
         loader.evict(tiny.src)
         assert set(view.held()["dram"]) == {"fck"} and view.held()["ssd"] == {}
-
-
-def test_resident_reports_its_eviction_once() -> None:
-    pytest.importorskip("ray.serve")
-    from fastckpt.integrations.ray_serve.host import Resident
-
-    seen: list[str] = []
-    res = Resident("a", object(), "dram", 0.1, seen.append)
-    res.__del__()  # what Ray Serve calls when it evicts the model
-    del res  # and the garbage collector later
-    assert seen == ["a"]
 
 
 def test_daemon_view_follows_the_daemons_listing(tiny_factory, tmp_path) -> None:

@@ -8,6 +8,7 @@ from fastckpt.sched import SchedError, TierSpeed
 from fastckpt.sched.sim import TraceParams
 from fastckpt.sched.sim_serve import (
     ComputeCost,
+    CoRun,
     Machine,
     ReplicaSpec,
     ServeRequest,
@@ -140,3 +141,43 @@ def test_a_replica_shares_its_process_between_a_load_and_token_steps() -> None:
     assert res.replica == ("r", "r", "r")
     assert res.ttft_s[2] == pytest.approx(0.2)
     assert res.ttft_s[1] == pytest.approx(5.5 + 0.1 + 0.1)  # the load lost 0.1 s to the step
+
+
+def test_a_measured_co_run_replaces_equal_sharing_for_loads_from_its_tier() -> None:
+    # as above, but the remote tier's load stalls steps 4x and is slowed only 1.25x by them
+    trace = [ServeRequest(0.0, "a", 1), ServeRequest(10.0, "b", 1), ServeRequest(10.0, "a", 1)]
+    kw = {"machine": Machine(cores=4)}
+    co = {"remote": CoRun(step_slowdown=4.0, load_slowdown=1.25)}
+    res = simulate_serving([_rep("r", slots=2)], MODELS, trace, "start-time", COST,
+                           corun=co, **kw)  # fmt: skip
+    assert res.ttft_s[2] == pytest.approx(0.4)  # 0.1 s of work at a quarter of the core
+    # the load did 0.4 s x 0.8 = 0.32 s of its 5.5 s while the step ran, then the rest alone
+    assert res.ttft_s[1] == pytest.approx(0.4 + (5.5 - 0.32) + 0.1)
+    # a co-run given for another tier changes nothing; CoRun(2, 2) is equal sharing
+    other = simulate_serving([_rep("r", slots=2)], MODELS, trace, "start-time", COST,
+                             corun={"dram": CoRun(4.0, 1.25)}, **kw)  # fmt: skip
+    equal = simulate_serving([_rep("r", slots=2)], MODELS, trace, "start-time", COST,
+                             corun={"remote": CoRun(2.0, 2.0)}, **kw)  # fmt: skip
+    plain = simulate_serving([_rep("r", slots=2)], MODELS, trace, "start-time", COST, **kw)
+    assert other.ttft_s == pytest.approx(plain.ttft_s)
+    assert equal.ttft_s == pytest.approx(plain.ttft_s)
+    with pytest.raises(SchedError, match="co-run"):
+        CoRun(0.5, 1.0)
+
+
+def test_the_default_router_sees_model_ids_late_and_starts_the_model_again() -> None:
+    # two replicas; a is requested at 0, again at 0.05 s: with no lag the second request sees
+    # a on the replica loading it and joins the load; 0.1 s late it sees nothing there, goes to
+    # a replica with the fewest models (the idle one: pow2 on in-flight requests) and loads a
+    # there too
+    trace = [ServeRequest(0.0, "a", 1), ServeRequest(0.05, "a", 1)]
+    reps = [_rep("r1"), _rep("r2")]
+    now = simulate_serving(reps, MODELS, trace, "default", COST)
+    late = simulate_serving(reps, MODELS, trace, "default", COST, ids_lag_s=0.1)
+    assert sum(now.loads.values()) == 1 and len(set(now.replica)) == 1
+    assert sum(late.loads.values()) == 2 and set(late.replica) == {"r1", "r2"}
+    # the start-time router keeps its own view: no lag there
+    st = simulate_serving(reps, MODELS, trace, "start-time", COST, ids_lag_s=0.1)
+    assert sum(st.loads.values()) == 1
+    with pytest.raises(SchedError, match="ids_lag_s"):
+        simulate_serving(reps, MODELS, trace, "default", COST, ids_lag_s=-1.0)

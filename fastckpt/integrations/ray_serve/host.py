@@ -5,8 +5,9 @@ Each replica serves the models of a ``Catalog`` by name (``multiplexed_model_id`
 missing one with ``fastckpt.load_model`` through its ``fastckpt.Loader``, whose DRAM and SSD
 tiers keep the checkpoint after Ray Serve evicts the model; or through the node's
 ``fastckpt serve`` daemon (``tiers="daemon"``), which keeps it for every process of the node.
-``mode="plain"`` loads with transformers' ``from_pretrained`` and no tiers (what a Ray Serve
-deployment does without fastckpt), for comparisons.
+``mode="plain"`` loads with the engine's own loading (transformers' ``from_pretrained``, vLLM's
+default loader) and no tiers (what a Ray Serve deployment does without fastckpt), for
+comparisons.
 
 ``record_routing_stats`` reports ``HostState.report()``: what is resident, loading and queued,
 what the tiers hold, free memory, and the tier speeds of the machine profile. Route with
@@ -18,21 +19,24 @@ answered and whether (and from which tier) the request waited for a model start.
 ``POST`` ``{"prompt": [...], "max_new_tokens": n}`` with the ``serve_multiplexed_model_id``
 header returns the tokens.
 
-Models are loaded by ``load_transformers`` (default) or any ``model_loader(entry, device,
-loader) -> model`` callable given to the host; a model is anything ``decode_step`` can run
-(a transformers causal LM). A vLLM engine is not built in: it needs a loader and a step of its
-own, which this machine (CPU only, no vLLM in the main environment) cannot test.
+What runs a model is the replica's ``engine`` (``runners``: one ``Runner`` per resident model,
+behind one request path): ``transformers`` (default) loads by ``load_transformers`` or any
+``model_loader(entry, device, loader) -> model`` callable (a model is anything ``decode_step``
+can run, a transformers causal LM); ``vllm`` builds a vLLM engine in the replica's process per
+model (``vllm_runner``), with ``load_format="fastckpt"`` reading through the replica's tiers
+(``mode="plain"``: vLLM's default loader), one engine per replica (``max_models_per_replica=1``),
+shut down when Ray Serve evicts the model. vLLM is imported only by replicas that use it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -40,6 +44,16 @@ from typing import Any
 from ray import serve
 
 from fastckpt.integrations.ray_serve.catalog import Catalog, ModelEntry
+from fastckpt.integrations.ray_serve.runners import (
+    ENGINES,
+    ModelLoader,
+    Runner,
+    check_engine,
+    decode_step,
+    greedy_tokens,
+    load_transformers,
+    runner_load,
+)
 from fastckpt.integrations.ray_serve.state import (
     STEP_THREADS,
     DaemonTiers,
@@ -51,74 +65,40 @@ from fastckpt.integrations.ray_serve.state import (
 
 logger = logging.getLogger("fastckpt.integrations.ray_serve")
 
+__all__ = [
+    "ENGINES",
+    "MODES",
+    "ModelHost",
+    "Resident",
+    "build_app",
+    "decode_step",
+    "deployment",
+    "greedy_tokens",
+    "load_transformers",
+]
+
 MODES = ("fastckpt", "plain")
 TIER_SOURCES = ("loader", "daemon")
 
-ModelLoader = Callable[[ModelEntry, str, Any], Any]
-
-
-def load_transformers(entry: ModelEntry, device: str, loader: Any) -> Any:
-    """A transformers model from ``entry.path`` through ``loader`` (``fastckpt.load_model``);
-    with ``loader=None``, transformers' own ``from_pretrained`` (no fastckpt). Returns once
-    every page of the weights has been touched (``make_usable``)."""
-    from fastckpt.sched.calibrate import make_usable
-
-    if loader is None:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(entry.path, device_map=device).eval()
-    else:
-        import fastckpt
-
-        with loader.use():
-            model = fastckpt.load_model(entry.path, device=device)
-    # loaded means usable: a lazily mapped load pays its page faults here, not in a request
-    make_usable([*model.parameters(), *model.buffers()], device)
-    return model
-
-
-def decode_step(model: Any, ids: list[int], past: Any) -> tuple[int, Any]:
-    """One greedy step: the next token after ``ids`` (all of the prompt when ``past`` is None,
-    else only the last token), and the new key/value cache."""
-    import torch
-
-    device = next(model.parameters()).device
-    # transformers >= 5.2x names the key/value cache "cache", earlier ones "past_key_values"
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    with torch.inference_mode():
-        inp = torch.tensor([ids], dtype=torch.long, device=device)
-        out = model(input_ids=inp, use_cache=True, **{name: past})
-    return int(out.logits[0, -1].argmax()), out[name]
-
-
-def greedy_tokens(model: Any, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """``max_new_tokens`` greedy tokens after ``prompt`` (the reference a replica must match)."""
-    out: list[int] = []
-    past = None
-    ids = list(prompt)
-    for _ in range(max_new_tokens):
-        nxt, past = decode_step(model, ids, past)
-        out.append(nxt)
-        ids = [nxt]
-    return out
-
 
 class Resident:
-    """A model Ray Serve holds in its multiplexed cache. Ray Serve calls ``__del__`` when it
-    evicts the model; the replica's state then says so (the object may live on while a request
-    still uses it, and the garbage collector calls ``__del__`` again: only the first counts)."""
+    """A model Ray Serve holds in its multiplexed cache, as the ``Runner`` serving it. Ray Serve
+    calls ``__del__`` when it evicts the model: the replica's state then says so and the runner
+    is released (a vLLM engine shut down once no request streams from it). The object may live
+    on while a request still uses it, and the garbage collector calls ``__del__`` again: only
+    the first counts."""
 
     def __init__(
         self,
         name: str,
-        model: Any,
+        runner: Runner,
         tier: str,
         seconds: float,
         on_evict: Callable[[str], None],
         load_id: str = "",
     ) -> None:
         self.name = name
-        self.model = model
+        self.runner = runner
         self.tier = tier
         self.seconds = seconds
         self.load_id = load_id
@@ -129,7 +109,10 @@ class Resident:
         with self._lock:
             hook, self._on_evict = self._on_evict, None
         if hook is not None:
-            hook(self.name)
+            try:
+                hook(self.name)
+            finally:
+                self.runner.release()
 
 
 class ModelHost:
@@ -137,9 +120,16 @@ class ModelHost:
 
     Args:
         catalog: the models (a ``Catalog``, its dict form, or the path of its file).
-        mode: ``fastckpt`` (load through a Loader or the daemon) or ``plain``
-            (``from_pretrained``, no tiers).
-        device: where models run (``cpu``, ``cuda:0``).
+        engine: what runs each model: ``transformers`` (a transformers causal LM, stepped by
+            ``decode_step``) or ``vllm`` (a vLLM engine in the replica's process, built with
+            ``load_format="fastckpt"`` through the replica's tiers, or vLLM's own default
+            loader with ``mode="plain"``; needs vLLM installed where the replicas run and
+            ``max_models_per_replica=1``; see ``vllm_runner``).
+        mode: ``fastckpt`` (load through a Loader or the daemon) or ``plain`` (the engine's own
+            loading: transformers' ``from_pretrained`` or vLLM's default loader; no tiers).
+        device: where transformers models run (``cpu``, ``cuda:0``); a vLLM engine runs on its
+            platform's device (the GPU Ray gives the replica), ``device`` is where its DRAM-tier
+            copy is pinned for.
         tiers: ``loader``: the replica's ``fastckpt.Loader`` tiers, budgets and directories from
             ``loader_settings`` and the node's ``FASTCKPT_*`` settings; ``daemon``: the node's
             ``fastckpt serve`` daemon at ``server`` (or ``FASTCKPT_SERVER``).
@@ -149,14 +139,21 @@ class ModelHost:
             the file ``fastckpt calibrate`` writes; absent: nominal speeds, reported as such).
         torch_threads: ``torch.set_num_threads`` in the replica (None: torch's default).
         isolate_page_cache: emulate a node of its own on a machine shared with other emulated
-            nodes: after each load, evict from the page cache every catalog path (remote
+            nodes: after each load, evict from the page cache the catalog path it read (remote
             storage is never cached on a node) and the SSD-tier copies of every model this
             replica neither holds in its DRAM tier nor has resident (a node's memory holds what
-            its tiers hold). Without it the machine's one page cache serves every "node".
-        model_loader: ``(entry, device, loader) -> model``; default ``load_transformers``.
+            its tiers hold). Without it the machine's one page cache serves every "node". The
+            eviction runs on the replica's load thread after the model is handed over (a real
+            node has nothing to evict: requests do not wait for it, the next load does), and
+            leaves alone the store paths other replicas may be reading at the time.
+        model_loader: ``(entry, device, loader) -> model``; default ``load_transformers``
+            (``engine="transformers"`` only).
+        vllm_args: vLLM ``EngineArgs`` keywords for every model (``engine="vllm"`` only):
+            ``dtype``, ``max_model_len``, ``kv_cache_memory_bytes``, ``enforce_eager``,
+            ``model_loader_extra_config`` (the plug-in's options)...
         warm_up: before serving, import the catalog's model classes and load and run a tiny
             model through ``model_loader`` (a fresh process's first load otherwise pays
-            seconds of imports and first-use costs).
+            seconds of imports and first-use costs); with ``engine="vllm"``, import vLLM.
     """
 
     max_models_per_replica = 0  # set by deployment()
@@ -165,6 +162,7 @@ class ModelHost:
         self,
         catalog: Catalog | Mapping[str, Any] | str,
         *,
+        engine: str = "transformers",
         mode: str = "fastckpt",
         device: str = "cpu",
         tiers: str = "loader",
@@ -174,8 +172,12 @@ class ModelHost:
         torch_threads: int | None = 1,
         isolate_page_cache: bool = False,
         model_loader: ModelLoader | None = None,
+        vllm_args: Mapping[str, Any] | None = None,
         warm_up: bool = True,
     ) -> None:
+        check_engine(engine)
+        if engine == "vllm" and type(self).max_models_per_replica > 1:
+            raise ValueError(_ONE_ENGINE)
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: expected one of {MODES}")
         if tiers not in TIER_SOURCES:
@@ -185,6 +187,7 @@ class ModelHost:
         self.catalog = Catalog.of(catalog)
         self.mode = mode
         self.device = device
+        self.engine = engine
         self._model_loader = model_loader or load_transformers
         self._isolate = isolate_page_cache
         if torch_threads is not None:
@@ -222,14 +225,24 @@ class ModelHost:
         )
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="fastckpt-load")
         self._step_pool = ThreadPoolExecutor(STEP_THREADS, thread_name_prefix="fastckpt-step")
+        self._load = runner_load(
+            engine, self._step_pool, model_loader=model_loader, vllm_args=vllm_args
+        )
         if warm_up:
             self._warm_up()
 
     def _warm_up(self) -> None:
         """Pay a fresh process's one-time costs before the first request, not in its start:
         import the catalog's model classes, and load and run a tiny model through the same
-        load function (no tiers, nothing kept)."""
+        load function (no tiers, nothing kept). A vLLM replica imports vLLM (an engine start
+        costs seconds of its own, which its first load pays)."""
         import tempfile
+
+        if self.engine == "vllm":
+            from fastckpt.integrations.ray_serve.vllm_runner import import_vllm
+
+            import_vllm()
+            return
 
         import transformers
 
@@ -283,16 +296,16 @@ class ModelHost:
         ok = False
         try:
             loop = asyncio.get_running_loop()
-            model = await loop.run_in_executor(
-                self._load_pool, self._model_loader, entry, self.device, self.loader
+            runner = await loop.run_in_executor(
+                self._load_pool, self._load, entry, self.device, self.loader
             )
             ok = True
         finally:
             seconds, seq = self.state.finish(model_id, ok)
-        if self._isolate:
-            await loop.run_in_executor(self._load_pool, self._drop_pages, model_id)
+        if self._isolate:  # not awaited: see isolate_page_cache
+            self._load_pool.submit(self._drop_pages, model_id).add_done_callback(_log_failure)
         logger.info("%s: loaded %s from %s in %.3f s", self.name, model_id, tier, seconds)
-        return Resident(model_id, model, tier, seconds, self.state.evicted, f"{self.name}:{seq}")
+        return Resident(model_id, runner, tier, seconds, self.state.evicted, f"{self.name}:{seq}")
 
     async def get_model(self, model_id: str) -> Resident:
         raise NotImplementedError("make the deployment with deployment() (multiplexed loader)")
@@ -300,6 +313,7 @@ class ModelHost:
     # ------------------------------------------------------------------ requests
     async def generate(self, prompt: list[int], max_new_tokens: int = 8) -> AsyncIterator[Any]:
         """Stream: a header dict, then ``max_new_tokens`` greedy token ids (ints)."""
+        t_in = time.perf_counter()
         model_id = serve.get_multiplexed_model_id()
         _check_request(prompt, max_new_tokens)
         waited = self.state.request(model_id)
@@ -316,15 +330,12 @@ class ModelHost:
             "tier": res.tier if waited else "resident",
             "load_s": res.seconds if waited else 0.0,
             "load": res.load_id if waited else "",
+            # seconds from the request's arrival at the replica until its model was there
+            # (its own start, or a wait for the model lock behind other starts)
+            "wait_s": time.perf_counter() - t_in,
         }
-        loop = asyncio.get_running_loop()
-        ids, past = list(prompt), None
-        for _ in range(max_new_tokens):
-            nxt, past = await loop.run_in_executor(
-                self._step_pool, decode_step, res.model, ids, past
-            )
-            yield nxt
-            ids = [nxt]
+        async for token in res.runner.stream(prompt, max_new_tokens):
+            yield token
 
     async def ping(self) -> AsyncIterator[str]:
         """Stream this replica's name: the way of a request through Ray Serve without a model
@@ -349,13 +360,23 @@ class ModelHost:
         """The routing stats now (for people; routers get them through Ray Serve)."""
         return self.state.report()
 
+    def engines(self) -> dict[str, Any]:
+        """The engine this replica runs models with, and (``vllm``) the models whose engine is
+        alive in its process (for people and tests)."""
+        live: list[str] = []
+        if self.engine == "vllm":
+            from fastckpt.integrations.ray_serve.vllm_runner import live_engines
+
+            live = live_engines()
+        return {"engine": self.engine, "mode": self.mode, "live": live}
+
     # ------------------------------------------------------------------ page cache
     def _drop_pages(self, just_loaded: str) -> None:
         from fastckpt.io_engine import drop_page_cache
 
         keep = set(self.state.view.held().get("dram", {})) | set(self.state.resident)
         keep.add(just_loaded)
-        files = _local_files([e.path for e in self.catalog.values()])
+        files = _local_files([self.catalog[just_loaded].path])
         files += _local_files([p for n in self.catalog if n not in keep for p in self._copies(n)])
         for path in files:
             with contextlib.suppress(OSError):
@@ -367,6 +388,18 @@ class ModelHost:
         if not isinstance(view, LoaderTiers) or not view.ssd_dir:
             return []
         return [os.path.join(view.ssd_dir, k) for k, m in view.by_ssd_key.items() if m == name]
+
+
+_ONE_ENGINE = (
+    "engine='vllm' keeps one vLLM engine per replica process (vLLM's parallel state is per "
+    "process): use max_models_per_replica=1 and more replicas"
+)
+
+
+def _log_failure(fut: Any) -> None:
+    exc = fut.exception()
+    if exc is not None:
+        logger.warning("page-cache eviction after a load failed: %r", exc)
 
 
 def _check_request(prompt: Any, max_new_tokens: Any) -> None:
@@ -448,9 +481,12 @@ def build_app(
 
     ``router``: ``start-time`` (``StartTimeRouter`` on the replicas' stats, reserving starts
     with ``reservations``) or ``default`` (Ray Serve's own router; the replicas still report
-    stats). ``host``: keyword arguments of ``ModelHost`` (``mode``, ``tiers``, ...).
+    stats). ``host``: keyword arguments of ``ModelHost`` (``engine``, ``mode``, ``tiers``, ...).
     """
     from ray.serve.config import RequestRouterConfig
+
+    if host.get("engine") == "vllm" and max_models_per_replica != 1:
+        raise ValueError(_ONE_ENGINE)
 
     cat = Catalog.of(catalog)
     options: dict[str, Any] = {
