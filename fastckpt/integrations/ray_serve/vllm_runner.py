@@ -13,11 +13,12 @@ request its new tokens after every step (``RequestOutputKind.DELTA``): the first
 as soon as the prefill step ends.
 
 Tiers: with the replica's Loader tiers, the checkpoint is first put in the DRAM tier
-(``Loader.prefetch``; a stock safetensors folder is converted into the SSD tier on the way,
-as for transformers models), then the plug-in reads that DRAM item (the ``checkpoint`` option
-names the copy the tier holds). With ``tiers="daemon"`` the Loader is the daemon's client and
-the plug-in maps the daemon's copy. ``mode="plain"`` builds the engine with vLLM's own default
-loader and no fastckpt.
+(``Loader.prefetch``: a stock safetensors folder is read from the SSD tier's copy where there
+is one, else from the source, its copy made after it in the background, as for transformers
+models), then the plug-in reads that DRAM item (the ``checkpoint`` option names the checkpoint
+the tier holds: the copy or the source). With ``tiers="daemon"`` the Loader is the daemon's
+client and the plug-in maps the daemon's copy. ``mode="plain"`` builds the engine with vLLM's
+own default loader and no fastckpt.
 
 One engine per process: vLLM keeps its parallel state (process groups) per process, and
 shutting one engine down tears it down for every engine of the process. A replica therefore
@@ -91,15 +92,16 @@ def check_args(engine_args: Mapping[str, Any]) -> None:
 
 
 def checkpoint_in_tiers(loader: Any, path: str, device: str) -> str:
-    """Put the checkpoint at ``path`` in ``loader``'s DRAM tier (converted into its SSD tier
-    first when it is a slow source) and return the checkpoint the tier holds, which the plug-in
-    then reads. A daemon's client Loader reads the daemon's copy: nothing to do."""
+    """Put the checkpoint at ``path`` in ``loader``'s DRAM tier (from its SSD-tier copy when it
+    is a slow source that has one; see ``fastckpt.loader.opening``) and return the checkpoint
+    the tier holds, which the plug-in then reads. A daemon's client Loader reads the daemon's
+    copy: nothing to do."""
     if loader.config().server:
         return path
     held = loader.prefetch(path, "dram", device).result()
     if not held:
         logger.warning("%s does not fit the DRAM tier: vLLM reads it from its files", path)
-    with loader.open_source(path) as opened:  # the SSD tier's copy, where there is one
+    with loader.open_source(path) as opened:  # what the DRAM tier holds: the copy or the source
         return str(opened.index.root)
 
 
