@@ -544,7 +544,8 @@ class Loader:
         self, path: str | os.PathLike[str], tier: str = "dram", device: Any = "cuda"
     ) -> Future[bool]:
         """Warm ``tier`` (``dram``, ``ssd`` or ``gpu``) with the checkpoint in the background;
-        the future's result says whether the tier holds it afterwards. A DRAM item meant for a
+        the future's result says whether the tier holds it afterwards (``ssd``: the copy is made
+        by this call, whatever ``ssd_convert`` says). A DRAM item meant for a
         GPU (``device``) is pinned in the background too, so a later hit copies at full speed."""
         self._check_open()
         if tier not in TIERS:

@@ -80,7 +80,8 @@ def source_stamp(index: Index, source: str) -> str | None:
 
 
 class ConversionCancelled(Exception):
-    """A background conversion stopped because its Loader closed (nothing of it is kept)."""
+    """A background conversion stopped because its Loader closed or the process is exiting
+    (nothing of it is kept)."""
 
 
 class Conversions:
