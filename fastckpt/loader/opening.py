@@ -32,7 +32,7 @@ from fastckpt.format.index import Index
 from fastckpt.format.reader import OpenCheckpoint, open_checkpoint, open_partitions
 from fastckpt.loader.daemonsource import fetch
 from fastckpt.loader.remotesource import open_remote
-from fastckpt.loader.ssdconvert import convert_later, slow_source, source_stamp
+from fastckpt.loader.ssdconvert import ConversionCancelled, slow_source, source_stamp
 from fastckpt.loader.tiering import checkpoint_identity
 from fastckpt.rules.urls import is_url
 from fastckpt.tiers.ssdfiles import source_files
@@ -216,10 +216,55 @@ def _ssd_copy(
         again = path if isinstance(path, Index) else os.path.abspath(os.fspath(path))
         after.append(
             lambda: conversions.schedule(
-                skey, source, lambda: convert_later(loader, again, source, skey)
+                skey, source, lambda: _convert_later(loader, again, source, skey)
             )
         )
     return None, None
+
+
+def _convert_later(
+    loader: Loader, path: str | os.PathLike[str] | Index, source: str, skey: str
+) -> str:
+    """A background conversion's work (``ssdconvert.Conversions``): open the source again and
+    make the tier's copy of it through the core (``SsdTier.open_copy``: a copy found by hashing
+    is reused), unless another process sharing the directory is making it (``elsewhere``)."""
+    tier = loader.ssd_tier
+    if tier is None:
+        return "not_kept"
+    lock = tier.flight_lock(f"convert-{skey}")
+    if not lock.acquire(timeout_s=0):
+        return "elsewhere"
+    try:
+        ck = (
+            OpenCheckpoint(path, open_partitions(path), {})
+            if isinstance(path, Index)
+            else open_checkpoint(path)
+        )
+        with ck:
+            opened = Opened(
+                ck.index,
+                ck.partitions,
+                checkpoint_identity(ck.index, ck.partitions),
+                carried=ck.carried,
+            )
+
+            def convert(_src: str, dst: str) -> Any:
+                if loader.conversions.cancelled:
+                    raise ConversionCancelled
+                made = loader.ssd_converter(loader, opened, dst)
+                if loader.conversions.cancelled:
+                    raise ConversionCancelled  # made, but the Loader closed: not published
+                return made
+
+            got = tier.open_copy(source_files(ck.index), source, convert=convert)
+    finally:
+        lock.release()
+    if got is None:
+        return "not_kept"
+    copy, key = got
+    copy.close()
+    tier.unpin(key)
+    return "done"
 
 
 __all__ = ["Opened", "open_source"]

@@ -35,12 +35,10 @@ from typing import TYPE_CHECKING, Any
 from fastckpt.errors import MissingPartitionError
 from fastckpt.format.fsdir import CheckpointDir
 from fastckpt.format.index import Index, TensorEntry
-from fastckpt.format.reader import OpenCheckpoint, open_checkpoint, open_partitions
 from fastckpt.format.stored import StoredTensor
 from fastckpt.format.writer import tool_name, write_checkpoint
 from fastckpt.loader import policy, profile
 from fastckpt.loader.plan import windows
-from fastckpt.loader.tiering import checkpoint_identity
 from fastckpt.tiers.ssd import SsdTier
 from fastckpt.tiers.ssdfiles import source_files, stamp_key
 
@@ -220,53 +218,6 @@ def _yield_cpu() -> None:
     19 (warm page cache, 6 rounds each). Linux: ``setpriority`` of a thread id."""
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-
-
-def convert_later(
-    loader: Loader, path: str | os.PathLike[str] | Index, source: str, skey: str
-) -> str:
-    """A background conversion's work (``Conversions.schedule``): open the source again and
-    make the tier's copy of it through the core (``SsdTier.open_copy``: a copy found by hashing
-    is reused), unless another process sharing the directory is making it (``elsewhere``)."""
-    from fastckpt.loader.opening import Opened
-
-    tier = loader.ssd_tier
-    if tier is None:
-        return "not_kept"
-    lock = tier.flight_lock(f"convert-{skey}")
-    if not lock.acquire(timeout_s=0):
-        return "elsewhere"
-    try:
-        ck = (
-            OpenCheckpoint(path, open_partitions(path), {})
-            if isinstance(path, Index)
-            else open_checkpoint(path)
-        )
-        with ck:
-            opened = Opened(
-                ck.index,
-                ck.partitions,
-                checkpoint_identity(ck.index, ck.partitions),
-                carried=ck.carried,
-            )
-
-            def convert(_src: str, dst: str) -> Any:
-                if loader.conversions.cancelled:
-                    raise ConversionCancelled
-                made = loader.ssd_converter(loader, opened, dst)
-                if loader.conversions.cancelled:
-                    raise ConversionCancelled  # made, but the Loader closed: not published
-                return made
-
-            got = tier.open_copy(source_files(ck.index), source, convert=convert)
-    finally:
-        lock.release()
-    if got is None:
-        return "not_kept"
-    copy, key = got
-    copy.close()
-    tier.unpin(key)
-    return "done"
 
 
 class _Windows:
