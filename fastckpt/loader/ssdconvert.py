@@ -83,9 +83,9 @@ class ConversionCancelled(Exception):
 
 
 class Conversions:
-    """The conversions a Loader runs in the background: one thread (at the lowest CPU
-    priority, ``_yield_cpu``), one conversion at a time, one per source (its stamp key) however
-    many loads ask; what ran, for ``cache_info``.
+    """The conversions a Loader runs in the background: one thread (at the process's own
+    priority: see the note above ``_Windows``), one conversion at a time, one per source (its
+    stamp key) however many loads ask; what ran, for ``cache_info``.
 
     A conversion that failed, or whose copy the tier could not keep (too large, no room, disk
     full), is not tried again for the same source stamps by this Loader (a changed source, or
@@ -133,9 +133,7 @@ class Conversions:
             if self.cancelled or skey in self._running or skey in self._given_up:
                 return False
             if self._lane is None:
-                self._lane = ThreadPoolExecutor(
-                    1, thread_name_prefix="fastckpt-ssd-convert", initializer=_yield_cpu
-                )
+                self._lane = ThreadPoolExecutor(1, thread_name_prefix="fastckpt-ssd-convert")
             self._running[skey] = (source, time.time())
             self.counts["scheduled"] += 1
             lane = self._lane
@@ -211,13 +209,15 @@ class Conversions:
             }
 
 
-def _yield_cpu() -> None:
-    """The conversion thread (and the hashing threads it starts, which inherit it) runs at the
-    lowest CPU priority: on the 2-core VM, touching an 800 MB load right after it took 0.04 s
-    alone, 0.17-0.25 s beside a conversion at normal priority, 0.04-0.14 s beside one at nice
-    19 (warm page cache, 6 rounds each). Linux: ``setpriority`` of a thread id."""
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+# The conversion thread runs at the process's own priority. It was niced to 19 once (on an idle
+# machine, touching an 800 MB load right after it took 0.04-0.14 s beside a niced conversion,
+# 0.17-0.25 s beside one at normal priority), but the conversion holds the interpreter lock
+# between its C++ reads and writes, and a niced thread that other processes' threads keep off
+# the CPU keeps that lock: with two CPU-bound processes beside it on the 2-core VM, a token step
+# of the same replica (0.02-0.03 s) waited 2.5 s in 1 round of 6 and 0.4-0.5 s in 2 more, and
+# no conversion finished within 3 s; at normal priority the slowest step took 0.08-0.09 s (the
+# median 0.032 s against 0.017 s alone) and every copy was done in time
+# (benchmarks/ssd_convert_priority.py, 2026-12-05).
 
 
 class _Windows:
