@@ -9,15 +9,14 @@ pinned versions away from the main suite). Skips elsewhere, saying how to enable
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from vllm_venv import vllm_python
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -27,38 +26,9 @@ MODELS = ("llama", "qwen2")
 TP = int(os.environ.get("FASTCKPT_VLLM_E2E_TP", "2"))
 
 
-def _vllm_python() -> str | None:
-    named = os.environ.get("FASTCKPT_VLLM_PYTHON")
-    if named:
-        return named
-    # A real package (origin set), not a namespace package some folder on sys.path may form.
-    spec = importlib.util.find_spec("vllm")
-    if spec is not None and spec.origin is not None:
-        return sys.executable
-    return None
-
-
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    python = _vllm_python()
-    if python is None:
-        pytest.skip(
-            "vLLM is not importable here; build its venv with "
-            "`bash tests/vllm_plugin/make_venv.sh` and set "
-            "FASTCKPT_VLLM_PYTHON=.vllm-venv/bin/python"
-        )
-    where = subprocess.run(
-        [python, "-c", "import fastckpt, vllm; print(fastckpt.__file__)"],
-        capture_output=True,
-        text=True,
-    )
-    assert where.returncode == 0, (
-        f"{python} cannot import fastckpt and vllm:\n{where.stderr[-2000:]}"
-    )
-    assert Path(where.stdout.strip()).resolve().is_relative_to(ROOT), (
-        f"{python} imports fastckpt from {where.stdout.strip()}, not from this checkout {ROOT}; "
-        "rebuild the venv with tests/vllm_plugin/make_venv.sh"
-    )
+    python = vllm_python("vllm")
     work = tmp_path_factory.mktemp("vllm-e2e")
     args = ["--models", ",".join(MODELS), "--spawn", "--export", "--server"]
     if TP > 1:

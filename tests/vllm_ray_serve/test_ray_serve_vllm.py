@@ -15,30 +15,19 @@ elsewhere, saying how to enable it. About two minutes on 2 busy cores; CI:
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from vllm_venv import vllm_python
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 TIMEOUT_S = 720
-
-
-def _python() -> str | None:
-    named = os.environ.get("FASTCKPT_VLLM_PYTHON")
-    if named:
-        return named
-    specs = [importlib.util.find_spec(m) for m in ("vllm", "ray")]
-    if all(s is not None and s.origin is not None for s in specs):
-        return sys.executable
-    return None
 
 
 def _kill_leftovers(*marks: str) -> list[int]:
@@ -63,25 +52,7 @@ def _kill_leftovers(*marks: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    python = _python()
-    if python is None:
-        pytest.skip(
-            "vLLM and Ray Serve are not importable here; build their venv with "
-            "`bash tests/vllm_plugin/make_venv.sh` and set "
-            "FASTCKPT_VLLM_PYTHON=.vllm-venv/bin/python"
-        )
-    where = subprocess.run(
-        [python, "-c", "import fastckpt, vllm, ray.serve; print(fastckpt.__file__)"],
-        capture_output=True,
-        text=True,
-    )
-    assert where.returncode == 0, (
-        f"{python} cannot import fastckpt, vllm and ray.serve (make_venv.sh installs "
-        f"ray[serve]):\n{where.stderr[-2000:]}"
-    )
-    assert Path(where.stdout.strip()).resolve().is_relative_to(ROOT), (
-        f"{python} imports fastckpt from {where.stdout.strip()}, not from this checkout {ROOT}"
-    )
+    python = vllm_python("vllm", "ray.serve")
     work = tmp_path_factory.mktemp("ray-vllm")
     proc = subprocess.Popen(
         [python, str(HERE / "ray_serve_vllm.py"), str(work)],
