@@ -634,6 +634,9 @@ def test_ctrl_c_interrupts_a_run(engine: Engine, f: File) -> None:
     slots = make_slots(backend, 2, 16 * KiB)
     gate = RangeGate()  # never opens: the run waits until interrupted
     dst = np.zeros(16 * KiB, dtype=np.uint8)
+    # Python's own SIGINT handler, also where the suite was started with SIGINT ignored (a
+    # background job of a non-interactive shell), where the signal would never arrive
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.1, lambda: os.kill(os.getpid(), signal.SIGINT))
     timer.start()
     try:
@@ -641,6 +644,7 @@ def test_ctrl_c_interrupts_a_run(engine: Engine, f: File) -> None:
             run_copy_pipeline(engine, read_ops(f, dst, dst.size, 16 * KiB, gate), slots, backend)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert_clean(slots, backend)
 
 
