@@ -507,29 +507,11 @@ def simulate_serving(
     trace: Sequence[ServeRequest],
     policy: str,
     compute: ComputeCost | Mapping[str, ComputeCost],
-    *,
-    max_ongoing: int = 8,
-    overhead_s: float = 0.0,
-    machine: Machine | None = None,
-    step_workers: int | None = None,
-    corun: Mapping[str, CoRun] | None = None,
-    ids_lag_s: float = 0.0,
-    seed: int = 0,
+    **options: Any,
 ) -> ServeSimResult:
-    return ServeSimulation(
-        replicas,
-        models,
-        trace,
-        policy,
-        compute,
-        max_ongoing=max_ongoing,
-        overhead_s=overhead_s,
-        machine=machine,
-        step_workers=step_workers,
-        corun=corun,
-        ids_lag_s=ids_lag_s,
-        seed=seed,
-    ).run()
+    """One run; ``options`` are ``ServeSimulation``'s keyword arguments (``max_ongoing``,
+    ``overhead_s``, ``machine``, ``step_workers``, ``corun``, ``ids_lag_s``, ``seed``)."""
+    return ServeSimulation(replicas, models, trace, policy, compute, **options).run()
 
 
 def predict(
@@ -539,32 +521,15 @@ def predict(
     policy: str,
     compute: ComputeCost | Mapping[str, ComputeCost],
     *,
-    max_ongoing: int = 8,
-    overhead_s: float = 0.0,
-    machine: Machine | None = None,
-    step_workers: int | None = None,
-    corun: Mapping[str, CoRun] | None = None,
-    ids_lag_s: float = 0.0,
     seeds: int = 20,
+    **options: Any,
 ) -> dict[str, Any]:
     """The summary averaged over ``seeds`` runs (the default router picks at random; the
-    start-time policy is deterministic, so one run is all of it), with each run's summary."""
+    start-time policy is deterministic, so one run is all of it), with each run's summary;
+    ``options`` as for ``simulate_serving`` (but ``seed``)."""
     n = seeds if policy == "default" else 1
     runs = [
-        simulate_serving(
-            replicas,
-            models,
-            trace,
-            policy,
-            compute,
-            max_ongoing=max_ongoing,
-            overhead_s=overhead_s,
-            machine=machine,
-            step_workers=step_workers,
-            corun=corun,
-            ids_lag_s=ids_lag_s,
-            seed=s,
-        ).summary()
+        simulate_serving(replicas, models, trace, policy, compute, **options, seed=s).summary()
         for s in range(n)
     ]
     out: dict[str, Any] = {
