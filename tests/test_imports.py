@@ -197,6 +197,7 @@ LAYERS: list[tuple[str, ...]] = [
         "fastckpt.serve.client",
         "fastckpt.serve.store",
         "fastckpt.serve.daemon",
+        "fastckpt.serve.spawn",
     ),
     ("fastckpt.loader",),
     # the package root is the public API (it resolves names lazily): code of this layer and above

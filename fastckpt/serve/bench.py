@@ -34,6 +34,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from fastckpt.serve.spawn import start_daemon, stop_daemon
+
 MODES = ("daemon", "warm", "cold")
 
 
@@ -137,41 +139,20 @@ def serving(path: str, sock: str, budget_bytes: int | None = None) -> Iterator[d
     path = os.path.realpath(path)
     nbytes = sum(p.nbytes for p in read_index(path).partitions)
     budget = budget_bytes or nbytes + (64 << 20)
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fastckpt.cli",
-            "serve",
-            "--socket",
-            sock,
-            "--root",
-            os.path.dirname(path),
-            "--dram-budget",
-            str(budget),
-            "--log-level",
-            "warning",
-        ],
+    daemon = start_daemon(
+        sock,
+        os.path.dirname(path),
+        str(budget),
+        ["--log-level", "warning"],
         env=dict(os.environ, FASTCKPT_SERVER=""),
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with Client(sock, timeout_s=5) as c:
-                    c.roots()
-                break
-            except OSError:
-                if time.monotonic() > deadline or daemon.poll() is not None:
-                    raise RuntimeError("the daemon did not start") from None
-                time.sleep(0.05)
         t0 = time.perf_counter()
         with Client(sock, timeout_s=60) as c:
             c.prefetch(path)
         yield {"fill_s": time.perf_counter() - t0}
     finally:
-        daemon.terminate()
-        daemon.wait(30)
+        stop_daemon(daemon, 30)
 
 
 def run(path: str, rounds: int = 5, budget_bytes: int | None = None) -> dict[str, Any]:

@@ -4,15 +4,12 @@ Loader's SSD tier and the node's cache daemon as a load by path does."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
 
 import fastckpt
+from fastckpt.serve.spawn import start_daemon, stop_daemon
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -47,19 +44,10 @@ def test_load_model_is_served_by_the_cache_daemon(tiny_factory, tmp_path: Path) 
     tiny = tiny_factory("llama")
     sock = str(tmp_path / "sock")
     root = os.path.dirname(tiny.fck)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fastckpt.cli", "serve", "--socket", sock, "--root", root,
-         "--dram-budget", "64MiB"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = start_daemon(sock, root, "64MiB")
     try:
         from fastckpt.serve.client import Client
 
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sock):
-            assert proc.poll() is None and time.monotonic() < deadline, "the daemon did not start"
-            time.sleep(0.05)
         with fastckpt.Loader(server=sock) as loader, loader.use():
             model = fastckpt.load_model(tiny.fck)
         with Client(sock, timeout_s=10) as client:
@@ -69,9 +57,4 @@ def test_load_model_is_served_by_the_cache_daemon(tiny_factory, tmp_path: Path) 
         assert served["misses"] == 1, served  # the load asked the daemon, which filled it
         _same_weights(model, fastckpt.load_model(tiny.fck))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_daemon(proc)

@@ -195,28 +195,18 @@ def test_loader_view_maps_tier_items_to_model_names(tiny_factory, tmp_path) -> N
 
 def test_daemon_view_follows_the_daemons_listing(tiny_factory, tmp_path) -> None:
     import os
-    import signal
-    import time
 
     from fastckpt.integrations.ray_serve.state import DaemonTiers
     from fastckpt.serve.client import Client
+    from fastckpt.serve.spawn import start_daemon, stop_daemon
 
     tiny = tiny_factory("llama")
     cat = Catalog.from_dict({"models": {"fck": {"path": tiny.fck}}})
     sock = str(tmp_path / "sock")
     view = DaemonTiers(sock, cat)
     assert view.held() == {"dram": {}} and "Error" in view.error  # no daemon yet: nothing held
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fastckpt.cli", "serve", "--socket", sock,
-         "--root", os.path.dirname(tiny.fck), "--dram-budget", "64MiB"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = start_daemon(sock, os.path.dirname(tiny.fck), "64MiB")
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sock):
-            assert proc.poll() is None and time.monotonic() < deadline, "the daemon did not start"
-            time.sleep(0.05)
         assert view.held() == {"dram": {}} and view.error == ""
         with fastckpt.Loader(server=sock) as loader, loader.use():
             fastckpt.load_model(tiny.fck)  # the daemon fills its copy
@@ -228,9 +218,4 @@ def test_daemon_view_follows_the_daemons_listing(tiny_factory, tmp_path) -> None
             client.evict(tiny.fck)
         assert view.held() == {"dram": {}}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop_daemon(proc)

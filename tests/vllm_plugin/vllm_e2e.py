@@ -20,6 +20,9 @@ import re
 import subprocess
 import sys
 
+from fastckpt.serve.spawn import start_daemon as spawn_daemon
+from fastckpt.serve.spawn import stop_daemon
+
 PROMPTS = [[1, 17, 42, 99, 7], [5, 300, 8], [250, 251, 252, 253, 254, 255, 2]]
 MAX_TOKENS = 12
 
@@ -210,38 +213,8 @@ def cpu_bind(ranks: int) -> str:
 def start_daemon(workdir: str) -> tuple[subprocess.Popen[bytes], str]:
     """A ``fastckpt serve`` daemon for the models under ``workdir`` (the node's DRAM tier that
     outlives vLLM's processes); returns it and its socket path once it answers."""
-    import time
-
-    from fastckpt.serve.client import Client
-
     sock = os.path.join(workdir, "run", "fastckpt.sock")
-    os.makedirs(os.path.dirname(sock), mode=0o700, exist_ok=True)
-    cmd = [sys.executable, "-c", "import sys; from fastckpt.cli import main; sys.exit(main())"]
-    args = ["serve", "--socket", sock, "--root", workdir, "--dram-budget", "256MiB"]
-    proc = subprocess.Popen([*cmd, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with Client(sock, timeout_s=5) as c:
-                c.roots()
-            return proc, sock
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                raise RuntimeError(f"fastckpt serve did not start: {err[-2000:]}") from None
-            time.sleep(0.1)
-
-
-def stop_daemon(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(20)
-    if proc.stderr:
-        proc.stderr.close()
+    return spawn_daemon(sock, workdir, "256MiB"), sock
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,9 @@ import sys
 import time
 from typing import Any
 
+from fastckpt.serve.spawn import start_daemon as spawn_daemon
+from fastckpt.serve.spawn import stop_daemon
+
 _WEIGHTS_RE = re.compile(r"Loading weights took ([0-9.]+) seconds")
 
 _RANK_RE = re.compile(r"fastckpt rank tp=(\d+)/\d+ .*: read (\d+) bytes for (\d+) bytes")
@@ -274,25 +277,8 @@ def available_loaders() -> list[tuple[str, str, str]]:
 
 def start_daemon(workdir: str) -> tuple[subprocess.Popen[bytes], str]:
     """``fastckpt serve`` over ``workdir`` (the node's DRAM tier), once it answers."""
-    from fastckpt.serve.client import Client
-
     sock = os.path.join(workdir, "run", "fastckpt.sock")
-    os.makedirs(os.path.dirname(sock), mode=0o700, exist_ok=True)
-    cmd = [sys.executable, "-m", "fastckpt.cli", "serve", "--socket", sock, "--root", workdir]
-    proc = subprocess.Popen(
-        [*cmd, "--dram-budget", "8GiB"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with Client(sock, timeout_s=5) as c:
-                c.roots()
-            return proc, sock
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("fastckpt serve did not start") from None
-            time.sleep(0.1)
+    return spawn_daemon(sock, workdir, "8GiB"), sock
 
 
 def run(
@@ -322,8 +308,7 @@ def run(
             timed = [{**e, "cache": c} for c in caches for e in order]
             samples += run_round({"warmup": entries, "timed": timed, "mem": 0.1})
     finally:
-        daemon.terminate()
-        daemon.wait(30)
+        stop_daemon(daemon)
     nbytes = sum(os.path.getsize(f) for f in weight_files(stock) if f.endswith(".safetensors"))
     return {
         "machine": {
