@@ -22,10 +22,13 @@ from fastckpt.sched.profile import MachineProfile, TierProfile
 from fastckpt.sched.wire import server_from_dict
 
 
-def test_package_imports_neither_torch_nor_ray() -> None:
+def test_package_imports_neither_torch_ray_nor_vllm() -> None:
+    # the package, a replica's state and the runners (vLLM's included) import them lazily
+    mods = ("", ".state", ".runners", ".vllm_runner")
     code = (
-        "import sys, fastckpt.integrations.ray_serve, fastckpt.integrations.ray_serve.state\n"
-        "print(','.join(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))\n"
+        "import sys\n"
+        + "".join(f"import fastckpt.integrations.ray_serve{m}\n" for m in mods)
+        + "print(','.join(m for m in ('torch', 'ray', 'vllm', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
